@@ -1,0 +1,200 @@
+"""A site's content-addressed blob store: every payload is named by the SHA-256 of its bytes.
+
+Layout under the store's root::
+
+    sha256/ab/cd/abcd...   one file per distinct payload (immutable once renamed into place)
+    tmp/                   payloads being written; never read by anyone else
+
+A payload becomes visible only after its bytes and its directory entry are on stable storage (write to
+``tmp/``, fsync, atomic rename, fsync the directory). Paths derive from the digest alone, never from
+UIDs or any other text a sender controls. Identical bytes are stored once.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_CHUNK = 1024 * 1024
+
+
+class BlobStoreError(OSError):
+    """The store could not make a payload durable (disk full, I/O error, permissions)."""
+
+
+class PayloadTooLarge(BlobStoreError):
+    """The payload exceeds the configured maximum size."""
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """A durable payload at one site."""
+
+    site: str
+    sha256: str
+    size: int
+
+    @property
+    def uri(self) -> str:
+        return f"blob://{self.site}/sha256/{self.sha256}"
+
+    def as_payload(self) -> dict[str, object]:
+        """The payload reference carried by events (see schemas/events/common.schema.json)."""
+        return {"uri": self.uri, "site": self.site, "sha256": self.sha256, "size": self.size}
+
+
+def parse_blob_uri(uri: str) -> tuple[str, str]:
+    """Split ``blob://SITE/sha256/DIGEST`` into (site, digest)."""
+    prefix = "blob://"
+    parts = uri[len(prefix):].split("/") if uri.startswith(prefix) else []
+    if len(parts) != 3 or parts[1] != "sha256" or not _DIGEST.fullmatch(parts[2]):
+        raise ValueError(f"not a blob URI: {uri!r}")
+    return parts[0], parts[2]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobWriter:
+    """Streams one payload into the store; :meth:`commit` makes it durable and returns its ref."""
+
+    def __init__(self, store: "BlobStore", max_bytes: int | None) -> None:
+        self._store = store
+        self._max = max_bytes
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._tmp = store.root / "tmp" / f"{uuid.uuid4().hex}.part"
+        self._fh: BinaryIO | None = self._tmp.open("xb")
+
+    def write(self, data: bytes | memoryview) -> None:
+        assert self._fh is not None, "writer already closed"
+        self._size += len(data)
+        if self._max is not None and self._size > self._max:
+            raise PayloadTooLarge(errno.EFBIG, f"payload exceeds {self._max} bytes")
+        self._hash.update(data)
+        try:
+            self._fh.write(data)
+        except OSError as exc:
+            raise BlobStoreError(exc.errno, f"cannot write payload: {exc.strerror}") from exc
+
+    def copy_from(self, src: BinaryIO, offset: int = 0) -> None:
+        """Append the rest of ``src`` from ``offset``."""
+        src.seek(offset)
+        while chunk := src.read(_CHUNK):
+            self.write(chunk)
+
+    def commit(self) -> BlobRef:
+        assert self._fh is not None, "writer already closed"
+        digest = self._hash.hexdigest()
+        final = self._store.path(digest)
+        try:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+            if final.exists() and final.stat().st_size == self._size:
+                # Same digest and size: the same bytes are already durable.
+                self._tmp.unlink()
+            else:
+                created = not final.parent.exists()
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(self._tmp, 0o444)
+                os.replace(self._tmp, final)
+                _fsync_dir(final.parent)
+                if created:
+                    _fsync_dir(final.parent.parent)
+                    _fsync_dir(final.parent.parent.parent)
+        except OSError as exc:
+            self.abort()
+            raise BlobStoreError(exc.errno, f"cannot make payload durable: {exc.strerror}") from exc
+        return BlobRef(self._store.site, digest, self._size)
+
+    def abort(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        self._tmp.unlink(missing_ok=True)
+
+
+class BlobStore:
+    """One site's payloads on local disk."""
+
+    def __init__(self, root: Path, site: str) -> None:
+        self.root = Path(root)
+        self.site = site
+        (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+        (self.root / "sha256").mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        if not _DIGEST.fullmatch(digest):
+            raise ValueError(f"not a SHA-256 hex digest: {digest!r}")
+        return self.root / "sha256" / digest[:2] / digest[2:4] / digest
+
+    @contextmanager
+    def writer(self, max_bytes: int | None = None) -> Iterator[BlobWriter]:
+        """A writer that is aborted (temp file removed) unless committed inside the block."""
+        writer = BlobWriter(self, max_bytes)
+        try:
+            yield writer
+        finally:
+            writer.abort()
+
+    def put_chunks(self, chunks: Iterable[bytes], max_bytes: int | None = None) -> BlobRef:
+        with self.writer(max_bytes) as writer:
+            for chunk in chunks:
+                writer.write(chunk)
+            return writer.commit()
+
+    def put_bytes(self, data: bytes) -> BlobRef:
+        return self.put_chunks([data])
+
+    def exists(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def size(self, digest: str) -> int:
+        return self.path(digest).stat().st_size
+
+    def open(self, digest: str) -> BinaryIO:
+        return self.path(digest).open("rb")
+
+    def ref(self, digest: str) -> BlobRef:
+        return BlobRef(self.site, digest, self.size(digest))
+
+    def verify(self, digest: str) -> bool:
+        """Re-hash a stored payload; False if it is missing or its bytes no longer match its name."""
+        hasher = hashlib.sha256()
+        try:
+            with self.open(digest) as fh:
+                while chunk := fh.read(_CHUNK):
+                    hasher.update(chunk)
+        except FileNotFoundError:
+            return False
+        return hasher.hexdigest() == digest
+
+    def digests(self) -> Iterator[str]:
+        """Every stored digest (for scrubbing and rebuilds)."""
+        for path in (self.root / "sha256").glob("*/*/*"):
+            if _DIGEST.fullmatch(path.name):
+                yield path.name
+
+    def clear_tmp(self) -> int:
+        """Remove partial payloads left by a crash; returns how many."""
+        removed = 0
+        for path in (self.root / "tmp").iterdir():
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed

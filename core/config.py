@@ -1,0 +1,269 @@
+"""The grid's configuration: one typed object, loaded from a TOML file plus environment overrides.
+
+Resolution order (later wins):
+
+1. the shipped defaults (``defaults.toml`` beside this module: a two-site grid on localhost);
+2. the TOML file named by ``--config`` or ``DICOMGRID_CONFIG``, if any;
+3. environment variables ``DICOMGRID_<SECTION>__<FIELD>``, e.g.
+   ``DICOMGRID_KAFKA__BOOTSTRAP_SERVERS=10.0.0.5:9092`` or ``DICOMGRID_DATA_DIR=/srv/dicomgrid``.
+
+Relative paths in the config are resolved against ``data_dir``; a relative ``data_dir`` is resolved
+against the current working directory at load time, so every process of one grid agrees on it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULTS_FILE = Path(__file__).with_name("defaults.toml")
+CONFIG_ENV = "DICOMGRID_CONFIG"
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no controls
+
+
+def _check_ae_title(value: str) -> str:
+    value = value.strip()
+    if not _AE_TITLE.match(value):
+        raise ValueError(f"invalid AE title {value!r}: 1-16 printable characters, no backslash")
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaConfig(_Section):
+    """How every process reaches the brokers."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_ca_location: str | None = None
+    # Topic layout used by `dicomgrid schema apply`.
+    partitions: int = Field(default=6, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+    min_insync_replicas: int = Field(default=1, ge=1)
+    # How long ingest waits for a delivery report before answering the PACS with a failure.
+    delivery_timeout_s: float = Field(default=15.0, gt=0)
+
+    def client_config(self) -> dict[str, Any]:
+        """librdkafka settings shared by producers, consumers and the admin client."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+        }
+        optional = {
+            "sasl.mechanism": self.sasl_mechanism,
+            "sasl.username": self.sasl_username,
+            "sasl.password": self.sasl_password,
+            "ssl.ca.location": self.ssl_ca_location,
+        }
+        conf.update({k: v for k, v in optional.items() if v is not None})
+        return conf
+
+
+class CassandraConfig(_Section):
+    """How every process reaches the metadata store."""
+
+    contact_points: list[str] = ["127.0.0.1", "127.0.0.2"]
+    port: int = 9042
+    keyspace: str = "dicomgrid"
+    username: str | None = None
+    password: str | None = None
+    # NetworkTopologyStrategy replication factor per datacenter.
+    replication: dict[str, int] = {"dc1": 1, "dc2": 1}
+    connect_timeout_s: float = 10.0
+    request_timeout_s: float = 10.0
+
+    @field_validator("keyspace")
+    @classmethod
+    def _keyspace_is_identifier(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,47}", value):
+            raise ValueError(f"invalid keyspace name {value!r}")
+        return value
+
+
+class SiteConfig(_Section):
+    """One hospital site: its DICOM and HTTP endpoints, its blob store and its Cassandra datacenter."""
+
+    name: str
+    ae_title: str
+    dicom_host: str = "127.0.0.1"
+    dicom_port: int
+    http_host: str = "127.0.0.1"
+    http_port: int
+    storage_root: Path
+    cassandra_dc: str
+    replicate_to: list[str] = []
+    # Receiver processes sharing the site's DICOM port (SO_REUSEPORT).
+    receiver_processes: int = Field(default=1, ge=1, le=64)
+    # C-STORE payloads above this size are refused with 0xA700 (out of resources).
+    max_instance_bytes: int = Field(default=4 * 1024**3, gt=0)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae_title(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_simple(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}", value):
+            raise ValueError(f"invalid site name {value!r}: letters, digits, '-' and '_' only")
+        return value
+
+
+class DicomPeer(_Section):
+    """A remote DICOM application entity the grid may connect to (C-MOVE destination)."""
+
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class SecurityConfig(_Section):
+    # Calling AE titles allowed to associate with any site. DCMTK's defaults are in the shipped config so
+    # that a first `storescu` works; production configs replace the list.
+    allowed_calling_aes: list[str] = []
+    # When true, an empty allow-list admits everyone (development only).
+    allow_any_calling_ae: bool = False
+
+    @field_validator("allowed_calling_aes")
+    @classmethod
+    def _valid_titles(cls, values: list[str]) -> list[str]:
+        return [_check_ae_title(v) for v in values]
+
+
+class InfraConfig(_Section):
+    """The local development cluster (`dicomgrid infra ...`): versions and sizes."""
+
+    kafka_version: str = "4.1.1"
+    cassandra_version: str = "5.0.6"
+    kafka_heap: str = "512m"
+    cassandra_heap: str = "1G"
+    kafka_port: int = 9092
+    kafka_controller_port: int = 9093
+    cassandra_cluster_name: str = "dicomgrid"
+    # Every node binds the same ports on its own loopback address. JMX listens on 127.0.0.1 only, so
+    # node i takes cassandra_jmx_port + i - 1 (nodetool -p PORT).
+    cassandra_storage_port: int = 7000
+    cassandra_jmx_port: int = 7199
+    # Node i (1-based) of Cassandra listens on 127.0.0.i and belongs to datacenter "dc<i>".
+    cassandra_dcs: int = Field(default=2, ge=1, le=9)
+    start_timeout_s: float = 240.0
+
+
+class GridConfig(BaseSettings):
+    """Everything one grid needs to know about itself."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DICOMGRID_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    name: str = "dicomgrid"
+    data_dir: Path = Path(".dicomgrid")
+    log_level: str = "INFO"
+    kafka: KafkaConfig = KafkaConfig()
+    cassandra: CassandraConfig = CassandraConfig()
+    sites: list[SiteConfig] = []
+    security: SecurityConfig = SecurityConfig()
+    move_destinations: dict[str, DicomPeer] = {}
+    infra: InfraConfig = InfraConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file contents passed in as init kwargs.
+        return (env_settings, init_settings)
+
+    @field_validator("move_destinations")
+    @classmethod
+    def _valid_destination_titles(cls, value: dict[str, DicomPeer]) -> dict[str, DicomPeer]:
+        return {_check_ae_title(k): v for k, v in value.items()}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GridConfig":
+        names = [s.name for s in self.sites]
+        if len(set(names)) != len(names):
+            raise ValueError("site names must be unique")
+        titles = [s.ae_title for s in self.sites]
+        if len(set(titles)) != len(titles):
+            raise ValueError("site AE titles must be unique")
+        for site in self.sites:
+            unknown = set(site.replicate_to) - set(names)
+            if unknown:
+                raise ValueError(f"site {site.name} replicates to unknown sites {sorted(unknown)}")
+            if site.cassandra_dc not in self.cassandra.replication:
+                raise ValueError(
+                    f"site {site.name} uses Cassandra DC {site.cassandra_dc!r}, "
+                    f"which is not in cassandra.replication"
+                )
+        return self
+
+    # -- derived values ---------------------------------------------------------------------------
+
+    @cached_property
+    def root(self) -> Path:
+        """The absolute data directory."""
+        return self.data_dir.expanduser().resolve()
+
+    def resolve(self, path: Path) -> Path:
+        path = path.expanduser()
+        return path if path.is_absolute() else self.root / path
+
+    def site(self, name: str) -> SiteConfig:
+        for site in self.sites:
+            if site.name == name:
+                return site
+        raise KeyError(f"no site named {name!r}; configured: {[s.name for s in self.sites]}")
+
+    def site_storage(self, name: str) -> Path:
+        return self.resolve(self.site(name).storage_root)
+
+    def is_calling_ae_allowed(self, ae_title: str) -> bool:
+        if self.security.allow_any_calling_ae and not self.security.allowed_calling_aes:
+            return True
+        return ae_title.strip() in self.security.allowed_calling_aes
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> GridConfig:
+    """Load the grid config: shipped defaults, then ``path`` (or ``$DICOMGRID_CONFIG``), then env."""
+    with DEFAULTS_FILE.open("rb") as fh:
+        data = tomllib.load(fh)
+    path = path or os.environ.get(CONFIG_ENV)
+    if path:
+        with Path(path).open("rb") as fh:
+            user = tomllib.load(fh)
+        # A user file that lists sites replaces the default sites rather than merging into them.
+        data = _deep_merge(data, user)
+    config = GridConfig(**data)
+    # Pin the data directory now, so a later chdir cannot change where this grid keeps its files.
+    return config.model_copy(update={"data_dir": config.root})

@@ -1,0 +1,128 @@
+"""Kafka access shared by every grid process: a durable event publisher and topic administration."""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from dicomgrid import schemas
+from dicomgrid.core.config import KafkaConfig
+from dicomgrid.core.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class PublishError(RuntimeError):
+    """An event was not confirmed by the brokers (not written, or not known to be written)."""
+
+
+class EventPublisher:
+    """Publishes JSON events with idempotence and acks=all; one instance per process.
+
+    :meth:`publish` returns a future that resolves only when the delivery report confirms that every
+    in-sync replica has the event. A background thread serves delivery reports, so concurrent callers
+    (one per DICOM association) share batches without waiting for each other.
+    """
+
+    def __init__(self, config: KafkaConfig, *, client_id: str = "dicomgrid", linger_ms: int = 2) -> None:
+        self._timeout_s = config.delivery_timeout_s
+        self._producer = Producer(
+            {
+                **config.client_config(),
+                "client.id": client_id,
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": linger_ms,
+                "compression.type": "lz4",
+                # librdkafka retries internally until this expires; then the future fails.
+                "delivery.timeout.ms": int(config.delivery_timeout_s * 1000),
+                "message.timeout.ms": int(config.delivery_timeout_s * 1000),
+                "error_cb": self._on_error,
+            }
+        )
+        self._closed = threading.Event()
+        self._poller = threading.Thread(target=self._poll_loop, name="kafka-delivery", daemon=True)
+        self._poller.start()
+
+    @staticmethod
+    def _on_error(err: KafkaError) -> None:
+        log.warning("kafka client error", error=str(err), fatal=err.fatal())
+
+    def _poll_loop(self) -> None:
+        while not self._closed.is_set():
+            self._producer.poll(0.1)
+
+    def publish(self, topic: str, key: str, event: dict[str, Any]) -> Future[Message]:
+        future: Future[Message] = Future()
+
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            if err is not None:
+                future.set_exception(PublishError(f"{topic}: {err.str()}"))
+            else:
+                future.set_result(msg)
+
+        value = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            self._producer.produce(topic, key=key.encode(), value=value, on_delivery=on_delivery)
+        except BufferError:
+            # Local queue full: poll once to drain reports, then try again before giving up.
+            self._producer.poll(0.5)
+            try:
+                self._producer.produce(topic, key=key.encode(), value=value, on_delivery=on_delivery)
+            except (BufferError, KafkaException) as exc:
+                future.set_exception(PublishError(f"{topic}: local queue full: {exc}"))
+        except KafkaException as exc:
+            future.set_exception(PublishError(f"{topic}: {exc}"))
+        return future
+
+    def publish_and_wait(self, topic: str, key: str, event: dict[str, Any], timeout: float | None = None) -> Message:
+        """Publish and block until the brokers confirm; raise :class:`PublishError` otherwise."""
+        future = self.publish(topic, key, event)
+        try:
+            return future.result(timeout=(timeout or self._timeout_s) + 1.0)
+        except FutureTimeout as exc:
+            raise PublishError(f"{topic}: no delivery report within {timeout or self._timeout_s}s") from exc
+
+    def flush(self, timeout: float = 10.0) -> int:
+        return self._producer.flush(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.flush(timeout)
+        self._closed.set()
+        self._poller.join(timeout=1.0)
+
+
+def ensure_topics(config: KafkaConfig, timeout: float = 30.0) -> list[str]:
+    """Create every topic of the contract that does not exist yet; return the names created."""
+    admin = AdminClient(config.client_config())
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    wanted = []
+    for spec in schemas.topics().values():
+        if spec.name in existing:
+            continue
+        topic_config = {
+            k: v.replace("{min_insync_replicas}", str(config.min_insync_replicas)) for k, v in spec.config.items()
+        }
+        wanted.append(
+            NewTopic(
+                spec.name,
+                num_partitions=spec.partitions or config.partitions,
+                replication_factor=spec.replication_factor or config.replication_factor,
+                config=topic_config,
+            )
+        )
+    created = []
+    for name, future in (admin.create_topics(wanted, request_timeout=timeout).items() if wanted else []):
+        try:
+            future.result(timeout=timeout)
+            created.append(name)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+    return created

@@ -1,0 +1,243 @@
+"""The metadata store: the DICOM index in Cassandra, one datacenter per site.
+
+Every write is an idempotent upsert. Instance-level rows are written ``USING TIMESTAMP`` of the time
+the payload was received, so the newest version of an instance wins whatever order events are
+replayed in; study and series aggregates are recomputed from the rows, never incremented.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from cassandra import ConsistencyLevel
+from cassandra.auth import PlainTextAuthProvider
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
+from cassandra.concurrent import execute_concurrent
+from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+from cassandra.query import PreparedStatement
+
+from dicomgrid import schemas
+from dicomgrid.core.config import GridConfig
+from dicomgrid.core.logging import get_logger
+
+log = get_logger(__name__)
+
+STUDY_BUCKETS = 32
+
+
+def study_bucket(study_uid: str) -> int:
+    """A stable bucket for listing studies page by page without scanning the table."""
+    return zlib.crc32(study_uid.encode()) % STUDY_BUCKETS
+
+
+def parse_da(value: str | None) -> dt.date | None:
+    """A DICOM DA value (YYYYMMDD) as a date, or None when absent or malformed."""
+    if not value or len(value) != 8 or not value.isdigit():
+        return None
+    try:
+        return dt.date(int(value[:4]), int(value[4:6]), int(value[6:]))
+    except ValueError:
+        return None
+
+
+def _ts(iso: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+
+
+def _micros(moment: dt.datetime) -> int:
+    return int(moment.timestamp() * 1_000_000)
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    """The payload currently indexed for a SOP Instance UID."""
+
+    sha256: str
+    version: int
+
+
+def connect(config: GridConfig, local_dc: str | None = None, *, keyspace: bool = True) -> tuple[Cluster, Session]:
+    """A driver session that prefers ``local_dc`` and reads/writes at LOCAL_QUORUM."""
+    cass = config.cassandra
+    local_dc = local_dc or next(iter(cass.replication))
+    profile = ExecutionProfile(
+        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=local_dc)),
+        consistency_level=ConsistencyLevel.LOCAL_QUORUM,
+        request_timeout=cass.request_timeout_s,
+    )
+    auth = PlainTextAuthProvider(cass.username, cass.password) if cass.username else None
+    cluster = Cluster(
+        contact_points=cass.contact_points,
+        port=cass.port,
+        auth_provider=auth,
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+        connect_timeout=cass.connect_timeout_s,
+        protocol_version=5,
+    )
+    session = cluster.connect(cass.keyspace if keyspace else None)
+    return cluster, session
+
+
+def apply_schema(config: GridConfig) -> int:
+    """Create the keyspace, tables and indexes that do not exist yet; returns statements run."""
+    cluster, session = connect(config, keyspace=False)
+    try:
+        statements = schemas.cql_statements(config.cassandra.keyspace, config.cassandra.replication)
+        for statement in statements:
+            session.execute(statement, timeout=60)
+        return len(statements)
+    finally:
+        cluster.shutdown()
+
+
+class MetadataStore:
+    """Index reads and writes for one site's processes."""
+
+    def __init__(self, config: GridConfig, local_dc: str | None = None) -> None:
+        self.config = config
+        self.cluster, self.session = connect(config, local_dc)
+        self._prepared: dict[str, PreparedStatement] = {}
+
+    def close(self) -> None:
+        self.cluster.shutdown()
+
+    def _stmt(self, cql: str) -> PreparedStatement:
+        stmt = self._prepared.get(cql)
+        if stmt is None:
+            stmt = self._prepared[cql] = self.session.prepare(cql)
+        return stmt
+
+    def _write(self, cql: str, params: tuple[Any, ...]) -> tuple[PreparedStatement, tuple[Any, ...]]:
+        return self._stmt(cql), params
+
+    def execute(self, cql: str, params: Iterable[Any] = (), **kwargs: Any) -> Any:
+        """Run a prepared statement (prepared once per store)."""
+        return self.session.execute(self._stmt(cql), tuple(params), **kwargs)
+
+    # -- ingest ----------------------------------------------------------------------------------
+
+    def current_version(self, sop_instance_uid: str) -> StoredVersion | None:
+        row = self.execute(
+            "SELECT sha256, version FROM instance_locations WHERE sop_instance_uid = ?",
+            (sop_instance_uid,),
+            timeout=2.0,
+        ).one()
+        return StoredVersion(row.sha256, row.version) if row else None
+
+    def max_version(self, sop_instance_uid: str) -> int:
+        rows = self.execute("SELECT version FROM instance_versions WHERE sop_instance_uid = ?", (sop_instance_uid,))
+        return max((r.version for r in rows), default=0)
+
+    # -- indexing --------------------------------------------------------------------------------
+
+    def index_instances(self, events: Iterable[dict[str, Any]], concurrency: int = 64) -> None:
+        """Upsert the rows of ``dicom.instance.stored`` events (aggregates: :meth:`refresh_study`)."""
+        writes = [write for event in events for write in self._index_writes(event)]
+        execute_concurrent(self.session, writes, concurrency=concurrency, raise_on_first_error=True)
+
+    def _index_writes(self, event: dict[str, Any]) -> list[tuple[PreparedStatement, tuple[Any, ...]]]:
+        """The upserts one event turns into, as (statement, parameters)."""
+        study, series, inst = event["study"], event["series"], event["instance"]
+        patient, payload = event["patient"], event["payload"]
+        received = _ts(event["occurred_at"])
+        at = _micros(received)
+        event_id = uuid.UUID(event["event_id"])
+        sop_uid = inst["sop_instance_uid"]
+        w = self._write
+        return [
+            w(
+                "INSERT INTO instance_versions (sop_instance_uid, sha256, version, study_uid, series_uid, size,"
+                " received_site, received_at, event_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (sop_uid, payload["sha256"], event["version"], study["uid"], series["uid"], payload["size"],
+                 event["site"], received, event_id),
+            ),
+            w(
+                "INSERT INTO instances (study_uid, series_uid, sop_instance_uid, sop_class_uid, instance_number,"
+                " transfer_syntax_uid, rows, columns, number_of_frames, size, sha256, payload_uri, version,"
+                " received_site, received_at, event_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " USING TIMESTAMP ?",
+                (study["uid"], series["uid"], sop_uid, inst["sop_class_uid"], inst.get("number"),
+                 inst["transfer_syntax_uid"], inst.get("rows"), inst.get("columns"), inst.get("number_of_frames"),
+                 payload["size"], payload["sha256"], payload["uri"], event["version"], event["site"], received,
+                 event_id, at),
+            ),
+            w(
+                "INSERT INTO instance_locations (sop_instance_uid, study_uid, series_uid, sha256, version, received_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?",
+                (sop_uid, study["uid"], series["uid"], payload["sha256"], event["version"], received, at),
+            ),
+            w(
+                "INSERT INTO replicas (sha256, site, size, payload_uri, stored_at) VALUES (?, ?, ?, ?, ?)",
+                (payload["sha256"], payload["site"], payload["size"], payload["uri"], received),
+            ),
+            w(
+                "INSERT INTO series (study_uid, series_uid, modality, series_number, series_description,"
+                " body_part_examined, series_date, series_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?",
+                (study["uid"], series["uid"], series.get("modality"), series.get("number"), series.get("description"),
+                 series.get("body_part_examined"), series.get("date"), series.get("time"), at),
+            ),
+            w(
+                "UPDATE studies USING TIMESTAMP ? SET patient_id = ?, issuer_of_patient_id = ?, patient_name = ?,"
+                " patient_birth_date = ?, patient_sex = ?, study_date = ?, study_day = ?, study_time = ?,"
+                " accession_number = ?, study_id = ?, study_description = ?, referring_physician_name = ?,"
+                " specific_character_set = ?, bucket = ? WHERE study_uid = ?",
+                (at, patient.get("id"), patient.get("issuer"), patient.get("name"), patient.get("birth_date"),
+                 patient.get("sex"), study.get("date"), parse_da(study.get("date")), study.get("time"),
+                 study.get("accession_number"), study.get("id"), study.get("description"),
+                 study.get("referring_physician_name"), study.get("specific_character_set"),
+                 study_bucket(study["uid"]), study["uid"]),
+            ),
+            # first_received_at keeps the earliest time: a lower write timestamp never overrides a higher one,
+            # so it is written with an inverted timestamp.
+            w(
+                "UPDATE studies USING TIMESTAMP ? SET first_received_at = ? WHERE study_uid = ?",
+                (2**62 - at, received, study["uid"]),
+            ),
+        ]
+
+    def refresh_study(self, study_uid: str) -> None:
+        """Recompute a study's and its series' aggregates from the instance rows."""
+        rows = list(
+            self.execute(
+                "SELECT series_uid, sop_class_uid FROM instances WHERE study_uid = ?", (study_uid,), timeout=30.0
+            )
+        )
+        per_series: dict[str, int] = {}
+        sop_classes: set[str] = set()
+        for row in rows:
+            per_series[row.series_uid] = per_series.get(row.series_uid, 0) + 1
+            sop_classes.add(row.sop_class_uid)
+        modalities = {
+            r.modality
+            for r in self.execute("SELECT modality FROM series WHERE study_uid = ?", (study_uid,))
+            if r.modality
+        }
+        now = dt.datetime.now(dt.timezone.utc)
+        for series_uid, count in per_series.items():
+            self.execute(
+                "UPDATE series SET number_of_instances = ?, updated_at = ? WHERE study_uid = ? AND series_uid = ?",
+                (count, now, study_uid, series_uid),
+            )
+        self.execute(
+            "UPDATE studies SET modalities_in_study = ?, sop_classes_in_study = ?, number_of_series = ?,"
+            " number_of_instances = ?, updated_at = ? WHERE study_uid = ?",
+            (modalities, sop_classes, len(per_series), len(rows), now, study_uid),
+        )
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    def study(self, study_uid: str) -> Any:
+        return self.execute("SELECT * FROM studies WHERE study_uid = ?", (study_uid,)).one()
+
+    def instances_of_study(self, study_uid: str) -> list[Any]:
+        return list(self.execute("SELECT * FROM instances WHERE study_uid = ?", (study_uid,)))
+
+    def instance_location(self, sop_instance_uid: str) -> Any:
+        return self.execute(
+            "SELECT * FROM instance_locations WHERE sop_instance_uid = ?", (sop_instance_uid,)
+        ).one()

@@ -1,0 +1,3 @@
+from dicomgrid.cli import main
+
+main()

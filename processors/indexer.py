@@ -1,0 +1,47 @@
+"""The indexer: ``dicom.instance.stored`` -> Cassandra (patient/study/series/instance levels).
+
+Delivery is at-least-once, so everything here is an idempotent upsert; study and series aggregates are
+recomputed once per study per batch, from the rows themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from dicomgrid.core.logging import get_logger
+from dicomgrid.core.metadata import MetadataStore
+
+log = get_logger(__name__)
+
+
+def decode_events(values: Iterable[bytes | str | dict[str, Any]]) -> list[dict[str, Any]]:
+    """Parse raw message values, dropping (and logging) any that are not JSON objects."""
+    events = []
+    for value in values:
+        try:
+            event = value if isinstance(value, dict) else json.loads(value)
+        except (TypeError, ValueError) as exc:
+            log.error("skipping undecodable instance event", error=str(exc))
+            continue
+        if isinstance(event, dict) and event.get("event_type") == "dicom.instance.stored":
+            events.append(event)
+        else:
+            log.error("skipping message that is not an instance event")
+    return events
+
+
+class Indexer:
+    def __init__(self, metadata: MetadataStore) -> None:
+        self.metadata = metadata
+
+    def apply(self, events: list[dict[str, Any]]) -> int:
+        """Index a batch of events; returns how many studies were refreshed."""
+        self.metadata.index_instances(events)
+        studies = list(dict.fromkeys(event["study"]["uid"] for event in events))
+        for uid in studies:
+            self.metadata.refresh_study(uid)
+        if events:
+            log.info("indexed", instances=len(events), studies=len(studies))
+        return len(studies)

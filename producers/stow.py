@@ -1,0 +1,177 @@
+"""STOW-RS (PS3.18 10.5): ``POST /dicomweb/studies[/{study}]`` through the same ingest path as C-STORE.
+
+The multipart/related body is parsed as it streams in; each ``application/dicom`` part is spooled to
+a file on the site's volume (never held whole in memory) and ingested. The response lists stored and
+failed instances in DICOM JSON.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from email.message import Message
+from pathlib import Path
+from typing import IO, Any
+
+from python_multipart.multipart import MultipartParser
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from dicomgrid.core.events import Source
+from dicomgrid.core.logging import get_logger
+from dicomgrid.core.uids import is_valid_uid
+from dicomgrid.producers.ingest import Expected, IngestResult, Ingestor, Outcome
+
+log = get_logger(__name__)
+
+DICOM_JSON = "application/dicom+json"
+
+
+@dataclass
+class _Part:
+    headers: dict[str, str] = field(default_factory=dict)
+    file: IO[bytes] | None = None
+    size: int = 0
+    too_large: bool = False
+
+
+class _PartCollector:
+    """python-multipart callbacks that spool each part to its own temporary file."""
+
+    def __init__(self, spool_dir: Path, max_part_bytes: int) -> None:
+        self.spool_dir = spool_dir
+        self.max_part_bytes = max_part_bytes
+        self.parts: list[_Part] = []
+        self._field = b""
+        self._value = b""
+
+    def callbacks(self) -> dict[str, Any]:
+        return {
+            "on_part_begin": self._begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
+            "on_part_data": self._data,
+        }
+
+    def _begin(self) -> None:
+        self.parts.append(_Part(file=tempfile.TemporaryFile(dir=self.spool_dir)))
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        name = self._field.decode("latin-1").strip().lower()
+        self.parts[-1].headers[name] = self._value.decode("latin-1").strip()
+        self._field = self._value = b""
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        part = self.parts[-1]
+        part.size += end - start
+        if part.size > self.max_part_bytes:
+            part.too_large = True
+            return
+        assert part.file is not None
+        part.file.write(data[start:end])
+
+    def close(self) -> None:
+        for part in self.parts:
+            if part.file is not None:
+                part.file.close()
+
+
+def _media_type(value: str) -> tuple[str, dict[str, str]]:
+    msg = Message()
+    msg["content-type"] = value
+    params = {k.lower(): v for k, v in msg.get_params()[1:]} if msg.get_params() else {}
+    return msg.get_content_type().lower(), params
+
+
+def _element(vr: str, *values: Any) -> dict[str, Any]:
+    return {"vr": vr, "Value": list(values)}
+
+
+def _referenced(result: IngestResult, base_url: str) -> dict[str, Any]:
+    item: dict[str, Any] = {}
+    if result.sop_class_uid and is_valid_uid(result.sop_class_uid):
+        item["00081150"] = _element("UI", result.sop_class_uid)
+    if result.sop_instance_uid and is_valid_uid(result.sop_instance_uid):
+        item["00081155"] = _element("UI", result.sop_instance_uid)
+    if result.ok and result.study_uid:
+        item["00081190"] = _element("UR", f"{base_url}/studies/{result.study_uid}")
+    return item
+
+
+def stow_response(results: list[IngestResult], base_url: str, study_uid: str | None) -> Response:
+    """PS3.18 10.5.3: 200 all stored, 202 some failed, 409 none stored."""
+    stored = [r for r in results if r.ok]
+    failed = [r for r in results if not r.ok]
+    body: dict[str, Any] = {}
+    if study_uid:
+        body["00081190"] = _element("UR", f"{base_url}/studies/{study_uid}")
+    if stored:
+        body["00081199"] = {"vr": "SQ", "Value": [_referenced(r, base_url) for r in stored]}
+    if failed:
+        body["00081198"] = {
+            "vr": "SQ",
+            "Value": [{**_referenced(r, base_url), "00081197": _element("US", r.outcome.status)} for r in failed],
+        }
+    status = 200 if not failed else (202 if stored else 409)
+    return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
+
+
+def _error(status: int, message: str) -> Response:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def stow(request: Request, ingestor: Ingestor, spool_dir: Path, max_part_bytes: int) -> Response:
+    """Handle one STOW-RS request."""
+    study_uid = request.path_params.get("study")
+    if study_uid is not None and not is_valid_uid(study_uid):
+        return _error(400, "study UID in the path is not a valid UID")
+    media_type, params = _media_type(request.headers.get("content-type", ""))
+    if media_type != "multipart/related":
+        return _error(415, "STOW-RS expects multipart/related; type=\"application/dicom\"")
+    if params.get("type", "application/dicom").lower() != "application/dicom":
+        return _error(415, f"unsupported multipart type {params.get('type')!r}: only application/dicom is accepted")
+    boundary = params.get("boundary")
+    if not boundary:
+        return _error(400, "multipart/related without a boundary")
+
+    peer = f"{request.client.host}:{request.client.port}" if request.client else None
+    source = Source("STOW-RS", None, ingestor.site, peer)
+    collector = _PartCollector(spool_dir, max_part_bytes)
+    parser = MultipartParser(boundary.encode("latin-1"), collector.callbacks())
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+        if not collector.parts:
+            return _error(400, "multipart body has no parts")
+        results = []
+        for part in collector.parts:
+            results.append(await run_in_threadpool(_ingest_part, ingestor, part, source, study_uid))
+    except Exception as exc:  # malformed multipart framing, client gone mid-body
+        log.warning("stow-rs request rejected", error=str(exc), peer=peer)
+        return _error(400, f"malformed multipart body: {exc}")
+    finally:
+        collector.close()
+    base_url = str(request.url_for("dicomweb_root")).rstrip("/")
+    return stow_response(results, base_url, study_uid)
+
+
+def _ingest_part(ingestor: Ingestor, part: _Part, source: Source, study_uid: str | None) -> IngestResult:
+    media_type, _ = _media_type(part.headers.get("content-type", "application/dicom"))
+    if media_type != "application/dicom":
+        return ingestor.report(
+            IngestResult(Outcome.MALFORMED, f"part of type {media_type!r} is not application/dicom"), source
+        )
+    if part.too_large:
+        return ingestor.report(IngestResult(Outcome.TOO_LARGE, f"part exceeds {ingestor.max_instance_bytes} bytes"), source)
+    assert part.file is not None
+    part.file.flush()
+    return ingestor.ingest(part.file, source, Expected(study_uid=study_uid))

@@ -1,0 +1,78 @@
+"""The grid's public contract: CQL tables, Kafka topics and the JSON Schema of every event.
+
+The files beside this module are the source of truth; this module only reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from jsonschema import Draft202012Validator, FormatChecker
+from referencing import Registry, Resource
+
+TOPIC_INSTANCE_STORED = "dicom.instance.stored"
+TOPIC_REPLICATION_REQUESTED = "dicom.replication.requested"
+TOPIC_REPLICA_STORED = "dicom.replica.stored"
+TOPIC_REPLICATION_FAILED = "dicom.replication.failed"
+TOPIC_AUDIT = "dicom.audit"
+
+_HERE = resources.files(__name__)
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    schema: str
+    key: str
+    config: dict[str, str] = field(default_factory=dict)
+    partitions: int | None = None
+    replication_factor: int | None = None
+
+
+@cache
+def topics() -> dict[str, TopicSpec]:
+    """Topic definitions from topics.toml, by name."""
+    data = tomllib.loads(_HERE.joinpath("topics.toml").read_text())
+    return {name: TopicSpec(name=name, **spec) for name, spec in data["topics"].items()}
+
+
+def cql_statements(keyspace: str, replication: dict[str, int]) -> list[str]:
+    """Every CQL statement of the schema, in order, for this keyspace and per-DC replication."""
+    strategy = {"class": "NetworkTopologyStrategy", **{dc: rf for dc, rf in replication.items()}}
+    replication_cql = "{" + ", ".join(f"'{k}': '{v}'" for k, v in strategy.items()) + "}"
+    statements: list[str] = []
+    files = sorted((f for f in _HERE.joinpath("cql").iterdir() if f.name.endswith(".cql")), key=lambda f: f.name)
+    for file in files:
+        text = file.read_text()
+        text = re.sub(r"--[^\n]*", "", text)
+        text = text.replace("{keyspace}", keyspace).replace("{replication}", replication_cql)
+        statements.extend(s.strip() for s in text.split(";") if s.strip())
+    return statements
+
+
+@cache
+def _registry() -> Registry:
+    resources_ = []
+    for file in _HERE.joinpath("events").iterdir():
+        if file.name.endswith(".schema.json"):
+            schema = json.loads(file.read_text())
+            resources_.append((schema["$id"], Resource.from_contents(schema)))
+    return Registry().with_resources(resources_)
+
+
+@cache
+def event_validator(topic: str) -> Draft202012Validator:
+    """A validator for the events of ``topic`` (formats such as uuid and date-time are checked)."""
+    schema = json.loads(_HERE.joinpath("events", topics()[topic].schema).read_text())
+    return Draft202012Validator(schema, registry=_registry(), format_checker=FormatChecker())
+
+
+def validate_event(topic: str, event: dict[str, Any]) -> None:
+    """Raise ``jsonschema.ValidationError`` if ``event`` breaks the contract of ``topic``."""
+    event_validator(topic).validate(event)
