@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -70,6 +71,103 @@ def split_file_meta(fp: BinaryIO) -> tuple[Dataset, int]:
     except (InvalidDicomError, EOFError, ValueError, OSError, struct.error) as exc:
         raise MalformedDicom(f"unreadable file meta: {exc}") from exc
     return meta, fp.tell()
+
+
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_DEFLATED = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"}
+
+
+class _Walker:
+    """Walks element headers to the end of a data set without reading values (O(elements) I/O)."""
+
+    def __init__(self, fp: BinaryIO, end: int, implicit: bool, little: bool) -> None:
+        self.fp, self.end, self.implicit = fp, end, implicit
+        self.order = "<" if little else ">"
+
+    def _read(self, n: int) -> bytes:
+        data = self.fp.read(n)
+        if len(data) != n:
+            raise MalformedDicom("data set is truncated")
+        return data
+
+    def _header(self, implicit: bool) -> tuple[int, bytes | None, int]:
+        group, elem = struct.unpack(self.order + "HH", self._read(4))
+        tag = group << 16 | elem
+        if implicit or group == 0xFFFE:
+            return tag, None, struct.unpack(self.order + "L", self._read(4))[0]
+        vr = self._read(2)
+        if vr in _LONG_VRS:
+            self._read(2)
+            return tag, vr, struct.unpack(self.order + "L", self._read(4))[0]
+        return tag, vr, struct.unpack(self.order + "H", self._read(2))[0]
+
+    def _skip(self, length: int) -> None:
+        target = self.fp.tell() + length
+        if target > self.end:
+            raise MalformedDicom("an element runs past the end of the data")
+        self.fp.seek(target)
+
+    def dataset(self, implicit: bool, until_item_end: bool = False) -> None:
+        while self.fp.tell() < self.end:
+            tag, vr, length = self._header(implicit)
+            if tag == _ITEM_END:
+                if until_item_end:
+                    return
+                raise MalformedDicom("unexpected item delimiter")
+            if length != _UNDEFINED:
+                self._skip(length)
+            else:
+                # Undefined length: a sequence or encapsulated pixel data; UN content is implicit VR.
+                self.items(implicit or vr == b"UN")
+        if until_item_end:
+            raise MalformedDicom("data set is truncated inside a sequence item")
+
+    def items(self, implicit: bool) -> None:
+        while True:
+            tag, _, length = self._header(True)
+            if tag == _SEQ_END:
+                return
+            if tag != _ITEM:
+                raise MalformedDicom(f"expected an item, found tag {tag:08X}")
+            if length == _UNDEFINED:
+                self.dataset(implicit, until_item_end=True)
+            else:
+                self._skip(length)
+
+
+def check_complete(fp: BinaryIO, offset: int, transfer_syntax_uid: str) -> None:
+    """Raise :class:`MalformedDicom` unless the data set from ``offset`` is structurally whole.
+
+    Catches truncated transfers and garbage that a partial parse (``stop_before_pixels``) would accept,
+    without reading pixel data into memory.
+    """
+    end = fp.seek(0, 2)
+    fp.seek(offset)
+    if transfer_syntax_uid in _DEFLATED:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            # Small input chunks bound the inflated output held at once (deflate expands <= ~1000x).
+            while chunk := fp.read(16 * 1024):
+                inflater.decompress(chunk)
+        except zlib.error as exc:
+            raise MalformedDicom(f"deflated data set is corrupt: {exc}") from exc
+        if not inflater.eof:
+            raise MalformedDicom("deflated data set is truncated")
+        return
+    implicit = transfer_syntax_uid == "1.2.840.10008.1.2"
+    little = transfer_syntax_uid != "1.2.840.10008.1.2.2"
+    if not implicit:
+        # Some writers encode implicit VR under an explicit transfer syntax; readers (pydicom, DCMTK)
+        # detect it from the first element, and so does this check.
+        first = fp.read(6)
+        fp.seek(offset)
+        implicit = len(first) == 6 and not first[4:6].isalpha()
+    try:
+        _Walker(fp, end, implicit, little).dataset(implicit)
+    except struct.error as exc:
+        raise MalformedDicom(f"data set is truncated: {exc}") from exc
 
 
 @dataclass(frozen=True)

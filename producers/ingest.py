@@ -22,7 +22,13 @@ from typing import Any, BinaryIO
 from dicomgrid import schemas
 from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, AuditObject, AuditTrail, Participant
 from dicomgrid.core.blobstore import BlobStore, BlobStoreError, PayloadTooLarge
-from dicomgrid.core.dicomfile import MalformedDicom, canonical_file_meta, read_index_attributes, split_file_meta
+from dicomgrid.core.dicomfile import (
+    MalformedDicom,
+    canonical_file_meta,
+    check_complete,
+    read_index_attributes,
+    split_file_meta,
+)
 from dicomgrid.core.events import Source, instance_stored
 from dicomgrid.core.kafka import EventPublisher, PublishError
 from dicomgrid.core.logging import get_logger
@@ -140,6 +146,7 @@ class Ingestor:
         try:
             meta, offset = split_file_meta(fp)
             attrs = read_index_attributes(fp)
+            check_complete(fp, offset, str(meta.get("TransferSyntaxUID", "")))
         except MalformedDicom as exc:
             return IngestResult(Outcome.MALFORMED, str(exc), expected.sop_class_uid, expected.sop_instance_uid)
         transfer_syntax = str(meta.get("TransferSyntaxUID", "") or "")

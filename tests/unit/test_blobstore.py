@@ -1,0 +1,64 @@
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from dicomgrid.core.blobstore import BlobStore, BlobStoreError, PayloadTooLarge, parse_blob_uri
+
+
+def test_content_addressed_and_deduplicated(tmp_path: Path):
+    store = BlobStore(tmp_path, "A")
+    data = b"DICM" * 1000
+    ref = store.put_bytes(data)
+    assert ref.sha256 == hashlib.sha256(data).hexdigest()
+    assert ref.size == len(data)
+    assert ref.uri == f"blob://A/sha256/{ref.sha256}"
+    assert parse_blob_uri(ref.uri) == ("A", ref.sha256)
+    path = store.path(ref.sha256)
+    assert path.read_bytes() == data
+    assert path.relative_to(tmp_path).parts[:3] == ("sha256", ref.sha256[:2], ref.sha256[2:4])
+    assert store.put_bytes(data) == ref  # identical bytes stored once
+    assert list(store.digests()) == [ref.sha256]
+    assert not any((tmp_path / "tmp").iterdir())
+    assert store.verify(ref.sha256)
+
+
+def test_paths_never_come_from_caller_text(tmp_path: Path):
+    store = BlobStore(tmp_path, "A")
+    for hostile in ("../../etc/passwd", "a" * 64 + "/..", "A" * 64, ""):
+        with pytest.raises(ValueError):
+            store.path(hostile)
+    with pytest.raises(ValueError):
+        parse_blob_uri("blob://A/sha256/../../etc")
+
+
+def test_size_limit_leaves_nothing_behind(tmp_path: Path):
+    store = BlobStore(tmp_path, "A")
+    with pytest.raises(PayloadTooLarge):
+        store.put_chunks([b"x" * 600, b"x" * 600], max_bytes=1000)
+    assert not any((tmp_path / "tmp").iterdir())
+    assert list(store.digests()) == []
+
+
+def test_corruption_is_detected(tmp_path: Path):
+    store = BlobStore(tmp_path, "A")
+    ref = store.put_bytes(b"payload")
+    path = store.path(ref.sha256)
+    os.chmod(path, 0o644)
+    path.write_bytes(b"pAyload")
+    assert not store.verify(ref.sha256)
+    assert not store.verify("0" * 64)
+
+
+def test_write_failure_is_a_store_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    store = BlobStore(tmp_path, "A")
+
+    def no_space(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(BlobStoreError, match="No space"):
+        store.put_bytes(b"abc")
+    assert not any((tmp_path / "tmp").iterdir())
+    assert list(store.digests()) == []

@@ -1,0 +1,48 @@
+from pathlib import Path
+
+import pytest
+
+from dicomgrid.core.config import load_config
+
+
+def test_default_is_two_site_localhost_grid():
+    config = load_config()
+    a, b = config.sites
+    assert (a.name, a.ae_title, a.dicom_port, a.http_port, a.cassandra_dc) == ("A", "GRID_A", 11112, 8081, "dc1")
+    assert (b.name, b.ae_title, b.dicom_port, b.http_port, b.cassandra_dc) == ("B", "GRID_B", 11113, 8082, "dc2")
+    assert config.cassandra.replication == {"dc1": 1, "dc2": 1}
+    for title in ("STORESCU", "FINDSCU", "MOVESCU", "GETSCU", "ECHOSCU"):
+        assert config.is_calling_ae_allowed(title)
+    assert not config.is_calling_ae_allowed("INTRUDER")
+    assert config.root.is_absolute()
+
+
+def test_file_then_environment_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    cfg = tmp_path / "grid.toml"
+    cfg.write_text('[kafka]\nbootstrap_servers = "k1:9092"\npartitions = 3\n')
+    monkeypatch.setenv("DICOMGRID_KAFKA__BOOTSTRAP_SERVERS", "k2:9092")
+    monkeypatch.setenv("DICOMGRID_DATA_DIR", str(tmp_path / "data"))
+    config = load_config(cfg)
+    assert config.kafka.bootstrap_servers == "k2:9092"  # env beats file
+    assert config.kafka.partitions == 3  # file beats defaults
+    assert config.root == tmp_path / "data"
+    assert config.site_storage("A") == tmp_path / "data" / "sites" / "A" / "blobs"
+
+
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        ('[[sites]]\nname="../x"\nae_title="X"\ndicom_port=1\nhttp_port=2\nstorage_root="s"\ncassandra_dc="dc1"\n',
+         "invalid site name"),
+        ('[[sites]]\nname="X"\nae_title="BAD\\\\AE"\ndicom_port=1\nhttp_port=2\nstorage_root="s"\ncassandra_dc="dc1"\n',
+         "invalid AE title"),
+        ('[[sites]]\nname="X"\nae_title="X"\ndicom_port=1\nhttp_port=2\nstorage_root="s"\ncassandra_dc="dc9"\n',
+         "not in cassandra.replication"),
+        ('[kafka]\nbootstrap_serverz = "x"\n', "Extra inputs"),
+    ],
+)
+def test_invalid_configs_are_refused(tmp_path: Path, toml: str, message: str):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ValueError, match=message):
+        load_config(cfg)
