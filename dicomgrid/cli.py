@@ -76,6 +76,21 @@ def infra_up(ctx: Context, dcs: int | None) -> None:
     click.echo(f"infra ready in {time.monotonic() - started:.1f}s")
 
 
+@infra.command("fetch")
+@pass_ctx
+def infra_fetch(ctx: Context) -> None:
+    """Download the Kafka and Cassandra jars from Maven Central (cached; a no-op once done)."""
+    from dicomgrid.deploy.local import InfraError
+    from dicomgrid.deploy.local.jars import resolve
+
+    infra_config = ctx.config.infra
+    try:
+        for kind, version in (("kafka", infra_config.kafka_version), ("cassandra", infra_config.cassandra_version)):
+            click.echo(f"{kind} {version}: {resolve(ctx.config.root, kind, version)}")
+    except InfraError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 @infra.command("status")
 @pass_ctx
 def infra_status(ctx: Context) -> None:

@@ -1,7 +1,7 @@
 """Runs the grid's site services as detached processes: receivers, HTTP, stream processors.
 
 Each service is one ``python -m dicomgrid serve ...`` process with a pid file under
-``<data_dir>/run/grid/`` and a log under ``<data_dir>/logs/``, so ``dicomgrid up`` is idempotent
+``<data_dir>/run/grid/<grid name>/`` and a log under ``<data_dir>/logs/``, so ``dicomgrid up`` is idempotent
 (running services are kept) and ``dicomgrid down`` works from any shell.
 """
 
@@ -81,7 +81,8 @@ class Supervisor:
     def __init__(self, config: GridConfig, config_file: str | None = None) -> None:
         self.config = config
         self.config_file = config_file
-        self.run_dir = config.root / "run" / "grid"
+        # Keyed by grid name: a test grid and a development grid can share one local cluster.
+        self.run_dir = config.root / "run" / "grid" / config.name
         self.log_dir = config.root / "logs"
 
     def services(self) -> list[Service]:
@@ -107,7 +108,7 @@ class Supervisor:
         return self.run_dir / f"{service.slug}.pid"
 
     def _log_file(self, service: Service) -> Path:
-        return self.log_dir / f"{service.slug}.log"
+        return self.log_dir / f"{self.config.name}-{service.slug}.log"
 
     def _pid(self, service: Service) -> int | None:
         try:

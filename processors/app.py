@@ -19,7 +19,6 @@ from dicomgrid.processors.indexer import Indexer, decode_events
 
 log = get_logger(__name__)
 
-APP_ID = "dicomgrid-processors"
 BATCH_SIZE = 500
 BATCH_WITHIN_S = 0.2
 
@@ -51,7 +50,8 @@ async def _connect(config: GridConfig, local_dc: str) -> MetadataStore:
 def create_app(config: GridConfig, site: str) -> faust.App:
     site_config = config.site(site)
     app = faust.App(
-        APP_ID,
+        # The consumer group: one per grid, shared by the workers of all its sites.
+        f"{config.name}-processors",
         broker=faust_broker(config),
         broker_credentials=_credentials(config),
         id_format="{id}",
@@ -61,7 +61,7 @@ def create_app(config: GridConfig, site: str) -> faust.App:
         topic_disable_leader=True,
         topic_allow_declare=False,
         consumer_auto_offset_reset="earliest",
-        datadir=str(config.root / "processors" / site_config.name),
+        datadir=str(config.root / "processors" / config.name / site_config.name),
         broker_commit_every=200,
         broker_commit_interval=1.0,
     )

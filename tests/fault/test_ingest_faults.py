@@ -1,0 +1,100 @@
+"""Ingest when a part of the grid fails: the sender gets a failure status, nothing acknowledged is lost."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from dicomgrid import schemas
+from dicomgrid.core.audit import AuditTrail
+from dicomgrid.core.blobstore import BlobStore
+from dicomgrid.core.kafka import EventPublisher
+from dicomgrid.deploy.local import LocalCluster
+from dicomgrid.producers.ingest import Ingestor
+from dicomgrid.producers.storage_scp import StorageSCP
+from tests.dicom_samples import make_instance
+from tests.grid import wait_for
+from tests.integration.test_ingest_grid import c_store, events_for
+
+pytestmark = [pytest.mark.cluster, pytest.mark.fault]
+
+
+def test_kafka_down_fails_the_store_and_the_resend_succeeds_once(grid, metadata_dc1):
+    local = LocalCluster(grid.config)
+    tap = grid.tap()
+    acknowledged = make_instance()
+    assert c_store(grid.site("A"), [acknowledged]) == [0]
+    assert events_for(tap, [acknowledged.SOPInstanceUID])
+
+    ds = make_instance()
+    local.stop_node("kafka")
+    try:
+        started = time.monotonic()
+        statuses = c_store(grid.site("A"), [ds])
+        elapsed = time.monotonic() - started
+    finally:
+        local.up()
+    assert statuses == [0xA701], f"expected 'event log unavailable', got {statuses}"
+    assert elapsed < grid.config.kafka.delivery_timeout_s + 10
+
+    # The PACS retries once the broker is back; allow the producer a moment to reconnect.
+    wait_for(lambda: c_store(grid.site("A"), [ds]) == [0], timeout=60, interval=2)
+    events = events_for(tap, [ds.SOPInstanceUID, acknowledged.SOPInstanceUID], n=2, timeout=60)
+    mine = [e for e in events if e["instance"]["sop_instance_uid"] == ds.SOPInstanceUID]
+    assert len(mine) == 1, "exactly one event for the instance the grid acknowledged"
+    wait_for(lambda: metadata_dc1.instance_location(ds.SOPInstanceUID), timeout=60)
+    # The instance acknowledged before the outage is still indexed and intact.
+    location = metadata_dc1.instance_location(acknowledged.SOPInstanceUID)
+    assert BlobStore(grid.config.site_storage("A"), "A").verify(location.sha256)
+
+
+@pytest.fixture
+def tiny_volume(tmp_path: Path):
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=640k", "tmpfs", str(mount_point)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_disk_full_fails_the_store_and_keeps_what_was_stored(grid, tiny_volume, monkeypatch):
+    """A receiver whose blob store fills up answers 0xA700; earlier instances stay intact.
+
+    The volume has room for the received data set (spooled by the receiver) but not for a second copy
+    in the blob store: the moment a nearly full disk runs out.
+    """
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)  # serve() points it at the volume
+    site = grid.site("A").model_copy(update={"dicom_port": 21199, "ae_title": "GRID_A"})
+    config = grid.config.model_copy(update={"sites": [site, grid.site("B")]})
+    publisher = EventPublisher(config.kafka, client_id="test-disk-full")
+    blobs = BlobStore(tiny_volume, "A")
+    ingestor = Ingestor("A", blobs, publisher, None, AuditTrail("A", publisher), delivery_timeout_s=6.0)
+    scp = StorageSCP(config, "A", ingestor)
+    server = scp.serve(block=False)
+    tap = grid.tap()
+    audit_tap = grid.tap(schemas.TOPIC_AUDIT)
+    try:
+        small = make_instance()
+        assert c_store(site, [small]) == [0]
+        big = make_instance()
+        big.PixelData = os.urandom(400 * 1024)
+        assert c_store(site, [big]) == [0xA700]
+        # What was acknowledged is still there, byte for byte.
+        event = events_for(tap, [small.SOPInstanceUID])[0]
+        assert blobs.verify(event["payload"]["sha256"])
+        assert not list((tiny_volume / "tmp").iterdir()), "no partial payload left behind"
+        tap.drain(1.0)
+        assert not [e for e in tap.seen if e["instance"]["sop_instance_uid"] == big.SOPInstanceUID]
+        audits = audit_tap.collect(lambda seen: any(a["outcome"] == 8 for a in seen))
+        assert any(a["outcome"] == 8 and "out of resources" in a["outcome_description"] for a in audits)
+    finally:
+        server.shutdown()
+        server.server_close()
+        publisher.close()

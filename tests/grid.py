@@ -1,0 +1,103 @@
+"""A grid under test: its own sites, ports, keyspace and consumer group, on the shared local cluster.
+
+The test grid never touches a development grid started with ``make run``: only Kafka topics are shared,
+and tests look only at the events of the instances they sent.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, TopicPartition
+
+from dicomgrid.core.config import GridConfig, load_config
+from dicomgrid.core.metadata import MetadataStore
+
+TEST_PORTS = {"A": (21112, 28081), "B": (21113, 28082)}
+
+
+def write_test_config(path: Path, data_dir: Path, storage: Path, **overrides: str) -> Path:
+    """A two-site grid config for tests, sharing the cluster under ``data_dir``."""
+    sites = []
+    for name, dc, peer in (("A", "dc1", "B"), ("B", "dc2", "A")):
+        dicom_port, http_port = TEST_PORTS[name]
+        sites.append(
+            f'[[sites]]\nname = "{name}"\nae_title = "GRID_{name}"\ndicom_port = {dicom_port}\n'
+            f'http_port = {http_port}\nstorage_root = "{storage / name}"\ncassandra_dc = "{dc}"\n'
+            f'replicate_to = ["{peer}"]\n'
+        )
+    extra = "".join(f"{line}\n" for line in overrides.values())
+    path.write_text(
+        f'name = "dicomgrid-test"\ndata_dir = "{data_dir}"\nlog_level = "INFO"\n'
+        f'[cassandra]\nkeyspace = "dicomgrid_test"\n'
+        f'[kafka]\ndelivery_timeout_s = 6.0\n'
+        + "\n".join(sites)
+        + extra
+    )
+    return path
+
+
+@dataclass
+class EventTap:
+    """Reads a topic from the offsets it had when the tap was made."""
+
+    config: GridConfig
+    topic: str
+    _consumer: Consumer = field(init=False)
+    seen: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._consumer = Consumer(
+            {
+                **self.config.kafka.client_config(),
+                "group.id": f"test-tap-{uuid.uuid4()}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+            }
+        )
+        meta = self._consumer.list_topics(self.topic, timeout=10)
+        partitions = []
+        for p in meta.topics[self.topic].partitions:
+            _, high = self._consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)
+            partitions.append(TopicPartition(self.topic, p, high))
+        self._consumer.assign(partitions)
+
+    def collect(self, until: Callable[[list[dict[str, Any]]], bool], timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Poll until ``until(seen)`` holds (or the timeout passes); returns everything seen."""
+        deadline = time.monotonic() + timeout
+        while not until(self.seen) and time.monotonic() < deadline:
+            for msg in self._consumer.consume(500, timeout=0.5):
+                if msg.error() is None:
+                    self.seen.append(json.loads(msg.value()))
+        return self.seen
+
+    def drain(self, seconds: float = 2.0) -> list[dict[str, Any]]:
+        return self.collect(lambda _: False, timeout=seconds)
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.3) -> Any:
+    """Retry ``check`` until it returns a truthy value; return it or fail with the last one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            assert value, f"condition not met within {timeout}s"
+            return value
+        time.sleep(interval)
+
+
+def metadata_store(config: GridConfig, dc: str) -> MetadataStore:
+    return MetadataStore(config, local_dc=dc)
+
+
+def load_test_config(path: Path) -> GridConfig:
+    return load_config(path)
