@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -44,6 +45,8 @@ class EventPublisher:
                 "delivery.timeout.ms": int(config.delivery_timeout_s * 1000),
                 "message.timeout.ms": int(config.delivery_timeout_s * 1000),
                 "error_cb": self._on_error,
+                # librdkafka's own log lines go through the process's structured logging.
+                "logger": logging.getLogger("librdkafka"),
             }
         )
         self._closed = threading.Event()

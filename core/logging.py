@@ -35,7 +35,7 @@ def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Third-party chatter that would drown the grid's own records at INFO.
-    for noisy in ("pynetdicom", "cassandra", "aiokafka", "faust", "mode", "uvicorn.access"):
+    for noisy in ("pynetdicom", "cassandra", "aiokafka", "faust", "mode", "uvicorn.access", "librdkafka"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 

@@ -164,10 +164,19 @@ class Supervisor:
             time.sleep(0.3)
 
     def down(self, timeout: float = 20.0) -> None:
+        self.stop_pid_files(self.run_dir, timeout)
+
+    @staticmethod
+    def stop_pid_files(run_dir: Path, timeout: float = 20.0) -> None:
+        """Stop every service with a pid file in ``run_dir``: SIGTERM, then SIGKILL after ``timeout``."""
+        pid_files = list(run_dir.glob("*.pid"))
         pids = []
-        for service in self.services():
-            pid = self._pid(service)
-            if pid is not None:
+        for pid_file in pid_files:
+            try:
+                pid = int(pid_file.read_text().strip())
+            except (OSError, ValueError):
+                continue
+            if _alive(pid):
                 os.killpg(pid, signal.SIGTERM)
                 pids.append(pid)
         deadline = time.monotonic() + timeout
@@ -176,8 +185,8 @@ class Supervisor:
         for pid in pids:
             if _alive(pid):
                 os.killpg(pid, signal.SIGKILL)
-        for service in self.services():
-            self._pid_file(service).unlink(missing_ok=True)
+        for pid_file in pid_files:
+            pid_file.unlink(missing_ok=True)
 
     def log_tail(self, service: Service, lines: int = 30) -> str:
         try:

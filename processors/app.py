@@ -49,6 +49,8 @@ async def _connect(config: GridConfig, local_dc: str) -> MetadataStore:
 
 def create_app(config: GridConfig, site: str) -> faust.App:
     site_config = config.site(site)
+    datadir = config.root / "processors" / config.name / site_config.name
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         # The consumer group: one per grid, shared by the workers of all its sites.
         f"{config.name}-processors",
@@ -61,7 +63,7 @@ def create_app(config: GridConfig, site: str) -> faust.App:
         topic_disable_leader=True,
         topic_allow_declare=False,
         consumer_auto_offset_reset="earliest",
-        datadir=str(config.root / "processors" / config.name / site_config.name),
+        datadir=str(datadir),
         broker_commit_every=200,
         broker_commit_interval=1.0,
     )

@@ -7,6 +7,7 @@ and tests look only at the events of the instances they sent.
 from __future__ import annotations
 
 import json
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -19,26 +20,30 @@ from confluent_kafka import Consumer, TopicPartition
 from dicomgrid.core.config import GridConfig, load_config
 from dicomgrid.core.metadata import MetadataStore
 
-TEST_PORTS = {"A": (21112, 28081), "B": (21113, 28082)}
+TEST_GRID_PREFIX = "dicomgrid-test-"
 
 
-def write_test_config(path: Path, data_dir: Path, storage: Path, **overrides: str) -> Path:
-    """A two-site grid config for tests, sharing the cluster under ``data_dir``."""
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_test_config(path: Path, name: str, data_dir: Path, storage: Path) -> Path:
+    """A two-site grid config for tests on free ports, sharing the cluster under ``data_dir``."""
     sites = []
-    for name, dc, peer in (("A", "dc1", "B"), ("B", "dc2", "A")):
-        dicom_port, http_port = TEST_PORTS[name]
+    for site, dc, peer in (("A", "dc1", "B"), ("B", "dc2", "A")):
+        dicom_port, http_port = free_port(), free_port()
         sites.append(
-            f'[[sites]]\nname = "{name}"\nae_title = "GRID_{name}"\ndicom_port = {dicom_port}\n'
-            f'http_port = {http_port}\nstorage_root = "{storage / name}"\ncassandra_dc = "{dc}"\n'
+            f'[[sites]]\nname = "{site}"\nae_title = "GRID_{site}"\ndicom_port = {dicom_port}\n'
+            f'http_port = {http_port}\nstorage_root = "{storage / site}"\ncassandra_dc = "{dc}"\n'
             f'replicate_to = ["{peer}"]\n'
         )
-    extra = "".join(f"{line}\n" for line in overrides.values())
     path.write_text(
-        f'name = "dicomgrid-test"\ndata_dir = "{data_dir}"\nlog_level = "INFO"\n'
+        f'name = "{name}"\ndata_dir = "{data_dir}"\nlog_level = "INFO"\n'
         f'[cassandra]\nkeyspace = "dicomgrid_test"\n'
         f'[kafka]\ndelivery_timeout_s = 6.0\n'
         + "\n".join(sites)
-        + extra
     )
     return path
 

@@ -14,7 +14,7 @@ from dicomgrid.core.config import GridConfig, SiteConfig
 from dicomgrid.core.kafka import ensure_topics
 from dicomgrid.core.metadata import MetadataStore, apply_schema
 from dicomgrid.supervisor import Supervisor
-from tests.grid import EventTap, load_test_config, write_test_config
+from tests.grid import TEST_GRID_PREFIX, EventTap, load_test_config, write_test_config
 
 
 @dataclass
@@ -33,16 +33,29 @@ class Grid:
         return MetadataStore(self.config, local_dc=dc)
 
 
+def _stop_orphaned_test_grids(cluster: GridConfig) -> None:
+    """Stop the services of test grids whose pytest session died without cleaning up."""
+    for run_dir in (cluster.root / "run" / "grid").glob(f"{TEST_GRID_PREFIX}*"):
+        owner = run_dir.name.removeprefix(TEST_GRID_PREFIX)
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            Supervisor.stop_pid_files(run_dir)
+
+
 @pytest.fixture(scope="session")
 def grid(cluster: GridConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Grid]:
-    """A two-site test grid with every service running, on the session's local cluster."""
+    """A two-site test grid with every service running, on the session's local cluster.
+
+    Each session gets its own grid name (consumer group, pid files) and free ports, so sessions can
+    run side by side on one cluster.
+    """
+    _stop_orphaned_test_grids(cluster)
     base = tmp_path_factory.mktemp("grid")
-    config_file = write_test_config(base / "grid.toml", cluster.root, base / "sites")
+    name = f"{TEST_GRID_PREFIX}{os.getpid()}"
+    config_file = write_test_config(base / "grid.toml", name, cluster.root, base / "sites")
     config = load_test_config(config_file)
     apply_schema(config)
     ensure_topics(config.kafka)
     supervisor = Supervisor(config, str(config_file))
-    supervisor.down()  # leftovers of an interrupted earlier session
     try:
         supervisor.up(timeout=90)
     except RuntimeError as exc:
