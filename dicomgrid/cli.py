@@ -212,12 +212,15 @@ def serve() -> None:
 @click.option("--reuse-port", is_flag=True, help="Share the DICOM port with other receiver processes.")
 @pass_ctx
 def serve_receiver(ctx: Context, site: str, reuse_port: bool) -> None:
-    """DICOM Storage SCP (C-ECHO, C-STORE) of one site."""
+    """The DICOM services of one site: C-ECHO, C-STORE."""
+    from dicomgrid.dimse import SiteAE
     from dicomgrid.producers.site import build_ingestor
-    from dicomgrid.producers.storage_scp import StorageSCP
+    from dicomgrid.producers.storage_scp import StorageService
 
     _logging(ctx)
-    StorageSCP(ctx.config, site, build_ingestor(ctx.config, site)).serve(reuse_port=reuse_port)
+    ingestor = build_ingestor(ctx.config, site)
+    storage = StorageService(ingestor, ctx.config.site(site).ae_title)
+    SiteAE(ctx.config, site, [storage], ingestor.audit).serve(spool_dir=storage.spool_dir, reuse_port=reuse_port)
 
 
 @serve.command("http")

@@ -16,9 +16,10 @@ from dicomgrid.core.blobstore import BlobStore
 from dicomgrid.core.kafka import EventPublisher
 from dicomgrid.deploy.local import LocalCluster
 from dicomgrid.producers.ingest import Ingestor
-from dicomgrid.producers.storage_scp import StorageSCP
+from dicomgrid.dimse import SiteAE
+from dicomgrid.producers.storage_scp import StorageService
 from tests.dicom_samples import make_instance
-from tests.grid import wait_for
+from tests.grid import free_port, wait_for
 from tests.integration.test_ingest_grid import c_store, events_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.fault]
@@ -71,13 +72,13 @@ def test_disk_full_fails_the_store_and_keeps_what_was_stored(grid, tiny_volume, 
     in the blob store: the moment a nearly full disk runs out.
     """
     monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)  # serve() points it at the volume
-    site = grid.site("A").model_copy(update={"dicom_port": 21199, "ae_title": "GRID_A"})
+    site = grid.site("A").model_copy(update={"dicom_port": free_port()})
     config = grid.config.model_copy(update={"sites": [site, grid.site("B")]})
     publisher = EventPublisher(config.kafka, client_id="test-disk-full")
     blobs = BlobStore(tiny_volume, "A")
     ingestor = Ingestor("A", blobs, publisher, None, AuditTrail("A", publisher), delivery_timeout_s=6.0)
-    scp = StorageSCP(config, "A", ingestor)
-    server = scp.serve(block=False)
+    storage = StorageService(ingestor, site.ae_title)
+    server = SiteAE(config, "A", [storage], ingestor.audit).serve(spool_dir=storage.spool_dir, block=False)
     tap = grid.tap()
     audit_tap = grid.tap(schemas.TOPIC_AUDIT)
     try:

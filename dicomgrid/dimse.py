@@ -1,0 +1,139 @@
+"""A site's DICOM application entity: one AE title and port, several services.
+
+Services plug in by offering presentation contexts and event handlers (see :class:`DimseService`):
+storage (``producers``) and query/retrieve (``consumers``) share the association, as a PACS expects.
+"""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicomgrid.core.audit import MINOR_FAILURE, AuditTrail, Participant
+from dicomgrid.core.config import GridConfig
+from dicomgrid.core.logging import get_logger
+
+log = get_logger(__name__)
+
+# Each received PDU is held in memory whole; this bounds it while keeping per-PDU overhead low.
+MAX_PDU_BYTES = 256 * 1024
+MAX_ASSOCIATIONS = 64
+
+
+@dataclass(frozen=True)
+class Context:
+    """A presentation context a service accepts (``scu_role`` for C-GET's storage sub-operations)."""
+
+    abstract_syntax: str
+    transfer_syntaxes: Sequence[str] = tuple(ALL_TRANSFER_SYNTAXES)
+    scu_role: bool | None = None
+    scp_role: bool | None = None
+
+
+class DimseService(Protocol):
+    def contexts(self) -> list[Context]: ...
+
+    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]: ...
+
+
+class _ReusePortServer(ThreadedAssociationServer):
+    """Lets several processes accept on one port; the kernel spreads associations over them."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def set_nodelay(event: evt.Event) -> None:
+    # Without TCP_NODELAY every DIMSE response waits on the peer's delayed ACK.
+    sock = event.assoc.dul.socket.socket
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def peer_of(event: evt.Event) -> tuple[str | None, str]:
+    """(calling AE title, "host:port") of the association's requestor."""
+    requestor = event.assoc.requestor
+    return (requestor.ae_title or None), f"{requestor.address}:{requestor.port}"
+
+
+class SiteAE:
+    """The DICOM face of one site: Verification plus every service given."""
+
+    def __init__(self, config: GridConfig, site: str, services: Sequence[DimseService], audit: AuditTrail) -> None:
+        self.config = config
+        self.site = config.site(site)
+        self.services = list(services)
+        self.audit = audit
+        self.ae = self._build_ae()
+
+    def _build_ae(self) -> AE:
+        ae = AE(ae_title=self.site.ae_title)
+        ae.maximum_pdu_size = MAX_PDU_BYTES
+        ae.maximum_associations = MAX_ASSOCIATIONS
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for service in self.services:
+            for cx in service.contexts():
+                ae.add_supported_context(cx.abstract_syntax, list(cx.transfer_syntaxes), cx.scu_role, cx.scp_role)
+        ae.require_called_aet = True
+        security = self.config.security
+        if not (security.allow_any_calling_ae and not security.allowed_calling_aes):
+            ae.require_calling_aet = list(security.allowed_calling_aes)
+        return ae
+
+    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+        out: list[tuple[Any, Callable[..., Any]]] = [
+            (evt.EVT_CONN_OPEN, set_nodelay),
+            (evt.EVT_C_ECHO, lambda event: 0x0000),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        for service in self.services:
+            out.extend(service.handlers())
+        return out
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        calling_ae, peer = peer_of(event)
+        self.audit.record(
+            "E",
+            "Security Alert",
+            MINOR_FAILURE,
+            f"association rejected: calling AE {calling_ae!r} not allowed or called AE wrong",
+            [Participant(calling_ae or "unknown", True, calling_ae, peer, "Requestor")],
+        )
+
+    def serve(self, *, spool_dir: Any, reuse_port: bool = False, block: bool = True) -> ThreadedAssociationServer:
+        """Listen on the site's DICOM address; blocks unless ``block`` is false.
+
+        ``spool_dir`` receives the data sets pynetdicom streams to temporary files: keep it on the site's
+        volume.
+        """
+        tempfile.tempdir = str(spool_dir)
+        server = self.ae.make_server(
+            (self.site.dicom_host, self.site.dicom_port),
+            evt_handlers=self.handlers(),
+            server_class=_ReusePortServer if reuse_port else ThreadedAssociationServer,
+        )
+        self.ae._servers.append(server)
+        log.info(
+            "dicom services listening",
+            site=self.site.name,
+            ae_title=self.site.ae_title,
+            address=f"{self.site.dicom_host}:{self.site.dicom_port}",
+            services=[type(s).__name__ for s in self.services],
+        )
+        if block:
+            try:
+                server.serve_forever()
+            finally:
+                server.shutdown()
+        else:
+            threading.Thread(target=server.serve_forever, name=f"dimse-{self.site.name}", daemon=True).start()
+        return server
