@@ -147,7 +147,7 @@ class InfraConfig(_Section):
     """The local development cluster (`dicomgrid infra ...`): versions and sizes."""
 
     kafka_version: str = "4.1.1"
-    cassandra_version: str = "5.0.6"
+    cassandra_version: str = "5.0.9"
     kafka_heap: str = "512m"
     cassandra_heap: str = "1G"
     kafka_port: int = 9092

@@ -8,6 +8,7 @@ replayed in; study and series aggregates are recomputed from the rows, never inc
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import uuid
 import zlib
 from collections.abc import Iterable
@@ -96,15 +97,31 @@ def apply_schema(config: GridConfig) -> int:
 
 
 class MetadataStore:
-    """Index reads and writes for one site's processes."""
+    """Index reads and writes for one site's processes.
+
+    The connection is made on first use and retried on the next use if Cassandra is unreachable, so a
+    site's services start (and ingest keeps working) while the metadata store is down.
+    """
 
     def __init__(self, config: GridConfig, local_dc: str | None = None) -> None:
         self.config = config
-        self.cluster, self.session = connect(config, local_dc)
+        self.local_dc = local_dc
+        self._cluster: Cluster | None = None
+        self._session: Session | None = None
+        self._lock = threading.Lock()
         self._prepared: dict[str, PreparedStatement] = {}
 
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            with self._lock:
+                if self._session is None:
+                    self._cluster, self._session = connect(self.config, self.local_dc)
+        return self._session
+
     def close(self) -> None:
-        self.cluster.shutdown()
+        if self._cluster is not None:
+            self._cluster.shutdown()
 
     def _stmt(self, cql: str) -> PreparedStatement:
         stmt = self._prepared.get(cql)

@@ -212,22 +212,24 @@ def serve() -> None:
 @click.option("--reuse-port", is_flag=True, help="Share the DICOM port with other receiver processes.")
 @pass_ctx
 def serve_receiver(ctx: Context, site: str, reuse_port: bool) -> None:
-    """The DICOM services of one site: C-ECHO, C-STORE."""
+    """The DICOM services of one site: C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET."""
+    from dicomgrid.consumers import dimse_services
     from dicomgrid.dimse import SiteAE
-    from dicomgrid.producers.site import build_ingestor
+    from dicomgrid.producers.site import build_ingestor, build_site_context
     from dicomgrid.producers.storage_scp import StorageService
 
     _logging(ctx)
     ingestor = build_ingestor(ctx.config, site)
     storage = StorageService(ingestor, ctx.config.site(site).ae_title)
-    SiteAE(ctx.config, site, [storage], ingestor.audit).serve(spool_dir=storage.spool_dir, reuse_port=reuse_port)
+    services = [storage, *dimse_services(build_site_context(ctx.config, site, ingestor))]
+    SiteAE(ctx.config, site, services, ingestor.audit).serve(spool_dir=storage.spool_dir, reuse_port=reuse_port)
 
 
 @serve.command("http")
 @click.option("--site", required=True)
 @pass_ctx
 def serve_http(ctx: Context, site: str) -> None:
-    """DICOMweb (STOW-RS) of one site."""
+    """DICOMweb (STOW-RS, QIDO-RS, WADO-RS) of one site."""
     import uvicorn
 
     from dicomgrid.http import create_http_app

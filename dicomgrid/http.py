@@ -7,12 +7,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from dicomgrid.consumers import http_routes
 from dicomgrid.core.config import GridConfig
 from dicomgrid.producers.ingest import Ingestor
+from dicomgrid.producers.site import build_site_context
 from dicomgrid.producers.stow import stow
 
 
 def create_http_app(config: GridConfig, site: str, ingestor: Ingestor) -> Starlette:
+    """STOW-RS through the ingest path, QIDO-RS and WADO-RS from the consumers."""
     site_config = config.site(site)
     spool = ingestor.blobs.root / "incoming"
     spool.mkdir(parents=True, exist_ok=True)
@@ -32,6 +35,7 @@ def create_http_app(config: GridConfig, site: str, ingestor: Ingestor) -> Starle
             Route("/dicomweb", root, methods=["GET"], name="dicomweb_root"),
             Route("/dicomweb/studies", store, methods=["POST"]),
             Route("/dicomweb/studies/{study}", store, methods=["POST"]),
+            *http_routes(build_site_context(config, site, ingestor)),
         ]
     )
 

@@ -1,0 +1,9 @@
+"""Placeholder until the service lands: mounts nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def retrieve_services(site: Any) -> list[Any]:
+    return []
