@@ -41,6 +41,8 @@ def make_instance(
     ds.PixelData = b"\x01\x02" * (ds.Rows * ds.Columns)
     for key, value in extra.items():
         setattr(ds, key, value)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return ds
 
 
