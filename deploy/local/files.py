@@ -1,0 +1,31 @@
+"""Generated config files and log excerpts."""
+
+from __future__ import annotations
+
+from collections import deque
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+_PACKAGE = "dicomgrid.deploy.local"
+
+
+def render_template(name: str, dest: Path, **values: object) -> Path:
+    """Write ``templates/<name>`` to ``dest`` with ``$key`` placeholders filled in.
+
+    Files are regenerated on every start so that a changed grid config (ports, heap, paths) always
+    reaches the JVM; hand edits belong in the template.
+    """
+    text = resources.files(_PACKAGE).joinpath("templates", name).read_text(encoding="utf-8")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(Template(text).substitute(values), encoding="utf-8")
+    return dest
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a text file, or "" if it does not exist."""
+    try:
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            return "".join(deque(fh, maxlen=lines))
+    except FileNotFoundError:
+        return ""
