@@ -7,10 +7,7 @@ Each service is one ``python -m dicomgrid serve ...`` process with a pid file un
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -19,6 +16,7 @@ from pathlib import Path
 import httpx
 
 from dicomgrid.core.config import GridConfig
+from dicomgrid.core.daemon import Daemon
 
 
 @dataclass(frozen=True)
@@ -45,21 +43,6 @@ class ServiceStatus:
     running: bool
     healthy: bool
     detail: str
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child counts as dead.
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return True
 
 
 def _tcp_open(address: tuple[str, int]) -> bool:
@@ -104,23 +87,14 @@ class Supervisor:
             out.append(Service(site.name, "processors", 1, [*base, "serve", "processors", "--site", site.name], None))
         return out
 
-    def _pid_file(self, service: Service) -> Path:
-        return self.run_dir / f"{service.slug}.pid"
-
-    def _log_file(self, service: Service) -> Path:
-        return self.log_dir / f"{self.config.name}-{service.slug}.log"
-
-    def _pid(self, service: Service) -> int | None:
-        try:
-            pid = int(self._pid_file(service).read_text().strip())
-        except (OSError, ValueError):
-            return None
-        return pid if _alive(pid) else None
+    def daemon(self, service: Service) -> Daemon:
+        log = self.log_dir / f"{self.config.name}-{service.slug}.log"
+        return Daemon(service.name, self.run_dir / f"{service.slug}.pid", log, log)
 
     def status(self) -> list[ServiceStatus]:
         out = []
         for service in self.services():
-            pid = self._pid(service)
+            pid = self.daemon(service).pid()
             probe = service.probe
             if pid is None:
                 out.append(ServiceStatus(service, None, False, False, "not running"))
@@ -138,24 +112,17 @@ class Supervisor:
 
     def up(self, timeout: float = 60.0) -> list[ServiceStatus]:
         """Start every service that is not running; wait until all are healthy."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         for service in self.services():
-            if self._pid(service) is not None:
-                continue
-            log = self._log_file(service).open("ab")
-            proc = subprocess.Popen(
-                service.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-            )
-            self._pid_file(service).write_text(str(proc.pid))
+            daemon = self.daemon(service)
+            if daemon.pid() is None:
+                daemon.start(service.argv, cwd=Path.cwd())
         deadline = time.monotonic() + timeout
         while True:
             statuses = self.status()
             dead = [s for s in statuses if not s.running]
             if dead:
                 names = ", ".join(s.service.name for s in dead)
-                tail = self.log_tail(dead[0].service)
-                raise RuntimeError(f"service(s) exited during start-up: {names}\n--- {self._log_file(dead[0].service)}\n{tail}")
+                raise RuntimeError(f"service(s) exited during start-up: {names}\n{self.daemon(dead[0].service).excerpt()}")
             if all(s.healthy for s in statuses):
                 return statuses
             if time.monotonic() > deadline:
@@ -163,33 +130,11 @@ class Supervisor:
                 raise RuntimeError(f"services not healthy after {timeout:.0f}s: {slow}")
             time.sleep(0.3)
 
-    def down(self, timeout: float = 20.0) -> None:
-        self.stop_pid_files(self.run_dir, timeout)
+    def down(self, grace: float = 20.0) -> None:
+        self.stop_pid_files(self.run_dir, grace)
 
     @staticmethod
-    def stop_pid_files(run_dir: Path, timeout: float = 20.0) -> None:
-        """Stop every service with a pid file in ``run_dir``: SIGTERM, then SIGKILL after ``timeout``."""
-        pid_files = list(run_dir.glob("*.pid"))
-        pids = []
-        for pid_file in pid_files:
-            try:
-                pid = int(pid_file.read_text().strip())
-            except (OSError, ValueError):
-                continue
-            if _alive(pid):
-                os.killpg(pid, signal.SIGTERM)
-                pids.append(pid)
-        deadline = time.monotonic() + timeout
-        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for pid in pids:
-            if _alive(pid):
-                os.killpg(pid, signal.SIGKILL)
-        for pid_file in pid_files:
-            pid_file.unlink(missing_ok=True)
-
-    def log_tail(self, service: Service, lines: int = 30) -> str:
-        try:
-            return "\n".join(self._log_file(service).read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+    def stop_pid_files(run_dir: Path, grace: float = 20.0) -> None:
+        """Stop every service with a pid file in ``run_dir`` (SIGTERM, SIGKILL after ``grace``)."""
+        for pid_file in run_dir.glob("*.pid"):
+            Daemon(pid_file.stem, pid_file, pid_file, pid_file).stop(grace)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ def _stop_orphaned_test_grids(cluster: GridConfig) -> None:
         owner = run_dir.name.removeprefix(TEST_GRID_PREFIX)
         if owner.isdigit() and not Path(f"/proc/{owner}").exists():
             Supervisor.stop_pid_files(run_dir)
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +65,7 @@ def grid(cluster: GridConfig, tmp_path_factory: pytest.TempPathFactory) -> Itera
     yield Grid(config, config_file, supervisor)
     if os.environ.get("DICOMGRID_TEST_KEEP_GRID") != "1":
         supervisor.down()
+        shutil.rmtree(supervisor.run_dir, ignore_errors=True)
 
 
 @pytest.fixture

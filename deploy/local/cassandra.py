@@ -20,7 +20,7 @@ from dicomgrid.core.config import GridConfig
 
 from .files import render_template
 from .jars import find_jar
-from .processes import Daemon
+from dicomgrid.core.daemon import Daemon
 
 _MAIN = "org.apache.cassandra.service.CassandraDaemon"
 _MIN_TOKEN = -(2**63)

@@ -1,8 +1,7 @@
-"""Generated config files and log excerpts."""
+"""Generated config files."""
 
 from __future__ import annotations
 
-from collections import deque
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -20,12 +19,3 @@ def render_template(name: str, dest: Path, **values: object) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(Template(text).substitute(values), encoding="utf-8")
     return dest
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    """The last ``lines`` lines of a text file, or "" if it does not exist."""
-    try:
-        with path.open(encoding="utf-8", errors="replace") as fh:
-            return "".join(deque(fh, maxlen=lines))
-    except FileNotFoundError:
-        return ""

@@ -14,8 +14,9 @@ import subprocess
 from importlib import resources
 from pathlib import Path
 
+from dicomgrid.core.daemon import tail
+
 from .errors import InfraError
-from .files import tail
 
 _PACKAGE = "dicomgrid.deploy.local"
 _MARKER = ".resolved"

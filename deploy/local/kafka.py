@@ -15,7 +15,7 @@ from dicomgrid.core.config import GridConfig
 
 from .errors import InfraError
 from .files import render_template
-from .processes import Daemon
+from dicomgrid.core.daemon import Daemon
 
 HOST = "127.0.0.1"
 _MAIN = "kafka.Kafka"
