@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 import structlog
 
@@ -37,6 +38,10 @@ def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
     # Third-party chatter that would drown the grid's own records at INFO.
     for noisy in ("pynetdicom", "cassandra", "aiokafka", "faust", "mode", "uvicorn.access", "librdkafka"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # pydicom both warns and logs about every lenient read of a sender's odd data; the grid reports
+    # what it refuses itself, so its tolerance notes stay at debug.
+    logging.getLogger("pydicom").setLevel(max(logging.ERROR, root.level))
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

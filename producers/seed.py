@@ -13,6 +13,8 @@ from pynetdicom.service_class import StorageServiceClass
 from tqdm import tqdm
 
 from dicomgrid.core.config import SiteConfig
+from dicomgrid.core.dicomfile import MalformedDicom, check_complete, read_index_attributes, split_file_meta
+from dicomgrid.core.uids import is_valid_uid
 from dicomgrid.core.logging import get_logger
 
 log = get_logger(__name__)
@@ -51,12 +53,29 @@ def _storable(path: Path) -> tuple[str, str] | str:
     return sop_class, transfer_syntax
 
 
+def _well_formed(path: Path) -> bool:
+    """True for files a conforming archive accepts: valid UIDs, consistent file meta, complete data set."""
+    try:
+        with path.open("rb") as fp:
+            meta, offset = split_file_meta(fp)
+            check_complete(fp, offset, str(meta.get("TransferSyntaxUID", "")))
+            attrs = read_index_attributes(fp)
+    except MalformedDicom:
+        return False
+    uids = [attrs.get(k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")]
+    return all(is_valid_uid(u) for u in uids) and attrs.get("SOPInstanceUID") == meta.get("MediaStorageSOPInstanceUID")
+
+
 def sample_files() -> list[Path]:
-    """pydicom's bundled test files that are storable instances: a varied set of sample studies."""
+    """pydicom's bundled test files that are well-formed storable instances: a varied set of studies.
+
+    The set holds several files with the same SOP Instance UID and different content: the grid keeps
+    those as versions of one instance.
+    """
     import pydicom.data
 
     folder = Path(pydicom.data.__file__).parent / "test_files"
-    return sorted(p for p in folder.rglob("*.dcm") if isinstance(_storable(p), tuple))
+    return sorted(p for p in folder.rglob("*.dcm") if isinstance(_storable(p), tuple) and _well_formed(p))
 
 
 def send_files(site: SiteConfig, files: list[Path], calling_ae: str = CALLING_AE) -> SendReport:
