@@ -11,7 +11,7 @@ import datetime as dt
 import threading
 import uuid
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,13 +138,22 @@ class MetadataStore:
 
     # -- ingest ----------------------------------------------------------------------------------
 
-    def current_version(self, sop_instance_uid: str) -> StoredVersion | None:
-        row = self.execute(
-            "SELECT sha256, version FROM instance_locations WHERE sop_instance_uid = ?",
+    def current_version(self, sop_instance_uid: str) -> Callable[[], StoredVersion | None]:
+        """Start looking up the indexed payload of a SOP Instance UID; call the result to get it.
+
+        Asynchronous so that ingest overlaps the lookup with writing the payload.
+        """
+        future = self.session.execute_async(
+            self._stmt("SELECT sha256, version FROM instance_locations WHERE sop_instance_uid = ?"),
             (sop_instance_uid,),
             timeout=2.0,
-        ).one()
-        return StoredVersion(row.sha256, row.version) if row else None
+        )
+
+        def result() -> StoredVersion | None:
+            row = future.result().one()
+            return StoredVersion(row.sha256, row.version) if row else None
+
+        return result
 
     def max_version(self, sop_instance_uid: str) -> int:
         rows = self.execute("SELECT version FROM instance_versions WHERE sop_instance_uid = ?", (sop_instance_uid,))

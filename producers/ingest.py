@@ -16,6 +16,7 @@ and its event names the version it replaces.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -174,7 +175,7 @@ class Ingestor:
         if self.max_instance_bytes is not None and size > self.max_instance_bytes:
             return IngestResult(Outcome.TOO_LARGE, f"{size} bytes > limit {self.max_instance_bytes}", **ids)
 
-        previous = self._current_version(sop_instance)
+        lookup = self._current_version(sop_instance)
 
         # 2. Durable payload.
         try:
@@ -187,6 +188,7 @@ class Ingestor:
         except BlobStoreError as exc:
             return IngestResult(Outcome.NO_STORAGE, str(exc), **ids)
 
+        previous = lookup()
         if previous is not None and previous.sha256 == blob.sha256:
             return IngestResult(Outcome.DUPLICATE, f"payload {blob.sha256[:12]} already indexed", **ids)
 
@@ -199,19 +201,31 @@ class Ingestor:
             return IngestResult(Outcome.NO_EVENT_LOG, str(exc), **ids)
         return IngestResult(Outcome.STORED, f"payload {blob.sha256[:12]} version {event['version']}", event=event, **ids)
 
-    def _current_version(self, sop_instance_uid: str) -> StoredVersion | None:
-        """The indexed payload for this UID; unknown (None) if the index cannot answer right now.
+    def _current_version(self, sop_instance_uid: str) -> Callable[[], StoredVersion | None]:
+        """Start looking up the indexed payload for this UID; the result is None if unknown.
 
         Ingest must not depend on Cassandra being up: Kafka is the durability boundary, and the indexer
-        orders versions by receive time whatever this lookup said.
+        orders versions by receive time whatever this lookup said. So a failed lookup means "unknown".
         """
-        if self.metadata is None:
-            return None
-        try:
-            return self.metadata.current_version(sop_instance_uid)
-        except Exception as exc:  # driver errors: NoHostAvailable, timeouts, ...
+
+        def unknown(exc: Exception) -> None:
             log.warning("version lookup failed; treating instance as new", error=str(exc))
-            return None
+
+        if self.metadata is None:
+            return lambda: None
+        try:
+            pending = self.metadata.current_version(sop_instance_uid)
+        except Exception as exc:  # driver errors: NoHostAvailable, timeouts, ...
+            unknown(exc)
+            return lambda: None
+
+        def result() -> StoredVersion | None:
+            try:
+                return pending()
+            except Exception as exc:
+                return unknown(exc)
+
+        return result
 
     def _audit(self, result: IngestResult, source: Source) -> None:
         outcome = _AUDIT_OUTCOME[result.outcome]

@@ -45,8 +45,8 @@ class FakeIndex:
     def __init__(self) -> None:
         self.versions: dict[str, StoredVersion] = {}
 
-    def current_version(self, sop_uid: str) -> StoredVersion | None:
-        return self.versions.get(sop_uid)
+    def current_version(self, sop_uid: str):
+        return lambda: self.versions.get(sop_uid)
 
 
 @pytest.fixture
@@ -178,9 +178,19 @@ def test_broker_down_means_failure_status_and_no_event(ingestor, publisher):
 def test_index_unreachable_does_not_block_ingest(ingestor, publisher):
     class Broken:
         def current_version(self, uid):
-            raise RuntimeError("NoHostAvailable")
+            def fail():
+                raise RuntimeError("timed out")
+
+            return fail
 
     ingestor.metadata = Broken()
+    assert ingest(ingestor, to_part10(make_instance())).outcome is Outcome.STORED
+
+    class Unreachable:
+        def current_version(self, uid):
+            raise RuntimeError("NoHostAvailable")
+
+    ingestor.metadata = Unreachable()
     assert ingest(ingestor, to_part10(make_instance())).outcome is Outcome.STORED
 
 
