@@ -31,3 +31,15 @@ def cluster() -> Iterator[GridConfig]:
     yield config
     if os.environ.get("DICOMGRID_TEST_STOP_CLUSTER") == "1":
         local.down()
+
+
+# Cheapest and least disruptive first: fault tests stop real nodes, so they run last.
+_SUITE_ORDER = {"unit": 0, "integration": 1, "interop": 2, "fault": 3}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def suite(item: pytest.Item) -> int:
+        parts = item.path.parts
+        return next((_SUITE_ORDER[p] for p in reversed(parts) if p in _SUITE_ORDER), len(_SUITE_ORDER))
+
+    items.sort(key=suite)  # stable: keeps file and test order within a suite
