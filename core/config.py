@@ -136,6 +136,9 @@ class SecurityConfig(_Section):
     allowed_calling_aes: list[str] = []
     # When true, an empty allow-list admits everyone (development only).
     allow_any_calling_ae: bool = False
+    # Bearer token sites present to each other's payload endpoint (GET /internal/payloads/{sha256}).
+    # The default is for local development only; production configs set their own secret.
+    peer_token: str = Field(default="dicomgrid-dev-peer-token", min_length=16)
 
     @field_validator("allowed_calling_aes")
     @classmethod

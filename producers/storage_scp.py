@@ -56,7 +56,7 @@ class StorageService:
         sweep_incoming(self.spool_dir)
 
     def contexts(self) -> list[Context]:
-        return [Context(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
+        return [Context(cx.abstract_syntax, scu_role=True, scp_role=True) for cx in AllStoragePresentationContexts]
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
         return [(evt.EVT_C_STORE, self.on_store)]
