@@ -26,7 +26,6 @@ import hmac
 import os
 import re
 import threading
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -252,17 +251,9 @@ class Payloads:
             return None
 
     def _quarantine(self, digest: str) -> None:
-        """Move a corrupt copy aside: kept for inspection, and out of the way of the repaired one.
-
-        (The blob store keeps an existing file of the same size on commit, so it must go first.)
-        """
-        target = self.blobs.root / "quarantine" / f"{digest}.{uuid.uuid4().hex}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(self.blobs.path(digest), target)
-        except FileNotFoundError:
-            return
-        log.error("corrupt payload moved aside", site=self.site.site.name, sha256=digest, to=str(target))
+        target = self.blobs.quarantine(digest)
+        if target is not None:
+            log.error("corrupt payload moved aside", site=self.site.site.name, sha256=digest, to=str(target))
 
     # -- repair from peers ----------------------------------------------------------------------
 

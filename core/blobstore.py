@@ -4,6 +4,7 @@ Layout under the store's root::
 
     sha256/ab/cd/abcd...   one file per distinct payload (immutable once renamed into place)
     tmp/                   payloads being written; never read by anyone else
+    quarantine/            copies found corrupt, moved aside for inspection
 
 A payload becomes visible only after its bytes and its directory entry are on stable storage (write to
 ``tmp/``, fsync, atomic rename, fsync the directory). Paths derive from the digest alone, never from
@@ -190,6 +191,20 @@ class BlobStore:
         for path in (self.root / "sha256").glob("*/*/*"):
             if _DIGEST.fullmatch(path.name):
                 yield path.name
+
+    def quarantine(self, digest: str) -> Path | None:
+        """Move a corrupt copy to ``quarantine/`` (kept for inspection), out of the way of a repaired one.
+
+        A commit keeps an existing file of the same digest and size, so a corrupt copy must go first.
+        Returns where it went, or None if there was no copy.
+        """
+        target = self.root / "quarantine" / f"{digest}.{uuid.uuid4().hex}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(self.path(digest), target)
+        except FileNotFoundError:
+            return None
+        return target
 
     def clear_tmp(self) -> int:
         """Remove partial payloads left by a crash; returns how many."""

@@ -62,3 +62,18 @@ def test_write_failure_is_a_store_error(tmp_path: Path, monkeypatch: pytest.Monk
         store.put_bytes(b"abc")
     assert not any((tmp_path / "tmp").iterdir())
     assert list(store.digests()) == []
+
+
+def test_quarantine_makes_room_for_a_repaired_copy(tmp_path: Path):
+    store = BlobStore(tmp_path, "A")
+    ref = store.put_bytes(b"payload")
+    path = store.path(ref.sha256)
+    os.chmod(path, 0o644)
+    path.write_bytes(b"pAyload")  # same size, wrong bytes
+    assert store.put_bytes(b"payload") == ref
+    assert not store.verify(ref.sha256), "a same-size copy is kept on commit"
+    moved = store.quarantine(ref.sha256)
+    assert moved is not None and moved.read_bytes() == b"pAyload"
+    store.put_bytes(b"payload")
+    assert store.verify(ref.sha256)
+    assert store.quarantine("0" * 64) is None
