@@ -213,34 +213,6 @@ def _send_stored_payloads(assoc: Association, payloads: Payloads) -> None:
     assoc.send_c_store = send  # type: ignore[method-assign]
 
 
-def prefer_requested_syntaxes(event: evt.Event) -> None:
-    """Accept a C-GET requestor's preferred transfer syntax for the storage classes it will receive.
-
-    pynetdicom accepts, per presentation context, the first syntax of the *acceptor's* list that the
-    requestor proposed (Implicit VR Little Endian whenever offered). A C-GET requestor that proposes one
-    context per SOP class (DCMTK getscu: Explicit VR LE, Big Endian, Implicit VR LE) would then get only
-    implicit-VR instances, as the grid never transcodes. For the classes the requestor proposes the SCP
-    role for, this association's supported syntaxes are reordered to follow the requestor's order.
-    """
-    requestor = event.assoc.requestor
-    receiving = {uid for uid, role in requestor.role_selection.items() if role.scp_role}
-    if not receiving:
-        return
-    preference: dict[str, list[str]] = {}
-    for proposed in requestor.primitive.presentation_context_definition_list:
-        if proposed.abstract_syntax in receiving:
-            preference.setdefault(proposed.abstract_syntax, []).extend(proposed.transfer_syntax)
-    contexts = event.assoc.acceptor.supported_contexts
-    for context in contexts:
-        order = preference.get(context.abstract_syntax)
-        if order:
-            rank: dict[str, int] = {}
-            for position, ts in enumerate(order):
-                rank.setdefault(ts, position)
-            context.transfer_syntax = sorted(context.transfer_syntax, key=lambda ts: rank.get(ts, len(order)))
-    event.assoc.acceptor.supported_contexts = contexts
-
-
 @dataclass
 class _Transfer:
     """One retrieve request: its sub-operation tally and its audit records (begin, then exactly one end)."""
@@ -297,7 +269,6 @@ class RetrieveService:
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
         return [
-            (evt.EVT_REQUESTED, prefer_requested_syntaxes),
             (evt.EVT_C_GET, self.on_get),
             (evt.EVT_C_MOVE, self.on_move),
         ]

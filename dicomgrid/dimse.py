@@ -59,6 +59,29 @@ def set_nodelay(event: evt.Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def prefer_requested_syntaxes(event: evt.Event) -> None:
+    """Accept, in each presentation context, the transfer syntax the requestor prefers.
+
+    pynetdicom accepts the first syntax of the *acceptor's* list that the requestor proposed, which is
+    Implicit VR Little Endian whenever offered. The grid never transcodes, so that choice would make
+    senders convert their native encoding before a C-STORE, and would give a C-GET requestor that
+    proposes one context per SOP class (DCMTK getscu) only the implicit-VR instances. Following the
+    requestor's order keeps every instance in the encoding its sender chose.
+    """
+    preference: dict[str, list[str]] = {}
+    for proposed in event.assoc.requestor.primitive.presentation_context_definition_list:
+        preference.setdefault(proposed.abstract_syntax, []).extend(proposed.transfer_syntax)
+    contexts = event.assoc.acceptor.supported_contexts
+    for context in contexts:
+        order = preference.get(context.abstract_syntax)
+        if order:
+            rank: dict[str, int] = {}
+            for position, ts in enumerate(order):
+                rank.setdefault(ts, position)
+            context.transfer_syntax = sorted(context.transfer_syntax, key=lambda ts: rank.get(ts, len(order)))
+    event.assoc.acceptor.supported_contexts = contexts
+
+
 def peer_of(event: evt.Event) -> tuple[str | None, str]:
     """(calling AE title, "host:port") of the association's requestor."""
     requestor = event.assoc.requestor
@@ -92,6 +115,7 @@ class SiteAE:
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
         out: list[tuple[Any, Callable[..., Any]]] = [
             (evt.EVT_CONN_OPEN, set_nodelay),
+            (evt.EVT_REQUESTED, prefer_requested_syntaxes),
             (evt.EVT_C_ECHO, lambda event: 0x0000),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
