@@ -1,9 +1,173 @@
-"""Placeholder until the service lands: mounts nothing."""
+"""The C-FIND SCP of a site: Patient Root and Study Root query, answered from the index.
+
+The handler is a generator: pynetdicom sends each pending response (0xFF00, or 0xFF01 when the
+identifier held keys the index does not support, which are answered empty) as it is produced, so
+results stream page by page from Cassandra. A C-CANCEL is honoured (0xFE00) as soon as it is seen,
+between two matches or between two rows of a scan that finds few.
+A refused identifier gets a failure status with an ErrorComment (see dicomgrid.consumers.query).
+Every query, whatever its outcome, leaves a log line and an audit record.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom.dataset import Dataset
+from pynetdicom import DEFAULT_TRANSFER_SYNTAXES, evt
 
-def find_services(site: Any) -> list[Any]:
-    return []
+from dicomgrid.consumers.query import (
+    INDEX_UNAVAILABLE,
+    MODEL_LEVELS,
+    UNABLE_TO_PROCESS,
+    Query,
+    QueryCancelled,
+    QueryEngine,
+    QueryError,
+    SiteAnswers,
+)
+from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, AuditObject, Participant
+from dicomgrid.core.logging import get_logger
+from dicomgrid.core.site import SiteContext
+from dicomgrid.dimse import Context, peer_of
+
+log = get_logger(__name__)
+
+PENDING, PENDING_WARNING, CANCEL = 0xFF00, 0xFF01, 0xFE00
+
+
+def failure(status: int, comment: str, tag: int | None = None) -> Dataset:
+    ds = Dataset()
+    ds.Status = status
+    # ErrorComment is LO: at most 64 characters, no backslash.
+    ds.ErrorComment = comment.replace("\\", "/")[:64]
+    if tag is not None:
+        ds.OffendingElement = [tag]
+    return ds
+
+
+class _Cancellation:
+    """C-CANCEL seen for this C-FIND? pynetdicom reports a cancel only once, so the answer is latched."""
+
+    def __init__(self, event: evt.Event) -> None:
+        self.event = event
+        self.seen = False
+
+    def __call__(self) -> bool:
+        self.seen = self.seen or self.event.is_cancelled
+        return self.seen
+
+
+@dataclass
+class _Outcome:
+    """How one C-FIND ended; ``aborted`` until the handler says otherwise (the peer went away)."""
+
+    result: str = "aborted"
+    matches: int = 0
+    comment: str = ""
+    identifier: Dataset | None = None
+    query: Query | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+class FindService:
+    """C-FIND under the Patient Root and Study Root information models."""
+
+    def __init__(self, site: SiteContext) -> None:
+        self.site = site
+        self.answers = SiteAnswers(
+            site.site.ae_title, f"http://{site.site.http_host}:{site.site.http_port}/dicomweb"
+        )
+
+    def contexts(self) -> list[Context]:
+        return [Context(model, tuple(DEFAULT_TRANSFER_SYNTAXES)) for model in MODEL_LEVELS]
+
+    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+        return [(evt.EVT_C_FIND, self.on_find)]
+
+    def on_find(self, event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        outcome = _Outcome()
+        try:
+            yield from self._answer(event, outcome)
+        finally:
+            self._report(event, outcome)
+
+    def _answer(self, event: evt.Event, outcome: _Outcome) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        try:
+            outcome.identifier = self._identifier(event)
+            query = outcome.query = Query.from_identifier(outcome.identifier, event.request.AffectedSOPClassUID)
+        except QueryError as exc:
+            outcome.result, outcome.comment = "refused", f"0x{exc.status:04X} {exc.comment}"
+            yield failure(exc.status, exc.comment, exc.tag), None
+            return
+        pending = PENDING_WARNING if query.unsupported else PENDING
+        cancelled = _Cancellation(event)
+        try:
+            for record in QueryEngine(self.site.metadata, cancelled).find(query):
+                if cancelled():
+                    raise QueryCancelled
+                yield pending, query.response(record, self.answers)
+                outcome.matches += 1
+        except QueryCancelled:
+            outcome.result = "cancelled"
+            yield CANCEL, None
+            return
+        except Exception as exc:  # driver errors (unavailable, timeouts) surface while paging
+            log.exception("C-FIND failed while reading the index")
+            outcome.result, outcome.comment = "failed", f"index read failed: {type(exc).__name__}"
+            yield failure(INDEX_UNAVAILABLE, "unable to read the index; retry later"), None
+            return
+        outcome.result = "success"
+
+    @staticmethod
+    def _identifier(event: evt.Event) -> Dataset:
+        try:
+            return event.identifier
+        except Exception as exc:  # undecodable bytes: pydicom raises many types
+            raise QueryError(UNABLE_TO_PROCESS, f"identifier cannot be decoded: {type(exc).__name__}") from exc
+
+    def _report(self, event: evt.Event, outcome: _Outcome) -> None:
+        calling_ae, peer = peer_of(event)
+        elapsed_ms = round((time.monotonic() - outcome.started) * 1000, 1)
+        if outcome.query is not None:
+            query = outcome.query.describe()
+        else:
+            query = {"identifier": _summary(outcome.identifier)} if outcome.identifier is not None else {}
+        fields = dict(calling_ae=calling_ae, peer=peer, result=outcome.result, matches=outcome.matches,
+                      elapsed_ms=elapsed_ms, comment=outcome.comment, **query)
+        if outcome.result in ("success", "cancelled"):
+            log.info("c-find", **fields)
+            audit_outcome = SUCCESS
+        else:
+            log.warning("c-find", **fields)
+            audit_outcome = SERIOUS_FAILURE if outcome.result == "failed" else MINOR_FAILURE
+        model = str(event.request.AffectedSOPClassUID)
+        self.site.audit.record(
+            "E",
+            "Query",
+            audit_outcome,
+            f"C-FIND {outcome.result}: {outcome.matches} matches" + (f"; {outcome.comment}" if outcome.comment else ""),
+            [
+                Participant(calling_ae or "unknown", True, calling_ae, peer, "Source"),
+                Participant(self.site.site.name, False, self.site.site.ae_title, None, "Destination"),
+            ],
+            [AuditObject("query", model, {"protocol": "DIMSE", "matches": outcome.matches, **query})],
+        )
+
+
+def _summary(identifier: Dataset, limit: int = 64) -> dict[str, str]:
+    """What a refused identifier asked for, shortened, for the audit trail."""
+    out = {}
+    for elem in list(identifier.keys())[:limit]:
+        try:
+            data = identifier[elem]
+            out[data.keyword or str(data.tag)] = str(data.value)[:256]
+        except Exception:  # the very values that made the query fail may not decode
+            out[str(elem)] = "<undecodable>"
+    return out
+
+
+def find_services(site: SiteContext) -> list[FindService]:
+    return [FindService(site)]

@@ -175,7 +175,7 @@ class MetadataStore:
         event_id = uuid.UUID(event["event_id"])
         sop_uid = inst["sop_instance_uid"]
         w = self._write
-        return [
+        writes = [
             w(
                 "INSERT INTO instance_versions (sop_instance_uid, sha256, version, study_uid, series_uid, size,"
                 " received_site, received_at, event_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -225,6 +225,18 @@ class MetadataStore:
                 (2**62 - at, received, study["uid"]),
             ),
         ]
+        if patient.get("id"):
+            # The PATIENT level of C-FIND; the newest demographics win, as for studies. Patients are
+            # listed through the same 32 stable buckets as studies.
+            writes.append(
+                w(
+                    "UPDATE patients USING TIMESTAMP ? SET issuer_of_patient_id = ?, patient_name = ?,"
+                    " patient_birth_date = ?, patient_sex = ?, bucket = ? WHERE patient_id = ?",
+                    (at, patient.get("issuer"), patient.get("name"), patient.get("birth_date"), patient.get("sex"),
+                     study_bucket(patient["id"]), patient["id"]),
+                )
+            )
+        return writes
 
     def refresh_study(self, study_uid: str) -> None:
         """Recompute a study's and its series' aggregates from the instance rows."""
@@ -249,10 +261,21 @@ class MetadataStore:
                 "UPDATE series SET number_of_instances = ?, updated_at = ? WHERE study_uid = ? AND series_uid = ?",
                 (count, now, study_uid, series_uid),
             )
+        # Overwriting a set column writes a tombstone, and every study listing of C-FIND/QIDO-RS reads
+        # past them: rewrite the sets only when they changed (usually the first batch of a study). They
+        # are written before the counts, so whoever sees the final counts sees the final sets.
+        current = self.execute(
+            "SELECT modalities_in_study, sop_classes_in_study FROM studies WHERE study_uid = ?", (study_uid,)
+        ).one()
+        known = (set(current.modalities_in_study or ()), set(current.sop_classes_in_study or ())) if current else None
+        if known != (modalities, sop_classes):
+            self.execute(
+                "UPDATE studies SET modalities_in_study = ?, sop_classes_in_study = ? WHERE study_uid = ?",
+                (modalities, sop_classes, study_uid),
+            )
         self.execute(
-            "UPDATE studies SET modalities_in_study = ?, sop_classes_in_study = ?, number_of_series = ?,"
-            " number_of_instances = ?, updated_at = ? WHERE study_uid = ?",
-            (modalities, sop_classes, len(per_series), len(rows), now, study_uid),
+            "UPDATE studies SET number_of_series = ?, number_of_instances = ?, updated_at = ? WHERE study_uid = ?",
+            (len(per_series), len(rows), now, study_uid),
         )
 
     # -- reads -----------------------------------------------------------------------------------
@@ -267,3 +290,110 @@ class MetadataStore:
         return self.execute(
             "SELECT * FROM instance_locations WHERE sop_instance_uid = ?", (sop_instance_uid,)
         ).one()
+
+    # -- query reads (C-FIND, QIDO-RS) -----------------------------------------------------------
+    # Every read names a partition key or a Storage-Attached Index: never ALLOW FILTERING. Results are
+    # paged with ``fetch_size`` and consumed lazily, so a large answer is never held in memory at once;
+    # what the indexes cannot express is matched in Python by dicomgrid.consumers.query.
+
+    QUERY_PAGE_ROWS = 500
+    SCAN_PAGE_ROWS = 200
+
+    def _paged(self, cql: str, param_sets: Iterable[tuple[Any, ...]], fetch_size: int) -> Iterable[Any]:
+        """Rows of one statement for each parameter set, in order.
+
+        The first page of every parameter set is requested at once (the 32 buckets of a listing are
+        read in parallel); later pages are fetched as the caller iterates.
+        """
+        stmt = self._stmt(cql)
+        futures = []
+        for params in param_sets:
+            bound = stmt.bind(params)
+            bound.fetch_size = fetch_size
+            futures.append(self.session.execute_async(bound))
+        for future in futures:
+            yield from future.result()
+
+    def _buckets(self, cql: str) -> Iterable[Any]:
+        return self._paged(cql, [(b,) for b in range(STUDY_BUCKETS)], self.SCAN_PAGE_ROWS)
+
+    def studies_by_uid(self, study_uids: Iterable[str]) -> Iterable[Any]:
+        return self._paged(
+            "SELECT * FROM studies WHERE study_uid = ?", [(u,) for u in study_uids], self.QUERY_PAGE_ROWS
+        )
+
+    def studies_by_patient_id(self, patient_id: str) -> Iterable[Any]:
+        return self._paged("SELECT * FROM studies WHERE patient_id = ?", [(patient_id,)], self.QUERY_PAGE_ROWS)
+
+    def studies_by_accession(self, accession_number: str) -> Iterable[Any]:
+        return self._paged(
+            "SELECT * FROM studies WHERE accession_number = ?", [(accession_number,)], self.QUERY_PAGE_ROWS
+        )
+
+    def studies_by_day(self, first: dt.date | None, last: dt.date | None) -> Iterable[Any]:
+        """Studies whose StudyDate lies in [first, last]; either bound may be open."""
+        if first is not None and last is not None:
+            cql, params = "SELECT * FROM studies WHERE study_day >= ? AND study_day <= ?", (first, last)
+        elif first is not None:
+            cql, params = "SELECT * FROM studies WHERE study_day >= ?", (first,)
+        elif last is not None:
+            cql, params = "SELECT * FROM studies WHERE study_day <= ?", (last,)
+        else:
+            raise ValueError("a study day range needs at least one bound")
+        return self._paged(cql, [params], self.QUERY_PAGE_ROWS)
+
+    def studies_by_modality(self, modality: str) -> Iterable[Any]:
+        return self._paged(
+            "SELECT * FROM studies WHERE modalities_in_study CONTAINS ?", [(modality,)], self.QUERY_PAGE_ROWS
+        )
+
+    def all_studies(self) -> Iterable[Any]:
+        """Every study, bucket by bucket (for queries no index can narrow)."""
+        return self._buckets("SELECT * FROM studies WHERE bucket = ?")
+
+    def series_of_study(self, study_uid: str) -> Iterable[Any]:
+        return self._paged("SELECT * FROM series WHERE study_uid = ?", [(study_uid,)], self.QUERY_PAGE_ROWS)
+
+    def series_by_uid(self, series_uids: Iterable[str]) -> Iterable[Any]:
+        return self._paged(
+            "SELECT * FROM series WHERE series_uid = ?", [(u,) for u in series_uids], self.QUERY_PAGE_ROWS
+        )
+
+    def series_by_modality(self, modality: str) -> Iterable[Any]:
+        return self._paged("SELECT * FROM series WHERE modality = ?", [(modality,)], self.QUERY_PAGE_ROWS)
+
+    def instances_of_series(self, study_uid: str, series_uid: str) -> Iterable[Any]:
+        return self._paged(
+            "SELECT * FROM instances WHERE study_uid = ? AND series_uid = ?",
+            [(study_uid, series_uid)],
+            self.QUERY_PAGE_ROWS,
+        )
+
+    def instance_locations_of(self, sop_instance_uids: Iterable[str]) -> Iterable[Any]:
+        return self._paged(
+            "SELECT * FROM instance_locations WHERE sop_instance_uid = ?",
+            [(u,) for u in sop_instance_uids],
+            self.QUERY_PAGE_ROWS,
+        )
+
+    def instance_row(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Any:
+        return self.execute(
+            "SELECT * FROM instances WHERE study_uid = ? AND series_uid = ? AND sop_instance_uid = ?",
+            (study_uid, series_uid, sop_instance_uid),
+        ).one()
+
+    def patients_by_id(self, patient_ids: Iterable[str]) -> Iterable[Any]:
+        return self._paged(
+            "SELECT * FROM patients WHERE patient_id = ?", [(p,) for p in patient_ids], self.QUERY_PAGE_ROWS
+        )
+
+    def all_patients(self) -> Iterable[Any]:
+        return self._buckets("SELECT * FROM patients WHERE bucket = ?")
+
+    def study_counts_of_patient(self, patient_id: str) -> Iterable[Any]:
+        """(number_of_series, number_of_instances) of each study of a patient."""
+        return self._paged(
+            "SELECT number_of_series, number_of_instances FROM studies WHERE patient_id = ?",
+            [(patient_id,)],
+            self.QUERY_PAGE_ROWS,
+        )
