@@ -28,7 +28,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pynetdicom import AllStoragePresentationContexts, _config, build_context, evt
+from pynetdicom import AllStoragePresentationContexts, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -46,9 +46,6 @@ from dicomgrid.core.uids import is_valid_uid
 from dicomgrid.dimse import Context, peer_of, set_nodelay
 
 log = get_logger(__name__)
-
-# Sub-operations send the stored file from disk, a PDU at a time: memory stays flat for large instances.
-_config.STORE_SEND_CHUNKED_DATASET = True
 
 PATIENT_ROOT = (PatientRootQueryRetrieveInformationModelGet, PatientRootQueryRetrieveInformationModelMove)
 LEVELS = {

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -137,8 +137,13 @@ class SiteAE:
         """Listen on the site's DICOM address; blocks unless ``block`` is false.
 
         ``spool_dir`` receives the data sets pynetdicom streams to temporary files: keep it on the site's
-        volume.
+        volume. Both settings are process-wide in pynetdicom, so they are made here, by the process that
+        serves, rather than on import.
         """
+        # Received data sets are streamed to a file, and C-GET/C-MOVE sub-operations send stored files
+        # from disk a PDU at a time: memory stays flat for 1 GB instances either way.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.STORE_SEND_CHUNKED_DATASET = True
         tempfile.tempdir = str(spool_dir)
         server = self.ae.make_server(
             (self.site.dicom_host, self.site.dicom_port),

@@ -20,8 +20,6 @@ from dicomgrid.core.logging import get_logger
 log = get_logger(__name__)
 
 CALLING_AE = "STORESCU"
-# Send each file's data set bytes as they are on disk, never decoded and re-encoded.
-_config.STORE_SEND_CHUNKED_DATASET = True
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
 
 
@@ -80,6 +78,8 @@ def sample_files() -> list[Path]:
 
 def send_files(site: SiteConfig, files: list[Path], calling_ae: str = CALLING_AE) -> SendReport:
     """C-STORE every file to ``site``; one association per batch of up to 128 presentation contexts."""
+    # Send each file's data set bytes as they are on disk, never decoded and re-encoded.
+    _config.STORE_SEND_CHUNKED_DATASET = True
     report = SendReport()
     plan: dict[tuple[str, str], list[Path]] = {}
     for path in files:

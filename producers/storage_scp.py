@@ -12,14 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AllStoragePresentationContexts, _config, evt
+from pynetdicom import AllStoragePresentationContexts, evt
 
 from dicomgrid.core.events import Source
 from dicomgrid.dimse import Context, peer_of
 from dicomgrid.producers.ingest import Expected, Ingestor
 
-# Received data sets are streamed to a file, never held in memory: memory stays flat for 1 GB instances.
-_config.STORE_RECV_CHUNKED_DATASET = True
 INCOMING_MAX_AGE_S = 6 * 3600
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pynetdicom import _config
 
 from dicomgrid import schemas
 from dicomgrid.core.audit import AuditTrail
@@ -71,7 +72,10 @@ def test_disk_full_fails_the_store_and_keeps_what_was_stored(grid, tiny_volume, 
     The volume has room for the received data set (spooled by the receiver) but not for a second copy
     in the blob store: the moment a nearly full disk runs out.
     """
-    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)  # serve() points it at the volume
+    # serve() points these process-wide settings at the receiver's needs; restore them afterwards.
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", _config.STORE_RECV_CHUNKED_DATASET)
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", _config.STORE_SEND_CHUNKED_DATASET)
     site = grid.site("A").model_copy(update={"dicom_port": free_port()})
     config = grid.config.model_copy(update={"sites": [site, grid.site("B")]})
     publisher = EventPublisher(config.kafka, client_id="test-disk-full")
