@@ -166,6 +166,26 @@ class MetadataStore:
         writes = [write for event in events for write in self._index_writes(event)]
         execute_concurrent(self.session, writes, concurrency=concurrency, raise_on_first_error=True)
 
+    def record_location(self, event: dict[str, Any], timeout: float = 2.0) -> None:
+        """Write the instance's location row now, as the indexer will (same row, same timestamp).
+
+        Ingest calls this once the event is in Kafka, so that an immediate resend of the same SOP
+        Instance UID is recognised (identical: no new event; different: the next version) instead of
+        depending on how far the indexer has got.
+        """
+        stmt, params = self._location_write(event)
+        self.session.execute(stmt, params, timeout=timeout)
+
+    def _location_write(self, event: dict[str, Any]) -> tuple[PreparedStatement, tuple[Any, ...]]:
+        study, series, payload = event["study"], event["series"], event["payload"]
+        received = _ts(event["occurred_at"])
+        return self._write(
+            "INSERT INTO instance_locations (sop_instance_uid, study_uid, series_uid, sha256, version, received_at)"
+            " VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?",
+            (event["instance"]["sop_instance_uid"], study["uid"], series["uid"], payload["sha256"], event["version"],
+             received, _micros(received)),
+        )
+
     def _index_writes(self, event: dict[str, Any]) -> list[tuple[PreparedStatement, tuple[Any, ...]]]:
         """The upserts one event turns into, as (statement, parameters)."""
         study, series, inst = event["study"], event["series"], event["instance"]
@@ -192,11 +212,7 @@ class MetadataStore:
                  payload["size"], payload["sha256"], payload["uri"], event["version"], event["site"], received,
                  event_id, at),
             ),
-            w(
-                "INSERT INTO instance_locations (sop_instance_uid, study_uid, series_uid, sha256, version, received_at)"
-                " VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?",
-                (sop_uid, study["uid"], series["uid"], payload["sha256"], event["version"], received, at),
-            ),
+            self._location_write(event),
             w(
                 "INSERT INTO replicas (sha256, site, size, payload_uri, stored_at) VALUES (?, ?, ?, ?, ?)",
                 (payload["sha256"], payload["site"], payload["size"], payload["uri"], received),

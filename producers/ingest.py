@@ -199,6 +199,7 @@ class Ingestor:
         except PublishError as exc:
             # The payload stays in the blob store (content-addressed, harmless); the sender retries.
             return IngestResult(Outcome.NO_EVENT_LOG, str(exc), **ids)
+        self._record_location(event)
         return IngestResult(Outcome.STORED, f"payload {blob.sha256[:12]} version {event['version']}", event=event, **ids)
 
     def _current_version(self, sop_instance_uid: str) -> Callable[[], StoredVersion | None]:
@@ -226,6 +227,15 @@ class Ingestor:
                 return unknown(exc)
 
         return result
+
+    def _record_location(self, event: dict[str, Any]) -> None:
+        """Make this version visible to the next lookup at once (best effort: the indexer writes it too)."""
+        if self.metadata is None:
+            return
+        try:
+            self.metadata.record_location(event)
+        except Exception as exc:  # Cassandra down: the event is durable, the indexer catches up later
+            log.warning("location not recorded at ingest; a quick resend may repeat its event", error=str(exc))
 
     def _audit(self, result: IngestResult, source: Source) -> None:
         outcome = _AUDIT_OUTCOME[result.outcome]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import socket
 import struct
@@ -249,3 +250,17 @@ def test_stow_rs_rejects_bad_requests(grid):
     assert response.status_code == 409
     assert response.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
 
+
+
+def test_back_to_back_resends_are_versioned_without_waiting_for_the_indexer(grid):
+    """Original, changed, changed again on one association: v1, v2 replacing v1, then no event."""
+    tap = grid.tap()
+    ds = make_instance()
+    original = copy.deepcopy(ds)
+    ds.PatientName = "Changed^Right^Away"
+    assert c_store(grid.site("A"), [original, ds, ds]) == [0, 0, 0]
+    events = events_for(tap, [ds.SOPInstanceUID], n=2)
+    tap.drain(2.0)
+    mine = [e for e in tap.seen if e["instance"]["sop_instance_uid"] == ds.SOPInstanceUID]
+    assert [e["version"] for e in mine] == [1, 2]
+    assert mine[1]["replaces"] == {"sha256": events[0]["payload"]["sha256"], "version": 1}
