@@ -1,0 +1,95 @@
+"""Resource use during one run: whole-machine CPU, and peak RSS and CPU time per group of processes.
+
+A group ("receivers", "kafka", ...) is a list of processes. Its RSS is summed over the processes and
+their live children (storescp forks one child per association), so its peak is the most memory it held
+at one moment. Its CPU time is that of the processes plus their reaped children, so the short-lived
+children of storescp count without being sampled.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psutil
+
+# Called at every sample: a group's processes can change during a run.
+Groups = Callable[[], dict[str, list[psutil.Process]]]
+
+INTERVAL_S = 0.1
+
+
+@dataclass
+class Usage:
+    cpu_machine_pct: float = 0.0  # mean while sending, 100 = every core busy
+    peak_rss: dict[str, int] = field(default_factory=dict)  # bytes, by group
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # user + system, by group
+
+
+def _rss(proc: psutil.Process) -> int:
+    total = 0
+    try:
+        for member in [proc, *proc.children(recursive=True)]:
+            try:
+                total += member.memory_info().rss
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+    return total
+
+
+def _cpu(proc: psutil.Process) -> float | None:
+    try:
+        t = proc.cpu_times()
+        return t.user + t.system + t.children_user + t.children_system
+    except psutil.Error:
+        return None
+
+
+class Sampler:
+    """Use as a context manager around a run; call :meth:`sent` when the senders are done."""
+
+    def __init__(self, groups: Groups) -> None:
+        self._groups = groups
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bench-sampler", daemon=True)
+        self.usage = Usage()
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._members: dict[str, set[int]] = {}
+
+    def __enter__(self) -> "Sampler":
+        psutil.cpu_percent(interval=None)
+        self._sample()
+        self._first = dict(self._last)
+        self._thread.start()
+        return self
+
+    def sent(self) -> None:
+        """End of the sending window: the machine's CPU share is measured over it."""
+        self.usage.cpu_machine_pct = psutil.cpu_percent(interval=None)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self.usage.cpu_seconds = {
+            group: sum(self._last[pid] - self._first.get(pid, 0.0) for pid in pids if pid in self._last)
+            for group, pids in self._members.items()
+        }
+
+    def _loop(self) -> None:
+        while not self._stop.wait(INTERVAL_S):
+            self._sample()
+
+    def _sample(self) -> None:
+        for group, procs in self._groups().items():
+            self.usage.peak_rss[group] = max(sum(_rss(p) for p in procs), self.usage.peak_rss.get(group, 0))
+            members = self._members.setdefault(group, set())
+            for proc in procs:
+                value = _cpu(proc)
+                if value is not None:
+                    members.add(proc.pid)
+                    self._last[proc.pid] = value

@@ -1,0 +1,102 @@
+"""One benchmark session: its options, its corpora, and every target running for its whole duration.
+
+Targets are started once and stay up, idle while another is measured, so a run never pays a start-up;
+the grid's receiver-count variants share one grid (see :mod:`bench.grid`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.corpus import Corpus, CorpusSpec
+from bench.grid import BenchGrid, GridTarget
+from bench.paths import BENCH_ROOT, LOGS
+from bench.targets import Orthanc, StoreSCP, Target
+
+# Pause between runs, after flushing dirty pages: one target's unsynced writes (storescp does not
+# fsync) must not be written back while the next one is measured.
+SETTLE_S = 1.0
+
+
+@dataclass(frozen=True)
+class Options:
+    repetitions: int = 3
+    small: int = 500
+    large: int = 100
+    associations: tuple[int, ...] = (1, 4)
+    grid_receivers: tuple[int, ...] = (1, 2)
+    warmup: int = 10
+    queries: int = 200  # C-FINDs per association for a one-match query (a tenth for many matches)
+    profile: bool = True
+
+    @property
+    def corpora(self) -> list[CorpusSpec]:
+        """~40 KB and ~0.5 MB CT images (16-bit, Explicit VR Little Endian)."""
+        return [
+            CorpusSpec("small", self.small, 140, 140, studies=5, seed=1),
+            CorpusSpec("large", self.large, 512, 512, studies=1, seed=2),
+        ]
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """One benchmark at a time: sessions share the bench grid's name, ports and storage."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another benchmark is running (lock {path})") from None
+        yield
+
+
+class Session:
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.log_dir = LOGS
+        self.grid = BenchGrid()
+        self.targets: list[Target] = [
+            StoreSCP(),
+            Orthanc(),
+            *(GridTarget(self.grid, n) for n in options.grid_receivers),
+        ]
+        self.corpora = [Corpus.load(spec) for spec in options.corpora]
+        # State scenarios share within the session (e.g. the reference studies of query and retrieve).
+        self.shared: dict[str, Any] = {}
+        self._stack = ExitStack()
+
+    def __enter__(self) -> "Session":
+        with ExitStack() as stack:
+            stack.enter_context(_exclusive(BENCH_ROOT / "bench.lock"))
+            for target in self.targets:
+                target.start()
+                stack.callback(target.stop)
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def versions(self) -> dict[str, str]:
+        """Versions of everything measured (the client's DCMTK is in the machine description)."""
+        out = {"Python": platform.python_version(), **self.grid.versions()}
+        for target in self.targets:
+            if not isinstance(target, GridTarget):
+                out[target.label] = str(target.describe()["version"])
+        return out
+
+    def target(self, key: str) -> Target:
+        return next(t for t in self.targets if t.key == key)
+
+    @staticmethod
+    def settle() -> None:
+        os.sync()
+        time.sleep(SETTLE_S)

@@ -1,0 +1,247 @@
+"""The reference receivers: DCMTK storescp (close to the physical limit) and Orthanc (an archive).
+
+Every target is started by the harness on free loopback ports, with its own storage under
+``.dicomgrid/bench/tmp``, and stopped (storage removed) at the end. The grid is in :mod:`bench.grid`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+import psutil
+
+from bench.corpus import RunCorpus
+from bench.paths import LOGS, scratch_dir
+from bench.storescu import SendResult, dcmtk_env
+
+# The largest receive PDU both DCMTK's storescp and Orthanc accept (the grid's own is 256 KiB).
+MAX_PDU = 131072
+ORTHANC = "/usr/sbin/Orthanc"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes] | None, log: Path, timeout: float = 30.0) -> None:
+    """Wait until something accepts on 127.0.0.1:``port``; fail early if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"exited with code {proc.returncode} during start-up; see {log}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listening on port {port} after {timeout:.0f}s; see {log}")
+
+
+@dataclass(frozen=True)
+class RunCheck:
+    """What a target holds after a run: instances stored, and for the grid how long after the last
+    response its last instances became visible in the index (``instances``) and as locations."""
+
+    stored: int | None
+    index_lag_s: float | None = None
+    location_lag_s: float | None = None
+    note: str = ""
+
+
+class Target(Protocol):
+    key: str  # stable id in results: "storescp", "orthanc", "grid", "grid-2rx"
+    label: str  # as shown in tables
+    ae_title: str
+    port: int
+    primary: str  # the process group whose peak RSS is the target's own
+
+    def start(self) -> None: ...
+
+    def activate(self) -> None:
+        """Make this target the one that answers on its port (the grid variants share one port)."""
+        ...
+
+    def stop(self) -> None: ...
+
+    def groups(self) -> dict[str, list[psutil.Process]]:
+        """Process groups to sample during a run, the primary one first."""
+        ...
+
+    def before_run(self) -> None: ...
+
+    def after_run(self, corpus: RunCorpus, sent: SendResult) -> RunCheck: ...
+
+    def describe(self) -> dict[str, object]:
+        """Version and settings, for the results."""
+        ...
+
+
+class _Process:
+    """One child process of the harness with its log file."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.log = LOGS / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, argv: list[str], cwd: Path | None = None) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=dcmtk_env(), cwd=cwd)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def processes(self) -> list[psutil.Process]:
+        try:
+            return [psutil.Process(self.proc.pid)] if self.proc is not None else []
+        except psutil.Error:
+            return []
+
+
+def dcmtk_version() -> str:
+    """The DCMTK version ("3.6.7") that storescp reports."""
+    out = subprocess.run(["storescp", "--version"], capture_output=True, text=True)
+    match = re.search(r"v(\d+\.\d+\.\d+)", out.stdout + out.stderr)
+    return match.group(1) if match else "?"
+
+
+class StoreSCP:
+    """DCMTK storescp writing every data set bit-preserved to a directory, one process per association.
+
+    It does no fsync and keeps no index: the ceiling a durable archive can approach, not a peer.
+    """
+
+    key, label, ae_title, primary = "storescp", "DCMTK storescp", "STORESCP", "storescp"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._process = _Process("storescp")
+        self._dir: Path | None = None
+        self.argv: list[str] = []
+
+    @property
+    def _out(self) -> Path:
+        assert self._dir is not None
+        return self._dir / "received"
+
+    def start(self) -> None:
+        self._dir = scratch_dir("storescp-")
+        self._out.mkdir()
+        self.argv = [
+            "storescp", "--fork", "--disable-host-lookup", "--bit-preserving", "--max-pdu", str(MAX_PDU),
+            "--aetitle", self.ae_title, "--output-directory", str(self._out), str(self.port),
+        ]
+        self._process.start(self.argv)
+        wait_listening(self.port, self._process.proc, self._process.log)
+
+    def activate(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self._process.stop()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def groups(self) -> dict[str, list[psutil.Process]]:
+        return {self.primary: self._process.processes()}
+
+    def before_run(self) -> None:
+        # Files of the previous run would be overwritten in place otherwise.
+        shutil.rmtree(self._out, ignore_errors=True)
+        self._out.mkdir()
+
+    def after_run(self, corpus: RunCorpus, sent: SendResult) -> RunCheck:
+        return RunCheck(sum(1 for _ in self._out.iterdir()))
+
+    def describe(self) -> dict[str, object]:
+        return {"version": dcmtk_version(), "argv": " ".join(self.argv[:-1])}
+
+
+class Orthanc:
+    """Debian's Orthanc with its default SQLite index and file storage, fsync on (SyncStorageArea)."""
+
+    key, label, ae_title, primary = "orthanc", "Orthanc", "ORTHANC", "orthanc"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.http_port = free_port()
+        self._process = _Process("orthanc")
+        self._dir: Path | None = None
+        self._before = 0
+        self.settings: dict[str, object] = {}
+
+    @property
+    def _url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> None:
+        self._dir = scratch_dir("orthanc-")
+        self.settings = {
+            "Name": "dicomgrid-bench",
+            "StorageDirectory": str(self._dir / "storage"),
+            "IndexDirectory": str(self._dir / "index"),
+            "DicomAet": self.ae_title,
+            "DicomPort": self.port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "Plugins": [],
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowFind": True,
+            "DicomAlwaysAllowGet": True,
+            "SyncStorageArea": True,
+            "StorageCompression": False,
+            "MaximumPduLength": MAX_PDU,
+            "DicomThreadsCount": 4,
+            "SaveJobs": False,
+        }
+        config = self._dir / "orthanc.json"
+        config.write_text(json.dumps(self.settings, indent=2))
+        self._process.start([ORTHANC, str(config)], cwd=self._dir)
+        wait_listening(self.port, self._process.proc, self._process.log)
+        wait_listening(self.http_port, self._process.proc, self._process.log)
+
+    def activate(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self._process.stop()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def groups(self) -> dict[str, list[psutil.Process]]:
+        return {self.primary: self._process.processes()}
+
+    def _count(self) -> int:
+        return int(httpx.get(f"{self._url}/statistics", timeout=30).json()["CountInstances"])
+
+    def before_run(self) -> None:
+        self._before = self._count()
+
+    def after_run(self, corpus: RunCorpus, sent: SendResult) -> RunCheck:
+        return RunCheck(self._count() - self._before)
+
+    def describe(self) -> dict[str, object]:
+        version = httpx.get(f"{self._url}/system", timeout=10).json().get("Version", "?")
+        shown = {k: v for k, v in self.settings.items() if not k.endswith(("Directory", "Port"))}
+        return {"version": version, "settings": shown}
