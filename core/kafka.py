@@ -28,10 +28,12 @@ class EventPublisher:
 
     :meth:`publish` returns a future that resolves only when the delivery report confirms that every
     in-sync replica has the event. A background thread serves delivery reports, so concurrent callers
-    (one per DICOM association) share batches without waiting for each other.
+    (one per DICOM association) share batches without waiting for each other. ``linger.ms`` is 0: a
+    waiting sender pays no batching delay (an acks=all round trip here: ~0.25 ms at 0, ~2.5 ms at 2),
+    and librdkafka still batches what queues up while a request is in flight.
     """
 
-    def __init__(self, config: KafkaConfig, *, client_id: str = "dicomgrid", linger_ms: int = 2) -> None:
+    def __init__(self, config: KafkaConfig, *, client_id: str = "dicomgrid", linger_ms: int = 0) -> None:
         self._timeout_s = config.delivery_timeout_s
         self._producer = Producer(
             {
