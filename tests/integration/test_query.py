@@ -7,12 +7,17 @@ the index replicated across datacenters.
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import statistics
 import string
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -32,7 +37,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from dicomgrid import schemas
 from dicomgrid.core.config import SiteConfig
 from dicomgrid.dimse import set_nodelay
-from tests.dicom_samples import make_instance
+from tests.dicom_samples import make_instance, to_part10
 from tests.grid import wait_for
 
 # Hostile identifiers are built on purpose; pydicom warns about each invalid value.
@@ -368,9 +373,20 @@ def cancel_series(grid: Any) -> tuple[str, str]:
     if id(grid) not in _cancel_series:
         study, series = generate_uid(), generate_uid()
         token = "".join(random.choices(string.ascii_uppercase, k=8))
-        datasets = [make_instance(study_uid=study, series_uid=series, patient_id=f"{token}-C", InstanceNumber=n)
-                    for n in range(1, CANCEL_SERIES_SIZE + 1)]
-        assert set(c_store(grid.site("A"), datasets)) == {0}
+        folder = Path(tempfile.mkdtemp(prefix="cancel-series-"))
+        for n in range(1, CANCEL_SERIES_SIZE + 1):
+            ds = make_instance(study_uid=study, series_uid=series, patient_id=f"{token}-C", InstanceNumber=n)
+            (folder / f"{n:04d}.dcm").write_bytes(to_part10(ds))
+        # DCMTK sends the 400 instances: a long pynetdicom C-STORE run occasionally loses a response
+        # to its own reactor thread ("unexpected C-STORE service message") and waits out the timeout.
+        site = grid.site("A")
+        sent = subprocess.run(
+            ["storescu", "-aet", "STORESCU", "-aec", site.ae_title, site.dicom_host, str(site.dicom_port),
+             "+sd", str(folder)],
+            env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, text=True, timeout=300,
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+        assert sent.returncode == 0, sent.stderr[-2000:]
         store = grid.metadata("dc1")
         try:
             wait_for(lambda: len(list(store.instances_of_series(study, series))) == CANCEL_SERIES_SIZE,
