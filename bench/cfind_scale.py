@@ -27,6 +27,7 @@ from tqdm import tqdm
 from dicomgrid.core.config import load_config
 from dicomgrid.core.metadata import MetadataStore, apply_schema
 from dicomgrid.dimse import set_nodelay
+from dicomgrid.processors.app import skip_history
 from dicomgrid.processors.indexer import Indexer
 from dicomgrid.supervisor import Supervisor
 
@@ -129,7 +130,9 @@ def main(studies: int, patients: int, queries: int, reload: bool) -> None:
         f'[[sites]]\nname = "A"\nae_title = "{site.ae_title}"\ndicom_port = {site.dicom_port}\n'
         f'http_port = {site.http_port}\nstorage_root = "{site.storage_root}"\ncassandra_dc = "dc1"\n'
     )
-    supervisor = Supervisor(load_config(config_file), str(config_file))
+    scale_config = load_config(config_file)
+    skip_history(scale_config)  # the scale grid answers from what was loaded above, not the topic
+    supervisor = Supervisor(scale_config, str(config_file))
     supervisor.up(timeout=90)
     try:
         rng = random.Random(7)

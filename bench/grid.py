@@ -17,17 +17,16 @@ import time
 from pathlib import Path
 
 import psutil
-from confluent_kafka import Consumer, TopicPartition
 
 from bench.corpus import InstanceKey, RunCorpus
 from bench.paths import BENCH_ROOT
 from bench.storescu import CALLING_AE, SendResult, dcmtk_env
 from bench.targets import RunCheck, free_port
-from dicomgrid import schemas
 from dicomgrid.core.config import GridConfig, load_config
 from dicomgrid.core.kafka import ensure_topics
 from dicomgrid.core.metadata import MetadataStore, apply_schema
 from dicomgrid.deploy.local import LocalCluster
+from dicomgrid.processors.app import skip_history
 from dicomgrid.supervisor import Supervisor
 
 NAME = "dicomgrid-bench"
@@ -93,29 +92,12 @@ class BenchGrid:
         shutil.rmtree(self.storage, ignore_errors=True)
         apply_schema(config)
         ensure_topics(config.kafka)
-        self._skip_backlog(config)
+        # The bench grid indexes only what it ingests, not the shared topic's history.
+        skip_history(config)
         self.use(1)
         self.metadata = MetadataStore(config, local_dc=DC)
         # Connect and prepare now, so the first lag probe measures the index and not the driver.
         self.metadata.instance_location("0.0")
-
-    def _skip_backlog(self, config: GridConfig) -> None:
-        """Start the indexer at the end of the shared topic: the bench grid indexes only what it ingests.
-
-        Every grid on the cluster publishes to the same topic, and a new consumer group would otherwise
-        begin by indexing everyone's history while the first runs are measured.
-        """
-        consumer = Consumer(
-            {**config.kafka.client_config(), "group.id": f"{config.name}-processors", "enable.auto.commit": False}
-        )
-        try:
-            topic = schemas.TOPIC_INSTANCE_STORED
-            partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-            ends = [TopicPartition(topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
-                    for p in partitions]
-            consumer.commit(offsets=ends, asynchronous=False)
-        finally:
-            consumer.close()
 
     def use(self, receivers: int) -> None:
         """Run exactly ``receivers`` receiver processes (others services untouched)."""

@@ -48,6 +48,19 @@ def failure(status: int, comment: str, tag: int | None = None) -> Dataset:
     return ds
 
 
+# Matches waiting to be sent on one association. pynetdicom queues every pending response for its
+# network thread, so without a bound a handler races ahead of the peer: a huge result set would sit in
+# memory, and a C-CANCEL would arrive only after every match had been queued.
+MAX_QUEUED_RESPONSES = 8
+
+
+def _await_send_window(event: evt.Event, cancelled: Callable[[], bool]) -> None:
+    """Hold the next match until the peer has taken most of the queued ones (or the query is over)."""
+    queue = event.assoc.dul.to_provider_queue
+    while queue.qsize() > MAX_QUEUED_RESPONSES and event.assoc.is_established and not cancelled():
+        time.sleep(0.0005)
+
+
 class _Cancellation:
     """C-CANCEL seen for this C-FIND? pynetdicom reports a cancel only once, so the answer is latched."""
 
@@ -110,6 +123,7 @@ class FindService:
                     raise QueryCancelled
                 yield pending, query.response(record, self.answers)
                 outcome.matches += 1
+                _await_send_window(event, cancelled)
         except QueryCancelled:
             outcome.result = "cancelled"
             yield CANCEL, None

@@ -10,6 +10,7 @@ import asyncio
 from typing import Any
 
 import faust
+from confluent_kafka import Consumer, TopicPartition
 
 from dicomgrid import schemas
 from dicomgrid.core.config import GridConfig
@@ -36,6 +37,32 @@ def _credentials(config: GridConfig) -> Any:
     return None
 
 
+def consumer_group(config: GridConfig) -> str:
+    """The consumer group of a grid's processors: one per grid, shared by the workers of all its sites."""
+    return f"{config.name}-processors"
+
+
+def skip_history(config: GridConfig) -> None:
+    """Start this grid's processors at the current end of ``dicom.instance.stored``.
+
+    A new grid normally indexes the whole topic (the topic is the grid's log). A grid that shares a
+    cluster with others and must index only what it ingests itself (a test or benchmark grid) commits
+    the current end offsets for its group before its workers start: no history is replayed, and nothing
+    published after this call is skipped.
+    """
+    consumer = Consumer({**config.kafka.client_config(), "group.id": consumer_group(config), "enable.auto.commit": False})
+    try:
+        topic = schemas.TOPIC_INSTANCE_STORED
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        ends = [
+            TopicPartition(topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
+            for p in partitions
+        ]
+        consumer.commit(offsets=ends, asynchronous=False)
+    finally:
+        consumer.close()
+
+
 async def _connect(config: GridConfig, local_dc: str) -> MetadataStore:
     """Connect to Cassandra, waiting for it rather than failing the worker."""
     loop = asyncio.get_running_loop()
@@ -52,8 +79,7 @@ def create_app(config: GridConfig, site: str) -> faust.App:
     datadir = config.root / "processors" / config.name / site_config.name
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
-        # The consumer group: one per grid, shared by the workers of all its sites.
-        f"{config.name}-processors",
+        consumer_group(config),
         broker=faust_broker(config),
         broker_credentials=_credentials(config),
         id_format="{id}",

@@ -14,6 +14,7 @@ from dicomgrid import schemas
 from dicomgrid.core.config import GridConfig, SiteConfig
 from dicomgrid.core.kafka import ensure_topics
 from dicomgrid.core.metadata import MetadataStore, apply_schema
+from dicomgrid.processors.app import skip_history
 from dicomgrid.supervisor import Supervisor
 from tests.grid import TEST_GRID_PREFIX, EventTap, load_test_config, write_test_config
 
@@ -57,6 +58,8 @@ def grid(cluster: GridConfig, tmp_path_factory: pytest.TempPathFactory) -> Itera
     config = load_test_config(config_file)
     apply_schema(config)
     ensure_topics(config.kafka)
+    # Index only what the tests send, not the history of a long-lived development cluster.
+    skip_history(config)
     supervisor = Supervisor(config, str(config_file))
     try:
         supervisor.up(timeout=90)

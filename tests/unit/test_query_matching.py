@@ -615,7 +615,14 @@ class CancellingEvent:
 
         self.identifier = identifier
         self.request = SimpleNamespace(AffectedSOPClassUID=STUDY_ROOT_FIND)
-        self.assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="FINDSCU", address="127.0.0.1", port=1234))
+        import queue
+
+        # An association whose network thread keeps up: nothing waits in its send queue.
+        self.assoc = SimpleNamespace(
+            requestor=SimpleNamespace(ae_title="FINDSCU", address="127.0.0.1", port=1234),
+            dul=SimpleNamespace(to_provider_queue=queue.Queue()),
+            is_established=True,
+        )
         self.after, self.sent, self.reported = after, 0, False
 
     @property
