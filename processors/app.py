@@ -7,10 +7,11 @@ partitions move to the others. Blocking Cassandra work runs in a thread, never o
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import faust
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from dicomgrid import schemas
 from dicomgrid.core.config import GridConfig
@@ -42,7 +43,10 @@ def consumer_group(config: GridConfig) -> str:
     return f"{config.name}-processors"
 
 
-def skip_history(config: GridConfig) -> None:
+_NO_LEADER = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART}
+
+
+def skip_history(config: GridConfig, timeout: float = 60.0) -> None:
     """Start this grid's processors at the current end of ``dicom.instance.stored``.
 
     A new grid normally indexes the whole topic (the topic is the grid's log). A grid that shares a
@@ -51,14 +55,24 @@ def skip_history(config: GridConfig) -> None:
     published after this call is skipped.
     """
     consumer = Consumer({**config.kafka.client_config(), "group.id": consumer_group(config), "enable.auto.commit": False})
+    topic = schemas.TOPIC_INSTANCE_STORED
+    deadline = time.monotonic() + timeout
     try:
-        topic = schemas.TOPIC_INSTANCE_STORED
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        ends = [
-            TopicPartition(topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
-            for p in partitions
-        ]
-        consumer.commit(offsets=ends, asynchronous=False)
+        while True:
+            try:
+                partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+                ends = [
+                    TopicPartition(topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
+                    for p in partitions
+                ]
+                consumer.commit(offsets=ends, asynchronous=False)
+                return
+            except KafkaException as exc:
+                # A topic created moments ago has no partition leaders yet (NOT_LEADER_FOR_PARTITION).
+                error = exc.args[0]
+                if time.monotonic() > deadline or (not error.retriable() and error.code() not in _NO_LEADER):
+                    raise
+                time.sleep(0.5)
     finally:
         consumer.close()
 
