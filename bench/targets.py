@@ -124,7 +124,26 @@ def dcmtk_version() -> str:
     return match.group(1) if match else "?"
 
 
-class StoreSCP:
+class _ReferenceTarget:
+    """What storescp and Orthanc share: one process of ours and a scratch directory removed on stop."""
+
+    primary: str
+    _process: _Process
+    _dir: Path | None
+
+    def activate(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self._process.stop()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def groups(self) -> dict[str, list[psutil.Process]]:
+        return {self.primary: self._process.processes()}
+
+
+class StoreSCP(_ReferenceTarget):
     """DCMTK storescp writing every data set bit-preserved to a directory, one process per association.
 
     It does no fsync and keeps no index: the ceiling a durable archive can approach, not a peer.
@@ -153,16 +172,6 @@ class StoreSCP:
         self._process.start(self.argv)
         wait_listening(self.port, self._process.proc, self._process.log)
 
-    def activate(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        self._process.stop()
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-
-    def groups(self) -> dict[str, list[psutil.Process]]:
-        return {self.primary: self._process.processes()}
 
     def before_run(self) -> None:
         # Files of the previous run would be overwritten in place otherwise.
@@ -176,7 +185,7 @@ class StoreSCP:
         return {"version": dcmtk_version(), "argv": " ".join(self.argv[:-1])}
 
 
-class Orthanc:
+class Orthanc(_ReferenceTarget):
     """Debian's Orthanc with its default SQLite index and file storage, fsync on (SyncStorageArea)."""
 
     key, label, ae_title, primary = "orthanc", "Orthanc", "ORTHANC", "orthanc"
@@ -221,16 +230,6 @@ class Orthanc:
         wait_listening(self.port, self._process.proc, self._process.log)
         wait_listening(self.http_port, self._process.proc, self._process.log)
 
-    def activate(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        self._process.stop()
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-
-    def groups(self) -> dict[str, list[psutil.Process]]:
-        return {self.primary: self._process.processes()}
 
     def _count(self) -> int:
         return int(httpx.get(f"{self._url}/statistics", timeout=30).json()["CountInstances"])
