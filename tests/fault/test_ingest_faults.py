@@ -103,3 +103,24 @@ def test_disk_full_fails_the_store_and_keeps_what_was_stored(grid, tiny_volume, 
         server.shutdown()
         server.server_close()
         publisher.close()
+
+
+def test_cassandra_node_down_does_not_stop_ingest_and_the_index_catches_up(grid, metadata_dc2):
+    """Site A's datacenter goes down mid-stream: A still acknowledges durable instances (Kafka is the
+    durability boundary), and once the node is back the indexer catches up with nothing lost."""
+    local = LocalCluster(grid.config)
+    tap = grid.tap()
+    before = make_instance()
+    assert c_store(grid.site("A"), [before]) == [0]
+    wait_for(lambda: metadata_dc2.instance_location(before.SOPInstanceUID), timeout=60)
+
+    during = [make_instance() for _ in range(3)]
+    local.stop_node("cassandra-dc1")
+    try:
+        assert c_store(grid.site("A"), during) == [0, 0, 0]
+        assert len(events_for(tap, [ds.SOPInstanceUID for ds in during], timeout=60)) == 3
+    finally:
+        local.up()
+    for ds in [before, *during]:
+        location = wait_for(lambda ds=ds: metadata_dc2.instance_location(ds.SOPInstanceUID), timeout=120, interval=1)
+        assert BlobStore(grid.config.site_storage("A"), "A").verify(location.sha256)
