@@ -43,6 +43,9 @@ class EventPublisher:
                 "acks": "all",
                 "linger.ms": linger_ms,
                 "compression.type": "lz4",
+                # Each C-STORE waits on its own produce request; Nagle would hold a request back
+                # behind the previous one's unacknowledged segment.
+                "socket.nagle.disable": True,
                 # librdkafka retries internally until this expires; then the future fails.
                 "delivery.timeout.ms": int(config.delivery_timeout_s * 1000),
                 "message.timeout.ms": int(config.delivery_timeout_s * 1000),

@@ -8,6 +8,7 @@ replayed in; study and series aggregates are recomputed from the rows, never inc
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import threading
 import uuid
 import zlib
@@ -20,7 +21,7 @@ from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
 from cassandra.concurrent import execute_concurrent
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
-from cassandra.query import PreparedStatement
+from cassandra.query import PreparedStatement, named_tuple_factory
 
 from dicomgrid import schemas
 from dicomgrid.core.config import GridConfig
@@ -62,6 +63,22 @@ class StoredVersion:
     version: int
 
 
+@functools.lru_cache(maxsize=512)
+def _row_class(colnames: tuple[str, ...]) -> Callable[[list[Any]], Any]:
+    """The driver's namedtuple row type for these columns, built once (by its own factory)."""
+    return type(named_tuple_factory(colnames, [[None] * len(colnames)])[0])._make
+
+
+def cached_named_tuple_factory(colnames: list[str], rows: list[Any]) -> list[Any]:
+    """Rows as the driver's named tuples, without defining a new namedtuple class per result.
+
+    The driver's default factory calls ``namedtuple()`` for every result set; on the ingest path that
+    class creation cost more CPU than the query itself.
+    """
+    make = _row_class(tuple(colnames))
+    return [make(row) for row in rows]
+
+
 def connect(config: GridConfig, local_dc: str | None = None, *, keyspace: bool = True) -> tuple[Cluster, Session]:
     """A driver session that prefers ``local_dc`` and reads/writes at LOCAL_QUORUM."""
     cass = config.cassandra
@@ -70,6 +87,7 @@ def connect(config: GridConfig, local_dc: str | None = None, *, keyspace: bool =
         load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=local_dc)),
         consistency_level=ConsistencyLevel.LOCAL_QUORUM,
         request_timeout=cass.request_timeout_s,
+        row_factory=cached_named_tuple_factory,
     )
     auth = PlainTextAuthProvider(cass.username, cass.password) if cass.username else None
     cluster = Cluster(
@@ -166,15 +184,20 @@ class MetadataStore:
         writes = [write for event in events for write in self._index_writes(event)]
         execute_concurrent(self.session, writes, concurrency=concurrency, raise_on_first_error=True)
 
-    def record_location(self, event: dict[str, Any], timeout: float = 2.0) -> None:
-        """Write the instance's location row now, as the indexer will (same row, same timestamp).
+    def record_location(self, event: dict[str, Any], timeout: float = 2.0) -> Any:
+        """Start writing the instance's location row, as the indexer will (same row, same timestamp).
 
-        Ingest calls this once the event is in Kafka, so that an immediate resend of the same SOP
-        Instance UID is recognised (identical: no new event; different: the next version) instead of
-        depending on how far the indexer has got.
+        Ingest calls this once the event is in Kafka, so that a resend of the same SOP Instance UID is
+        recognised (identical: no new event; different: the next version) instead of depending on how
+        far the indexer has got. It does not wait: the row is a hint (the indexer writes it too), and the
+        receiving process remembers its recent versions itself. Returns the driver's future.
         """
         stmt, params = self._location_write(event)
-        self.session.execute(stmt, params, timeout=timeout)
+        future = self.session.execute_async(stmt, params, timeout=timeout)
+        future.add_errback(
+            lambda exc: log.warning("location not recorded at ingest; the indexer will write it", error=str(exc))
+        )
+        return future
 
     def _location_write(self, event: dict[str, Any]) -> tuple[PreparedStatement, tuple[Any, ...]]:
         study, series, payload = event["study"], event["series"], event["payload"]

@@ -16,6 +16,8 @@ and its event names the version it replaces.
 from __future__ import annotations
 
 import enum
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -100,6 +102,35 @@ class Expected:
     study_uid: str | None = None
 
 
+class RecentVersions:
+    """The versions this process stored last, by SOP Instance UID (bounded, thread-safe).
+
+    A PACS that resends at once must get "identical" or "next version" even before the location row
+    written at ingest is readable in Cassandra, so the process answers from its own memory first.
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._capacity = capacity
+        self._items: OrderedDict[str, StoredVersion] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, sop_instance_uid: str) -> StoredVersion | None:
+        with self._lock:
+            return self._items.get(sop_instance_uid)
+
+    def put(self, sop_instance_uid: str, version: StoredVersion) -> None:
+        with self._lock:
+            self._items[sop_instance_uid] = version
+            self._items.move_to_end(sop_instance_uid)
+            while len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+
+
+def newest(*versions: StoredVersion | None) -> StoredVersion | None:
+    known = [v for v in versions if v is not None]
+    return max(known, key=lambda v: v.version) if known else None
+
+
 class Ingestor:
     """Ingest for one site; thread-safe, shared by every association and HTTP request of a process."""
 
@@ -121,6 +152,7 @@ class Ingestor:
         self.audit = audit
         self.max_instance_bytes = max_instance_bytes
         self.delivery_timeout_s = delivery_timeout_s
+        self.recent = RecentVersions()
 
     def ingest(self, fp: BinaryIO, source: Source, expected: Expected = Expected()) -> IngestResult:
         """Ingest one Part 10 file (any file meta; it is replaced by the grid's canonical one)."""
@@ -188,7 +220,7 @@ class Ingestor:
         except BlobStoreError as exc:
             return IngestResult(Outcome.NO_STORAGE, str(exc), **ids)
 
-        previous = lookup()
+        previous = newest(lookup(), self.recent.get(sop_instance))
         if previous is not None and previous.sha256 == blob.sha256:
             return IngestResult(Outcome.DUPLICATE, f"payload {blob.sha256[:12]} already indexed", **ids)
 
@@ -199,6 +231,7 @@ class Ingestor:
         except PublishError as exc:
             # The payload stays in the blob store (content-addressed, harmless); the sender retries.
             return IngestResult(Outcome.NO_EVENT_LOG, str(exc), **ids)
+        self.recent.put(sop_instance, StoredVersion(blob.sha256, event["version"]))
         self._record_location(event)
         return IngestResult(Outcome.STORED, f"payload {blob.sha256[:12]} version {event['version']}", event=event, **ids)
 
@@ -229,7 +262,7 @@ class Ingestor:
         return result
 
     def _record_location(self, event: dict[str, Any]) -> None:
-        """Make this version visible to the next lookup at once (best effort: the indexer writes it too)."""
+        """Make this version visible to other processes' lookups soon (a hint: the indexer writes it too)."""
         if self.metadata is None:
             return
         try:
