@@ -70,6 +70,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class BlobWriter:
     """Streams one payload into the store; :meth:`commit` makes it durable and returns its ref."""
 
@@ -99,35 +107,54 @@ class BlobWriter:
             self.write(chunk)
 
     def commit(self) -> BlobRef:
+        """Make the payload durable under its digest and return its ref.
+
+        The temp file is renamed into place *before* it is fsynced: the one fsync then commits the
+        data, the new directory entries and the rename in a single journal transaction, and the
+        directory fsyncs that follow find nothing left to write (each of them used to cost a journal
+        commit of its own). A crash in between can leave a name whose bytes are not all on disk, so an
+        existing file is trusted only after its bytes hash to its name, and no event names a payload
+        before :meth:`commit` returns.
+        """
         assert self._fh is not None, "writer already closed"
         digest = self._hash.hexdigest()
         final = self._store.path(digest)
+        renamed = False
         try:
             self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
-            self._fh = None
-            if final.exists() and final.stat().st_size == self._size:
-                # Same digest and size: the same bytes are already durable.
+            if self._store.verify(digest):
+                # The same bytes are already stored; make sure they are on disk, not just cached.
+                _fsync_path(final)
+                self._close()
                 self._tmp.unlink()
             else:
-                created = not final.parent.exists()
+                if final.exists():
+                    self._store.quarantine(digest)
+                created = [d for d in (final.parent.parent, final.parent) if not d.exists()]
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.chmod(self._tmp, 0o444)
                 os.replace(self._tmp, final)
+                renamed = True
+                assert self._fh is not None
+                os.fsync(self._fh.fileno())
+                self._close()
                 _fsync_dir(final.parent)
-                if created:
-                    _fsync_dir(final.parent.parent)
-                    _fsync_dir(final.parent.parent.parent)
+                for directory in created:
+                    _fsync_dir(directory.parent)
         except OSError as exc:
             self.abort()
+            if renamed:
+                final.unlink(missing_ok=True)
             raise BlobStoreError(exc.errno, f"cannot make payload durable: {exc.strerror}") from exc
         return BlobRef(self._store.site, digest, self._size)
 
-    def abort(self) -> None:
+    def _close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+    def abort(self) -> None:
+        self._close()
         self._tmp.unlink(missing_ok=True)
 
 
@@ -195,7 +222,6 @@ class BlobStore:
     def quarantine(self, digest: str) -> Path | None:
         """Move a corrupt copy to ``quarantine/`` (kept for inspection), out of the way of a repaired one.
 
-        A commit keeps an existing file of the same digest and size, so a corrupt copy must go first.
         Returns where it went, or None if there was no copy.
         """
         target = self.root / "quarantine" / f"{digest}.{uuid.uuid4().hex}"

@@ -1,3 +1,4 @@
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -70,10 +71,43 @@ def test_quarantine_makes_room_for_a_repaired_copy(tmp_path: Path):
     path = store.path(ref.sha256)
     os.chmod(path, 0o644)
     path.write_bytes(b"pAyload")  # same size, wrong bytes
-    assert store.put_bytes(b"payload") == ref
-    assert not store.verify(ref.sha256), "a same-size copy is kept on commit"
     moved = store.quarantine(ref.sha256)
     assert moved is not None and moved.read_bytes() == b"pAyload"
     store.put_bytes(b"payload")
     assert store.verify(ref.sha256)
     assert store.quarantine("0" * 64) is None
+
+
+def test_commit_over_a_corrupt_copy_repairs_it_and_keeps_the_corrupt_one_aside(tmp_path: Path):
+    # A crash between rename and fsync can leave a name whose bytes never reached the disk.
+    store = BlobStore(tmp_path, "A")
+    ref = store.put_bytes(b"payload")
+    path = store.path(ref.sha256)
+    os.chmod(path, 0o644)
+    path.write_bytes(b"pAyload")
+    assert store.put_bytes(b"payload") == ref
+    assert store.verify(ref.sha256)
+    (kept,) = (tmp_path / "quarantine").iterdir()
+    assert kept.read_bytes() == b"pAyload"
+
+
+def test_failed_fsync_after_rename_leaves_no_payload_under_its_name(tmp_path: Path, monkeypatch):
+    store = BlobStore(tmp_path, "A")
+    real_replace = os.replace
+    renamed = []
+
+    def replace_then_fail_fsync(src, dst):
+        real_replace(src, dst)
+        renamed.append(dst)
+
+        def no_space(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", no_space)
+
+    monkeypatch.setattr(os, "replace", replace_then_fail_fsync)
+    with pytest.raises(BlobStoreError, match="No space"):
+        store.put_bytes(b"abc")
+    assert renamed, "the failure was injected after the rename"
+    assert list(store.digests()) == []
+    assert not any((tmp_path / "tmp").iterdir())
