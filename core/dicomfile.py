@@ -16,7 +16,9 @@ from typing import Any, BinaryIO
 
 from pydicom import config as pydicom_config
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataelem import RawDataElement
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.filereader import read_dataset, read_preamble
@@ -111,9 +113,13 @@ _DEFLATED = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"}
 class _Walker:
     """Walks element headers to the end of a data set without reading values (O(elements) I/O)."""
 
-    def __init__(self, fp: BinaryIO, end: int, implicit: bool, little: bool) -> None:
-        self.fp, self.end, self.implicit = fp, end, implicit
+    def __init__(self, fp: BinaryIO, end: int, implicit: bool, little: bool,
+                 capture: frozenset[int] = frozenset()) -> None:
+        self.fp, self.end, self.implicit, self.little = fp, end, implicit, little
         self.order = "<" if little else ">"
+        # Top-level elements whose raw values are kept while walking (the indexed attributes).
+        self.capture = capture
+        self.captured: dict[int, RawDataElement] = {}
 
     def _read(self, n: int) -> bytes:
         data = self.fp.read(n)
@@ -139,13 +145,20 @@ class _Walker:
         self.fp.seek(target)
 
     def dataset(self, implicit: bool, until_item_end: bool = False) -> None:
+        top_level = not until_item_end
         while self.fp.tell() < self.end:
             tag, vr, length = self._header(implicit)
             if tag == _ITEM_END:
                 if until_item_end:
                     return
                 raise MalformedDicom("unexpected item delimiter")
-            if length != _UNDEFINED:
+            if top_level and tag in self.capture and length != _UNDEFINED and length <= _MAX_CAPTURE:
+                at = self.fp.tell()
+                value = self._read(length)
+                self.captured[tag] = RawDataElement(
+                    BaseTag(tag), vr.decode("ascii", "replace") if vr else None, length, value, at, implicit, self.little
+                )
+            elif length != _UNDEFINED:
                 self._skip(length)
             else:
                 # Undefined length: a sequence or encapsulated pixel data; UN content is implicit VR.
@@ -172,6 +185,11 @@ def check_complete(fp: BinaryIO, offset: int, transfer_syntax_uid: str) -> None:
     Catches truncated transfers and garbage that a partial parse (``stop_before_pixels``) would accept,
     without reading pixel data into memory.
     """
+    _walk(fp, offset, transfer_syntax_uid, frozenset())
+
+
+def _walk(fp: BinaryIO, offset: int, transfer_syntax_uid: str, capture: frozenset[int]) -> _Walker | None:
+    """Check the data set is whole; returns the walker (with captured elements) unless it is deflated."""
     end = fp.seek(0, 2)
     fp.seek(offset)
     if transfer_syntax_uid in _DEFLATED:
@@ -184,7 +202,7 @@ def check_complete(fp: BinaryIO, offset: int, transfer_syntax_uid: str) -> None:
             raise MalformedDicom(f"deflated data set is corrupt: {exc}") from exc
         if not inflater.eof:
             raise MalformedDicom("deflated data set is truncated")
-        return
+        return None
     implicit = transfer_syntax_uid == "1.2.840.10008.1.2"
     little = transfer_syntax_uid != "1.2.840.10008.1.2.2"
     if not implicit:
@@ -193,10 +211,12 @@ def check_complete(fp: BinaryIO, offset: int, transfer_syntax_uid: str) -> None:
         first = fp.read(6)
         fp.seek(offset)
         implicit = len(first) == 6 and not first[4:6].isalpha()
+    walker = _Walker(fp, end, implicit, little, capture)
     try:
-        _Walker(fp, end, implicit, little).dataset(implicit)
+        walker.dataset(implicit)
     except struct.error as exc:
         raise MalformedDicom(f"data set is truncated: {exc}") from exc
+    return walker
 
 
 @dataclass(frozen=True)
@@ -224,6 +244,22 @@ def _int(value: Any) -> int | None:
 
 
 _INT_KEYWORDS = {"SeriesNumber", "InstanceNumber", "Rows", "Columns", "NumberOfFrames"}
+_INDEX_TAGS = frozenset(int(tag_for_keyword(k)) for k in INDEX_KEYWORDS)  # type: ignore[arg-type]
+# An indexed value longer than this is not an index value anyone can use (text is clipped anyway).
+_MAX_CAPTURE = 64 * 1024
+
+
+def _attributes(ds: Dataset) -> IndexAttributes:
+    values: dict[str, Any] = {}
+    for keyword in INDEX_KEYWORDS:
+        raw = ds.get(keyword)
+        if keyword in _INT_KEYWORDS:
+            values[keyword] = _int(raw)
+        elif keyword == "SpecificCharacterSet":
+            values[keyword] = _text("\\".join(raw) if isinstance(raw, MultiValue) else raw)
+        else:
+            values[keyword] = _text(raw)
+    return IndexAttributes(values)
 
 
 def read_index_attributes(fp: BinaryIO) -> IndexAttributes:
@@ -234,17 +270,38 @@ def read_index_attributes(fp: BinaryIO) -> IndexAttributes:
     fp.seek(0)
     try:
         ds = dcmread(fp, stop_before_pixels=True, specific_tags=list(INDEX_KEYWORDS), force=False)
-        values: dict[str, Any] = {}
-        for keyword in INDEX_KEYWORDS:
-            raw = ds.get(keyword)
-            if keyword in _INT_KEYWORDS:
-                values[keyword] = _int(raw)
-            elif keyword == "SpecificCharacterSet":
-                values[keyword] = _text("\\".join(raw) if isinstance(raw, MultiValue) else raw)
-            else:
-                values[keyword] = _text(raw)
+        return _attributes(ds)
     except MalformedDicom:
         raise
     except Exception as exc:  # pydicom raises many types on hostile input; all mean "cannot decode"
         raise MalformedDicom(f"cannot decode data set: {type(exc).__name__}: {exc}") from exc
-    return IndexAttributes(values)
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What ingest needs from a received Part 10 file, from one pass over it."""
+
+    meta: Dataset
+    offset: int  # where the data set begins, after the file meta
+    transfer_syntax_uid: str
+    attributes: IndexAttributes
+
+
+def inspect(fp: BinaryIO) -> Inspection:
+    """Read the file meta, check the data set is whole and decode its indexed attributes.
+
+    One walk over the element headers does both the completeness check and the collection of the
+    indexed elements' raw values, which pydicom then decodes (character sets included); a second
+    parse by ``dcmread`` is needed only for deflated data sets. Raises :class:`MalformedDicom`.
+    """
+    meta, offset = split_file_meta(fp)
+    syntax = str(meta.get("TransferSyntaxUID", "") or "")
+    walker = _walk(fp, offset, syntax, _INDEX_TAGS)
+    if walker is None:
+        return Inspection(meta, offset, syntax, read_index_attributes(fp))
+    try:
+        ds = Dataset(walker.captured)
+        ds.set_original_encoding(walker.implicit, walker.little)
+        return Inspection(meta, offset, syntax, _attributes(ds))
+    except Exception as exc:  # pydicom raises many types on hostile input; all mean "cannot decode"
+        raise MalformedDicom(f"cannot decode data set: {type(exc).__name__}: {exc}") from exc

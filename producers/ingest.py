@@ -25,13 +25,7 @@ from typing import Any, BinaryIO
 from dicomgrid import schemas
 from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, AuditObject, AuditTrail, Participant
 from dicomgrid.core.blobstore import BlobStore, BlobStoreError, PayloadTooLarge
-from dicomgrid.core.dicomfile import (
-    MalformedDicom,
-    canonical_file_meta,
-    check_complete,
-    read_index_attributes,
-    split_file_meta,
-)
+from dicomgrid.core.dicomfile import MalformedDicom, canonical_file_meta, inspect
 from dicomgrid.core.events import Source, instance_stored
 from dicomgrid.core.kafka import EventPublisher, PublishError
 from dicomgrid.core.logging import get_logger
@@ -177,12 +171,10 @@ class Ingestor:
     def _ingest(self, fp: BinaryIO, source: Source, expected: Expected) -> IngestResult:
         # 1. Validate: nothing is written before this passes.
         try:
-            meta, offset = split_file_meta(fp)
-            attrs = read_index_attributes(fp)
-            check_complete(fp, offset, str(meta.get("TransferSyntaxUID", "")))
+            found = inspect(fp)
         except MalformedDicom as exc:
             return IngestResult(Outcome.MALFORMED, str(exc), expected.sop_class_uid, expected.sop_instance_uid)
-        transfer_syntax = str(meta.get("TransferSyntaxUID", "") or "")
+        transfer_syntax, attrs, offset = found.transfer_syntax_uid, found.attributes, found.offset
         sop_class, sop_instance = attrs.get("SOPClassUID"), attrs.get("SOPInstanceUID")
         study, series = attrs.get("StudyInstanceUID"), attrs.get("SeriesInstanceUID")
         ids = dict(sop_class_uid=sop_class, sop_instance_uid=sop_instance, study_uid=study)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 from pydicom.dataset import FileMetaDataset
@@ -50,3 +51,40 @@ def test_canonical_file_meta_reads_back() -> None:
     assert meta.MediaStorageSOPInstanceUID == "1.2.3.4"
     assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert meta.ImplementationVersionName == dicomfile.IMPLEMENTATION_VERSION_NAME
+
+
+def _corpus() -> list[str]:
+    """Every file of pydicom's test files and of pydicom-data (the interop tests' corpus)."""
+    from tests.interop.corpus import sample_sources
+
+    return sorted(str(p) for folder in sample_sources().values() for p in folder.rglob("*")
+                  if p.is_file() and p.stat().st_size < 50_000_000)
+
+
+def _previous_reading(path: str) -> tuple[str, dict] | str:
+    """The three-parse reading ingest used before :func:`dicomfile.inspect` (pydicom's dcmread)."""
+    with open(path, "rb") as fp:
+        try:
+            meta, offset = dicomfile.split_file_meta(fp)
+            attrs = dicomfile.read_index_attributes(fp)
+            dicomfile.check_complete(fp, offset, str(meta.get("TransferSyntaxUID", "")))
+        except dicomfile.MalformedDicom:
+            return "malformed"
+    return str(meta.get("TransferSyntaxUID", "")), attrs.values
+
+
+def test_inspect_reads_what_dcmread_reads_for_every_sample_file() -> None:
+    # Every transfer syntax, character set and oddity in pydicom's test files: the one-walk reading
+    # must index exactly what a full pydicom parse of the same file gives, and refuse the same files.
+    checked = 0
+    for path in _corpus():
+        before = _previous_reading(path)
+        with open(path, "rb") as fp:
+            try:
+                found = dicomfile.inspect(fp)
+                now: tuple[str, dict] | str = (found.transfer_syntax_uid, found.attributes.values)
+            except dicomfile.MalformedDicom:
+                now = "malformed"
+        assert now == before, path
+        checked += 1
+    assert checked > 100
