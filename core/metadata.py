@@ -277,18 +277,22 @@ class MetadataStore:
             )
         return writes
 
-    def refresh_study(self, study_uid: str) -> None:
-        """Recompute a study's and its series' aggregates from the instance rows."""
-        rows = list(
-            self.execute(
-                "SELECT series_uid, sop_class_uid FROM instances WHERE study_uid = ?", (study_uid,), timeout=30.0
+    def refresh_study(self, study_uid: str, new_sop_classes: Iterable[str] | None = None) -> None:
+        """Recompute a study's and its series' aggregates from the instance rows.
+
+        Instance counts are counted by Cassandra per series (``GROUP BY``), so a batch costs one small
+        answer however large the study has grown. The study's SOP classes only grow while instances
+        are added: with ``new_sop_classes`` (the classes of the batch) they are the stored set plus
+        those; without it (a batch that replaced a version) they are read again from every row.
+        """
+        per_series = {
+            row.series_uid: row.n
+            for row in self.execute(
+                "SELECT series_uid, count(*) AS n FROM instances WHERE study_uid = ? GROUP BY series_uid",
+                (study_uid,),
+                timeout=30.0,
             )
-        )
-        per_series: dict[str, int] = {}
-        sop_classes: set[str] = set()
-        for row in rows:
-            per_series[row.series_uid] = per_series.get(row.series_uid, 0) + 1
-            sop_classes.add(row.sop_class_uid)
+        }
         modalities = {
             r.modality
             for r in self.execute("SELECT modality FROM series WHERE study_uid = ?", (study_uid,))
@@ -307,6 +311,15 @@ class MetadataStore:
             "SELECT modalities_in_study, sop_classes_in_study FROM studies WHERE study_uid = ?", (study_uid,)
         ).one()
         known = (set(current.modalities_in_study or ()), set(current.sop_classes_in_study or ())) if current else None
+        if new_sop_classes is not None and known is not None:
+            sop_classes = known[1] | set(new_sop_classes)
+        else:
+            sop_classes = {
+                row.sop_class_uid
+                for row in self.execute(
+                    "SELECT sop_class_uid FROM instances WHERE study_uid = ?", (study_uid,), timeout=30.0
+                )
+            }
         if known != (modalities, sop_classes):
             self.execute(
                 "UPDATE studies SET modalities_in_study = ?, sop_classes_in_study = ? WHERE study_uid = ?",
@@ -314,7 +327,7 @@ class MetadataStore:
             )
         self.execute(
             "UPDATE studies SET number_of_series = ?, number_of_instances = ?, updated_at = ? WHERE study_uid = ?",
-            (len(per_series), len(rows), now, study_uid),
+            (len(per_series), sum(per_series.values()), now, study_uid),
         )
 
     # -- reads -----------------------------------------------------------------------------------

@@ -39,9 +39,18 @@ class Indexer:
     def apply(self, events: list[dict[str, Any]]) -> int:
         """Index a batch of events; returns how many studies were refreshed."""
         self.metadata.index_instances(events)
-        studies = list(dict.fromkeys(event["study"]["uid"] for event in events))
-        for uid in studies:
-            self.metadata.refresh_study(uid)
+        # Per study: the SOP classes the batch adds, or None when a version replaced an instance (its
+        # class may have gone from the study, so the set is read again from the rows).
+        studies: dict[str, set[str] | None] = {}
+        for event in events:
+            uid = event["study"]["uid"]
+            seen = studies.setdefault(uid, set())
+            if event.get("replaces") is not None:
+                studies[uid] = None
+            elif seen is not None:
+                seen.add(event["instance"]["sop_class_uid"])
+        for uid, sop_classes in studies.items():
+            self.metadata.refresh_study(uid, sop_classes)
         if events:
             log.info("indexed", instances=len(events), studies=len(studies))
         return len(studies)

@@ -105,3 +105,30 @@ def test_undecodable_messages_are_skipped_not_fatal():
     good = event(generate_uid(), generate_uid(), generate_uid(), when=dt.datetime.now(dt.timezone.utc))
     decoded = decode_events([b"{not json", json.dumps({"event_type": "other"}).encode(), json.dumps(good).encode()])
     assert decoded == [good]
+
+
+def test_study_aggregates_follow_batches_and_replaced_versions(store):
+    # Counts come from Cassandra per series; SOP classes grow batch by batch, and a version that
+    # replaces an instance with another class makes the indexer read the set again from the rows.
+    now = dt.datetime.now(dt.timezone.utc)
+    study, s1, s2 = generate_uid(), generate_uid(), generate_uid()
+    sop = generate_uid()
+    indexer = Indexer(store)
+    indexer.apply([event(study, s1, sop, when=now), event(study, s1, generate_uid(), when=now)])
+    sr = event(study, s2, generate_uid(), when=now, modality="SR")
+    sr["instance"]["sop_class_uid"] = "1.2.840.10008.5.1.4.1.1.88.22"
+    indexer.apply([sr])
+    row = store.study(study)
+    assert (row.number_of_instances, row.number_of_series) == (3, 2)
+    assert row.sop_classes_in_study == {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.88.22"}
+    assert {r.series_uid: r.number_of_instances for r in store.series_of_study(study)} == {s1: 2, s2: 1}
+
+    # The only Comprehensive SR is replaced by a Basic Text SR version: the old class leaves the study.
+    replaced = event(study, s2, sr["instance"]["sop_instance_uid"], version=2, modality="SR",
+                     when=now + dt.timedelta(seconds=1), payload=b"v2")
+    replaced["instance"]["sop_class_uid"] = "1.2.840.10008.5.1.4.1.1.88.11"
+    replaced["replaces"] = {"sha256": sr["payload"]["sha256"], "version": 1}
+    indexer.apply([replaced])
+    row = store.study(study)
+    assert (row.number_of_instances, row.number_of_series) == (3, 2)
+    assert row.sop_classes_in_study == {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.88.11"}
