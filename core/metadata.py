@@ -181,7 +181,9 @@ class MetadataStore:
 
     def index_instances(self, events: Iterable[dict[str, Any]], concurrency: int = 64) -> None:
         """Upsert the rows of ``dicom.instance.stored`` events (aggregates: :meth:`refresh_study`)."""
-        writes = [write for event in events for write in self._index_writes(event)]
+        events = list(events)
+        writes = [write for event in events for write in self._instance_writes(event)]
+        writes += self._level_writes(events)
         execute_concurrent(self.session, writes, concurrency=concurrency, raise_on_first_error=True)
 
     def record_location(self, event: dict[str, Any], timeout: float = 2.0) -> Any:
@@ -209,10 +211,9 @@ class MetadataStore:
              received, _micros(received)),
         )
 
-    def _index_writes(self, event: dict[str, Any]) -> list[tuple[PreparedStatement, tuple[Any, ...]]]:
-        """The upserts one event turns into, as (statement, parameters)."""
-        study, series, inst = event["study"], event["series"], event["instance"]
-        patient, payload = event["patient"], event["payload"]
+    def _instance_writes(self, event: dict[str, Any]) -> list[tuple[PreparedStatement, tuple[Any, ...]]]:
+        """The instance-level upserts of one event, as (statement, parameters)."""
+        study, series, inst, payload = event["study"], event["series"], event["instance"], event["payload"]
         received = _ts(event["occurred_at"])
         at = _micros(received)
         event_id = uuid.UUID(event["event_id"])
@@ -240,13 +241,56 @@ class MetadataStore:
                 "INSERT INTO replicas (sha256, site, size, payload_uri, stored_at) VALUES (?, ?, ?, ?, ?)",
                 (payload["sha256"], payload["site"], payload["size"], payload["uri"], received),
             ),
-            w(
+        ]
+        return writes
+
+    def _level_writes(self, events: list[dict[str, Any]]) -> list[tuple[PreparedStatement, tuple[Any, ...]]]:
+        """The series, study and patient upserts of a batch.
+
+        They are written ``USING TIMESTAMP`` of receive time, so of all the events of a batch that
+        describe one series, study or patient only the newest can win (the oldest, for a study's
+        first_received_at): only those are written, not one per instance.
+        """
+        newest: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        oldest: dict[str, dict[str, Any]] = {}
+        for event in events:
+            at = _ts(event["occurred_at"])
+            study, series, patient = event["study"]["uid"], event["series"]["uid"], event["patient"].get("id")
+            for key in (("series", series), ("study", study), *([("patient", patient)] if patient else [])):
+                best = newest.get(key)
+                if best is None or at > _ts(best[0]["occurred_at"]):
+                    newest[key] = [event]
+                elif at == _ts(best[0]["occurred_at"]):
+                    best.append(event)  # a tie is settled by Cassandra (by value), as before
+            if study not in oldest or at < _ts(oldest[study]["occurred_at"]):
+                oldest[study] = event
+        writes = []
+        for (level, _), tied in newest.items():
+            for event in tied:
+                writes.extend(self._level_write(level, event))
+        for study_uid, event in oldest.items():
+            received = _ts(event["occurred_at"])
+            # first_received_at keeps the earliest time: a lower write timestamp never overrides a
+            # higher one, so it is written with an inverted timestamp.
+            writes.append(self._write(
+                "UPDATE studies USING TIMESTAMP ? SET first_received_at = ? WHERE study_uid = ?",
+                (2**62 - _micros(received), received, study_uid),
+            ))
+        return writes
+
+    def _level_write(self, level: str, event: dict[str, Any]) -> list[tuple[PreparedStatement, tuple[Any, ...]]]:
+        study, series, patient = event["study"], event["series"], event["patient"]
+        at = _micros(_ts(event["occurred_at"]))
+        w = self._write
+        if level == "series":
+            return [w(
                 "INSERT INTO series (study_uid, series_uid, modality, series_number, series_description,"
                 " body_part_examined, series_date, series_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?",
                 (study["uid"], series["uid"], series.get("modality"), series.get("number"), series.get("description"),
                  series.get("body_part_examined"), series.get("date"), series.get("time"), at),
-            ),
-            w(
+            )]
+        if level == "study":
+            return [w(
                 "UPDATE studies USING TIMESTAMP ? SET patient_id = ?, issuer_of_patient_id = ?, patient_name = ?,"
                 " patient_birth_date = ?, patient_sex = ?, study_date = ?, study_day = ?, study_time = ?,"
                 " accession_number = ?, study_id = ?, study_description = ?, referring_physician_name = ?,"
@@ -256,26 +300,15 @@ class MetadataStore:
                  study.get("accession_number"), study.get("id"), study.get("description"),
                  study.get("referring_physician_name"), study.get("specific_character_set"),
                  study_bucket(study["uid"]), study["uid"]),
-            ),
-            # first_received_at keeps the earliest time: a lower write timestamp never overrides a higher one,
-            # so it is written with an inverted timestamp.
-            w(
-                "UPDATE studies USING TIMESTAMP ? SET first_received_at = ? WHERE study_uid = ?",
-                (2**62 - at, received, study["uid"]),
-            ),
-        ]
-        if patient.get("id"):
-            # The PATIENT level of C-FIND; the newest demographics win, as for studies. Patients are
-            # listed through the same 32 stable buckets as studies.
-            writes.append(
-                w(
-                    "UPDATE patients USING TIMESTAMP ? SET issuer_of_patient_id = ?, patient_name = ?,"
-                    " patient_birth_date = ?, patient_sex = ?, bucket = ? WHERE patient_id = ?",
-                    (at, patient.get("issuer"), patient.get("name"), patient.get("birth_date"), patient.get("sex"),
-                     study_bucket(patient["id"]), patient["id"]),
-                )
-            )
-        return writes
+            )]
+        # The PATIENT level of C-FIND; the newest demographics win, as for studies. Patients are listed
+        # through the same 32 stable buckets as studies.
+        return [w(
+            "UPDATE patients USING TIMESTAMP ? SET issuer_of_patient_id = ?, patient_name = ?,"
+            " patient_birth_date = ?, patient_sex = ?, bucket = ? WHERE patient_id = ?",
+            (at, patient.get("issuer"), patient.get("name"), patient.get("birth_date"), patient.get("sex"),
+             study_bucket(patient["id"]), patient["id"]),
+        )]
 
     def refresh_study(self, study_uid: str, new_sop_classes: Iterable[str] | None = None) -> None:
         """Recompute a study's and its series' aggregates from the instance rows.

@@ -132,3 +132,16 @@ def test_study_aggregates_follow_batches_and_replaced_versions(store):
     row = store.study(study)
     assert (row.number_of_instances, row.number_of_series) == (3, 2)
     assert row.sop_classes_in_study == {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.88.11"}
+
+
+def test_one_batch_writes_the_newest_study_attributes_whatever_the_order(store):
+    now = dt.datetime.now(dt.timezone.utc)
+    study, series = generate_uid(), generate_uid()
+    newer = event(study, series, generate_uid(), when=now + dt.timedelta(seconds=5))
+    newer["patient"]["name"] = "Renamed^Patient"
+    older = event(study, series, generate_uid(), when=now)
+    Indexer(store).apply([newer, older])
+    row = store.study(study)
+    assert row.patient_name == "Renamed^Patient"
+    assert row.first_received_at.replace(tzinfo=dt.timezone.utc) == now.replace(microsecond=now.microsecond // 1000 * 1000)
+    assert row.number_of_instances == 2
