@@ -25,9 +25,9 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from tqdm import tqdm
 
 from dicomgrid.core.config import load_config
+from dicomgrid.core.kafka import delete_topics, ensure_topics
 from dicomgrid.core.metadata import MetadataStore, apply_schema
 from dicomgrid.dimse import set_nodelay
-from dicomgrid.processors.app import skip_history
 from dicomgrid.processors.indexer import Indexer
 from dicomgrid.supervisor import Supervisor
 
@@ -127,11 +127,13 @@ def main(studies: int, patients: int, queries: int, reload: bool) -> None:
     site = config.sites[0]
     config_file.write_text(
         f'name = "{GRID}"\ndata_dir = "{config.root}"\n[cassandra]\nkeyspace = "{KEYSPACE}"\n'
+        f'[kafka]\ntopic_prefix = "{GRID}."\n'
         f'[[sites]]\nname = "A"\nae_title = "{site.ae_title}"\ndicom_port = {site.dicom_port}\n'
         f'http_port = {site.http_port}\nstorage_root = "{site.storage_root}"\ncassandra_dc = "dc1"\n'
     )
     scale_config = load_config(config_file)
-    skip_history(scale_config)  # the scale grid answers from what was loaded above, not the topic
+    # The scale grid's own (empty) topics: it answers from what was loaded above, not from a topic.
+    ensure_topics(scale_config.kafka)
     supervisor = Supervisor(scale_config, str(config_file))
     supervisor.up(timeout=90)
     try:
@@ -149,6 +151,7 @@ def main(studies: int, patients: int, queries: int, reload: bool) -> None:
         }
     finally:
         supervisor.down()
+        delete_topics(scale_config.kafka)
     click.echo(f"\nC-FIND study level, {total} studies indexed, one association, site A")
     click.echo("| query | n | p50 ms | p99 ms | mean ms |\n|---|---|---|---|---|")
     for name, values in results.items():

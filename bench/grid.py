@@ -1,7 +1,8 @@
 """The grid under benchmark: one site with every durability guarantee on, on the shared local cluster.
 
 Like the test grids (tests/grid.py) it has its own name (pid files, consumer group), free ports, its own
-keyspace and blob store, so it never disturbs a development grid or a test session. Its services are
+keyspace, blob store and Kafka topics (a prefix per benchmark process, deleted when it stops), so it never
+disturbs a development grid or a test session, and indexes only what it ingests. Its services are
 run by the grid's own :class:`~dicomgrid.supervisor.Supervisor`, exactly as ``dicomgrid up`` runs them.
 
 Two configurations differ only in ``receiver_processes`` (1 or 2, sharing the port with SO_REUSEPORT);
@@ -11,25 +12,28 @@ switching restarts the receivers and keeps the DICOMweb and stream-processor ser
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import psutil
+from confluent_kafka.admin import AdminClient
 
 from bench.corpus import InstanceKey, RunCorpus
 from bench.paths import BENCH_ROOT
 from bench.storescu import CALLING_AE, SendResult, dcmtk_env
 from bench.targets import RunCheck, free_port
 from dicomgrid.core.config import GridConfig, load_config
-from dicomgrid.core.kafka import ensure_topics
+from dicomgrid.core.kafka import delete_topics, ensure_topics
 from dicomgrid.core.metadata import MetadataStore, apply_schema
 from dicomgrid.deploy.local import LocalCluster
-from dicomgrid.processors.app import skip_history
 from dicomgrid.supervisor import Supervisor
 
 NAME = "dicomgrid-bench"
+# Topics of this benchmark process: "<NAME>-<pid>.dicom.instance.stored", ...
+TOPIC_PREFIX = f"{NAME}-{os.getpid()}."
 KEYSPACE = "dicomgrid_bench"
 SITE = "A"
 AE_TITLE = "GRID_BENCH"
@@ -61,6 +65,7 @@ class BenchGrid:
             # dc2 = 0: one site, one datacenter (the shipped defaults name two, and tables merge).
             path.write_text(
                 f'name = "{NAME}"\ndata_dir = "{self.cluster_config.root}"\nlog_level = "INFO"\n'
+                f'[kafka]\ntopic_prefix = "{TOPIC_PREFIX}"\n'
                 f'[cassandra]\nkeyspace = "{KEYSPACE}"\nreplication = {{ dc1 = 1, dc2 = 0 }}\n'
                 f'[security]\nallowed_calling_aes = ["{CALLING_AE}", "FINDSCU", "GETSCU", "MOVESCU", "ECHOSCU"]\n'
                 f'[[sites]]\nname = "{SITE}"\nae_title = "{AE_TITLE}"\ndicom_port = {self.dicom_port}\n'
@@ -90,10 +95,9 @@ class BenchGrid:
         # Services of an earlier, interrupted benchmark would hold stale ports and files.
         Supervisor.stop_pid_files(self.supervisor(1).run_dir)
         shutil.rmtree(self.storage, ignore_errors=True)
+        _delete_orphaned_topics(config)
         apply_schema(config)
         ensure_topics(config.kafka)
-        # The bench grid indexes only what it ingests, not the shared topic's history.
-        skip_history(config)
         self.use(1)
         self.metadata = MetadataStore(config, local_dc=DC)
         # Connect and prepare now, so the first lag probe measures the index and not the driver.
@@ -133,6 +137,7 @@ class BenchGrid:
         Supervisor.stop_pid_files(run_dir)
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.rmtree(self.storage, ignore_errors=True)
+        delete_topics(self.config().kafka)
         self.receivers = 0
 
     def processes(self) -> dict[str, list[psutil.Process]]:
@@ -183,6 +188,15 @@ class BenchGrid:
             time.sleep(0.2)
         note = "" if not pending else f"not visible within {INDEX_TIMEOUT_S:.0f}s in: {', '.join(pending)}"
         return RunCheck(indexed, lags.get("index"), lags.get("location"), note)
+
+
+def _delete_orphaned_topics(config: GridConfig) -> None:
+    """Delete the topics of earlier benchmark processes that ended without deleting them."""
+    topics = AdminClient(config.kafka.client_config()).list_topics(timeout=10).topics
+    for prefix in {t.split(".", 1)[0] for t in topics if t.startswith(f"{NAME}-")}:
+        owner = prefix.removeprefix(f"{NAME}-")
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            delete_topics(config.kafka.model_copy(update={"topic_prefix": f"{prefix}."}))
 
 
 class GridTarget:

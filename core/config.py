@@ -49,12 +49,19 @@ class KafkaConfig(_Section):
     sasl_username: str | None = None
     sasl_password: str | None = None
     ssl_ca_location: str | None = None
+    # Prepended to every topic name of the contract (schemas/topics.toml), so several grids can share one
+    # Kafka cluster without seeing each other's events: "" -> "dicom.audit", "lab." -> "lab.dicom.audit".
+    topic_prefix: str = Field(default="", max_length=200, pattern=r"^[A-Za-z0-9._-]*$")
     # Topic layout used by `dicomgrid schema apply`.
     partitions: int = Field(default=6, ge=1)
     replication_factor: int = Field(default=1, ge=1)
     min_insync_replicas: int = Field(default=1, ge=1)
     # How long ingest waits for a delivery report before answering the PACS with a failure.
     delivery_timeout_s: float = Field(default=15.0, gt=0)
+
+    def topic(self, logical: str) -> str:
+        """The physical Kafka topic of a logical topic name of the contract (e.g. ``dicom.instance.stored``)."""
+        return self.topic_prefix + logical
 
     def client_config(self) -> dict[str, Any]:
         """librdkafka settings shared by producers, consumers and the admin client."""

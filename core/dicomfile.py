@@ -8,7 +8,6 @@ whether it arrived by C-STORE, STOW-RS or replication, and whichever AE sent it.
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.filereader import read_dataset, read_preamble
-from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import BaseTag
 
 # The grid's implementation identity in file meta (a UUID-derived UID under the 2.25 root).

@@ -10,7 +10,6 @@ from typing import Any, Literal
 from dicomgrid import schemas
 from dicomgrid.core.blobstore import BlobRef
 from dicomgrid.core.dicomfile import IndexAttributes
-from dicomgrid.core.metadata import StoredVersion
 
 Protocol = Literal["DIMSE", "STOW-RS", "REPLICATION", "IMPORT"]
 
@@ -26,6 +25,14 @@ def envelope(event_type: str) -> dict[str, Any]:
         "schema_version": 1,
         "occurred_at": utc_now(),
     }
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    """The payload currently indexed for a SOP Instance UID."""
+
+    sha256: str
+    version: int
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -26,6 +27,9 @@ class PublishError(RuntimeError):
 class EventPublisher:
     """Publishes JSON events with idempotence and acks=all; one instance per process.
 
+    Callers name topics by their logical name (``schemas.TOPIC_*``); the publisher writes to the grid's
+    physical topic (:meth:`KafkaConfig.topic`).
+
     :meth:`publish` returns a future that resolves only when the delivery report confirms that every
     in-sync replica has the event. A background thread serves delivery reports, so concurrent callers
     (one per DICOM association) share batches without waiting for each other. ``linger.ms`` is 0: a
@@ -35,6 +39,7 @@ class EventPublisher:
 
     def __init__(self, config: KafkaConfig, *, client_id: str = "dicomgrid", linger_ms: int = 0) -> None:
         self._timeout_s = config.delivery_timeout_s
+        self._topic = config.topic
         self._producer = Producer(
             {
                 **config.client_config(),
@@ -68,6 +73,7 @@ class EventPublisher:
 
     def publish(self, topic: str, key: str, event: dict[str, Any]) -> Future[Message]:
         future: Future[Message] = Future()
+        topic = self._topic(topic)
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
             if err is not None:
@@ -107,19 +113,20 @@ class EventPublisher:
 
 
 def ensure_topics(config: KafkaConfig, timeout: float = 30.0) -> list[str]:
-    """Create every topic of the contract that does not exist yet; return the names created."""
+    """Create every topic of the contract (under the grid's prefix) that does not exist yet; return the
+    physical names created."""
     admin = AdminClient(config.client_config())
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = []
     for spec in schemas.topics().values():
-        if spec.name in existing:
+        if config.topic(spec.name) in existing:
             continue
         topic_config = {
             k: v.replace("{min_insync_replicas}", str(config.min_insync_replicas)) for k, v in spec.config.items()
         }
         wanted.append(
             NewTopic(
-                spec.name,
+                config.topic(spec.name),
                 num_partitions=spec.partitions or config.partitions,
                 replication_factor=spec.replication_factor or config.replication_factor,
                 config=topic_config,
@@ -133,4 +140,41 @@ def ensure_topics(config: KafkaConfig, timeout: float = 30.0) -> list[str]:
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
+    _wait_for_leaders(admin, created, timeout)
     return created
+
+
+def _wait_for_leaders(admin: AdminClient, topics: list[str], timeout: float) -> None:
+    """Return once every partition of ``topics`` has a leader: a topic created moments ago has none yet,
+    and consumers that look up its offsets would fail."""
+    deadline = time.monotonic() + timeout
+    while topics:
+        metadata = admin.list_topics(timeout=timeout).topics
+        ready = all(
+            t in metadata and metadata[t].partitions and all(p.leader >= 0 for p in metadata[t].partitions.values())
+            for t in topics
+        )
+        if ready:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topics without partition leaders after {timeout}s: {topics}")
+        time.sleep(0.2)
+
+
+def delete_topics(config: KafkaConfig, timeout: float = 30.0) -> list[str]:
+    """Delete the topics of a grid with its own ``topic_prefix`` (a test or benchmark grid); return the
+    physical names deleted. Refused without a prefix: the unprefixed topics may be any grid's log."""
+    if not config.topic_prefix:
+        raise ValueError("refusing to delete the unprefixed topics of the contract")
+    admin = AdminClient(config.client_config())
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    names = [config.topic(name) for name in schemas.topics() if config.topic(name) in existing]
+    deleted = []
+    for name, future in (admin.delete_topics(names, request_timeout=timeout).items() if names else []):
+        try:
+            future.result(timeout=timeout)
+            deleted.append(name)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise
+    return deleted

@@ -13,7 +13,6 @@ import threading
 import uuid
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from cassandra import ConsistencyLevel
@@ -25,6 +24,7 @@ from cassandra.query import PreparedStatement, named_tuple_factory
 
 from dicomgrid import schemas
 from dicomgrid.core.config import GridConfig
+from dicomgrid.core.events import StoredVersion
 from dicomgrid.core.logging import get_logger
 
 log = get_logger(__name__)
@@ -53,14 +53,6 @@ def _ts(iso: str) -> dt.datetime:
 
 def _micros(moment: dt.datetime) -> int:
     return int(moment.timestamp() * 1_000_000)
-
-
-@dataclass(frozen=True)
-class StoredVersion:
-    """The payload currently indexed for a SOP Instance UID."""
-
-    sha256: str
-    version: int
 
 
 @functools.lru_cache(maxsize=512)

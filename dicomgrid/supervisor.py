@@ -7,16 +7,33 @@ Each service is one ``python -m dicomgrid serve ...`` process with a pid file un
 
 from __future__ import annotations
 
-import socket
+import http.client
+import logging
 import sys
+import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+import psutil
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
 
-from dicomgrid.core.config import GridConfig
+from dicomgrid.core.config import GridConfig, SecurityConfig
 from dicomgrid.core.daemon import Daemon
+
+PROBE_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class DimseProbe:
+    """A site AE to probe with C-ECHO."""
+
+    host: str
+    port: int
+    called_ae: str
 
 
 @dataclass(frozen=True)
@@ -25,7 +42,7 @@ class Service:
     kind: str  # receiver | http | processors
     index: int
     argv: list[str]
-    probe: tuple[str, int] | str | None  # TCP address, HTTP URL, or None (process liveness only)
+    probe: DimseProbe | str | None  # C-ECHO, HTTP URL, or None (process liveness only)
 
     @property
     def name(self) -> str:
@@ -45,19 +62,79 @@ class ServiceStatus:
     detail: str
 
 
-def _tcp_open(address: tuple[str, int]) -> bool:
+class _ProbeAE(AE):
+    """The C-ECHO requestor of the probes; what its associations log is dropped (:class:`_QuietProbes`)."""
+
+
+class _QuietProbes(logging.Filter):
+    """Drops pynetdicom's records about probe associations: a receiver that is still starting up fails
+    several probes, each would log errors, and the outcome is in the service's status anyway."""
+
+    probing = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(self.probing, "active", False):
+            return False
+        thread = threading.current_thread()
+        assoc = thread if isinstance(thread, Association) else getattr(thread, "assoc", None)
+        return not isinstance(getattr(assoc, "ae", None), _ProbeAE)
+
+
+_QUIET = _QuietProbes()
+for _module in ("acse", "association", "dimse", "dul", "fsm", "transport"):
+    logging.getLogger(f"pynetdicom.{_module}").addFilter(_QUIET)
+
+
+def probe_calling_ae(security: SecurityConfig) -> str:
+    """The probe's calling AE title: ECHOSCU if the allow-list admits it, else the first allowed title."""
+    allowed = security.allowed_calling_aes
+    return "ECHOSCU" if not allowed or "ECHOSCU" in allowed else allowed[0]
+
+
+def _listening(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself has a listening TCP socket on ``port`` (every receiver of a pool
+    has its own, with SO_REUSEPORT)."""
     try:
-        with socket.create_connection(address, timeout=0.5):
-            return True
-    except OSError:
+        connections = psutil.Process(pid).net_connections("tcp")
+    except psutil.Error:
         return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in connections)
+
+
+def c_echo(probe: DimseProbe, calling_ae: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """C-ECHO the AE; None on success, else why it failed. The association is released, not left open."""
+    ae = _ProbeAE(ae_title=calling_ae)
+    ae.add_requested_context(Verification)
+    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    _QUIET.probing.active = True
+    try:
+        assoc = ae.associate(probe.host, probe.port, ae_title=probe.called_ae)
+        if assoc.is_rejected:
+            return f"association rejected (calling AE {calling_ae}, called AE {probe.called_ae})"
+        if not assoc.is_established:
+            return "no association (refused, aborted or timed out)"
+        try:
+            status = assoc.send_c_echo()
+        finally:
+            assoc.release()
+        if "Status" not in status:
+            return "no C-ECHO response"
+        return None if status.Status == 0x0000 else f"C-ECHO status 0x{status.Status:04X}"
+    finally:
+        _QUIET.probing.active = False
 
 
 def _http_ok(url: str) -> bool:
+    """GET ``url`` answers 200 (plain http.client: no proxy settings apply, nothing is logged)."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=1.0)
     try:
-        return httpx.get(url, timeout=1.0).status_code == 200
-    except httpx.HTTPError:
+        connection.request("GET", parts.path or "/")
+        return connection.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
         return False
+    finally:
+        connection.close()
 
 
 class Supervisor:
@@ -77,7 +154,8 @@ class Supervisor:
             pool = site.receiver_processes
             for i in range(1, pool + 1):
                 argv = [*base, "serve", "receiver", "--site", site.name] + (["--reuse-port"] if pool > 1 else [])
-                out.append(Service(site.name, "receiver", i, argv, (site.dicom_host, site.dicom_port)))
+                probe = DimseProbe(site.dicom_host, site.dicom_port, site.ae_title)
+                out.append(Service(site.name, "receiver", i, argv, probe))
             out.append(
                 Service(
                     site.name, "http", 1, [*base, "serve", "http", "--site", site.name],
@@ -105,8 +183,13 @@ class Supervisor:
                 healthy = _http_ok(probe)
                 detail = probe if healthy else f"{probe} not answering"
             else:
-                healthy = _tcp_open(probe)
-                detail = f"dicom://{probe[0]}:{probe[1]}" + ("" if healthy else " not accepting")
+                failure = (
+                    c_echo(probe, probe_calling_ae(self.config.security))
+                    if _listening(pid, probe.port)
+                    else "not listening"
+                )
+                healthy = failure is None
+                detail = f"dicom://{probe.called_ae}@{probe.host}:{probe.port}" + (f" {failure}" if failure else "")
             out.append(ServiceStatus(service, pid, True, healthy, detail))
         return out
 

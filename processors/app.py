@@ -1,17 +1,16 @@
 """The grid's stream-processing app (faust-streaming): one worker per site, one consumer group.
 
-Workers of every site share the partitions of ``dicom.instance.stored``; when a site goes down its
-partitions move to the others. Blocking Cassandra work runs in a thread, never on the event loop.
+Workers of every site share the partitions of ``dicom.instance.stored`` (under the grid's
+``kafka.topic_prefix``); when a site goes down its partitions move to the others. Blocking Cassandra
+work runs in a thread, never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import faust
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from dicomgrid import schemas
 from dicomgrid.core.config import GridConfig
@@ -41,40 +40,6 @@ def _credentials(config: GridConfig) -> Any:
 def consumer_group(config: GridConfig) -> str:
     """The consumer group of a grid's processors: one per grid, shared by the workers of all its sites."""
     return f"{config.name}-processors"
-
-
-_NO_LEADER = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART}
-
-
-def skip_history(config: GridConfig, timeout: float = 60.0) -> None:
-    """Start this grid's processors at the current end of ``dicom.instance.stored``.
-
-    A new grid normally indexes the whole topic (the topic is the grid's log). A grid that shares a
-    cluster with others and must index only what it ingests itself (a test or benchmark grid) commits
-    the current end offsets for its group before its workers start: no history is replayed, and nothing
-    published after this call is skipped.
-    """
-    consumer = Consumer({**config.kafka.client_config(), "group.id": consumer_group(config), "enable.auto.commit": False})
-    topic = schemas.TOPIC_INSTANCE_STORED
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            try:
-                partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-                ends = [
-                    TopicPartition(topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
-                    for p in partitions
-                ]
-                consumer.commit(offsets=ends, asynchronous=False)
-                return
-            except KafkaException as exc:
-                # A topic created moments ago has no partition leaders yet (NOT_LEADER_FOR_PARTITION).
-                error = exc.args[0]
-                if time.monotonic() > deadline or (not error.retriable() and error.code() not in _NO_LEADER):
-                    raise
-                time.sleep(0.5)
-    finally:
-        consumer.close()
 
 
 async def _connect(config: GridConfig, local_dc: str) -> MetadataStore:
@@ -108,7 +73,7 @@ def create_app(config: GridConfig, site: str) -> faust.App:
         broker_commit_interval=1.0,
     )
     instance_stored = app.topic(
-        schemas.TOPIC_INSTANCE_STORED, key_type=bytes, value_type=bytes, value_serializer="raw", key_serializer="raw"
+        config.kafka.topic(schemas.TOPIC_INSTANCE_STORED), key_type=bytes, value_type=bytes, value_serializer="raw", key_serializer="raw"
     )
 
     @app.agent(instance_stored, name="indexer")

@@ -1,7 +1,7 @@
 """A grid under test: its own sites, ports, keyspace and consumer group, on the shared local cluster.
 
-The test grid never touches a development grid started with ``make run``: only Kafka topics are shared,
-and tests look only at the events of the instances they sent.
+The test grid never touches a development grid started with ``make run``: it has its own Kafka topics
+(``kafka.topic_prefix`` derived from its name), so it sees only the events it produces itself.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def free_port() -> int:
 
 
 def write_test_config(path: Path, name: str, data_dir: Path, storage: Path) -> Path:
-    """A two-site grid config for tests on free ports, sharing the cluster under ``data_dir``."""
+    """A two-site grid config for tests on free ports, sharing the cluster under ``data_dir``, with its
+    own topics (prefix ``<name>.``)."""
     sites = []
     for site, dc, peer in (("A", "dc1", "B"), ("B", "dc2", "A")):
         dicom_port, http_port = free_port(), free_port()
@@ -42,7 +43,7 @@ def write_test_config(path: Path, name: str, data_dir: Path, storage: Path) -> P
     path.write_text(
         f'name = "{name}"\ndata_dir = "{data_dir}"\nlog_level = "INFO"\n'
         f'[cassandra]\nkeyspace = "dicomgrid_test"\n'
-        f'[kafka]\ndelivery_timeout_s = 6.0\n'
+        f'[kafka]\ndelivery_timeout_s = 6.0\ntopic_prefix = "{name}."\n'
         + "\n".join(sites)
     )
     return path
@@ -50,7 +51,8 @@ def write_test_config(path: Path, name: str, data_dir: Path, storage: Path) -> P
 
 @dataclass
 class EventTap:
-    """Reads a topic from the offsets it had when the tap was made."""
+    """Reads a topic (logical name, e.g. ``schemas.TOPIC_AUDIT``) of the grid from the offsets it had when
+    the tap was made."""
 
     config: GridConfig
     topic: str
@@ -66,11 +68,12 @@ class EventTap:
                 "auto.offset.reset": "earliest",
             }
         )
-        meta = self._consumer.list_topics(self.topic, timeout=10)
+        topic = self.config.kafka.topic(self.topic)
+        meta = self._consumer.list_topics(topic, timeout=10)
         partitions = []
-        for p in meta.topics[self.topic].partitions:
-            _, high = self._consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)
-            partitions.append(TopicPartition(self.topic, p, high))
+        for p in meta.topics[topic].partitions:
+            _, high = self._consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            partitions.append(TopicPartition(topic, p, high))
         self._consumer.assign(partitions)
 
     def collect(self, until: Callable[[list[dict[str, Any]]], bool], timeout: float = 30.0) -> list[dict[str, Any]]:

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from confluent_kafka.admin import AdminClient
 
 from dicomgrid import schemas
 from dicomgrid.core.config import GridConfig, SiteConfig
-from dicomgrid.core.kafka import ensure_topics
+from dicomgrid.core.kafka import delete_topics, ensure_topics
 from dicomgrid.core.metadata import MetadataStore, apply_schema
-from dicomgrid.processors.app import skip_history
 from dicomgrid.supervisor import Supervisor
 from tests.grid import TEST_GRID_PREFIX, EventTap, load_test_config, write_test_config
 
@@ -35,21 +35,30 @@ class Grid:
         return MetadataStore(self.config, local_dc=dc)
 
 
+def _orphaned(grid_name: str) -> bool:
+    """Whether the pytest session that named a test grid (``<prefix><pid>[-suffix]``) is gone."""
+    owner = grid_name.removeprefix(TEST_GRID_PREFIX).split("-", 1)[0]
+    return owner.isdigit() and not Path(f"/proc/{owner}").exists()
+
+
 def _stop_orphaned_test_grids(cluster: GridConfig) -> None:
-    """Stop the services of test grids whose pytest session died without cleaning up."""
+    """Stop the services and delete the topics of test grids whose pytest session died without cleaning up."""
     for run_dir in (cluster.root / "run" / "grid").glob(f"{TEST_GRID_PREFIX}*"):
-        owner = run_dir.name.removeprefix(TEST_GRID_PREFIX)
-        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+        if _orphaned(run_dir.name):
             Supervisor.stop_pid_files(run_dir)
             shutil.rmtree(run_dir, ignore_errors=True)
+    topics = AdminClient(cluster.kafka.client_config()).list_topics(timeout=10).topics
+    for grid_name in {t.split(".", 1)[0] for t in topics if t.startswith(TEST_GRID_PREFIX)}:
+        if _orphaned(grid_name):
+            delete_topics(cluster.kafka.model_copy(update={"topic_prefix": f"{grid_name}."}))
 
 
 @pytest.fixture(scope="session")
 def grid(cluster: GridConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Grid]:
     """A two-site test grid with every service running, on the session's local cluster.
 
-    Each session gets its own grid name (consumer group, pid files) and free ports, so sessions can
-    run side by side on one cluster.
+    Each session gets its own grid name (consumer group, pid files, topic prefix) and free ports, so
+    sessions can run side by side on one cluster; its topics are deleted at the end.
     """
     _stop_orphaned_test_grids(cluster)
     base = tmp_path_factory.mktemp("grid")
@@ -58,8 +67,6 @@ def grid(cluster: GridConfig, tmp_path_factory: pytest.TempPathFactory) -> Itera
     config = load_test_config(config_file)
     apply_schema(config)
     ensure_topics(config.kafka)
-    # Index only what the tests send, not the history of a long-lived development cluster.
-    skip_history(config)
     supervisor = Supervisor(config, str(config_file))
     try:
         supervisor.up(timeout=90)
@@ -69,6 +76,7 @@ def grid(cluster: GridConfig, tmp_path_factory: pytest.TempPathFactory) -> Itera
     if os.environ.get("DICOMGRID_TEST_KEEP_GRID") != "1":
         supervisor.down()
         shutil.rmtree(supervisor.run_dir, ignore_errors=True)
+        delete_topics(config.kafka)
 
 
 @pytest.fixture

@@ -23,11 +23,11 @@ GRID_MODALITY = "grid"
 
 
 def indexer_lag(config: GridConfig) -> int:
-    """Events of ``dicom.instance.stored`` the grid's processors have not committed yet.
+    """Events of the grid's ``dicom.instance.stored`` its processors have not committed yet.
 
     Only reads the group's committed offsets (no subscription), so it never joins the processors' group.
     """
-    topic = schemas.TOPIC_INSTANCE_STORED
+    topic = config.kafka.topic(schemas.TOPIC_INSTANCE_STORED)
     consumer = Consumer(
         {**config.kafka.client_config(), "group.id": f"{config.name}-processors", "enable.auto.commit": False}
     )
@@ -45,11 +45,7 @@ def indexer_lag(config: GridConfig) -> int:
 
 @pytest.fixture
 def indexer_caught_up(grid) -> None:
-    """Wait until the test grid's indexer has replayed the event log that was there before the test.
-
-    A test grid's processors form a new consumer group, which starts from the beginning of the shared
-    topic: the index of the test's own instances lags by that whole history until the replay is done.
-    """
+    """Wait until the test grid's indexer has committed every event published before the test."""
     wait_for(lambda: indexer_lag(grid.config) == 0, timeout=180, interval=1.0)
 
 

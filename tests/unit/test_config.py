@@ -46,3 +46,21 @@ def test_invalid_configs_are_refused(tmp_path: Path, toml: str, message: str):
     cfg.write_text(toml)
     with pytest.raises(ValueError, match=message):
         load_config(cfg)
+
+
+def test_topic_prefix_maps_logical_to_physical_topics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    assert load_config().kafka.topic_prefix == ""
+    assert load_config().kafka.topic("dicom.instance.stored") == "dicom.instance.stored"
+    cfg = tmp_path / "grid.toml"
+    cfg.write_text('[kafka]\ntopic_prefix = "lab-1."\n')
+    assert load_config(cfg).kafka.topic("dicom.audit") == "lab-1.dicom.audit"
+    monkeypatch.setenv("DICOMGRID_KAFKA__TOPIC_PREFIX", "ci_7.")
+    assert load_config(cfg).kafka.topic("dicom.audit") == "ci_7.dicom.audit"
+
+
+@pytest.mark.parametrize("prefix", ["a b.", "lab/", "é.", "x" * 201])
+def test_topic_prefix_must_make_legal_topic_names(tmp_path: Path, prefix: str):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(f'[kafka]\ntopic_prefix = "{prefix}"\n')
+    with pytest.raises(ValueError, match="topic_prefix"):
+        load_config(cfg)
