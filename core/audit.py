@@ -72,8 +72,17 @@ def audit_record(
     }
 
 
+# Audit records are confirmed asynchronously (a lost one is logged, and every record is also a log
+# line), so their producer may wait this long to batch them; the instance events' producer does not.
+AUDIT_LINGER_MS = 20
+
+
 class AuditTrail:
-    """Publishes audit records for one site without blocking the caller."""
+    """Publishes audit records for one site without blocking the caller.
+
+    Give it its own publisher (``linger_ms=AUDIT_LINGER_MS``): sharing the ingest publisher, whose
+    ``linger.ms`` is 0, sends every audit record in a produce request of its own.
+    """
 
     def __init__(self, site: str, publisher: EventPublisher | None) -> None:
         self.site = site
@@ -103,6 +112,12 @@ class AuditTrail:
             future = self._publisher.publish(schemas.TOPIC_AUDIT, self.site, record)
             future.add_done_callback(_log_lost_audit)
         return record
+
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait for queued records to be delivered (at shutdown)."""
+        if self._publisher is not None:
+            self._publisher.flush(timeout)
 
 
 def _log_lost_audit(future: Any) -> None:

@@ -222,7 +222,12 @@ def serve_receiver(ctx: Context, site: str, reuse_port: bool) -> None:
     ingestor = build_ingestor(ctx.config, site)
     storage = StorageService(ingestor, ctx.config.site(site).ae_title)
     services = [storage, *dimse_services(build_site_context(ctx.config, site, ingestor))]
-    SiteAE(ctx.config, site, services, ingestor.audit).serve(spool_dir=storage.spool_dir, reuse_port=reuse_port)
+    # SIGTERM (the supervisor's stop) unwinds like Ctrl-C, so queued audit records are delivered.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    try:
+        SiteAE(ctx.config, site, services, ingestor.audit).serve(spool_dir=storage.spool_dir, reuse_port=reuse_port)
+    finally:
+        ingestor.flush()
 
 
 @serve.command("http")

@@ -148,6 +148,11 @@ class Ingestor:
         self.delivery_timeout_s = delivery_timeout_s
         self.recent = RecentVersions()
 
+    def flush(self, timeout: float = 5.0) -> None:
+        """Deliver what is still queued (audit records) before the process exits."""
+        self.publisher.flush(timeout)
+        self.audit.flush(timeout)
+
     def ingest(self, fp: BinaryIO, source: Source, expected: Expected = Expected()) -> IngestResult:
         """Ingest one Part 10 file (any file meta; it is replaced by the grid's canonical one)."""
         return self.report(self._ingest(fp, source, expected), source)

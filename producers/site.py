@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dicomgrid.core.audit import AuditTrail
+from dicomgrid.core.audit import AUDIT_LINGER_MS, AuditTrail
 from dicomgrid.core.blobstore import BlobStore
 from dicomgrid.core.config import GridConfig
 from dicomgrid.core.kafka import EventPublisher
@@ -25,7 +25,8 @@ def build_ingestor(config: GridConfig, site_name: str, metadata: MetadataStore |
         BlobStore(config.site_storage(site.name), site.name),
         publisher,
         metadata,
-        AuditTrail(site.name, publisher),
+        AuditTrail(site.name, EventPublisher(config.kafka, client_id=f"dicomgrid-audit-{site.name}",
+                                             linger_ms=AUDIT_LINGER_MS)),
         max_instance_bytes=site.max_instance_bytes,
         delivery_timeout_s=config.kafka.delivery_timeout_s,
     )
