@@ -20,7 +20,7 @@ from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
 from cassandra.concurrent import execute_concurrent
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
-from cassandra.query import PreparedStatement, named_tuple_factory
+from cassandra.query import BatchStatement, BatchType, PreparedStatement, named_tuple_factory
 
 from dicomgrid import schemas
 from dicomgrid.core.config import GridConfig
@@ -30,6 +30,8 @@ from dicomgrid.core.logging import get_logger
 log = get_logger(__name__)
 
 STUDY_BUCKETS = 32
+# instances rows per unlogged batch: a few KB, under Cassandra's batch size warning (5 KiB).
+INSTANCE_ROWS_PER_BATCH = 6
 
 
 def study_bucket(study_uid: str) -> int:
@@ -69,6 +71,13 @@ def cached_named_tuple_factory(colnames: list[str], rows: list[Any]) -> list[Any
     """
     make = _row_class(tuple(colnames))
     return [make(row) for row in rows]
+
+
+def _unlogged(writes: list[tuple[PreparedStatement, tuple[Any, ...]]]) -> BatchStatement:
+    batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+    for stmt, params in writes:
+        batch.add(stmt, params)
+    return batch
 
 
 def connect(config: GridConfig, local_dc: str | None = None, *, keyspace: bool = True) -> tuple[Cluster, Session]:
@@ -172,9 +181,23 @@ class MetadataStore:
     # -- indexing --------------------------------------------------------------------------------
 
     def index_instances(self, events: Iterable[dict[str, Any]], concurrency: int = 64) -> None:
-        """Upsert the rows of ``dicom.instance.stored`` events (aggregates: :meth:`refresh_study`)."""
+        """Upsert the rows of ``dicom.instance.stored`` events (aggregates: :meth:`refresh_study`).
+
+        Writes travel in unlogged batches, which Cassandra applies as one request each: a study's
+        ``instances`` rows (one partition) a few at a time, and each instance's rows keyed by UID or
+        digest together. Each write stays an idempotent upsert with its own timestamp, so a batch that
+        fails half-way is simply replayed.
+        """
         events = list(events)
-        writes = [write for event in events for write in self._instance_writes(event)]
+        writes: list[tuple[Any, Any]] = []
+        by_study: dict[str, list[tuple[PreparedStatement, tuple[Any, ...]]]] = {}
+        for event in events:
+            instance_row, *keyed_rows = self._instance_writes(event)
+            by_study.setdefault(event["study"]["uid"], []).append(instance_row)
+            writes.append((_unlogged(keyed_rows), None))
+        for rows in by_study.values():
+            for start in range(0, len(rows), INSTANCE_ROWS_PER_BATCH):
+                writes.append((_unlogged(rows[start:start + INSTANCE_ROWS_PER_BATCH]), None))
         writes += self._level_writes(events)
         execute_concurrent(self.session, writes, concurrency=concurrency, raise_on_first_error=True)
 
@@ -204,7 +227,7 @@ class MetadataStore:
         )
 
     def _instance_writes(self, event: dict[str, Any]) -> list[tuple[PreparedStatement, tuple[Any, ...]]]:
-        """The instance-level upserts of one event, as (statement, parameters)."""
+        """The instance-level upserts of one event, as (statement, parameters); ``instances`` first."""
         study, series, inst, payload = event["study"], event["series"], event["instance"], event["payload"]
         received = _ts(event["occurred_at"])
         at = _micros(received)
@@ -212,12 +235,6 @@ class MetadataStore:
         sop_uid = inst["sop_instance_uid"]
         w = self._write
         writes = [
-            w(
-                "INSERT INTO instance_versions (sop_instance_uid, sha256, version, study_uid, series_uid, size,"
-                " received_site, received_at, event_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (sop_uid, payload["sha256"], event["version"], study["uid"], series["uid"], payload["size"],
-                 event["site"], received, event_id),
-            ),
             w(
                 "INSERT INTO instances (study_uid, series_uid, sop_instance_uid, sop_class_uid, instance_number,"
                 " transfer_syntax_uid, rows, columns, number_of_frames, size, sha256, payload_uri, version,"
@@ -227,6 +244,12 @@ class MetadataStore:
                  inst["transfer_syntax_uid"], inst.get("rows"), inst.get("columns"), inst.get("number_of_frames"),
                  payload["size"], payload["sha256"], payload["uri"], event["version"], event["site"], received,
                  event_id, at),
+            ),
+            w(
+                "INSERT INTO instance_versions (sop_instance_uid, sha256, version, study_uid, series_uid, size,"
+                " received_site, received_at, event_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (sop_uid, payload["sha256"], event["version"], study["uid"], series["uid"], payload["size"],
+                 event["site"], received, event_id),
             ),
             self._location_write(event),
             w(
