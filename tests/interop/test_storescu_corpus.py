@@ -52,10 +52,6 @@ EXPECTED_REFUSALS = {
     "pydicom:JPEGLSNearLossless_16.dcm": "0xC001",
     "pydicom:SC_rgb_jls_lossy_line.dcm": "0xC001",
     "pydicom:SC_rgb_jls_lossy_sample.dcm": "0xC001",
-    # The retired Ultrasound Image Storage SOP class is not among pynetdicom's storage classes, so the
-    # grid rejects its presentation context and storescu has nothing to send it on.
-    "pydicom-data:color-pl.dcm": "No presentation context for: (USr) 1.2.840.10008.5.1.4.1.1.6",
-    "pydicom-data:color-px.dcm": "No presentation context for: (USr) 1.2.840.10008.5.1.4.1.1.6",
 }
 
 P_DATA_TF = 0x04
