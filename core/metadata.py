@@ -135,7 +135,9 @@ class MetadataStore:
         if self._session is None:
             with self._lock:
                 if self._session is None:
-                    self._cluster, self._session = connect(self.config, self.local_dc)
+                    # No ``USE``: statements are prepared with the keyspace named, which Cassandra 5
+                    # asks for (it warns about USE with prepared statements).
+                    self._cluster, self._session = connect(self.config, self.local_dc, keyspace=False)
         return self._session
 
     def close(self) -> None:
@@ -145,7 +147,7 @@ class MetadataStore:
     def _stmt(self, cql: str) -> PreparedStatement:
         stmt = self._prepared.get(cql)
         if stmt is None:
-            stmt = self._prepared[cql] = self.session.prepare(cql)
+            stmt = self._prepared[cql] = self.session.prepare(cql, keyspace=self.config.cassandra.keyspace)
         return stmt
 
     def _write(self, cql: str, params: tuple[Any, ...]) -> tuple[PreparedStatement, tuple[Any, ...]]:
