@@ -63,6 +63,8 @@ def main(quick: bool, repetitions: int | None, small: int | None, large: int | N
     for section in sections:
         if section.key == "ingest":
             click.echo(section.markdown.split("### Goals")[0])
+        for line in section.summary:
+            click.echo(f"{section.key}: {line}")
     click.echo(f"results: {path} (and {path.with_suffix('.json').name})")
 
 

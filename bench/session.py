@@ -90,7 +90,10 @@ class Session:
         out = {"Python": platform.python_version(), **self.grid.versions()}
         for target in self.targets:
             if not isinstance(target, GridTarget):
-                out[target.label] = str(target.describe()["version"])
+                described = target.describe()
+                out[target.label] = str(described["version"])
+                for plugin, version in dict(described.get("plugins", {})).items():
+                    out[f"{target.label} {plugin} plugin"] = str(version)
         return out
 
     def target(self, key: str) -> Target:
