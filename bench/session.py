@@ -36,6 +36,7 @@ class Options:
     warmup: int = 10
     queries: int = 200  # C-FINDs per association for a one-match query (a tenth for many matches)
     profile: bool = True
+    retrieve_instances: int = 200  # instances of the study retrieved by C-GET and WADO-RS
 
     @property
     def corpora(self) -> list[CorpusSpec]:
@@ -44,6 +45,11 @@ class Options:
             CorpusSpec("small", self.small, 140, 140, studies=5, seed=1),
             CorpusSpec("large", self.large, 512, 512, studies=1, seed=2),
         ]
+
+    @property
+    def retrieve_study(self) -> CorpusSpec:
+        """One study of small (~40 KB) CT instances, for C-GET and WADO-RS."""
+        return CorpusSpec("study", self.retrieve_instances, 140, 140, studies=1, seed=3)
 
 
 @contextmanager
@@ -69,6 +75,7 @@ class Session:
             *(GridTarget(self.grid, n) for n in options.grid_receivers),
         ]
         self.corpora = [Corpus.load(spec) for spec in options.corpora]
+        self._corpora = {c.spec: c for c in self.corpora}
         # State scenarios share within the session (e.g. the reference studies of query and retrieve).
         self.shared: dict[str, Any] = {}
         self._stack = ExitStack()
@@ -98,6 +105,12 @@ class Session:
 
     def target(self, key: str) -> Target:
         return next(t for t in self.targets if t.key == key)
+
+    def corpus(self, spec: CorpusSpec) -> Corpus:
+        """A corpus other than the ingest ones (built and cached on first use)."""
+        if spec not in self._corpora:
+            self._corpora[spec] = Corpus.load(spec)
+        return self._corpora[spec]
 
     @staticmethod
     def settle() -> None:
