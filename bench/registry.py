@@ -7,6 +7,7 @@ A new measurement is a class with ``key``, ``title`` and ``run(session) -> Secti
 
 from __future__ import annotations
 
+from bench.cfind_scale import CFindScaleScenario
 from bench.ingest import IngestScenario
 from bench.profiling import ReceiveProfileScenario
 from bench.query import QueryScenario
@@ -31,6 +32,7 @@ SCENARIOS: list[Scenario] = [
     IngestScenario(),
     ReceiveProfileScenario(),
     QueryScenario(),
+    CFindScaleScenario(),
     RetrieveScenario(),
     ReplicationScenario(),
 ]

@@ -36,6 +36,7 @@ class Options:
     warmup: int = 10
     queries: int = 200  # C-FINDs per association for a one-match query (a tenth for many matches)
     profile: bool = True
+    scales: tuple[int, ...] = (10_000, 100_000)  # studies in the metadata-scale sets (C-FIND latency)
     retrieve_instances: int = 200  # instances of the study retrieved by C-GET and WADO-RS
 
     @property
