@@ -1,7 +1,8 @@
 """``python -m bench`` (``make bench``): run every scenario, write ``bench/results/``, print the summary.
 
 ``--quick`` is a smoke run of everything (one repetition, small corpora, a 1000-study C-FIND scale
-set, no waiting for a quiet machine); its numbers are not meant to be compared.
+set, 20 instances for the cross-site lag, no waiting for a quiet machine); its numbers are not meant to
+be compared.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _scales(value: str | None) -> tuple[int, ...] | None:
 @click.command()
 @click.option("--quick", is_flag=True,
               help="Smoke run: 1 repetition, 40 small + 8 large instances, 1000-study C-FIND set, "
-                   "no quiet wait.")
+                   "20 cross-site instances, no quiet wait.")
 @click.option("--repetitions", type=click.IntRange(1), default=None, help="Repetitions per run (default 3).")
 @click.option("--small", type=click.IntRange(4), default=None, help="Instances in the ~40 KB corpus (default 500).")
 @click.option("--large", type=click.IntRange(4), default=None, help="Instances in the ~0.5 MB corpus (default 100).")
@@ -51,7 +52,7 @@ def _scales(value: str | None) -> tuple[int, ...] | None:
 def main(quick: bool, repetitions: int | None, small: int | None, large: int | None, max_load: float,
          max_wait: int, profile: bool, scales: tuple[int, ...] | None, only: tuple[str, ...]) -> None:
     """dicomgrid against DCMTK storescp and Orthanc: ingest (and the receiver's profile), C-FIND (also at
-    metadata scale), C-GET and WADO-RS."""
+    metadata scale), C-GET and WADO-RS, and the lag between two sites."""
     options = Options(
         repetitions=repetitions or (1 if quick else 3),
         small=small or (40 if quick else 500),
@@ -60,6 +61,8 @@ def main(quick: bool, repetitions: int | None, small: int | None, large: int | N
         queries=20 if quick else 200,
         profile=profile,
         scales=scales or ((1000,) if quick else (10_000, 100_000)),
+        lag_instances=20 if quick else 200,
+        lag_payload_every=4 if quick else 10,
     )
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     machine = Machine.describe()

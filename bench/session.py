@@ -38,6 +38,9 @@ class Options:
     profile: bool = True
     scales: tuple[int, ...] = (10_000, 100_000)  # studies in the metadata-scale sets (C-FIND latency)
     retrieve_instances: int = 200  # instances of the study retrieved by C-GET and WADO-RS
+    lag_instances: int = 200  # instances stored at site A, one at a time, for the cross-site lag
+    lag_gap_s: float = 0.05  # pause between two of them
+    lag_payload_every: int = 10  # every n-th of them is also fetched from site B by WADO-RS
 
     @property
     def corpora(self) -> list[CorpusSpec]:
@@ -51,6 +54,11 @@ class Options:
     def retrieve_study(self) -> CorpusSpec:
         """One study of small (~40 KB) CT instances, for C-GET and WADO-RS."""
         return CorpusSpec("study", self.retrieve_instances, 140, 140, studies=1, seed=3)
+
+    @property
+    def lag_corpus(self) -> CorpusSpec:
+        """Small CT instances sent one at a time to site A of the two-site grid."""
+        return CorpusSpec("lag", self.lag_instances, 140, 140, studies=1, seed=4)
 
 
 @contextmanager
