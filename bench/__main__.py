@@ -71,11 +71,12 @@ def main(quick: bool, repetitions: int | None, small: int | None, large: int | N
                + ("" if quiet.reached else f" (not quiet after {quiet.waited_s:.0f} s; measuring anyway)"))
     scenarios = [s for s in SCENARIOS if not only or s.key in only]
     with Session(options) as session:
+        # Asked first: a cluster restarted by someone else late in a long run must not cost its results.
+        versions = session.versions()
         sections = []
         for scenario in scenarios:
             click.echo(f"== {scenario.title}")
             sections.append(scenario.run(session))
-        versions = session.versions()
     header = {
         "machine": machine.as_dict(),
         "versions": versions,
