@@ -1,7 +1,8 @@
 """``python -m bench`` (``make bench``): run every scenario, write ``bench/results/``, print the summary.
 
-``--quick`` is a smoke run of everything (one repetition, small corpora, no waiting for a quiet
-machine); its numbers are not meant to be compared.
+``--quick`` is a smoke run of everything (one repetition, small corpora, a 1000-study C-FIND scale
+set, 20 instances for the cross-site lag, no waiting for a quiet machine); its numbers are not meant to
+be compared.
 """
 
 from __future__ import annotations
@@ -18,8 +19,23 @@ from bench.registry import SCENARIOS
 from bench.session import Options, Session
 
 
+def _scales(value: str | None) -> tuple[int, ...] | None:
+    """``--scale 10000,100000`` (``10_000`` also reads); None when not given."""
+    if value is None:
+        return None
+    try:
+        scales = tuple(int(part.replace("_", "")) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of study counts") from None
+    if not scales or min(scales) < 1:
+        raise click.BadParameter("give at least one positive study count")
+    return scales
+
+
 @click.command()
-@click.option("--quick", is_flag=True, help="Smoke run: 1 repetition, 40 small + 8 large instances, no quiet wait.")
+@click.option("--quick", is_flag=True,
+              help="Smoke run: 1 repetition, 40 small + 8 large instances, 1000-study C-FIND set, "
+                   "20 cross-site instances, no quiet wait.")
 @click.option("--repetitions", type=click.IntRange(1), default=None, help="Repetitions per run (default 3).")
 @click.option("--small", type=click.IntRange(4), default=None, help="Instances in the ~40 KB corpus (default 500).")
 @click.option("--large", type=click.IntRange(4), default=None, help="Instances in the ~0.5 MB corpus (default 100).")
@@ -28,11 +44,15 @@ from bench.session import Options, Session
 @click.option("--max-wait", type=click.IntRange(0), default=600, show_default=True,
               help="Give up waiting for a quiet machine after this many seconds (then measure anyway).")
 @click.option("--profile/--no-profile", default=True, show_default=True, help="Profile the grid receiver (py-spy).")
+@click.option("--scale", "scales", callback=lambda ctx, param, value: _scales(value), default=None,
+              help="Studies in the metadata-scale C-FIND sets, comma-separated (default 10000,100000; "
+                   "quick: 1000). Loaded once, then reused.")
 @click.option("--scenario", "only", multiple=True, type=click.Choice([s.key for s in SCENARIOS]),
               help="Run only these scenarios (repeatable). Default: all.")
 def main(quick: bool, repetitions: int | None, small: int | None, large: int | None, max_load: float,
-         max_wait: int, profile: bool, only: tuple[str, ...]) -> None:
-    """Ingest throughput of dicomgrid against DCMTK storescp and Orthanc, plus the receiver's profile."""
+         max_wait: int, profile: bool, scales: tuple[int, ...] | None, only: tuple[str, ...]) -> None:
+    """dicomgrid against DCMTK storescp and Orthanc: ingest (and the receiver's profile), C-FIND (also at
+    metadata scale), C-GET and WADO-RS, and the lag between two sites."""
     options = Options(
         repetitions=repetitions or (1 if quick else 3),
         small=small or (40 if quick else 500),
@@ -40,6 +60,9 @@ def main(quick: bool, repetitions: int | None, small: int | None, large: int | N
         warmup=5 if quick else 10,
         queries=20 if quick else 200,
         profile=profile,
+        scales=scales or ((1000,) if quick else (10_000, 100_000)),
+        lag_instances=20 if quick else 200,
+        lag_payload_every=4 if quick else 10,
     )
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     machine = Machine.describe()
@@ -48,11 +71,12 @@ def main(quick: bool, repetitions: int | None, small: int | None, large: int | N
                + ("" if quiet.reached else f" (not quiet after {quiet.waited_s:.0f} s; measuring anyway)"))
     scenarios = [s for s in SCENARIOS if not only or s.key in only]
     with Session(options) as session:
+        # Asked first: a cluster restarted by someone else late in a long run must not cost its results.
+        versions = session.versions()
         sections = []
         for scenario in scenarios:
             click.echo(f"== {scenario.title}")
             sections.append(scenario.run(session))
-        versions = session.versions()
     header = {
         "machine": machine.as_dict(),
         "versions": versions,
@@ -63,6 +87,8 @@ def main(quick: bool, repetitions: int | None, small: int | None, large: int | N
     for section in sections:
         if section.key == "ingest":
             click.echo(section.markdown.split("### Goals")[0])
+        for line in section.summary:
+            click.echo(f"{section.key}: {line}")
     click.echo(f"results: {path} (and {path.with_suffix('.json').name})")
 
 

@@ -1,163 +1,139 @@
-"""C-FIND latency at metadata scale: N studies indexed, study-level queries by PatientID and date range.
+"""C-FIND latency at metadata scale, grid against Orthanc: N studies indexed, study-level queries.
 
-Studies are generated straight into the index through the indexer (the same upserts the stream
-processor makes), so loading 10k studies takes a minute, not a 10k-instance ingest. The queries go
-through a real site AE over one association, as a PACS would send them.
-
-    .venv/bin/python -m bench.cfind_scale --studies 10000
+For each N of ``--scale`` (default 10k and 100k) both archives hold the same seeded set of N
+one-instance studies (:mod:`bench.scale_set`), loaded directly rather than ingested and cached between
+runs (:mod:`bench.scale_archives`). The same seeded query list, by PatientID and by a 7-day StudyDate
+range, goes to each archive over one association (pynetdicom, TCP_NODELAY), after a few unmeasured
+queries; every query is timed and its matches counted, and the counts must agree between the archives.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import tempfile
-import random
-import statistics
-import time
-import uuid
-from pathlib import Path
+from contextlib import ExitStack
+from typing import Any
 
 import click
-from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
-from tqdm import tqdm
 
-from dicomgrid.core.config import load_config
-from dicomgrid.core.kafka import delete_topics, ensure_topics
-from dicomgrid.core.metadata import MetadataStore, apply_schema
-from dicomgrid.dimse import set_nodelay
-from dicomgrid.processors.indexer import Indexer
-from dicomgrid.supervisor import Supervisor
+from bench import report
+from bench.dimse_clients import FindAnswer, FindClient
+from bench.scale_archives import LoadReport, archives, report_dict
+from bench.scale_set import QUERY_KINDS, ScaleQuery, ScaleSet, queries
+from bench.sections import Section
+from bench.session import Session
+from bench.stats import summary
 
-KEYSPACE = "dicomgrid_scale"
-GRID = "dicomgrid-scale"
+WARMUP_QUERIES = 10
+GOAL_STUDIES = 100_000  # the goal: grid C-FIND p50 at this scale <= Orthanc's, per query kind
+RANGE_SHARE = 4  # a fourth as many range queries as PatientID ones: they match many more studies
 
 
-def _event(study: str, patient: str, day: dt.date, when: dt.datetime) -> dict:
-    digest = uuid.uuid4().hex * 2
-    return {
-        "event_id": str(uuid.uuid4()), "event_type": "dicom.instance.stored", "schema_version": 1,
-        "occurred_at": when.isoformat().replace("+00:00", "Z"), "site": "A",
-        "source": {"protocol": "IMPORT", "calling_ae": None, "called_ae": None, "peer_address": None},
-        "patient": {"id": patient, "issuer": None, "name": f"Scale^{patient}", "birth_date": "19700101", "sex": "O"},
-        "study": {"uid": study, "date": day.strftime("%Y%m%d"), "time": "120000", "accession_number": None,
-                  "id": None, "description": "scale", "referring_physician_name": None,
-                  "specific_character_set": None},
-        "series": {"uid": generate_uid(), "modality": "CT", "number": 1, "description": None,
-                   "body_part_examined": None, "date": None, "time": None},
-        "instance": {"sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "sop_instance_uid": generate_uid(),
-                     "transfer_syntax_uid": "1.2.840.10008.1.2.1", "number": 1, "rows": None, "columns": None,
-                     "number_of_frames": None},
-        "payload": {"uri": f"blob://A/sha256/{digest}", "site": "A", "sha256": digest, "size": 1},
-        "version": 1, "replaces": None,
-    }
+def _ask(archive: Any, query_list: list[ScaleQuery]) -> list[FindAnswer]:
+    with FindClient("127.0.0.1", archive.port, archive.ae_title) as client:
+        for query in query_list[:WARMUP_QUERIES]:
+            client.find(query.dataset())
+        return [client.find(query.dataset()) for query in query_list]
 
 
-def load(store: MetadataStore, studies: int, patients: int, seed: int) -> None:
-    rng = random.Random(seed)
-    now = dt.datetime.now(dt.timezone.utc)
-    indexer = Indexer(store)
-    batch = []
-    for i in tqdm(range(studies), unit="study", desc="indexing"):
-        day = dt.date(2015, 1, 1) + dt.timedelta(days=rng.randrange(3650))
-        batch.append(_event(generate_uid(), f"SCALE{rng.randrange(patients):06d}", day, now))
-        if len(batch) == 500 or i == studies - 1:
-            indexer.apply(batch)
-            batch = []
+def measure_scale(session: Session, scale: ScaleSet) -> dict[str, Any]:
+    """Load (or reuse) both archives at one scale, ask both the same queries, compare the matches."""
+    per_kind = {"patient": session.options.queries, "range": max(1, session.options.queries // RANGE_SHARE)}
+    query_list = queries(scale, per_kind)
+    answers: dict[str, list[FindAnswer]] = {}
+    loads: list[LoadReport] = []
+    described: dict[str, object] = {}
+    for archive in archives(scale):
+        with ExitStack() as stack:
+            stack.callback(archive.stop)
+            loads.append(archive.start())
+            described[archive.key] = archive.describe()
+            answers[archive.key] = _ask(archive, query_list)
+    grid, orthanc = answers["grid"], answers["orthanc"]
+    mismatches = [
+        {"query": q.keys, "grid": g.matches, "orthanc": o.matches}
+        for q, g, o in zip(query_list, grid, orthanc) if g.matches != o.matches
+    ]
+    kinds = []
+    for kind, title in QUERY_KINDS.items():
+        idx = [i for i, q in enumerate(query_list) if q.kind == kind]
+        row: dict[str, Any] = {"kind": kind, "title": title, "queries": len(idx),
+                               "mean_matches": round(sum(orthanc[i].matches for i in idx) / len(idx), 1)}
+        for key, got in answers.items():
+            row[key] = summary([got[i].ms for i in idx])
+        row["p50_ratio"] = round(row["grid"]["p50"] / row["orthanc"]["p50"], 2)
+        row["p99_ratio"] = round(row["grid"]["p99"] / row["orthanc"]["p99"], 2)
+        kinds.append(row)
+    return {"studies": scale.studies, "seed": scale.seed, "patients": scale.patients, "kinds": kinds,
+            "mismatches": mismatches, "loads": [report_dict(load) for load in loads], "archives": described}
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+def goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    at_goal = next((r for r in results if r["studies"] == GOAL_STUDIES), None)
+    out = []
+    for kind, title in QUERY_KINDS.items():
+        row = next((k for k in at_goal["kinds"] if k["kind"] == kind), None) if at_goal else None
+        out.append({"goal": f"C-FIND p50 at {GOAL_STUDIES // 1000}k studies <= Orthanc's, {title}",
+                    "measured": row["p50_ratio"] if row else None,
+                    "met": None if row is None else row["p50_ratio"] <= 1.0})
+    return out
 
 
-def measure(host: str, port: int, ae_title: str, queries: list[Dataset]) -> list[float]:
-    ae = AE(ae_title="FINDSCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    # Like DCMTK with TCP_NODELAY=1: without it every response waits on a delayed ACK.
-    assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
-    assert assoc.is_established, "association with the grid failed"
-    latencies = []
-    try:
-        for query in queries:
-            started = time.perf_counter()
-            statuses = [status.Status for status, _ in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)]
-            latencies.append((time.perf_counter() - started) * 1000)
-            assert statuses and statuses[-1] == 0x0000, f"C-FIND failed: {statuses[-1:]}"
-    finally:
-        assoc.release()
-    return latencies
+def _load_cell(load: dict[str, Any]) -> str:
+    last = load["last_complete_load"]
+    full = f"{last['studies']} in {last['seconds']:.0f} s ({last['studies_per_s']:.0f}/s)" if last else "-"
+    this = "cached" if load["cached"] else f"{load['loaded']} in {load['seconds']:.0f} s"
+    return f"{this}; last complete load: {full}"
 
 
-def study_query(**keys: str) -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = "STUDY"
-    for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate", "ModalitiesInStudy",
-                    "NumberOfStudyRelatedInstances"):
-        setattr(ds, keyword, "")
-    for keyword, value in keys.items():
-        setattr(ds, keyword, value)
-    return ds
-
-
-@click.command()
-@click.option("--studies", default=10_000, show_default=True)
-@click.option("--patients", default=2_000, show_default=True)
-@click.option("--queries", default=200, show_default=True)
-@click.option("--reload", is_flag=True, help="Index the studies again even if the keyspace has them.")
-def main(studies: int, patients: int, queries: int, reload: bool) -> None:
-    base = load_config()
-    config = base.model_copy(update={
-        "name": GRID,
-        "cassandra": base.cassandra.model_copy(update={"keyspace": KEYSPACE}),
-        "sites": [base.sites[0].model_copy(update={"dicom_port": 21912, "http_port": 28912,
-                                                    "storage_root": base.root / "bench" / "scale" / "A"})],
-    })
-    apply_schema(config)
-    store = MetadataStore(config, local_dc=config.sites[0].cassandra_dc)
-    present = store.execute("SELECT count(*) FROM studies", timeout=120).one()[0]
-    if reload or present < studies:
-        load(store, studies - (0 if reload else present), patients, seed=present)
-    total = store.execute("SELECT count(*) FROM studies", timeout=120).one()[0]
-    store.close()
-
-    config_file = Path(tempfile.mkdtemp()) / "scale.toml"
-    site = config.sites[0]
-    config_file.write_text(
-        f'name = "{GRID}"\ndata_dir = "{config.root}"\n[cassandra]\nkeyspace = "{KEYSPACE}"\n'
-        f'[kafka]\ntopic_prefix = "{GRID}."\n'
-        f'[[sites]]\nname = "A"\nae_title = "{site.ae_title}"\ndicom_port = {site.dicom_port}\n'
-        f'http_port = {site.http_port}\nstorage_root = "{site.storage_root}"\ncassandra_dc = "dc1"\n'
+def _render(session: Session, results: list[dict[str, Any]], goal_rows: list[dict[str, Any]]) -> str:
+    rows, load_rows, alarms = [], [], []
+    for r in results:
+        for k in r["kinds"]:
+            g, o = k["grid"], k["orthanc"]
+            rows.append([f"{r['studies']:,}", k["title"], k["queries"], k["mean_matches"],
+                         report.number(g["p50"]), report.number(g["p99"]), report.number(o["p50"]),
+                         report.number(o["p99"]), report.ratio(k["p50_ratio"]), report.ratio(k["p99_ratio"])])
+        for load in r["loads"]:
+            load_rows.append([f"{r['studies']:,}", load["archive"], f"{load['studies']:,}", _load_cell(load)])
+        if r["mismatches"]:
+            shown = "; ".join(f"{m['query']}: grid {m['grid']}, Orthanc {m['orthanc']}" for m in r["mismatches"][:5])
+            alarms.append(f"**MISMATCH at {r['studies']:,} studies: {len(r['mismatches'])} queries got different "
+                          f"numbers of matches** ({shown})")
+    agreement = "\n".join(alarms) if alarms else "Every query got the same number of matches from both archives."
+    goal_table = report.table(
+        ["goal", "grid/Orthanc p50", "met"],
+        [[g["goal"], "not measured in this run" if g["met"] is None else report.ratio(g["measured"]),
+          "-" if g["met"] is None else "yes" if g["met"] else "**no**"] for g in goal_rows])
+    return (
+        "Both archives hold the same seeded set of N one-instance studies (one patient per "
+        "~5 studies, StudyDates over 10 years), loaded directly: the grid's keyspace through its indexer, "
+        "Orthanc (SQLite index) by REST. The same queries go to each over one association (pynetdicom, "
+        f"TCP_NODELAY), after {WARMUP_QUERIES} unmeasured ones; latency is request to final response, "
+        "in ms. The grid answers from one receiver process (no stream processors running).\n\n"
+        + report.table(["studies", "query (STUDY level)", "queries", "mean matches", "grid p50", "grid p99",
+                        "Orthanc p50", "Orthanc p99", "grid/Orthanc p50", "grid/Orthanc p99"], rows)
+        + f"\n{agreement}\n\n### Goal\n\n{goal_table}\n"
+        "### Loading the sets\n\n"
+        + report.table(["studies", "archive", "held", "loaded by this run; last complete load"], load_rows)
     )
-    scale_config = load_config(config_file)
-    # The scale grid's own (empty) topics: it answers from what was loaded above, not from a topic.
-    ensure_topics(scale_config.kafka)
-    supervisor = Supervisor(scale_config, str(config_file))
-    supervisor.up(timeout=90)
-    try:
-        rng = random.Random(7)
-        by_patient = [study_query(PatientID=f"SCALE{rng.randrange(patients):06d}") for _ in range(queries)]
-        by_range = []
-        for _ in range(queries // 4):
-            start = dt.date(2015, 1, 1) + dt.timedelta(days=rng.randrange(3600))
-            end = start + dt.timedelta(days=7)
-            by_range.append(study_query(StudyDate=f"{start:%Y%m%d}-{end:%Y%m%d}"))
-        measure(site.dicom_host, site.dicom_port, site.ae_title, by_patient[:10])  # warm-up
-        results = {
-            "by PatientID": measure(site.dicom_host, site.dicom_port, site.ae_title, by_patient),
-            "by StudyDate range (7 days)": measure(site.dicom_host, site.dicom_port, site.ae_title, by_range),
-        }
-    finally:
-        supervisor.down()
-        delete_topics(scale_config.kafka)
-    click.echo(f"\nC-FIND study level, {total} studies indexed, one association, site A")
-    click.echo("| query | n | p50 ms | p99 ms | mean ms |\n|---|---|---|---|---|")
-    for name, values in results.items():
-        click.echo(f"| {name} | {len(values)} | {percentile(values, 0.5):.1f} | {percentile(values, 0.99):.1f} "
-                   f"| {statistics.mean(values):.1f} |")
 
 
-if __name__ == "__main__":
-    main()
+class CFindScaleScenario:
+    key = "cfind-scale"
+    title = "C-FIND at metadata scale (grid vs Orthanc)"
+
+    def run(self, session: Session) -> Section:
+        results = []
+        for studies in session.options.scales:
+            click.echo(f"-- {studies} studies")
+            results.append(measure_scale(session, ScaleSet(studies)))
+            for mismatch in results[-1]["mismatches"]:
+                click.secho(f"C-FIND MISMATCH at {studies} studies: {mismatch}", fg="red", err=True)
+        goal_rows = goals(results)
+        summary_lines = [
+            f"{r['studies']:,} studies, {k['title']}: grid p50 {k['grid']['p50']:.1f} ms / p99 {k['grid']['p99']:.1f} ms, "
+            f"Orthanc p50 {k['orthanc']['p50']:.1f} / p99 {k['orthanc']['p99']:.1f} ms "
+            f"(p50 {report.ratio(k['p50_ratio'])})" + (f"; {len(r['mismatches'])} MISMATCHES" if r["mismatches"] else "")
+            for r in results for k in r["kinds"]
+        ]
+        return Section(self.key, self.title, True, _render(session, results, goal_rows),
+                       {"results": results, "goals": goal_rows}, summary=summary_lines)

@@ -150,14 +150,15 @@ class Corpus:
             paths.append(path)
         bounds = [round(k * len(paths) / parts) for k in range(parts + 1)]
         split = [paths[bounds[k]: bounds[k + 1]] for k in range(parts) if bounds[k] < bounds[k + 1]]
-        per_study = -(-self.spec.count // self.spec.studies)
-        studies = sorted({uid(token, 1, i // per_study + 1) for i in range(len(files))})
-        last = []
-        for k in range(parts):
-            if bounds[k] < bounds[k + 1]:
-                study = (bounds[k + 1] - 1) // per_study + 1
-                last.append(InstanceKey(uid(token, 1, study), uid(token, 2, study), uid(token, 3, bounds[k + 1])))
+        studies = sorted({self.key(token, i).study_uid for i in range(len(files))})
+        last = [self.key(token, bounds[k + 1] - 1) for k in range(parts) if bounds[k] < bounds[k + 1]]
         return RunCorpus(directory, token, split, sum(len(f) for f in files), studies, last)
+
+    def key(self, token: str, index: int) -> "InstanceKey":
+        """The UIDs of file ``index`` in the run whose UIDs carry ``token``."""
+        per_study = -(-self.spec.count // self.spec.studies)
+        study = index // per_study + 1
+        return InstanceKey(uid(token, 1, study), uid(token, 2, study), uid(token, 3, index + 1))
 
 
 @dataclass(frozen=True)

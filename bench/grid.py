@@ -1,76 +1,142 @@
-"""The grid under benchmark: one site with every durability guarantee on, on the shared local cluster.
+"""The grids under benchmark: sites with every durability guarantee on, on the shared local cluster.
 
-Like the test grids (tests/grid.py) it has its own name (pid files, consumer group), free ports, its own
-keyspace, blob store and Kafka topics (a prefix per benchmark process, deleted when it stops), so it never
-disturbs a development grid or a test session, and indexes only what it ingests. Its services are
+Like the test grids (tests/grid.py) each has its own name (pid files, consumer group), free ports, its own
+keyspace, blob store and Kafka topics (a prefix per grid and benchmark process, deleted when it stops), so
+it never disturbs a development grid or a test session, and indexes only what it ingests. Its services are
 run by the grid's own :class:`~dicomgrid.supervisor.Supervisor`, exactly as ``dicomgrid up`` runs them.
 
-Two configurations differ only in ``receiver_processes`` (1 or 2, sharing the port with SO_REUSEPORT);
-switching restarts the receivers and keeps the DICOMweb and stream-processor services running.
+A :class:`GridLayout` says which grid: the one-site grid every section measures by default
+(:data:`ONE_SITE`), the two-site grid of the cross-site section (:data:`TWO_SITES`), or a grid that only
+answers queries over a loaded metadata-scale keyspace (:func:`scale_layout`). Configurations of one
+layout differ only in ``receiver_processes`` (1 or 2, sharing the port with SO_REUSEPORT); switching
+restarts the receivers and keeps the other services running.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from confluent_kafka.admin import AdminClient
 
 from bench.corpus import InstanceKey, RunCorpus
 from bench.paths import BENCH_ROOT
 from bench.storescu import CALLING_AE, SendResult, dcmtk_env
 from bench.targets import RunCheck, free_port
 from dicomgrid.core.config import GridConfig, load_config
+from confluent_kafka.admin import AdminClient
+
 from dicomgrid.core.kafka import delete_topics, ensure_topics
 from dicomgrid.core.metadata import MetadataStore, apply_schema
 from dicomgrid.deploy.local import LocalCluster
-from dicomgrid.supervisor import Supervisor
+from dicomgrid.supervisor import Service, Supervisor
 
-NAME = "dicomgrid-bench"
-# Topics of this benchmark process: "<NAME>-<pid>.dicom.instance.stored", ...
-TOPIC_PREFIX = f"{NAME}-{os.getpid()}."
-KEYSPACE = "dicomgrid_bench"
-SITE = "A"
-AE_TITLE = "GRID_BENCH"
-DC = "dc1"
 # How long after the last C-STORE response the index may take before the run counts as not indexed.
 INDEX_TIMEOUT_S = 120.0
 POLL_S = 0.02
+SERVICE_START_S = 120.0
+# Calling AE titles the bench's clients use (DCMTK's defaults and the harness's pynetdicom clients).
+CLIENT_AES = (CALLING_AE, "FINDSCU", "GETSCU", "MOVESCU", "ECHOSCU")
+ALL_SERVICES = ("receiver", "http", "processors")
+
+
+@dataclass(frozen=True)
+class BenchSite:
+    name: str
+    ae_title: str
+    dc: str  # the site's Cassandra datacenter
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """One bench grid: name (run directory, consumer group), keyspace, sites and the services it runs."""
+
+    name: str
+    keyspace: str
+    sites: tuple[BenchSite, ...]
+    services: tuple[str, ...] = ALL_SERVICES
+
+    @property
+    def replication(self) -> dict[str, int]:
+        """One replica in each datacenter a site uses; none in the others (the shipped defaults name two,
+        and the tables would merge them in)."""
+        used = {site.dc for site in self.sites}
+        return {dc: int(dc in used) for dc in ("dc1", "dc2")}
+
+
+ONE_SITE = GridLayout("dicomgrid-bench", "dicomgrid_bench", (BenchSite("A", "GRID_BENCH", "dc1"),))
+TWO_SITES = GridLayout(
+    "dicomgrid-bench-sites", "dicomgrid_bench_sites",
+    (BenchSite("A", "GRID_BENCH_A", "dc1"), BenchSite("B", "GRID_BENCH_B", "dc2")),
+)
+# The one-site grid's AE title, which the sections' availability probes call.
+AE_TITLE = ONE_SITE.sites[0].ae_title
+
+
+def scale_layout(keyspace: str, tag: str) -> GridLayout:
+    """A one-site grid that only answers queries (receiver only) over a keyspace loaded beforehand.
+
+    No stream processors: the shared topic carries other grids' events, and indexing them would add
+    studies to the loaded set.
+    """
+    return GridLayout(f"dicomgrid-bench-scale-{tag}", keyspace, (BenchSite("A", "GRID_SCALE", "dc1"),),
+                      services=("receiver",))
+
+
+@dataclass(frozen=True)
+class SitePorts:
+    dicom: int
+    http: int
 
 
 class BenchGrid:
-    """Starts, reconfigures and stops the bench grid; knows its processes and its index."""
+    """Starts, reconfigures and stops one bench grid; knows its processes and its index."""
 
-    def __init__(self) -> None:
-        self.dir = BENCH_ROOT / "grid"
-        self.storage = self.dir / "sites" / SITE / "blobs"
-        self.dicom_port, self.http_port = free_port(), free_port()
+    def __init__(self, layout: GridLayout = ONE_SITE) -> None:
+        self.layout = layout
+        self.dir = BENCH_ROOT / ("grid" if layout == ONE_SITE else layout.name)
+        self.ports = {site.name: SitePorts(free_port(), free_port()) for site in layout.sites}
+        self.site = layout.sites[0]  # where ingest, the index probes and the sections' clients go
+        self.dicom_port, self.http_port = self.ports[self.site.name].dicom, self.ports[self.site.name].http
         self.cluster_config = load_config()
-        self.receivers = 0  # receiver processes running now
+        self.receivers = 0  # receiver processes running now, per site
         self.metadata: MetadataStore | None = None
         self._configs: dict[int, GridConfig] = {}
         self._jvms: dict[str, list[psutil.Process]] = {}
         self._services: dict[str, list[psutil.Process]] = {}
 
+    @property
+    def topic_prefix(self) -> str:
+        """This grid's topics: "<grid name>-<pid>.dicom.instance.stored", ..."""
+        return f"{self.layout.name}-{os.getpid()}."
+
+    def storage_of(self, site: str) -> Path:
+        return self.dir / "sites" / site / "blobs"
+
     def config_file(self, receivers: int) -> Path:
-        """The config of the grid with ``receivers`` receiver processes (written on first use)."""
+        """The config of the grid with ``receivers`` receiver processes per site (written on first use)."""
         path = self.dir / f"grid-{receivers}rx.toml"
         if receivers not in self._configs:
             self.dir.mkdir(parents=True, exist_ok=True)
-            # dc2 = 0: one site, one datacenter (the shipped defaults name two, and tables merge).
-            path.write_text(
-                f'name = "{NAME}"\ndata_dir = "{self.cluster_config.root}"\nlog_level = "INFO"\n'
-                f'[kafka]\ntopic_prefix = "{TOPIC_PREFIX}"\n'
-                f'[cassandra]\nkeyspace = "{KEYSPACE}"\nreplication = {{ dc1 = 1, dc2 = 0 }}\n'
-                f'[security]\nallowed_calling_aes = ["{CALLING_AE}", "FINDSCU", "GETSCU", "MOVESCU", "ECHOSCU"]\n'
-                f'[[sites]]\nname = "{SITE}"\nae_title = "{AE_TITLE}"\ndicom_port = {self.dicom_port}\n'
-                f'http_port = {self.http_port}\nstorage_root = "{self.storage}"\ncassandra_dc = "{DC}"\n'
+            replication = ", ".join(f"{dc} = {n}" for dc, n in self.layout.replication.items())
+            sites = "".join(
+                f'[[sites]]\nname = "{site.name}"\nae_title = "{site.ae_title}"\n'
+                f"dicom_port = {self.ports[site.name].dicom}\nhttp_port = {self.ports[site.name].http}\n"
+                f'storage_root = "{self.storage_of(site.name)}"\ncassandra_dc = "{site.dc}"\n'
                 f"receiver_processes = {receivers}\n"
+                for site in self.layout.sites
+            )
+            path.write_text(
+                f'name = "{self.layout.name}"\ndata_dir = "{self.cluster_config.root}"\nlog_level = "INFO"\n'
+                f'[kafka]\ntopic_prefix = "{self.topic_prefix}"\n'
+                f'[cassandra]\nkeyspace = "{self.layout.keyspace}"\nreplication = {{ {replication} }}\n'
+                f"[security]\nallowed_calling_aes = {json.dumps(list(CLIENT_AES))}\n{sites}"
             )
             self._configs[receivers] = load_config(path)
         return path
@@ -83,7 +149,7 @@ class BenchGrid:
         return Supervisor(self.config(receivers), str(self.config_file(receivers)))
 
     def start(self) -> None:
-        """Cluster up (reused when healthy), schema and topics, a clean blob store, then the services."""
+        """Cluster up (reused when healthy), schema and topics, clean blob stores, then the services."""
         if self.metadata is not None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -94,17 +160,18 @@ class BenchGrid:
                 self._jvms[component.name] = [psutil.Process(component.pid)]
         # Services of an earlier, interrupted benchmark would hold stale ports and files.
         Supervisor.stop_pid_files(self.supervisor(1).run_dir)
-        shutil.rmtree(self.storage, ignore_errors=True)
+        for site in self.layout.sites:
+            shutil.rmtree(self.storage_of(site.name), ignore_errors=True)
         _delete_orphaned_topics(config)
         apply_schema(config)
         ensure_topics(config.kafka)
         self.use(1)
-        self.metadata = MetadataStore(config, local_dc=DC)
+        self.metadata = MetadataStore(config, local_dc=self.site.dc)
         # Connect and prepare now, so the first lag probe measures the index and not the driver.
         self.metadata.instance_location("0.0")
 
     def use(self, receivers: int) -> None:
-        """Run exactly ``receivers`` receiver processes (others services untouched)."""
+        """Run exactly ``receivers`` receiver processes per site (other services untouched)."""
         if receivers == self.receivers:
             return
         if self.receivers:
@@ -114,19 +181,43 @@ class BenchGrid:
                     current.daemon(service).stop(20.0)
         supervisor = self.supervisor(receivers)
         self._services = {"receivers": [], "processors": [], "http": []}
-        for status in supervisor.up(timeout=120):
-            group = "receivers" if status.service.kind == "receiver" else status.service.kind
-            self._services[group].append(psutil.Process(status.pid))
+        for service, pid in self._up(supervisor):
+            group = "receivers" if service.kind == "receiver" else service.kind
+            self._services[group].append(psutil.Process(pid))
         self.receivers = receivers
-        self._wait_echo()
+        for site in self.layout.sites:
+            self._wait_echo(site)
 
-    def _wait_echo(self, timeout: float = 60.0) -> None:
+    def _up(self, supervisor: Supervisor) -> list[tuple[Service, int]]:
+        """Start the layout's services that are not running (like ``Supervisor.up``, for a subset of them);
+        wait until all of them are healthy."""
+        wanted = {service.name for service in supervisor.services() if service.kind in self.layout.services}
+        for service in supervisor.services():
+            daemon = supervisor.daemon(service)
+            if service.name in wanted and daemon.pid() is None:
+                daemon.start(service.argv, cwd=Path.cwd())
+        deadline = time.monotonic() + SERVICE_START_S
+        while True:
+            statuses = [s for s in supervisor.status() if s.service.name in wanted]
+            dead = [s for s in statuses if not s.running]
+            if dead:
+                raise RuntimeError(f"{dead[0].service.name} of {self.layout.name} exited during start-up:\n"
+                                   f"{supervisor.daemon(dead[0].service).excerpt()}")
+            if all(s.healthy for s in statuses):
+                return [(s.service, s.pid) for s in statuses if s.pid is not None]
+            if time.monotonic() > deadline:
+                slow = ", ".join(f"{s.service.name} ({s.detail})" for s in statuses if not s.healthy)
+                raise RuntimeError(f"services of {self.layout.name} not healthy after {SERVICE_START_S:.0f}s: {slow}")
+            time.sleep(0.3)
+
+    def _wait_echo(self, site: BenchSite, timeout: float = 60.0) -> None:
         """Wait for a C-ECHO to succeed: the supervisor's probe only shows that some process accepts."""
-        argv = ["echoscu", "-aet", "ECHOSCU", "-aec", AE_TITLE, "127.0.0.1", str(self.dicom_port)]
+        port = self.ports[site.name].dicom
+        argv = ["echoscu", "-aet", "ECHOSCU", "-aec", site.ae_title, "127.0.0.1", str(port)]
         deadline = time.monotonic() + timeout
         while subprocess.run(argv, capture_output=True, env=dcmtk_env()).returncode != 0:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the bench grid does not answer C-ECHO on port {self.dicom_port}")
+                raise RuntimeError(f"{self.layout.name} site {site.name} does not answer C-ECHO on port {port}")
             time.sleep(0.5)
 
     def stop(self) -> None:
@@ -136,12 +227,13 @@ class BenchGrid:
         run_dir = self.supervisor(1).run_dir
         Supervisor.stop_pid_files(run_dir)
         shutil.rmtree(run_dir, ignore_errors=True)
-        shutil.rmtree(self.storage, ignore_errors=True)
+        for site in self.layout.sites:
+            shutil.rmtree(self.storage_of(site.name), ignore_errors=True)
         delete_topics(self.config().kafka)
         self.receivers = 0
 
     def processes(self) -> dict[str, list[psutil.Process]]:
-        """Receivers, HTTP and processors of the site, then the cluster's JVMs."""
+        """Receivers, HTTP and processors of the sites, then the cluster's JVMs."""
         return {**self._services, **self._jvms}
 
     def versions(self) -> dict[str, str]:
@@ -193,8 +285,8 @@ class BenchGrid:
 def _delete_orphaned_topics(config: GridConfig) -> None:
     """Delete the topics of earlier benchmark processes that ended without deleting them."""
     topics = AdminClient(config.kafka.client_config()).list_topics(timeout=10).topics
-    for prefix in {t.split(".", 1)[0] for t in topics if t.startswith(f"{NAME}-")}:
-        owner = prefix.removeprefix(f"{NAME}-")
+    for prefix in {t.split(".", 1)[0] for t in topics if t.startswith("dicomgrid-bench")}:
+        owner = prefix.rsplit("-", 1)[-1]
         if owner.isdigit() and not Path(f"/proc/{owner}").exists():
             delete_topics(config.kafka.model_copy(update={"topic_prefix": f"{prefix}."}))
 
@@ -237,7 +329,7 @@ class GridTarget:
             "durability": "blob fsync + atomic rename + directory fsync; Kafka acks=all, idempotent producer, "
             f"min.insync.replicas={config.kafka.min_insync_replicas}",
             "kafka": f"{config.infra.kafka_version} (one KRaft broker)",
-            "cassandra": f"{config.infra.cassandra_version}, keyspace {KEYSPACE} (dc1 RF 1)",
+            "cassandra": f"{config.infra.cassandra_version}, keyspace {self.grid.layout.keyspace} (dc1 RF 1)",
             "pynetdicom": importlib.metadata.version("pynetdicom"),
             "pydicom": importlib.metadata.version("pydicom"),
         }

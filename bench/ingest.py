@@ -277,7 +277,7 @@ def _render(session: Session, rows: list[Row], goal_rows: list[dict[str, Any]]) 
         "`TCP_NODELAY=1`, one process per association, the corpus split into contiguous parts.\n"
         f"- storescp: `{session.target('storescp').describe()['argv']}`; no fsync, no index.\n"
         f"- Orthanc: SQLite index, file storage, `SyncStorageArea: true` (fsync), `MaximumPduLength: {MAX_PDU}`, "
-        "no plugins, `TCP_NODELAY=1`.\n"
+        "Debian's DICOMweb plugin loaded (for the WADO-RS rows), `TCP_NODELAY=1`.\n"
         "- dicomgrid: one site; before each C-STORE response: blob fsync + atomic rename + directory fsync, "
         "Kafka `acks=all` (idempotent producer), the `instance_locations` row in Cassandra; then the faust "
         "indexer writes the index (LOCAL_QUORUM, RF 1). Max PDU 256 KiB.\n"

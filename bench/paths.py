@@ -1,7 +1,10 @@
 """Where the harness keeps its files.
 
-Everything the benchmark writes at run time lives under ``.dicomgrid/bench/`` (ignored by git) on the
-same file system as the grid's blob store, so every target writes to the same disk. Per-run copies of
+Everything the benchmark writes at run time lives under ``bench/`` in the grid's data directory
+(``.dicomgrid/`` unless ``DICOMGRID_DATA_DIR`` says otherwise), on the same file system as the grid's
+blob store, so every target writes to the same disk. It sits beside what it belongs to: the bench grids'
+run directories and keyspaces are in that data directory and its cluster, so two checkouts sharing one
+cluster also share the bench's lock, corpora and cached scale sets (and never run two benchmarks at once). Per-run copies of
 the corpus that storescu reads go to ``/dev/shm`` when it exists: writing them there leaves no dirty
 pages whose write-back would compete with the fsyncs of the target being measured.
 """
@@ -12,9 +15,11 @@ import os
 import tempfile
 from pathlib import Path
 
+from dicomgrid.core.config import load_config
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-BENCH_ROOT = REPO / ".dicomgrid" / "bench"
+BENCH_ROOT = load_config().root / "bench"
 CORPUS_CACHE = BENCH_ROOT / "corpus"
 LOGS = BENCH_ROOT / "logs"
 

@@ -16,7 +16,7 @@ from bench import report
 from bench.clients import probe, run_client
 from bench.grid import AE_TITLE
 from bench.paths import send_dir
-from bench.refstudy import ARCHIVES, ReferenceStudy, reference_studies
+from bench.refstudy import ARCHIVES, ReferenceStudy, reference_study
 from bench.sections import Section
 from bench.session import Session
 
@@ -74,7 +74,7 @@ class QueryScenario:
         if reason:
             return Section.pending(self.key, self.title, self.rows, reason)
         session.target("grid").activate()
-        study = reference_studies(session)[0]
+        study = reference_study(session, session.corpora[0])
         results = []
         for query in QUERIES:
             repeat = max(1, session.options.queries // query.share)

@@ -22,6 +22,7 @@ class Section:
     available: bool
     markdown: str
     data: dict[str, Any] = field(default_factory=dict)
+    summary: list[str] = field(default_factory=list)  # a few lines for the console at the end of a run
 
     @classmethod
     def pending(cls, key: str, title: str, rows: list[str], reason: str) -> "Section":

@@ -36,6 +36,11 @@ class Options:
     warmup: int = 10
     queries: int = 200  # C-FINDs per association for a one-match query (a tenth for many matches)
     profile: bool = True
+    scales: tuple[int, ...] = (10_000, 100_000)  # studies in the metadata-scale sets (C-FIND latency)
+    retrieve_instances: int = 200  # instances of the study retrieved by C-GET and WADO-RS
+    lag_instances: int = 200  # instances stored at site A, one at a time, for the cross-site lag
+    lag_gap_s: float = 0.05  # pause between two of them
+    lag_payload_every: int = 10  # every n-th of them is also fetched from site B by WADO-RS
 
     @property
     def corpora(self) -> list[CorpusSpec]:
@@ -44,6 +49,16 @@ class Options:
             CorpusSpec("small", self.small, 140, 140, studies=5, seed=1),
             CorpusSpec("large", self.large, 512, 512, studies=1, seed=2),
         ]
+
+    @property
+    def retrieve_study(self) -> CorpusSpec:
+        """One study of small (~40 KB) CT instances, for C-GET and WADO-RS."""
+        return CorpusSpec("study", self.retrieve_instances, 140, 140, studies=1, seed=3)
+
+    @property
+    def lag_corpus(self) -> CorpusSpec:
+        """Small CT instances sent one at a time to site A of the two-site grid."""
+        return CorpusSpec("lag", self.lag_instances, 140, 140, studies=1, seed=4)
 
 
 @contextmanager
@@ -69,6 +84,7 @@ class Session:
             *(GridTarget(self.grid, n) for n in options.grid_receivers),
         ]
         self.corpora = [Corpus.load(spec) for spec in options.corpora]
+        self._corpora = {c.spec: c for c in self.corpora}
         # State scenarios share within the session (e.g. the reference studies of query and retrieve).
         self.shared: dict[str, Any] = {}
         self._stack = ExitStack()
@@ -90,11 +106,20 @@ class Session:
         out = {"Python": platform.python_version(), **self.grid.versions()}
         for target in self.targets:
             if not isinstance(target, GridTarget):
-                out[target.label] = str(target.describe()["version"])
+                described = target.describe()
+                out[target.label] = str(described["version"])
+                for plugin, version in dict(described.get("plugins", {})).items():
+                    out[f"{target.label} {plugin} plugin"] = str(version)
         return out
 
     def target(self, key: str) -> Target:
         return next(t for t in self.targets if t.key == key)
+
+    def corpus(self, spec: CorpusSpec) -> Corpus:
+        """A corpus other than the ingest ones (built and cached on first use)."""
+        if spec not in self._corpora:
+            self._corpora[spec] = Corpus.load(spec)
+        return self._corpora[spec]
 
     @staticmethod
     def settle() -> None:

@@ -1,7 +1,9 @@
 """The reference receivers: DCMTK storescp (close to the physical limit) and Orthanc (an archive).
 
 Every target is started by the harness on free loopback ports, with its own storage under
-``.dicomgrid/bench/tmp``, and stopped (storage removed) at the end. The grid is in :mod:`bench.grid`.
+``.dicomgrid/bench/tmp``, and stopped (storage removed) at the end; an Orthanc given a directory of its
+own keeps it (the cached metadata-scale set, :mod:`bench.scale_archives`). The grid is in
+:mod:`bench.grid`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from bench.storescu import SendResult, dcmtk_env
 # The largest receive PDU both DCMTK's storescp and Orthanc accept (the grid's own is 256 KiB).
 MAX_PDU = 131072
 ORTHANC = "/usr/sbin/Orthanc"
+# Debian's orthanc-dicomweb package (WADO-RS, QIDO-RS, STOW-RS under DICOMWEB_ROOT).
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+DICOMWEB_ROOT = "/dicom-web/"
 
 
 def free_port() -> int:
@@ -130,13 +135,14 @@ class _ReferenceTarget:
     primary: str
     _process: _Process
     _dir: Path | None
+    _keep_dir: bool = False
 
     def activate(self) -> None:
         pass
 
     def stop(self) -> None:
         self._process.stop()
-        if self._dir is not None:
+        if self._dir is not None and not self._keep_dir:
             shutil.rmtree(self._dir, ignore_errors=True)
 
     def groups(self) -> dict[str, list[psutil.Process]]:
@@ -186,24 +192,39 @@ class StoreSCP(_ReferenceTarget):
 
 
 class Orthanc(_ReferenceTarget):
-    """Debian's Orthanc with its default SQLite index and file storage, fsync on (SyncStorageArea)."""
+    """Debian's Orthanc with its default SQLite index and file storage, fsync on (SyncStorageArea), and
+    Debian's DICOMweb plugin loaded (WADO-RS for the retrieve section).
+
+    ``directory`` makes its storage and index persistent (kept on stop, reused on the next start);
+    ``overrides`` change settings of that instance only.
+    """
 
     key, label, ae_title, primary = "orthanc", "Orthanc", "ORTHANC", "orthanc"
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "orthanc", directory: Path | None = None, **overrides: object) -> None:
         self.port = free_port()
         self.http_port = free_port()
-        self._process = _Process("orthanc")
-        self._dir: Path | None = None
+        self._process = _Process(name)
+        self._dir: Path | None = directory
+        self._keep_dir = directory is not None
+        self._overrides = overrides
         self._before = 0
         self.settings: dict[str, object] = {}
 
     @property
-    def _url(self) -> str:
+    def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def dicomweb_url(self) -> str:
+        return self.url + DICOMWEB_ROOT.rstrip("/")
+
     def start(self) -> None:
-        self._dir = scratch_dir("orthanc-")
+        if self._dir is None:
+            self._dir = scratch_dir("orthanc-")
+        self._dir.mkdir(parents=True, exist_ok=True)
+        if not DICOMWEB_PLUGIN.exists():
+            raise RuntimeError(f"{DICOMWEB_PLUGIN} is missing: install Debian's orthanc-dicomweb package")
         self.settings = {
             "Name": "dicomgrid-bench",
             "StorageDirectory": str(self._dir / "storage"),
@@ -213,7 +234,8 @@ class Orthanc(_ReferenceTarget):
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
-            "Plugins": [],
+            "Plugins": [str(DICOMWEB_PLUGIN)],
+            "DicomWeb": {"Enable": True, "Root": DICOMWEB_ROOT},
             "DicomCheckCalledAet": False,
             "DicomAlwaysAllowStore": True,
             "DicomAlwaysAllowFind": True,
@@ -223,16 +245,26 @@ class Orthanc(_ReferenceTarget):
             "MaximumPduLength": MAX_PDU,
             "DicomThreadsCount": 4,
             "SaveJobs": False,
+            **self._overrides,
         }
         config = self._dir / "orthanc.json"
         config.write_text(json.dumps(self.settings, indent=2))
         self._process.start([ORTHANC, str(config)], cwd=self._dir)
         wait_listening(self.port, self._process.proc, self._process.log)
         wait_listening(self.http_port, self._process.proc, self._process.log)
+        self._check_dicomweb()
 
+    def _check_dicomweb(self) -> None:
+        """The plugin loads silently or not at all: ask Orthanc which plugins it runs."""
+        plugins = httpx.get(f"{self.url}/plugins", timeout=30).json()
+        if "dicom-web" not in plugins:
+            raise RuntimeError(f"Orthanc did not load {DICOMWEB_PLUGIN} (plugins: {plugins}); see {self._process.log}")
 
     def _count(self) -> int:
-        return int(httpx.get(f"{self._url}/statistics", timeout=30).json()["CountInstances"])
+        return int(self.statistics()["CountInstances"])
+
+    def statistics(self) -> dict[str, object]:
+        return httpx.get(f"{self.url}/statistics", timeout=60).json()
 
     def before_run(self) -> None:
         self._before = self._count()
@@ -241,6 +273,8 @@ class Orthanc(_ReferenceTarget):
         return RunCheck(self._count() - self._before)
 
     def describe(self) -> dict[str, object]:
-        version = httpx.get(f"{self._url}/system", timeout=10).json().get("Version", "?")
+        version = httpx.get(f"{self.url}/system", timeout=10).json().get("Version", "?")
+        plugins = {p: httpx.get(f"{self.url}/plugins/{p}", timeout=10).json().get("Version", "?")
+                   for p in httpx.get(f"{self.url}/plugins", timeout=10).json() if not p.endswith(".js")}
         shown = {k: v for k, v in self.settings.items() if not k.endswith(("Directory", "Port"))}
-        return {"version": version, "settings": shown}
+        return {"version": version, "plugins": plugins, "settings": shown}
