@@ -23,12 +23,13 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pynetdicom import AllStoragePresentationContexts, build_context, evt
+from pynetdicom import build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -43,7 +44,7 @@ from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, Partic
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.site import SiteContext
 from dicomgrid.core.uids import is_valid_uid
-from dicomgrid.dimse import Context, peer_of, set_nodelay
+from dicomgrid.dimse import Context, peer_of, set_nodelay, storage_sop_classes
 
 log = get_logger(__name__)
 
@@ -195,6 +196,26 @@ class _SubOperation(Dataset):
         return status
 
 
+# pynetdicom's DUL thread sleeps this long whenever it finds nothing to do (its default is 1 ms). Every
+# C-STORE sub-operation is a round trip through that thread twice, so while sub-operations run the
+# sleep is cut short; an idle association keeps the default and its low CPU use.
+SUB_OPERATION_LOOP_DELAY_S = 0.0001
+
+
+@contextmanager
+def _responsive(assoc: Association) -> Iterator[None]:
+    dul = assoc.dul
+    idle_delay = getattr(dul, "_run_loop_delay", None)
+    if idle_delay is None:  # not this pynetdicom: leave it alone
+        yield
+        return
+    dul._run_loop_delay = min(idle_delay, SUB_OPERATION_LOOP_DELAY_S)
+    try:
+        yield
+    finally:
+        dul._run_loop_delay = idle_delay
+
+
 def _send_stored_payloads(assoc: Association, payloads: Payloads) -> None:
     """Make ``assoc.send_c_store`` send a :class:`_SubOperation`'s payload file as stored (once per association)."""
     if getattr(assoc, "_sends_stored_payloads", False):
@@ -261,7 +282,7 @@ class RetrieveService:
         # and keeps the roles given last, so both declare the roles and the order they are added in
         # does not matter.
         retrieve = [Context(uid) for uid in LEVELS]
-        storage = [Context(cx.abstract_syntax, scu_role=True, scp_role=True) for cx in AllStoragePresentationContexts]
+        storage = [Context(uid, scu_role=True, scp_role=True) for uid in storage_sop_classes()]
         return [*retrieve, *storage]
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
@@ -321,6 +342,8 @@ class RetrieveService:
     def _on_destination_open(self, event: evt.Event) -> None:
         set_nodelay(event)
         _send_stored_payloads(event.assoc, self.payloads)
+        # This association exists only for the sub-operations.
+        event.assoc.dul._run_loop_delay = SUB_OPERATION_LOOP_DELAY_S
 
     # -- shared ---------------------------------------------------------------------------------
 
@@ -334,18 +357,24 @@ class RetrieveService:
 
     def _sub_operations(self, event: evt.Event, transfer: _Transfer) -> Iterator[Any]:
         transfer.begin()
+        # C-GET sends on the requestor's own association; C-MOVE's destination is set in its open handler.
+        responsive = _responsive(event.assoc) if transfer.operation == "C-GET" else nullcontext()
         try:
-            for item in transfer.instances:
-                if event.is_cancelled:
-                    transfer.finish("cancelled")
-                    yield CANCEL, None
-                    return
-                sub = _SubOperation(item, transfer.move_originator)
-                yield PENDING, sub
-                transfer.tally[sub.outcome] += 1
-            transfer.finish("completed")
+            with responsive:
+                yield from self._each_sub_operation(event, transfer)
         finally:
             transfer.finish("aborted")
+
+    def _each_sub_operation(self, event: evt.Event, transfer: _Transfer) -> Iterator[Any]:
+        for item in transfer.instances:
+            if event.is_cancelled:
+                transfer.finish("cancelled")
+                yield CANCEL, None
+                return
+            sub = _SubOperation(item, transfer.move_originator)
+            yield PENDING, sub
+            transfer.tally[sub.outcome] += 1
+        transfer.finish("completed")
 
     def _refused(self, operation: str, reason: str, participants: list[Participant]) -> None:
         self.site.audit.record(

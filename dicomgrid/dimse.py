@@ -14,8 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
+from pydicom._uid_dict import UID_dictionary
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt, register_uid
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -28,6 +31,34 @@ log = get_logger(__name__)
 # Each received PDU is held in memory whole; this bounds it while keeping per-PDU overhead low.
 MAX_PDU_BYTES = 256 * 1024
 MAX_ASSOCIATIONS = 64
+
+_STORAGE_BRANCH = "1.2.840.10008.5.1.4.1.1."
+
+
+def _register_unlisted_storage_classes() -> list[str]:
+    """Storage SOP classes pydicom knows and pynetdicom does not list (mostly retired ones).
+
+    Archives hold images from modalities decades old: retired Ultrasound (``...1.1.6``), Nuclear
+    Medicine, X-Ray Bi-plane, the trial SR classes. pynetdicom leaves them out of its storage service,
+    so a site would refuse their presentation contexts; they are registered with it here, under
+    pydicom's keywords. Ingest still refuses any that lack the UIDs the grid files instances under.
+    """
+    added = []
+    for uid, (name, kind, _info, _retired, keyword) in UID_dictionary.items():
+        if kind != "SOP Class" or not uid.startswith(_STORAGE_BRANCH) or "Storage" not in name or not keyword:
+            continue
+        if uid_to_service_class(uid) is ServiceClass:
+            register_uid(uid, keyword, StorageServiceClass)
+            added.append(uid)
+    return added
+
+
+UNLISTED_STORAGE_CLASSES = _register_unlisted_storage_classes()
+
+
+def storage_sop_classes() -> list[str]:
+    """Every storage SOP class a site stores and sends (C-STORE, and C-GET/C-MOVE sub-operations)."""
+    return [cx.abstract_syntax for cx in AllStoragePresentationContexts] + UNLISTED_STORAGE_CLASSES
 
 
 @dataclass(frozen=True)

@@ -11,39 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydicom._uid_dict import UID_dictionary
 from pydicom.dataset import Dataset
-from pynetdicom import AllStoragePresentationContexts, evt, register_uid
-from pynetdicom.service_class import ServiceClass, StorageServiceClass
-from pynetdicom.sop_class import uid_to_service_class
+from pynetdicom import evt
 
 from dicomgrid.core.events import Source
-from dicomgrid.dimse import Context, peer_of
+from dicomgrid.dimse import Context, peer_of, storage_sop_classes
 from dicomgrid.producers.ingest import Expected, Ingestor
 
 INCOMING_MAX_AGE_S = 6 * 3600
-_STORAGE_BRANCH = "1.2.840.10008.5.1.4.1.1."
-
-
-def _register_unlisted_storage_classes() -> list[str]:
-    """Storage SOP classes pydicom knows and pynetdicom does not list (mostly retired ones).
-
-    Archives hold images from modalities decades old: retired Ultrasound (``...1.1.6``), Nuclear
-    Medicine, X-Ray Bi-plane, the trial SR classes. pynetdicom leaves them out of its storage service,
-    so a site would refuse their presentation contexts; they are registered with it here, under
-    pydicom's keywords. Ingest still refuses any that lack the UIDs the grid files instances under.
-    """
-    added = []
-    for uid, (name, kind, _info, _retired, keyword) in UID_dictionary.items():
-        if kind != "SOP Class" or not uid.startswith(_STORAGE_BRANCH) or "Storage" not in name or not keyword:
-            continue
-        if uid_to_service_class(uid) is ServiceClass:
-            register_uid(uid, keyword, StorageServiceClass)
-            added.append(uid)
-    return added
-
-
-UNLISTED_STORAGE_CLASSES = _register_unlisted_storage_classes()
 
 
 def _failure(status: int, comment: str) -> Dataset:
@@ -79,8 +54,7 @@ class StorageService:
         sweep_incoming(self.spool_dir)
 
     def contexts(self) -> list[Context]:
-        classes = [cx.abstract_syntax for cx in AllStoragePresentationContexts] + UNLISTED_STORAGE_CLASSES
-        return [Context(uid, scu_role=True, scp_role=True) for uid in classes]
+        return [Context(uid, scu_role=True, scp_role=True) for uid in storage_sop_classes()]
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
         return [(evt.EVT_C_STORE, self.on_store)]
