@@ -132,16 +132,23 @@ def ensure_topics(config: KafkaConfig, timeout: float = 30.0) -> list[str]:
                 config=topic_config,
             )
         )
-    created = []
-    for name, future in (admin.create_topics(wanted, request_timeout=timeout).items() if wanted else []):
-        try:
-            future.result(timeout=timeout)
-            created.append(name)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise
+    futures = admin.create_topics(wanted, request_timeout=timeout) if wanted else {}
+    created = _settled(futures, KafkaError.TOPIC_ALREADY_EXISTS, timeout)
     _wait_for_leaders(admin, created, timeout)
     return created
+
+
+def _settled(futures: dict[str, Any], harmless: int, timeout: float) -> list[str]:
+    """Wait for an admin operation per topic; the topics it did, ignoring the ``harmless`` error code."""
+    done = []
+    for name, future in futures.items():
+        try:
+            future.result(timeout=timeout)
+            done.append(name)
+        except KafkaException as exc:
+            if exc.args[0].code() != harmless:
+                raise
+    return done
 
 
 def _wait_for_leaders(admin: AdminClient, topics: list[str], timeout: float) -> None:
@@ -169,12 +176,5 @@ def delete_topics(config: KafkaConfig, timeout: float = 30.0) -> list[str]:
     admin = AdminClient(config.client_config())
     existing = set(admin.list_topics(timeout=timeout).topics)
     names = [config.topic(name) for name in schemas.topics() if config.topic(name) in existing]
-    deleted = []
-    for name, future in (admin.delete_topics(names, request_timeout=timeout).items() if names else []):
-        try:
-            future.result(timeout=timeout)
-            deleted.append(name)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
-                raise
-    return deleted
+    futures = admin.delete_topics(names, request_timeout=timeout) if names else {}
+    return _settled(futures, KafkaError.UNKNOWN_TOPIC_OR_PART, timeout)

@@ -42,13 +42,19 @@ def test_size_limit_leaves_nothing_behind(tmp_path: Path):
     assert list(store.digests()) == []
 
 
-def test_corruption_is_detected(tmp_path: Path):
+def _stored_then_corrupted(tmp_path: Path) -> tuple[BlobStore, str]:
+    """A store holding b"payload" whose file was then overwritten with same-size wrong bytes."""
     store = BlobStore(tmp_path, "A")
-    ref = store.put_bytes(b"payload")
-    path = store.path(ref.sha256)
+    digest = store.put_bytes(b"payload").sha256
+    path = store.path(digest)
     os.chmod(path, 0o644)
     path.write_bytes(b"pAyload")
-    assert not store.verify(ref.sha256)
+    return store, digest
+
+
+def test_corruption_is_detected(tmp_path: Path):
+    store, digest = _stored_then_corrupted(tmp_path)
+    assert not store.verify(digest)
     assert not store.verify("0" * 64)
 
 
@@ -66,27 +72,19 @@ def test_write_failure_is_a_store_error(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_quarantine_makes_room_for_a_repaired_copy(tmp_path: Path):
-    store = BlobStore(tmp_path, "A")
-    ref = store.put_bytes(b"payload")
-    path = store.path(ref.sha256)
-    os.chmod(path, 0o644)
-    path.write_bytes(b"pAyload")  # same size, wrong bytes
-    moved = store.quarantine(ref.sha256)
+    store, digest = _stored_then_corrupted(tmp_path)
+    moved = store.quarantine(digest)
     assert moved is not None and moved.read_bytes() == b"pAyload"
     store.put_bytes(b"payload")
-    assert store.verify(ref.sha256)
+    assert store.verify(digest)
     assert store.quarantine("0" * 64) is None
 
 
 def test_commit_over_a_corrupt_copy_repairs_it_and_keeps_the_corrupt_one_aside(tmp_path: Path):
     # A crash between rename and fsync can leave a name whose bytes never reached the disk.
-    store = BlobStore(tmp_path, "A")
-    ref = store.put_bytes(b"payload")
-    path = store.path(ref.sha256)
-    os.chmod(path, 0o644)
-    path.write_bytes(b"pAyload")
-    assert store.put_bytes(b"payload") == ref
-    assert store.verify(ref.sha256)
+    store, digest = _stored_then_corrupted(tmp_path)
+    assert store.put_bytes(b"payload").sha256 == digest
+    assert store.verify(digest)
     (kept,) = (tmp_path / "quarantine").iterdir()
     assert kept.read_bytes() == b"pAyload"
 
