@@ -268,25 +268,25 @@ class MetadataStore:
         describe one series, study or patient only the newest can win (the oldest, for a study's
         first_received_at): only those are written, not one per instance.
         """
-        newest: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        oldest: dict[str, dict[str, Any]] = {}
+        # key -> (receive time, the events received at that time); study -> (earliest time, its event)
+        newest: dict[tuple[str, str], tuple[dt.datetime, list[dict[str, Any]]]] = {}
+        oldest: dict[str, tuple[dt.datetime, dict[str, Any]]] = {}
         for event in events:
             at = _ts(event["occurred_at"])
             study, series, patient = event["study"]["uid"], event["series"]["uid"], event["patient"].get("id")
             for key in (("series", series), ("study", study), *([("patient", patient)] if patient else [])):
                 best = newest.get(key)
-                if best is None or at > _ts(best[0]["occurred_at"]):
-                    newest[key] = [event]
-                elif at == _ts(best[0]["occurred_at"]):
-                    best.append(event)  # a tie is settled by Cassandra (by value), as before
-            if study not in oldest or at < _ts(oldest[study]["occurred_at"]):
-                oldest[study] = event
+                if best is None or at > best[0]:
+                    newest[key] = (at, [event])
+                elif at == best[0]:
+                    best[1].append(event)  # a tie is settled by Cassandra (by value), as before
+            if study not in oldest or at < oldest[study][0]:
+                oldest[study] = (at, event)
         writes = []
-        for (level, _), tied in newest.items():
+        for (level, _), (_, tied) in newest.items():
             for event in tied:
                 writes.extend(self._level_write(level, event))
-        for study_uid, event in oldest.items():
-            received = _ts(event["occurred_at"])
+        for study_uid, (received, _) in oldest.items():
             # first_received_at keeps the earliest time: a lower write timestamp never overrides a
             # higher one, so it is written with an inverted timestamp.
             writes.append(self._write(

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages dicomgrid needs on Debian/Ubuntu (as root), or says what to install.
 #   Java 17+ and Maven: run Kafka and Cassandra from Maven Central jars.
+#   python3-venv: the project's virtual environment.
 #   DCMTK and Orthanc: real DICOM peers for the interoperability tests and benchmarks.
 set -euo pipefail
 
@@ -12,6 +13,8 @@ java_ok() {
   [ "${v:-0}" -ge 17 ]
 }
 java_ok || missing+=(openjdk-17-jre-headless)
+# `make` builds .venv with the python3 on PATH; Debian ships its venv module separately.
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
 command -v storescu >/dev/null 2>&1 || missing+=(dcmtk)
 [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)

@@ -88,3 +88,36 @@ def test_inspect_reads_what_dcmread_reads_for_every_sample_file() -> None:
         assert now == before, path
         checked += 1
     assert checked > 100
+
+
+def _inspect(data: bytes) -> dicomfile.Inspection:
+    return dicomfile.inspect(io.BytesIO(data))
+
+
+def test_inspect_refuses_truncated_and_garbled_data_sets() -> None:
+    from tests.dicom_samples import make_instance, to_part10
+
+    good = to_part10(make_instance(patient_name="Doe^Jane"))
+    assert _inspect(good).attributes.get("PatientName") == "Doe^Jane"
+    meta_end = dicomfile.split_file_meta(io.BytesIO(good))[1]
+    for cut in (meta_end + 9, len(good) - 5):
+        with pytest.raises(dicomfile.MalformedDicom):
+            _inspect(good[:cut])
+    # Less than one element header after the file meta reads as an empty data set: no UIDs, which
+    # ingest refuses with 0xC001.
+    assert _inspect(good[:meta_end + 3]).attributes.get("SOPInstanceUID") is None
+    # An element header whose VR bytes are not text: refused, not a crash of another kind.
+    garbled = bytearray(good)
+    garbled[meta_end + 4: meta_end + 6] = b"\xff\xfe"
+    with pytest.raises(dicomfile.MalformedDicom):
+        _inspect(bytes(garbled))
+
+
+def test_inspect_ignores_an_oversized_indexed_value_instead_of_holding_it() -> None:
+    from tests.dicom_samples import make_instance, to_part10
+
+    # 100 KB of study description: the walk does not keep it, and the instance still reads.
+    data = to_part10(make_instance(StudyDescription="x" * 100_000))
+    found = _inspect(data)
+    assert found.attributes.get("StudyDescription") is None
+    assert found.attributes.get("PatientName") == "Doe^Jane"
