@@ -16,7 +16,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind
 
-from dicomgrid.dimse import set_nodelay
+from dicomgrid.core.dimse import set_nodelay
 
 SUCCESS, PENDING = 0x0000, (0xFF00, 0xFF01)
 

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
     from dicomgrid.core.site import SiteContext
-    from dicomgrid.dimse import DimseService
+    from dicomgrid.core.dimse import DimseService
 
 
 def dimse_services(site: "SiteContext") -> list["DimseService"]:

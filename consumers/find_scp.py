@@ -31,7 +31,7 @@ from dicomgrid.consumers.query import (
 from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, AuditObject, Participant
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.site import SiteContext
-from dicomgrid.dimse import Context, peer_of
+from dicomgrid.core.dimse import Context, peer_of
 
 log = get_logger(__name__)
 

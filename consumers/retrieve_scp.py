@@ -44,7 +44,7 @@ from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, Partic
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.site import SiteContext
 from dicomgrid.core.uids import is_valid_uid
-from dicomgrid.dimse import Context, peer_of, set_nodelay, storage_sop_classes
+from dicomgrid.core.dimse import Context, peer_of, set_nodelay, storage_sop_classes
 
 log = get_logger(__name__)
 

@@ -214,7 +214,7 @@ def serve() -> None:
 def serve_receiver(ctx: Context, site: str, reuse_port: bool) -> None:
     """The DICOM services of one site: C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET."""
     from dicomgrid.consumers import dimse_services
-    from dicomgrid.dimse import SiteAE
+    from dicomgrid.core.dimse import SiteAE
     from dicomgrid.producers.site import build_ingestor, build_site_context
     from dicomgrid.producers.storage_scp import StorageService
 

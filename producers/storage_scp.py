@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 
 from dicomgrid.core.events import Source
-from dicomgrid.dimse import Context, peer_of, storage_sop_classes
+from dicomgrid.core.dimse import Context, peer_of, storage_sop_classes
 from dicomgrid.producers.ingest import Expected, Ingestor
 
 INCOMING_MAX_AGE_S = 6 * 3600

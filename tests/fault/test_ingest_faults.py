@@ -17,7 +17,7 @@ from dicomgrid.core.blobstore import BlobStore
 from dicomgrid.core.kafka import EventPublisher
 from dicomgrid.deploy.local import LocalCluster
 from dicomgrid.producers.ingest import Ingestor
-from dicomgrid.dimse import SiteAE
+from dicomgrid.core.dimse import SiteAE
 from dicomgrid.producers.storage_scp import StorageService
 from tests.dicom_samples import make_instance
 from tests.grid import free_port, wait_for

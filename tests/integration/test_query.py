@@ -36,7 +36,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from dicomgrid import schemas
 from dicomgrid.core.config import SiteConfig
-from dicomgrid.dimse import set_nodelay
+from dicomgrid.core.dimse import set_nodelay
 from tests.dicom_samples import make_instance, to_part10
 from tests.grid import wait_for
 

@@ -33,7 +33,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from dicomgrid import schemas
 from dicomgrid.core.blobstore import BlobStore
 from dicomgrid.core.dicomfile import split_file_meta
-from dicomgrid.dimse import set_nodelay
+from dicomgrid.core.dimse import set_nodelay
 from tests.dicom_samples import make_instance, to_part10
 from tests.grid import wait_for
 
