@@ -24,7 +24,8 @@ from bench import wado
 from bench.corpus import InstanceKey
 from bench.dimse_clients import FindClient, instance_query
 from bench.grid import BenchGrid, BenchSite
-from dicomgrid.core.metadata import MetadataStore
+from dicomgrid.core.cassandra import Cassandra
+from dicomgrid.core.index_reader import IndexReader
 
 POLL_S = 0.005  # pause between two rounds of probes (each probe is itself a round trip)
 
@@ -93,7 +94,7 @@ class ReplicaAtSite:
         self.title = f"`replicas` row for site {site.name} (payload replicated)"
         self.site = site.name
         # Site B's view of the ledger: read in B's datacenter.
-        self._store = MetadataStore(grid.config(), local_dc=site.dc)
+        self._store = IndexReader(Cassandra(grid.config(), local_dc=site.dc))
         self._digests: dict[str, str] = {}
 
     def available(self, item: SentInstance) -> bool:
@@ -103,11 +104,11 @@ class ReplicaAtSite:
             if row is None:
                 return False
             self._digests[uid] = row.sha256
-        return self._store.execute("SELECT site FROM replicas WHERE sha256 = ? AND site = ?",
+        return self._store.db.execute("SELECT site FROM replicas WHERE sha256 = ? AND site = ?",
                                    (self._digests[uid], self.site)).one() is not None
 
     def close(self) -> None:
-        self._store.close()
+        self._store.db.close()
 
 
 def probes(grid: BenchGrid, site: BenchSite) -> list[Probe]:

@@ -33,7 +33,8 @@ from dicomgrid.core.config import GridConfig, load_config
 from confluent_kafka.admin import AdminClient
 
 from dicomgrid.core.kafka import delete_topics, ensure_topics
-from dicomgrid.core.metadata import MetadataStore, apply_schema
+from dicomgrid.core.cassandra import Cassandra, apply_schema
+from dicomgrid.core.index_reader import IndexReader
 from dicomgrid.deploy.local import LocalCluster
 from dicomgrid.supervisor import Service, Supervisor
 
@@ -106,7 +107,7 @@ class BenchGrid:
         self.dicom_port, self.http_port = self.ports[self.site.name].dicom, self.ports[self.site.name].http
         self.cluster_config = load_config()
         self.receivers = 0  # receiver processes running now, per site
-        self.metadata: MetadataStore | None = None
+        self.metadata: IndexReader | None = None
         self._configs: dict[int, GridConfig] = {}
         self._jvms: dict[str, list[psutil.Process]] = {}
         self._services: dict[str, list[psutil.Process]] = {}
@@ -166,7 +167,7 @@ class BenchGrid:
         apply_schema(config)
         ensure_topics(config.kafka)
         self.use(1)
-        self.metadata = MetadataStore(config, local_dc=self.site.dc)
+        self.metadata = IndexReader(Cassandra(config, local_dc=self.site.dc))
         # Connect and prepare now, so the first lag probe measures the index and not the driver.
         self.metadata.instance_location("0.0")
 
@@ -222,7 +223,7 @@ class BenchGrid:
 
     def stop(self) -> None:
         if self.metadata is not None:
-            self.metadata.close()
+            self.metadata.db.close()
             self.metadata = None
         run_dir = self.supervisor(1).run_dir
         Supervisor.stop_pid_files(run_dir)
@@ -238,7 +239,7 @@ class BenchGrid:
 
     def versions(self) -> dict[str, str]:
         assert self.metadata is not None
-        cassandra = self.metadata.execute("SELECT release_version FROM system.local").one()[0]
+        cassandra = self.metadata.db.execute("SELECT release_version FROM system.local").one()[0]
         return {"Kafka": self.cluster_config.infra.kafka_version, "Cassandra": cassandra}
 
     def _located(self, key: InstanceKey) -> bool:
@@ -247,7 +248,7 @@ class BenchGrid:
 
     def _indexed(self, key: InstanceKey) -> bool:
         assert self.metadata is not None
-        row = self.metadata.execute(
+        row = self.metadata.db.execute(
             "SELECT sop_instance_uid FROM instances WHERE study_uid = ? AND series_uid = ? AND sop_instance_uid = ?",
             (key.study_uid, key.series_uid, key.sop_instance_uid),
         ).one()
@@ -272,7 +273,7 @@ class BenchGrid:
         deadline = time.monotonic() + (30.0 if "index" in lags else 0.0)
         while True:
             indexed = sum(
-                self.metadata.execute("SELECT COUNT(*) FROM instances WHERE study_uid = ?", (study,)).one()[0]
+                self.metadata.db.execute("SELECT COUNT(*) FROM instances WHERE study_uid = ?", (study,)).one()[0]
                 for study in corpus.study_uids
             )
             if indexed >= corpus.count or time.monotonic() > deadline:

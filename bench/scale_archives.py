@@ -30,6 +30,7 @@ from bench.grid import BenchGrid, scale_layout
 from bench.paths import BENCH_ROOT
 from bench.scale_set import ScaleSet, ScaleStudy
 from bench.targets import Orthanc
+from dicomgrid.core.index_writer import IndexWriter
 from dicomgrid.processors.indexer import Indexer
 
 SCALE_ROOT = BENCH_ROOT / "scale"
@@ -116,11 +117,11 @@ class ScaleGrid:
 
     def _count(self) -> int:
         assert self.grid.metadata is not None
-        return self.grid.metadata.execute("SELECT count(*) FROM studies", timeout=COUNT_TIMEOUT_S).one()[0]
+        return self.grid.metadata.db.execute("SELECT count(*) FROM studies", timeout=COUNT_TIMEOUT_S).one()[0]
 
     def _index(self, start: int) -> int:
         assert self.grid.metadata is not None
-        indexer = Indexer(self.grid.metadata)
+        indexer = Indexer(IndexWriter(self.grid.metadata.db))
         studies = self.scale.items(start)
         with _progress(self.label, self.scale, start) as bar:
             while batch := list(islice(studies, INDEX_BATCH)):

@@ -118,7 +118,7 @@ class FindService:
         pending = PENDING_WARNING if query.unsupported else PENDING
         cancelled = _Cancellation(event)
         try:
-            for record in QueryEngine(self.site.metadata, cancelled).find(query):
+            for record in QueryEngine(self.site.index, cancelled).find(query):
                 if cancelled():
                     raise QueryCancelled
                 yield pending, query.response(record, self.answers)

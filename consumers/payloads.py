@@ -28,9 +28,8 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import httpx
 from starlette.concurrency import run_in_threadpool
@@ -42,6 +41,7 @@ from dicomgrid.core.audit import SERIOUS_FAILURE, SUCCESS, AuditObject, Particip
 from dicomgrid.core.blobstore import BlobStoreError
 from dicomgrid.core.config import SiteConfig
 from dicomgrid.core.logging import get_logger
+from dicomgrid.core.index_reader import StoredInstance
 from dicomgrid.core.site import SiteContext
 
 log = get_logger(__name__)
@@ -53,7 +53,6 @@ PEER_PATH = "/internal/payloads/{sha256}"
 SITE_HEADER = "X-Dicomgrid-Site"
 # Audit records list at most this many instances; the study objects carry the full counts.
 AUDIT_MAX_INSTANCES = 1000
-IN_SLICE = 100
 
 
 class PayloadUnavailable(RuntimeError):
@@ -68,47 +67,11 @@ class PayloadCorrupt(RuntimeError):
     """Bytes did not match their digest: a local copy found corrupt while it streamed, or a peer's copy."""
 
 
-@dataclass(frozen=True)
-class StoredInstance:
-    """One indexed instance and the payload that holds it."""
-
-    study_uid: str
-    series_uid: str
-    sop_instance_uid: str
-    sop_class_uid: str
-    transfer_syntax_uid: str
-    sha256: str
-
-    @classmethod
-    def from_row(cls, row: Any) -> "StoredInstance":
-        return cls(
-            row.study_uid, row.series_uid, row.sop_instance_uid, row.sop_class_uid, row.transfer_syntax_uid, row.sha256
-        )
-
-
 def find_instances(
     site: SiteContext, study_uid: str, series_uid: str | None = None, sop_instance_uids: Iterable[str] = ()
 ) -> list[StoredInstance]:
-    """The newest indexed version of the instances of a study, one of its series, or some of its instances.
-
-    ``sop_instance_uids`` narrows a series (it needs ``series_uid``: the index is study/series/instance);
-    they are asked for in slices of :data:`IN_SLICE`, as large IN lists load a single coordinator.
-    """
-    wanted = list(dict.fromkeys(sop_instance_uids))
-    if series_uid is None:
-        rows = site.metadata.instances_of_study(study_uid)
-    elif not wanted:
-        rows = list(site.metadata.execute(
-            "SELECT * FROM instances WHERE study_uid = ? AND series_uid = ?", (study_uid, series_uid)
-        ))
-    else:
-        rows = []
-        for start in range(0, len(wanted), IN_SLICE):
-            rows += site.metadata.execute(
-                "SELECT * FROM instances WHERE study_uid = ? AND series_uid = ? AND sop_instance_uid IN ?",
-                (study_uid, series_uid, wanted[start:start + IN_SLICE]),
-            )
-    return [StoredInstance.from_row(row) for row in rows]
+    """The newest indexed version of the instances of a study, one of its series, or some of its instances."""
+    return site.index.find_instances(study_uid, series_uid, sop_instance_uids)
 
 
 def transfer_objects(instances: list[StoredInstance]) -> list[AuditObject]:
@@ -260,9 +223,7 @@ class Payloads:
     def peers(self, digest: str) -> list[SiteConfig]:
         """Sites to ask for a payload: those the ledger lists first, then every other configured site."""
         try:
-            listed = [row.site for row in self.site.metadata.execute(
-                "SELECT site FROM replicas WHERE sha256 = ?", (digest,)
-            )]
+            listed = [row.site for row in self.site.ledger.replicas(digest)]
         except Exception as exc:  # the ledger is advisory: without it, every site is asked
             log.warning("replica ledger unavailable; asking every site", sha256=digest, error=str(exc))
             listed = []

@@ -172,7 +172,7 @@ def _accepts_json(accept: str | None) -> bool:
 class QidoService:
     def __init__(self, site: SiteContext) -> None:
         self.site = site
-        self.engine = QueryEngine(site.metadata)
+        self.engine = QueryEngine(site.index)
 
     def routes(self) -> list[Route]:
         def route(path: str, name: str, level: Level, *, flat: bool) -> Route:

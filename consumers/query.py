@@ -49,7 +49,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from dicomgrid.core.metadata import MetadataStore, parse_da
+from dicomgrid.core.index_reader import IndexReader
+from dicomgrid.core.index_rows import parse_da
 from dicomgrid.core.uids import is_valid_uid
 
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
@@ -537,7 +538,7 @@ class QueryEngine:
     (raising :class:`QueryCancelled`) when the requester gives up.
     """
 
-    def __init__(self, metadata: MetadataStore, cancelled: Callable[[], bool] = lambda: False) -> None:
+    def __init__(self, metadata: IndexReader, cancelled: Callable[[], bool] = lambda: False) -> None:
         self.metadata = metadata
         self.cancelled = cancelled
 

@@ -132,12 +132,11 @@ def parse_identifier(ds: Dataset, model: str) -> RetrieveRequest:
 def match(site: SiteContext, request: RetrieveRequest) -> list[StoredInstance]:
     """The instances a checked request names, in study / series / instance order."""
     if request.level == "PATIENT":
-        rows = site.metadata.execute("SELECT study_uid FROM studies WHERE patient_id = ?", (request.patient_id,))
-        studies = sorted(row.study_uid for row in rows)
+        studies = site.index.study_uids_of_patient(request.patient_id)
     else:
         studies = list(request.study_uids)
         if request.patient_id:
-            studies = [s for s in studies if (row := site.metadata.study(s)) and row.patient_id == request.patient_id]
+            studies = [s for s in studies if (row := site.index.study(s)) and row.patient_id == request.patient_id]
     if request.level in ("PATIENT", "STUDY"):
         return [item for study in studies for item in find_instances(site, study)]
     if not studies:

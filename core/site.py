@@ -1,4 +1,4 @@
-"""What the services of one site share: config, index, blob store, audit trail."""
+"""What the services of one site share: config, index, replica ledger, blob store, audit trail."""
 
 from __future__ import annotations
 
@@ -6,14 +6,20 @@ from dataclasses import dataclass
 
 from dicomgrid.core.audit import AuditTrail
 from dicomgrid.core.blobstore import BlobStore
+from dicomgrid.core.cassandra import Cassandra
 from dicomgrid.core.config import GridConfig, SiteConfig
-from dicomgrid.core.metadata import MetadataStore
+from dicomgrid.core.index_reader import IndexReader
+from dicomgrid.core.ledger import ReplicaLedger
 
 
 @dataclass
 class SiteContext:
     config: GridConfig
     site: SiteConfig
-    metadata: MetadataStore
+    db: Cassandra
     blobs: BlobStore
     audit: AuditTrail
+
+    def __post_init__(self) -> None:
+        self.index = IndexReader(self.db)
+        self.ledger = ReplicaLedger(self.db)

@@ -121,7 +121,7 @@ def schema() -> None:
 def schema_apply(ctx: Context) -> None:
     """Create the keyspace, tables, indexes and topics that do not exist yet (idempotent)."""
     from dicomgrid.core.kafka import ensure_topics
-    from dicomgrid.core.metadata import apply_schema
+    from dicomgrid.core.cassandra import apply_schema
 
     _logging(ctx)
     statements = apply_schema(ctx.config)

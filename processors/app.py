@@ -15,7 +15,8 @@ import faust
 from dicomgrid import schemas
 from dicomgrid.core.config import GridConfig
 from dicomgrid.core.logging import get_logger
-from dicomgrid.core.metadata import MetadataStore
+from dicomgrid.core.cassandra import Cassandra
+from dicomgrid.core.index_writer import IndexWriter
 from dicomgrid.processors.indexer import Indexer, decode_events
 
 log = get_logger(__name__)
@@ -42,12 +43,14 @@ def consumer_group(config: GridConfig) -> str:
     return f"{config.name}-processors"
 
 
-async def _connect(config: GridConfig, local_dc: str) -> MetadataStore:
+async def _connect(config: GridConfig, local_dc: str) -> Cassandra:
     """Connect to Cassandra, waiting for it rather than failing the worker."""
     loop = asyncio.get_running_loop()
     while True:
         try:
-            return await loop.run_in_executor(None, lambda: MetadataStore(config, local_dc=local_dc))
+            db = Cassandra(config, local_dc=local_dc)
+            await loop.run_in_executor(None, lambda: db.session)
+            return db
         except Exception as exc:
             log.warning("cassandra unreachable; retrying", error=str(exc))
             await asyncio.sleep(3.0)
@@ -79,7 +82,7 @@ def create_app(config: GridConfig, site: str) -> faust.App:
     @app.agent(instance_stored, name="indexer")
     async def index(stream: faust.Stream) -> None:
         loop = asyncio.get_running_loop()
-        indexer = Indexer(await _connect(config, site_config.cassandra_dc))
+        indexer = Indexer(IndexWriter(await _connect(config, site_config.cassandra_dc)))
         async for values in stream.take(BATCH_SIZE, within=BATCH_WITHIN_S):
             events = decode_events(values)
             while True:

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from dicomgrid.core.logging import get_logger
-from dicomgrid.core.metadata import MetadataStore
+from dicomgrid.core.index_writer import IndexWriter
 
 log = get_logger(__name__)
 
@@ -33,12 +33,12 @@ def decode_events(values: Iterable[bytes | str | dict[str, Any]]) -> list[dict[s
 
 
 class Indexer:
-    def __init__(self, metadata: MetadataStore) -> None:
-        self.metadata = metadata
+    def __init__(self, writer: IndexWriter) -> None:
+        self.writer = writer
 
     def apply(self, events: list[dict[str, Any]]) -> int:
         """Index a batch of events; returns how many studies were refreshed."""
-        self.metadata.index_instances(events)
+        self.writer.index_instances(events)
         # Per study: the SOP classes the batch adds, or None when a version replaced an instance (its
         # class may have gone from the study, so the set is read again from the rows).
         studies: dict[str, set[str] | None] = {}
@@ -50,7 +50,7 @@ class Indexer:
             elif seen is not None:
                 seen.add(event["instance"]["sop_class_uid"])
         for uid, sop_classes in studies.items():
-            self.metadata.refresh_study(uid, sop_classes)
+            self.writer.refresh_study(uid, sop_classes)
         if events:
             log.info("indexed", instances=len(events), studies=len(studies))
         return len(studies)

@@ -29,7 +29,10 @@ from dicomgrid.core.dicomfile import MalformedDicom, canonical_file_meta, inspec
 from dicomgrid.core.events import Source, instance_stored
 from dicomgrid.core.kafka import EventPublisher, PublishError
 from dicomgrid.core.logging import get_logger
-from dicomgrid.core.metadata import MetadataStore, StoredVersion
+from dicomgrid.core.cassandra import Cassandra
+from dicomgrid.core.events import StoredVersion
+from dicomgrid.core.index_reader import IndexReader
+from dicomgrid.core.index_writer import IndexWriter
 from dicomgrid.core.uids import is_valid_uid
 
 log = get_logger(__name__)
@@ -133,7 +136,7 @@ class Ingestor:
         site: str,
         blobs: BlobStore,
         publisher: EventPublisher,
-        metadata: MetadataStore | None,
+        db: Cassandra | None,
         audit: AuditTrail,
         *,
         max_instance_bytes: int | None = None,
@@ -142,7 +145,11 @@ class Ingestor:
         self.site = site
         self.blobs = blobs
         self.publisher = publisher
-        self.metadata = metadata
+        self.db = db
+        # The index is only read to recognise re-sent instances, and written to make a new version's
+        # location visible before the indexer gets to it.
+        self.index = IndexReader(db) if db is not None else None
+        self.writer = IndexWriter(db) if db is not None else None
         self.audit = audit
         self.max_instance_bytes = max_instance_bytes
         self.delivery_timeout_s = delivery_timeout_s
@@ -242,10 +249,10 @@ class Ingestor:
         def unknown(exc: Exception) -> None:
             log.warning("version lookup failed; treating instance as new", error=str(exc))
 
-        if self.metadata is None:
+        if self.index is None:
             return lambda: None
         try:
-            pending = self.metadata.current_version(sop_instance_uid)
+            pending = self.index.current_version(sop_instance_uid)
         except Exception as exc:  # driver errors: NoHostAvailable, timeouts, ...
             unknown(exc)
             return lambda: None
@@ -260,10 +267,10 @@ class Ingestor:
 
     def _record_location(self, event: dict[str, Any]) -> None:
         """Make this version visible to other processes' lookups soon (a hint: the indexer writes it too)."""
-        if self.metadata is None:
+        if self.writer is None:
             return
         try:
-            self.metadata.record_location(event)
+            self.writer.record_location(event)
         except Exception as exc:  # Cassandra down: the event is durable, the indexer catches up later
             log.warning("location not recorded at ingest; a quick resend may repeat its event", error=str(exc))
 

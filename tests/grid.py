@@ -18,7 +18,8 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from dicomgrid.core.config import GridConfig, load_config
-from dicomgrid.core.metadata import MetadataStore
+from dicomgrid.core.cassandra import Cassandra
+from dicomgrid.core.index_reader import IndexReader
 
 TEST_GRID_PREFIX = "dicomgrid-test-"
 
@@ -103,8 +104,9 @@ def wait_for(check: Callable[[], Any], timeout: float = 30.0, interval: float = 
         time.sleep(interval)
 
 
-def metadata_store(config: GridConfig, dc: str) -> MetadataStore:
-    return MetadataStore(config, local_dc=dc)
+def index_reader(config: GridConfig, dc: str) -> IndexReader:
+    """The index as a site in datacenter ``dc`` reads it; close it with ``reader.db.close()``."""
+    return IndexReader(Cassandra(config, local_dc=dc))
 
 
 def load_test_config(path: Path) -> GridConfig:

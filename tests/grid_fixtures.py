@@ -14,9 +14,10 @@ from confluent_kafka.admin import AdminClient
 from dicomgrid import schemas
 from dicomgrid.core.config import GridConfig, SiteConfig
 from dicomgrid.core.kafka import delete_topics, ensure_topics
-from dicomgrid.core.metadata import MetadataStore, apply_schema
+from dicomgrid.core.cassandra import apply_schema
+from dicomgrid.core.index_reader import IndexReader
 from dicomgrid.supervisor import Supervisor
-from tests.grid import TEST_GRID_PREFIX, EventTap, load_test_config, write_test_config
+from tests.grid import TEST_GRID_PREFIX, EventTap, index_reader, load_test_config, write_test_config
 
 
 @dataclass
@@ -31,8 +32,8 @@ class Grid:
     def tap(self, topic: str = schemas.TOPIC_INSTANCE_STORED) -> EventTap:
         return EventTap(self.config, topic)
 
-    def metadata(self, dc: str) -> MetadataStore:
-        return MetadataStore(self.config, local_dc=dc)
+    def metadata(self, dc: str) -> IndexReader:
+        return index_reader(self.config, dc)
 
 
 def _orphaned(grid_name: str) -> bool:
@@ -80,14 +81,14 @@ def grid(cluster: GridConfig, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 @pytest.fixture
-def metadata_dc1(grid: Grid) -> Iterator[MetadataStore]:
+def metadata_dc1(grid: Grid) -> Iterator[IndexReader]:
     store = grid.metadata("dc1")
     yield store
-    store.close()
+    store.db.close()
 
 
 @pytest.fixture
-def metadata_dc2(grid: Grid) -> Iterator[MetadataStore]:
+def metadata_dc2(grid: Grid) -> Iterator[IndexReader]:
     store = grid.metadata("dc2")
     yield store
-    store.close()
+    store.db.close()

@@ -11,7 +11,9 @@ import pytest
 from pydicom.uid import generate_uid
 
 from dicomgrid import schemas
-from dicomgrid.core.metadata import MetadataStore, apply_schema
+from dicomgrid.core.cassandra import Cassandra, apply_schema
+from dicomgrid.core.index_reader import IndexReader
+from dicomgrid.core.index_writer import IndexWriter
 from dicomgrid.processors.indexer import Indexer, decode_events
 from tests.grid import wait_for
 
@@ -46,12 +48,12 @@ def event(study: str, series: str, sop: str, *, version: int = 1, when: dt.datet
 def store(cluster):
     config = cluster.model_copy(update={"cassandra": cluster.cassandra.model_copy(update={"keyspace": "dicomgrid_test"})})
     apply_schema(config)
-    store = MetadataStore(config, local_dc="dc1")
+    store = IndexReader(Cassandra(config, local_dc="dc1"))
     yield store
-    store.close()
+    store.db.close()
 
 
-def snapshot(store: MetadataStore, study: str):
+def snapshot(store: IndexReader, study: str):
     row = store.study(study)
     return (
         (row.number_of_instances, row.number_of_series, row.modalities_in_study, row.patient_name),
@@ -66,7 +68,7 @@ def test_replay_is_idempotent(store):
               event(study, s2, generate_uid(), when=now, modality="SR")]
     for e in events:
         schemas.validate_event(schemas.TOPIC_INSTANCE_STORED, e)
-    indexer = Indexer(store)
+    indexer = Indexer(IndexWriter(store.db))
     indexer.apply(events)
     first = snapshot(store, study)
     assert first[0] == (3, 2, {"CT", "SR"}, "Index^Test")
@@ -81,24 +83,23 @@ def test_newest_version_wins_whatever_the_order(store):
     v1 = event(study, series, sop, when=now, payload=b"one")
     v2 = event(study, series, sop, version=2, when=now + dt.timedelta(seconds=1), payload=b"two")
     v2["replaces"] = {"sha256": v1["payload"]["sha256"], "version": 1}
-    Indexer(store).apply([v2])
-    Indexer(store).apply([v1])  # the older event arrives late (replay, partition lag)
+    Indexer(IndexWriter(store.db)).apply([v2])
+    Indexer(IndexWriter(store.db)).apply([v1])  # the older event arrives late (replay, partition lag)
     location = store.instance_location(sop)
     assert (location.sha256, location.version) == (v2["payload"]["sha256"], 2)
-    versions = {r.sha256 for r in store.execute("SELECT sha256 FROM instance_versions WHERE sop_instance_uid = ?", (sop,))}
+    versions = {r.sha256 for r in store.db.execute("SELECT sha256 FROM instance_versions WHERE sop_instance_uid = ?", (sop,))}
     assert versions == {v1["payload"]["sha256"], v2["payload"]["sha256"]}
     assert store.study(study).number_of_instances == 1
 
 
 def test_written_in_dc1_readable_in_dc2(store, cluster):
     study = generate_uid()
-    Indexer(store).apply([event(study, generate_uid(), generate_uid(), when=dt.datetime.now(dt.timezone.utc))])
-    config = store.config
-    other = MetadataStore(config, local_dc="dc2")
+    Indexer(IndexWriter(store.db)).apply([event(study, generate_uid(), generate_uid(), when=dt.datetime.now(dt.timezone.utc))])
+    other = IndexReader(Cassandra(store.db.config, local_dc="dc2"))
     try:
         assert wait_for(lambda: other.study(study), timeout=10).patient_id == "IDX-1"
     finally:
-        other.close()
+        other.db.close()
 
 
 def test_undecodable_messages_are_skipped_not_fatal():
@@ -113,7 +114,7 @@ def test_study_aggregates_follow_batches_and_replaced_versions(store):
     now = dt.datetime.now(dt.timezone.utc)
     study, s1, s2 = generate_uid(), generate_uid(), generate_uid()
     sop = generate_uid()
-    indexer = Indexer(store)
+    indexer = Indexer(IndexWriter(store.db))
     indexer.apply([event(study, s1, sop, when=now), event(study, s1, generate_uid(), when=now)])
     sr = event(study, s2, generate_uid(), when=now, modality="SR")
     sr["instance"]["sop_class_uid"] = "1.2.840.10008.5.1.4.1.1.88.22"
@@ -140,7 +141,7 @@ def test_one_batch_writes_the_newest_study_attributes_whatever_the_order(store):
     newer = event(study, series, generate_uid(), when=now + dt.timedelta(seconds=5))
     newer["patient"]["name"] = "Renamed^Patient"
     older = event(study, series, generate_uid(), when=now)
-    Indexer(store).apply([newer, older])
+    Indexer(IndexWriter(store.db)).apply([newer, older])
     row = store.study(study)
     assert row.patient_name == "Renamed^Patient"
     assert row.first_received_at.replace(tzinfo=dt.timezone.utc) == now.replace(microsecond=now.microsecond // 1000 * 1000)

@@ -136,7 +136,7 @@ def ingest(grid: Any, corpus: Corpus, timeout: float = 90.0) -> None:
 
             wait_for(indexed, timeout=timeout, interval=0.5)
         finally:
-            store.close()
+            store.db.close()
 
 
 @pytest.fixture(scope="module")
@@ -392,7 +392,7 @@ def cancel_series(grid: Any) -> tuple[str, str]:
             wait_for(lambda: len(list(store.instances_of_series(study, series))) == CANCEL_SERIES_SIZE,
                      timeout=90, interval=0.5)
         finally:
-            store.close()
+            store.db.close()
         _cancel_series[id(grid)] = (study, series)
     return _cancel_series[id(grid)]
 

@@ -134,7 +134,7 @@ def store_and_index(grid, study: Study, site: str = "A", dcs: tuple[str, ...] = 
         try:
             wait_for(lambda: len(store.instances_of_study(study.uid)) == len(study.instances), timeout=60)
         finally:
-            store.close()
+            store.db.close()
 
 
 def digests(grid, study: Study, dc: str = "dc1") -> dict[str, str]:
@@ -142,7 +142,7 @@ def digests(grid, study: Study, dc: str = "dc1") -> dict[str, str]:
     try:
         return {row.sop_instance_uid: row.sha256 for row in store.instances_of_study(study.uid)}
     finally:
-        store.close()
+        store.db.close()
 
 
 def blobs(grid, site: str) -> BlobStore:

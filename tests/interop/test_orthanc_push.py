@@ -12,7 +12,7 @@ from dicomgrid import schemas
 from dicomgrid.core.blobstore import BlobStore
 from dicomgrid.core.dicomfile import split_file_meta
 from tests.dicom_samples import make_instance, to_part10
-from dicomgrid.core.metadata import MetadataStore
+from dicomgrid.core.index_reader import IndexReader
 from tests.grid import wait_for
 from tests.interop.conftest import Orthanc
 
@@ -48,7 +48,7 @@ def upload(orthanc: Orthanc, files: dict[str, bytes]) -> str:
     return study_id
 
 
-def indexed_study(store: MetadataStore, study_uid: str):
+def indexed_study(store: IndexReader, study_uid: str):
     """The study row once the indexer has counted all its instances, else None."""
     row = store.study(study_uid)
     return row if row is not None and row.number_of_instances == INSTANCES else None

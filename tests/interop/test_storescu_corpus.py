@@ -31,7 +31,8 @@ from dicomgrid import schemas
 from dicomgrid.core.blobstore import BlobStore
 from dicomgrid.core.config import SiteConfig
 from dicomgrid.core.dicomfile import canonical_file_meta, split_file_meta
-from dicomgrid.core.metadata import MetadataStore, StoredVersion
+from dicomgrid.core.events import StoredVersion
+from dicomgrid.core.index_reader import IndexReader
 from tests.grid import EventTap
 from tests.interop.corpus import STORESCU_OPTIONS, Sample, load_corpus
 
@@ -341,7 +342,7 @@ def by_storescu_option(samples: Iterable[Sample]) -> dict[str, list[Sample]]:
     return groups
 
 
-def wait_until_indexed(index: MetadataStore, expected: dict[str, StoredVersion], timeout: float = 60.0) -> None:
+def wait_until_indexed(index: IndexReader, expected: dict[str, StoredVersion], timeout: float = 60.0) -> None:
     """Wait until the index names the expected payload as current for each UID (indexing is asynchronous)."""
 
     def lagging() -> list[str]:
@@ -356,14 +357,14 @@ def wait_until_indexed(index: MetadataStore, expected: dict[str, StoredVersion],
     assert not behind, f"not indexed as expected within {timeout}s: {behind}"
 
 
-def indexed_version(index: MetadataStore, sop_instance_uid: str) -> StoredVersion | None:
+def indexed_version(index: IndexReader, sop_instance_uid: str) -> StoredVersion | None:
     """The payload the index names as current for a UID, as ingest sees it."""
     row = index.instance_location(sop_instance_uid)
     return StoredVersion(row.sha256, row.version) if row else None
 
 
-def indexed_shas(index: MetadataStore, sop_instance_uid: str) -> set[str]:
-    rows = index.execute("SELECT sha256 FROM instance_versions WHERE sop_instance_uid = ?", (sop_instance_uid,))
+def indexed_shas(index: IndexReader, sop_instance_uid: str) -> set[str]:
+    rows = index.db.execute("SELECT sha256 FROM instance_versions WHERE sop_instance_uid = ?", (sop_instance_uid,))
     return {row.sha256 for row in rows}
 
 
@@ -389,7 +390,7 @@ def _data_set(part10: bytes) -> bytes:
 
 
 def send_in_rounds(
-    samples: list[Sample], site: SiteConfig, index: MetadataStore
+    samples: list[Sample], site: SiteConfig, index: IndexReader
 ) -> tuple[list[Attempt], VersionLedger]:
     """Send every sample with storescu, one run per round and storescu option; predict the versions."""
     uids = {s.sop_instance_uid for s in samples if s.sop_instance_uid}

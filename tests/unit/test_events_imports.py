@@ -9,8 +9,3 @@ def test_importing_events_does_not_import_cassandra():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
-
-def test_metadata_still_offers_stored_version():
-    from dicomgrid.core import events, metadata
-
-    assert metadata.StoredVersion is events.StoredVersion

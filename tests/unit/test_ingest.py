@@ -13,7 +13,7 @@ from dicomgrid.core.blobstore import BlobStore
 from dicomgrid.core.dicomfile import IMPLEMENTATION_CLASS_UID, split_file_meta
 from dicomgrid.core.events import Source
 from dicomgrid.core.kafka import PublishError
-from dicomgrid.core.metadata import StoredVersion
+from dicomgrid.core.events import StoredVersion
 from dicomgrid.producers.ingest import Expected, Ingestor, Outcome
 from tests.dicom_samples import make_instance, to_part10
 
@@ -64,7 +64,11 @@ def index() -> FakeIndex:
 
 @pytest.fixture
 def ingestor(tmp_path: Path, publisher: FakePublisher, index: FakeIndex) -> Ingestor:
-    return Ingestor("A", BlobStore(tmp_path / "blobs", "A"), publisher, index, AuditTrail("A", publisher), max_instance_bytes=1 << 20)
+    ingestor = Ingestor("A", BlobStore(tmp_path / "blobs", "A"), publisher, None, AuditTrail("A", publisher),
+                        max_instance_bytes=1 << 20)
+    # The location row, as ingest reads and writes it.
+    ingestor.index = ingestor.writer = index  # type: ignore[assignment]
+    return ingestor
 
 
 def ingest(ingestor: Ingestor, data: bytes, expected: Expected = Expected()):
@@ -183,14 +187,14 @@ def test_index_unreachable_does_not_block_ingest(ingestor, publisher):
 
             return fail
 
-    ingestor.metadata = Broken()
+    ingestor.index = Broken()  # type: ignore[assignment]
     assert ingest(ingestor, to_part10(make_instance())).outcome is Outcome.STORED
 
     class Unreachable:
         def current_version(self, uid):
             raise RuntimeError("NoHostAvailable")
 
-    ingestor.metadata = Unreachable()
+    ingestor.index = Unreachable()  # type: ignore[assignment]
     assert ingest(ingestor, to_part10(make_instance())).outcome is Outcome.STORED
 
 

@@ -42,14 +42,13 @@ TOKEN = "unit-test-peer-token-0123456789"
 
 
 @dataclass
-class FakeIndex:
+class FakeLedger:
     """The `replicas` ledger as the payload layer reads it."""
 
-    replicas: dict[str, list[str]] = field(default_factory=dict)
+    copies: dict[str, list[str]] = field(default_factory=dict)
 
-    def execute(self, cql: str, params: tuple[Any, ...] = (), **kwargs: Any) -> list[Any]:
-        assert cql.startswith("SELECT site FROM replicas")
-        return [SimpleNamespace(site=s) for s in self.replicas.get(params[0], [])]
+    def replicas(self, digest: str) -> list[Any]:
+        return [SimpleNamespace(site=s) for s in self.copies.get(digest, [])]
 
 
 @dataclass
@@ -74,9 +73,11 @@ def _config(tmp_path: Path, ports: dict[str, int]) -> GridConfig:
     return load_config(path)
 
 
-def _site(config: GridConfig, name: str, index: FakeIndex) -> SiteContext:
+def _site(config: GridConfig, name: str, ledger: FakeLedger) -> SiteContext:
     blobs = BlobStore(config.site_storage(name), name)
-    return SiteContext(config, config.site(name), index, blobs, RecordingAudit())  # type: ignore[arg-type]
+    site = SiteContext(config, config.site(name), None, blobs, RecordingAudit())  # type: ignore[arg-type]
+    site.ledger = ledger  # type: ignore[assignment]
+    return site
 
 
 class PeerServer:
@@ -106,21 +107,21 @@ class PeerServer:
 class TwoSites:
     a: SiteContext
     b: SiteContext
-    index: FakeIndex
+    ledger: FakeLedger
 
     def put(self, site: SiteContext, data: bytes) -> str:
         digest = site.blobs.put_bytes(data).sha256
-        self.index.replicas.setdefault(digest, []).append(site.site.name)
+        self.ledger.copies.setdefault(digest, []).append(site.site.name)
         return digest
 
 
 @pytest.fixture
 def sites(tmp_path: Path) -> Iterator[TwoSites]:
-    index = FakeIndex()
+    ledger = FakeLedger()
     config = _config(tmp_path, {"A": free_port(), "B": free_port()})
-    a, b = _site(config, "A", index), _site(config, "B", index)
+    a, b = _site(config, "A", ledger), _site(config, "B", ledger)
     with PeerServer(b):
-        yield TwoSites(a, b, index)
+        yield TwoSites(a, b, ledger)
 
 
 def _corrupt(path: Path) -> None:
@@ -199,7 +200,7 @@ def test_large_payload_is_checked_while_streaming(sites: TwoSites, monkeypatch: 
 def test_peers_are_the_ledger_first_then_every_other_site(sites: TwoSites):
     payloads = Payloads(sites.a)
     assert [p.name for p in payloads.peers("0" * 64)] == ["B"]
-    sites.index.replicas["1" * 64] = ["A", "B", "GONE"]
+    sites.ledger.copies["1" * 64] = ["A", "B", "GONE"]
     assert [p.name for p in payloads.peers("1" * 64)] == ["B"]
 
 
@@ -219,12 +220,12 @@ def test_payload_endpoint_checks_token_digest_and_presence(sites: TwoSites):
 
 
 def test_peer_with_wrong_bytes_is_not_trusted(tmp_path: Path):
-    index = FakeIndex()
+    ledger = FakeLedger()
     config = _config(tmp_path, {"A": free_port(), "B": free_port()})
-    a, b = _site(config, "A", index), _site(config, "B", index)
+    a, b = _site(config, "A", ledger), _site(config, "B", ledger)
     data = os.urandom(5000)
     digest = hashlib.sha256(data).hexdigest()
-    index.replicas[digest] = ["B"]
+    ledger.copies[digest] = ["B"]
 
     async def lying_peer(request: Any) -> Response:
         return Response(data[:-1] + b"?", media_type="application/octet-stream")

@@ -31,7 +31,7 @@ from dicomgrid.consumers.query import (
     make_key,
     parse_tm,
 )
-from dicomgrid.core.metadata import parse_da, study_bucket
+from dicomgrid.core.index_rows import parse_da, study_bucket
 
 SITE = SiteAnswers("GRID_A", "http://127.0.0.1:8081/dicomweb")
 
@@ -391,7 +391,7 @@ LocationRow = namedtuple("LocationRow", "sop_instance_uid study_uid series_uid")
 
 
 class FakeIndex:
-    """The read methods of MetadataStore over lists (sets as the driver returns them); logs the reads used."""
+    """The read methods of IndexReader over lists (sets as the driver returns them); logs the reads used."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
@@ -565,7 +565,7 @@ def site_context(index: FakeIndex) -> Any:
     from types import SimpleNamespace
 
     site = SimpleNamespace(name="A", ae_title="GRID_A", http_host="127.0.0.1", http_port=8081)
-    return SimpleNamespace(site=site, metadata=index, audit=RecordingAudit())
+    return SimpleNamespace(site=site, index=index, audit=RecordingAudit())
 
 
 @pytest.fixture

@@ -1,0 +1,246 @@
+"""The indexer's writes: ``dicom.instance.stored`` events as rows of the DICOM index in Cassandra.
+
+Every write is an idempotent upsert. Instance-level rows are written ``USING TIMESTAMP`` of the time
+the payload was received, so the newest version of an instance wins whatever order events are
+replayed in; study and series aggregates are recomputed from the rows, never incremented.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from cassandra.concurrent import execute_concurrent
+from cassandra.query import BatchStatement, BatchType
+
+from dicomgrid.core.blobstore import BlobRef
+from dicomgrid.core.cassandra import Cassandra, Write
+from dicomgrid.core.index_rows import parse_da, study_bucket
+from dicomgrid.core.ledger import replica_write
+from dicomgrid.core.logging import get_logger
+
+log = get_logger(__name__)
+
+# instances rows per unlogged batch: a few KB, under Cassandra's batch size warning (5 KiB).
+INSTANCE_ROWS_PER_BATCH = 6
+
+
+def _ts(iso: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+
+
+def _micros(moment: dt.datetime) -> int:
+    return int(moment.timestamp() * 1_000_000)
+
+
+def _unlogged(writes: list[Write]) -> BatchStatement:
+    batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+    for stmt, params in writes:
+        batch.add(stmt, params)
+    return batch
+
+
+class IndexWriter:
+    """Upserts the index rows of instance events (the indexer), and the location row (ingest)."""
+
+    def __init__(self, db: Cassandra) -> None:
+        self.db = db
+
+    def index_instances(self, events: Iterable[dict[str, Any]], concurrency: int = 64) -> None:
+        """Upsert the rows of ``dicom.instance.stored`` events (aggregates: :meth:`refresh_study`).
+
+        Writes travel in unlogged batches, which Cassandra applies as one request each: a study's
+        ``instances`` rows (one partition) a few at a time, and each instance's rows keyed by UID or
+        digest together. Each write stays an idempotent upsert with its own timestamp, so a batch that
+        fails half-way is simply replayed.
+        """
+        events = list(events)
+        writes: list[tuple[Any, Any]] = []
+        by_study: dict[str, list[Write]] = {}
+        for event in events:
+            instance_row, *keyed_rows = self._instance_writes(event)
+            by_study.setdefault(event["study"]["uid"], []).append(instance_row)
+            writes.append((_unlogged(keyed_rows), None))
+        for rows in by_study.values():
+            for start in range(0, len(rows), INSTANCE_ROWS_PER_BATCH):
+                writes.append((_unlogged(rows[start:start + INSTANCE_ROWS_PER_BATCH]), None))
+        writes += self._level_writes(events)
+        execute_concurrent(self.db.session, writes, concurrency=concurrency, raise_on_first_error=True)
+
+    def record_location(self, event: dict[str, Any], timeout: float = 2.0) -> Any:
+        """Start writing the instance's location row, as the indexer will (same row, same timestamp).
+
+        Ingest calls this once the event is in Kafka, so that a resend of the same SOP Instance UID is
+        recognised (identical: no new event; different: the next version) instead of depending on how
+        far the indexer has got. It does not wait: the row is a hint (the indexer writes it too), and the
+        receiving process remembers its recent versions itself. Returns the driver's future.
+        """
+        stmt, params = self._location_write(event)
+        future = self.db.session.execute_async(stmt, params, timeout=timeout)
+        future.add_errback(
+            lambda exc: log.warning("location not recorded at ingest; the indexer will write it", error=str(exc))
+        )
+        return future
+
+    def _location_write(self, event: dict[str, Any]) -> Write:
+        study, series, payload = event["study"], event["series"], event["payload"]
+        received = _ts(event["occurred_at"])
+        return self.db.write(
+            "INSERT INTO instance_locations (sop_instance_uid, study_uid, series_uid, sha256, version, received_at)"
+            " VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?",
+            (event["instance"]["sop_instance_uid"], study["uid"], series["uid"], payload["sha256"], event["version"],
+             received, _micros(received)),
+        )
+
+    def _instance_writes(self, event: dict[str, Any]) -> list[Write]:
+        """The instance-level upserts of one event, as (statement, parameters); ``instances`` first."""
+        study, series, inst, payload = event["study"], event["series"], event["instance"], event["payload"]
+        received = _ts(event["occurred_at"])
+        at = _micros(received)
+        event_id = uuid.UUID(event["event_id"])
+        sop_uid = inst["sop_instance_uid"]
+        w = self.db.write
+        writes = [
+            w(
+                "INSERT INTO instances (study_uid, series_uid, sop_instance_uid, sop_class_uid, instance_number,"
+                " transfer_syntax_uid, rows, columns, number_of_frames, size, sha256, payload_uri, version,"
+                " received_site, received_at, event_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " USING TIMESTAMP ?",
+                (study["uid"], series["uid"], sop_uid, inst["sop_class_uid"], inst.get("number"),
+                 inst["transfer_syntax_uid"], inst.get("rows"), inst.get("columns"), inst.get("number_of_frames"),
+                 payload["size"], payload["sha256"], payload["uri"], event["version"], event["site"], received,
+                 event_id, at),
+            ),
+            w(
+                "INSERT INTO instance_versions (sop_instance_uid, sha256, version, study_uid, series_uid, size,"
+                " received_site, received_at, event_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (sop_uid, payload["sha256"], event["version"], study["uid"], series["uid"], payload["size"],
+                 event["site"], received, event_id),
+            ),
+            self._location_write(event),
+            # The receiving site hashed the bytes as it wrote them: its copy is verified on arrival.
+            replica_write(self.db, BlobRef(payload["site"], payload["sha256"], payload["size"]), received, received),
+        ]
+        return writes
+
+    def _level_writes(self, events: list[dict[str, Any]]) -> list[Write]:
+        """The series, study and patient upserts of a batch.
+
+        They are written ``USING TIMESTAMP`` of receive time, so of all the events of a batch that
+        describe one series, study or patient only the newest can win (the oldest, for a study's
+        first_received_at): only those are written, not one per instance.
+        """
+        # key -> (receive time, the events received at that time); study -> (earliest time, its event)
+        newest: dict[tuple[str, str], tuple[dt.datetime, list[dict[str, Any]]]] = {}
+        oldest: dict[str, tuple[dt.datetime, dict[str, Any]]] = {}
+        for event in events:
+            at = _ts(event["occurred_at"])
+            study, series, patient = event["study"]["uid"], event["series"]["uid"], event["patient"].get("id")
+            for key in (("series", series), ("study", study), *([("patient", patient)] if patient else [])):
+                best = newest.get(key)
+                if best is None or at > best[0]:
+                    newest[key] = (at, [event])
+                elif at == best[0]:
+                    best[1].append(event)  # a tie is settled by Cassandra (by value), as before
+            if study not in oldest or at < oldest[study][0]:
+                oldest[study] = (at, event)
+        writes = []
+        for (level, _), (_, tied) in newest.items():
+            for event in tied:
+                writes.extend(self._level_write(level, event))
+        for study_uid, (received, _) in oldest.items():
+            # first_received_at keeps the earliest time: a lower write timestamp never overrides a
+            # higher one, so it is written with an inverted timestamp.
+            writes.append(self.db.write(
+                "UPDATE studies USING TIMESTAMP ? SET first_received_at = ? WHERE study_uid = ?",
+                (2**62 - _micros(received), received, study_uid),
+            ))
+        return writes
+
+    def _level_write(self, level: str, event: dict[str, Any]) -> list[Write]:
+        study, series, patient = event["study"], event["series"], event["patient"]
+        at = _micros(_ts(event["occurred_at"]))
+        w = self.db.write
+        if level == "series":
+            return [w(
+                "INSERT INTO series (study_uid, series_uid, modality, series_number, series_description,"
+                " body_part_examined, series_date, series_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?",
+                (study["uid"], series["uid"], series.get("modality"), series.get("number"), series.get("description"),
+                 series.get("body_part_examined"), series.get("date"), series.get("time"), at),
+            )]
+        if level == "study":
+            return [w(
+                "UPDATE studies USING TIMESTAMP ? SET patient_id = ?, issuer_of_patient_id = ?, patient_name = ?,"
+                " patient_birth_date = ?, patient_sex = ?, study_date = ?, study_day = ?, study_time = ?,"
+                " accession_number = ?, study_id = ?, study_description = ?, referring_physician_name = ?,"
+                " specific_character_set = ?, bucket = ? WHERE study_uid = ?",
+                (at, patient.get("id"), patient.get("issuer"), patient.get("name"), patient.get("birth_date"),
+                 patient.get("sex"), study.get("date"), parse_da(study.get("date")), study.get("time"),
+                 study.get("accession_number"), study.get("id"), study.get("description"),
+                 study.get("referring_physician_name"), study.get("specific_character_set"),
+                 study_bucket(study["uid"]), study["uid"]),
+            )]
+        # The PATIENT level of C-FIND; the newest demographics win, as for studies. Patients are listed
+        # through the same 32 stable buckets as studies.
+        return [w(
+            "UPDATE patients USING TIMESTAMP ? SET issuer_of_patient_id = ?, patient_name = ?,"
+            " patient_birth_date = ?, patient_sex = ?, bucket = ? WHERE patient_id = ?",
+            (at, patient.get("issuer"), patient.get("name"), patient.get("birth_date"), patient.get("sex"),
+             study_bucket(patient["id"]), patient["id"]),
+        )]
+
+    def refresh_study(self, study_uid: str, new_sop_classes: Iterable[str] | None = None) -> None:
+        """Recompute a study's and its series' aggregates from the instance rows.
+
+        Instance counts are counted by Cassandra per series (``GROUP BY``), so a batch costs one small
+        answer however large the study has grown. The study's SOP classes only grow while instances
+        are added: with ``new_sop_classes`` (the classes of the batch) they are the stored set plus
+        those; without it (a batch that replaced a version) they are read again from every row.
+        """
+        per_series = {
+            row.series_uid: row.n
+            for row in self.db.execute(
+                "SELECT series_uid, count(*) AS n FROM instances WHERE study_uid = ? GROUP BY series_uid",
+                (study_uid,),
+                timeout=30.0,
+            )
+        }
+        modalities = {
+            r.modality
+            for r in self.db.execute("SELECT modality FROM series WHERE study_uid = ?", (study_uid,))
+            if r.modality
+        }
+        now = dt.datetime.now(dt.timezone.utc)
+        for series_uid, count in per_series.items():
+            self.db.execute(
+                "UPDATE series SET number_of_instances = ?, updated_at = ? WHERE study_uid = ? AND series_uid = ?",
+                (count, now, study_uid, series_uid),
+            )
+        # Overwriting a set column writes a tombstone, and every study listing of C-FIND/QIDO-RS reads
+        # past them: rewrite the sets only when they changed (usually the first batch of a study). They
+        # are written before the counts, so whoever sees the final counts sees the final sets.
+        current = self.db.execute(
+            "SELECT modalities_in_study, sop_classes_in_study FROM studies WHERE study_uid = ?", (study_uid,)
+        ).one()
+        known = (set(current.modalities_in_study or ()), set(current.sop_classes_in_study or ())) if current else None
+        if new_sop_classes is not None and known is not None:
+            sop_classes = known[1] | set(new_sop_classes)
+        else:
+            sop_classes = {
+                row.sop_class_uid
+                for row in self.db.execute(
+                    "SELECT sop_class_uid FROM instances WHERE study_uid = ?", (study_uid,), timeout=30.0
+                )
+            }
+        if known != (modalities, sop_classes):
+            self.db.execute(
+                "UPDATE studies SET modalities_in_study = ?, sop_classes_in_study = ? WHERE study_uid = ?",
+                (modalities, sop_classes, study_uid),
+            )
+        self.db.execute(
+            "UPDATE studies SET number_of_series = ?, number_of_instances = ?, updated_at = ? WHERE study_uid = ?",
+            (len(per_series), sum(per_series.values()), now, study_uid),
+        )
+

@@ -1,0 +1,60 @@
+"""The replica ledger: which site holds a verified copy of which payload (table ``replicas``).
+
+It is the grid's truth about where every copy lives. Ingest's copy is recorded by the indexer (the
+receiving site hashed the bytes as it wrote them); every other copy by whoever made it: the replication
+worker, or a retrieve that repaired a missing or corrupt local copy from a peer. Rows are upserts keyed
+by (digest, site), so recording a copy twice leaves one row.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from dicomgrid.core.blobstore import BlobRef
+from dicomgrid.core.cassandra import Cassandra, Write
+
+_INSERT = (
+    "INSERT INTO replicas (sha256, site, size, payload_uri, stored_at, verified_at) VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One site's copy of a payload; ``verified_at`` is when its bytes last hashed to its digest."""
+
+    sha256: str
+    site: str
+    size: int | None
+    stored_at: dt.datetime | None
+    verified_at: dt.datetime | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> "Replica":
+        return cls(row.sha256, row.site, row.size, row.stored_at, row.verified_at)
+
+
+def replica_write(db: Cassandra, blob: BlobRef, stored_at: dt.datetime, verified_at: dt.datetime | None) -> Write:
+    """The upsert of one copy, for callers that batch it with other writes (the indexer)."""
+    return db.write(_INSERT, (blob.sha256, blob.site, blob.size, blob.uri, stored_at, verified_at))
+
+
+class ReplicaLedger:
+    def __init__(self, db: Cassandra) -> None:
+        self.db = db
+
+    def record(self, blob: BlobRef, verified_at: dt.datetime | None = None) -> None:
+        """Record ``blob.site``'s copy, verified now unless told otherwise."""
+        now = dt.datetime.now(dt.timezone.utc)
+        stmt, params = replica_write(self.db, blob, now, verified_at or now)
+        self.db.session.execute(stmt, params)
+
+    def replicas(self, sha256: str) -> list[Replica]:
+        return [Replica.from_row(row) for row in self.db.execute(
+            "SELECT sha256, site, size, stored_at, verified_at FROM replicas WHERE sha256 = ?", (sha256,)
+        )]
+
+    def verified_sites(self, sha256: str) -> set[str]:
+        """Sites whose copy of ``sha256`` has been verified."""
+        return {r.site for r in self.replicas(sha256) if r.verified_at is not None}
