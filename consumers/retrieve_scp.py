@@ -39,10 +39,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from dicomgrid.consumers.payloads import Payloads, PayloadUnavailable, StoredInstance, find_instances, transfer_objects
-from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, Participant
+from dicomgrid.consumers.payloads import Payloads
+from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, Participant, transfer_objects
+from dicomgrid.core.index_reader import StoredInstance
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.site import SiteContext
+from dicomgrid.core.transfer import PayloadUnavailable
 from dicomgrid.core.uids import is_valid_uid
 from dicomgrid.core.dimse import Context, peer_of, set_nodelay, storage_sop_classes
 
@@ -138,14 +140,14 @@ def match(site: SiteContext, request: RetrieveRequest) -> list[StoredInstance]:
         if request.patient_id:
             studies = [s for s in studies if (row := site.index.study(s)) and row.patient_id == request.patient_id]
     if request.level in ("PATIENT", "STUDY"):
-        return [item for study in studies for item in find_instances(site, study)]
+        return [item for study in studies for item in site.index.find_instances(study)]
     if not studies:
         return []
     (study,) = studies
     if request.level == "SERIES":
-        return [item for series in request.series_uids for item in find_instances(site, study, series)]
+        return [item for series in request.series_uids for item in site.index.find_instances(study, series)]
     (series,) = request.series_uids
-    return find_instances(site, study, series, request.sop_instance_uids)
+    return site.index.find_instances(study, series, request.sop_instance_uids)
 
 
 def storage_contexts(instances: list[StoredInstance]) -> list[PresentationContext]:

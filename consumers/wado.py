@@ -1,4 +1,4 @@
-"""WADO-RS and WADO-URI (PS3.18) on a site's HTTP service, plus the payload endpoint peers fetch from.
+"""WADO-RS and WADO-URI (PS3.18) on a site's HTTP service.
 
 Retrieve (``/dicomweb/studies/{study}[/series/{series}[/instances/{instance}]]``) answers
 ``multipart/related; type="application/dicom"``: one part per instance, each the stored Part 10 file (the
@@ -29,17 +29,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from dicomgrid.consumers.payloads import (
-    PayloadReader,
-    Payloads,
-    PayloadUnavailable,
-    StoredInstance,
-    find_instances,
-    transfer_objects,
-)
-from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, Participant
+from dicomgrid.consumers.payloads import Payloads
+from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, Participant, transfer_objects
+from dicomgrid.core.blobstore import PayloadReader
+from dicomgrid.core.index_reader import StoredInstance
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.site import SiteContext
+from dicomgrid.core.transfer import PayloadUnavailable
 from dicomgrid.core.uids import is_valid_uid
 
 log = get_logger(__name__)
@@ -218,7 +214,9 @@ class Wado:
     async def _find(self, study: str, series: str | None, instance: str | None) -> list[StoredInstance] | Response:
         """The indexed instances of a study, series or instance; 404 when there are none."""
         try:
-            found = await run_in_threadpool(find_instances, self.site, study, series, [instance] if instance else [])
+            found = await run_in_threadpool(
+                self.site.index.find_instances, study, series, [instance] if instance else []
+            )
         except Exception as exc:  # index unreachable
             log.error("wado index lookup failed", error=str(exc))
             return _error(503, "the index is not available right now")
@@ -280,5 +278,4 @@ def _error(status: int, message: str) -> Response:
 
 
 def wado_routes(site: SiteContext) -> list[BaseRoute]:
-    payloads = Payloads(site)
-    return [*Wado(site, payloads).routes(), *payloads.routes()]
+    return Wado(site, Payloads(site)).routes()

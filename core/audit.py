@@ -6,8 +6,9 @@ and also written to the process log, so an unreachable broker never hides an aud
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from dicomgrid import schemas
 from dicomgrid.core.events import envelope
@@ -18,6 +19,14 @@ log = get_logger("dicomgrid.audit")
 
 Action = Literal["C", "R", "U", "D", "E"]
 SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE, MAJOR_FAILURE = 0, 4, 8, 12
+
+
+class TransferredInstance(Protocol):
+    """What an audit record names of an instance that was sent or received."""
+
+    study_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,24 @@ class AuditObject:
         if self.detail:
             out["detail"] = self.detail
         return out
+
+
+# Audit records list at most this many instances; the study objects carry the full counts.
+AUDIT_MAX_INSTANCES = 1000
+
+
+def transfer_objects(instances: "Iterable[TransferredInstance]") -> list[AuditObject]:
+    """Audit objects of a transfer: every study (with its instance count), then its instances."""
+    instances = list(instances)
+    per_study: dict[str, int] = {}
+    for item in instances:
+        per_study[item.study_uid] = per_study.get(item.study_uid, 0) + 1
+    objects = [AuditObject("study", uid, {"instances": count}) for uid, count in per_study.items()]
+    objects += [
+        AuditObject("instance", item.sop_instance_uid, {"sop_class_uid": item.sop_class_uid})
+        for item in instances[:AUDIT_MAX_INSTANCES]
+    ]
+    return objects
 
 
 def audit_record(

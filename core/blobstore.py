@@ -18,11 +18,15 @@ import hashlib
 import os
 import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+from dicomgrid.core.logging import get_logger
+
+log = get_logger(__name__)
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1024 * 1024
@@ -34,6 +38,10 @@ class BlobStoreError(OSError):
 
 class PayloadTooLarge(BlobStoreError):
     """The payload exceeds the configured maximum size."""
+
+
+class PayloadCorrupt(RuntimeError):
+    """Bytes did not match their digest: a local copy found corrupt while it streamed, or a peer's copy."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +166,53 @@ class BlobWriter:
         self._tmp.unlink(missing_ok=True)
 
 
+class PayloadReader:
+    """An open payload, read in chunks; with ``check`` its digest is verified as the chunks go out."""
+
+    def __init__(self, fh: BinaryIO, digest: str, check: bool, on_corrupt: Callable[[str], None]) -> None:
+        self._fh = fh
+        self.digest = digest
+        self.size = os.fstat(fh.fileno()).st_size
+        self._check = check
+        self._on_corrupt = on_corrupt
+
+    @property
+    def file(self) -> BinaryIO:
+        return self._fh
+
+    def __iter__(self) -> Iterator[bytes]:
+        hasher = hashlib.sha256() if self._check else None
+        try:
+            self._fh.seek(0)
+            while chunk := self._fh.read(_CHUNK):
+                if hasher is not None:
+                    hasher.update(chunk)
+                yield chunk
+        finally:
+            self.close()
+        if hasher is not None and hasher.hexdigest() != self.digest:
+            self._on_corrupt(self.digest)
+            raise PayloadCorrupt(f"payload {self.digest} does not match its digest")
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "PayloadReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def hash_file(fh: BinaryIO) -> str:
+    """The SHA-256 of an open file's whole contents."""
+    hasher = hashlib.sha256()
+    fh.seek(0)
+    while chunk := fh.read(_CHUNK):
+        hasher.update(chunk)
+    return hasher.hexdigest()
+
+
 class BlobStore:
     """One site's payloads on local disk."""
 
@@ -199,6 +254,12 @@ class BlobStore:
     def open(self, digest: str) -> BinaryIO:
         return self.path(digest).open("rb")
 
+    def open_if_present(self, digest: str) -> BinaryIO | None:
+        try:
+            return self.open(digest)
+        except FileNotFoundError:
+            return None
+
     def ref(self, digest: str) -> BlobRef:
         return BlobRef(self.site, digest, self.size(digest))
 
@@ -230,6 +291,7 @@ class BlobStore:
             os.replace(self.path(digest), target)
         except FileNotFoundError:
             return None
+        log.error("corrupt payload moved aside", site=self.site, sha256=digest, to=str(target))
         return target
 
     def clear_tmp(self) -> int:

@@ -1,4 +1,5 @@
-"""A site's HTTP service: DICOMweb under ``/dicomweb`` and a health probe at ``/health``."""
+"""A site's HTTP service: DICOMweb under ``/dicomweb``, the payload transfer endpoint peers fetch from
+(``/internal/payloads``), and a health probe at ``/health``."""
 
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ from starlette.routing import Route
 
 from dicomgrid.consumers import http_routes
 from dicomgrid.core.config import GridConfig
+from dicomgrid.core.transfer import TransferEndpoint
 from dicomgrid.producers.ingest import Ingestor
 from dicomgrid.producers.site import build_site_context
 from dicomgrid.producers.stow import stow
 
 
 def create_http_app(config: GridConfig, site: str, ingestor: Ingestor) -> Starlette:
-    """STOW-RS through the ingest path, QIDO-RS and WADO-RS from the consumers."""
+    """STOW-RS through the ingest path, QIDO-RS and WADO-RS from the consumers, payloads to peers."""
     site_config = config.site(site)
+    context = build_site_context(config, site, ingestor)
     spool = ingestor.blobs.root / "incoming"
     spool.mkdir(parents=True, exist_ok=True)
 
@@ -35,7 +38,8 @@ def create_http_app(config: GridConfig, site: str, ingestor: Ingestor) -> Starle
             Route("/dicomweb", root, methods=["GET"], name="dicomweb_root"),
             Route("/dicomweb/studies", store, methods=["POST"]),
             Route("/dicomweb/studies/{study}", store, methods=["POST"]),
-            *http_routes(build_site_context(config, site, ingestor)),
+            *http_routes(context),
+            *TransferEndpoint(context).routes(),
         ]
     )
 

@@ -25,13 +25,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from dicomgrid.consumers import payloads as payloads_module
-from dicomgrid.consumers.payloads import PayloadCorrupt, Payloads, PayloadUnavailable
+from dicomgrid.core import blobstore as blobstore_module
+from dicomgrid.consumers.payloads import Payloads
 from dicomgrid.consumers.retrieve_scp import InvalidIdentifier, parse_identifier
 from dicomgrid.consumers.wado import ANY_SYNTAX, accepted_syntaxes, accepts_json
 from dicomgrid.core.audit import SERIOUS_FAILURE, SUCCESS
-from dicomgrid.core.blobstore import BlobStore
+from dicomgrid.core.blobstore import BlobStore, PayloadCorrupt
 from dicomgrid.core.config import GridConfig, load_config
 from dicomgrid.core.site import SiteContext
+from dicomgrid.core.transfer import PayloadUnavailable, TransferEndpoint
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelGet,
@@ -84,7 +86,7 @@ class PeerServer:
     """A site's HTTP service with only the payload endpoint (or ``routes``), on a real socket."""
 
     def __init__(self, site: SiteContext, routes: list[Any] | None = None) -> None:
-        app = Starlette(routes=routes if routes is not None else Payloads(site).routes())
+        app = Starlette(routes=routes if routes is not None else TransferEndpoint(site).routes())
         self.server = uvicorn.Server(uvicorn.Config(
             app, host="127.0.0.1", port=site.site.http_port, log_config=None, access_log=False
         ))
@@ -184,7 +186,7 @@ def test_no_intact_copy_anywhere_is_unavailable(sites: TwoSites):
 
 def test_large_payload_is_checked_while_streaming(sites: TwoSites, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(payloads_module, "VERIFY_FIRST_MAX_BYTES", 1000)
-    monkeypatch.setattr(payloads_module, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(blobstore_module, "_CHUNK", 4096)
     data = os.urandom(50_000)
     digest = sites.put(sites.a, data)
     payloads = Payloads(sites.a)
