@@ -131,6 +131,7 @@ class BenchGrid:
                 f"dicom_port = {self.ports[site.name].dicom}\nhttp_port = {self.ports[site.name].http}\n"
                 f'storage_root = "{self.storage_of(site.name)}"\ncassandra_dc = "{site.dc}"\n'
                 f"receiver_processes = {receivers}\n"
+                f"replicate_to = {json.dumps([o.name for o in self.layout.sites if o is not site])}\n"
                 for site in self.layout.sites
             )
             path.write_text(

@@ -320,7 +320,7 @@ class RetrieveService:
         calling_ae, address = peer_of(event)
         requestor = Participant(calling_ae or "unknown", True, calling_ae, address, "Requestor")
         title = (event.move_destination or "").strip()
-        peer = self.site.config.move_destinations.get(title)
+        peer = self.site.config.remote_aes.get(title)
         if peer is None:
             self._refused("C-MOVE", f"unknown move destination {title[:16]!r}", [requestor])
             yield None, None  # pynetdicom answers 0xA801 (move destination unknown)

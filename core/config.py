@@ -131,7 +131,8 @@ class SiteConfig(_Section):
 
 
 class DicomPeer(_Section):
-    """A remote DICOM application entity the grid may connect to (C-MOVE destination)."""
+    """A remote DICOM application entity the grid connects to (C-MOVE destination, Storage Commitment
+    requestor receiving its N-EVENT-REPORT)."""
 
     host: str
     port: int = Field(ge=1, le=65535)
@@ -151,6 +152,33 @@ class SecurityConfig(_Section):
     @classmethod
     def _valid_titles(cls, values: list[str]) -> list[str]:
         return [_check_ae_title(v) for v in values]
+
+
+class ReplicationConfig(_Section):
+    """How payloads reach other sites (``dicom.replication.requested`` -> each target site's worker)."""
+
+    # Sites that must hold a verified copy before an instance counts as safe (Storage Commitment
+    # success, replication status). Unset: two sites, or one in a one-site grid.
+    min_copies: int | None = Field(default=None, ge=1)
+    # Transfers a site's replication worker runs at once, and their combined bandwidth (unset: no cap).
+    concurrency: int = Field(default=4, ge=1, le=64)
+    bandwidth_mb_s: float | None = Field(default=None, gt=0)
+    # Attempts per request, with capped exponential backoff and jitter between them; then the request
+    # goes to dicom.replication.failed for the repair path.
+    max_attempts: int = Field(default=5, ge=1)
+    backoff_initial_s: float = Field(default=0.5, gt=0)
+    backoff_max_s: float = Field(default=30.0, gt=0)
+    connect_timeout_s: float = Field(default=3.0, gt=0)
+    read_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class StorageCommitmentConfig(_Section):
+    """Storage Commitment Push Model SCP (1.2.840.10008.1.20.1) on every site AE."""
+
+    # How long a request waits for its instances to reach min_copies before they are reported failed.
+    timeout_s: float = Field(default=60.0, gt=0)
+    # Attempts to deliver an N-EVENT-REPORT to a requestor that does not answer.
+    report_attempts: int = Field(default=5, ge=1)
 
 
 class InfraConfig(_Section):
@@ -189,7 +217,11 @@ class GridConfig(BaseSettings):
     cassandra: CassandraConfig = CassandraConfig()
     sites: list[SiteConfig] = []
     security: SecurityConfig = SecurityConfig()
-    move_destinations: dict[str, DicomPeer] = {}
+    # Remote AEs the grid connects to, by AE title: C-MOVE destinations and Storage Commitment
+    # requestors (their N-EVENT-REPORT goes to the address listed here).
+    remote_aes: dict[str, DicomPeer] = {}
+    replication: ReplicationConfig = ReplicationConfig()
+    storage_commitment: StorageCommitmentConfig = StorageCommitmentConfig()
     infra: InfraConfig = InfraConfig()
 
     @classmethod
@@ -204,7 +236,7 @@ class GridConfig(BaseSettings):
         # Environment beats the file contents passed in as init kwargs.
         return (env_settings, init_settings)
 
-    @field_validator("move_destinations")
+    @field_validator("remote_aes")
     @classmethod
     def _valid_destination_titles(cls, value: dict[str, DicomPeer]) -> dict[str, DicomPeer]:
         return {_check_ae_title(k): v for k, v in value.items()}
@@ -221,6 +253,11 @@ class GridConfig(BaseSettings):
             unknown = set(site.replicate_to) - set(names)
             if unknown:
                 raise ValueError(f"site {site.name} replicates to unknown sites {sorted(unknown)}")
+            if 1 + len(set(site.replicate_to) - {site.name}) < self.min_copies:
+                raise ValueError(
+                    f"site {site.name} replicates to {sorted(site.replicate_to)}: with its own copy that is fewer "
+                    f"than replication.min_copies = {self.min_copies}"
+                )
             if site.cassandra_dc not in self.cassandra.replication:
                 raise ValueError(
                     f"site {site.name} uses Cassandra DC {site.cassandra_dc!r}, "
@@ -229,6 +266,12 @@ class GridConfig(BaseSettings):
         return self
 
     # -- derived values ---------------------------------------------------------------------------
+
+    @property
+    def min_copies(self) -> int:
+        """Verified copies an instance needs to count as safe."""
+        configured = self.replication.min_copies
+        return configured if configured is not None else min(2, max(1, len(self.sites)))
 
     @cached_property
     def root(self) -> Path:

@@ -254,7 +254,7 @@ class MoveDestination:
 @pytest.fixture
 def storage_scp_at_move_destination(grid) -> Iterator[MoveDestination]:
     """A pynetdicom storage SCP listening as the configured move destination STORESCP."""
-    peer = grid.config.move_destinations["STORESCP"]
+    peer = grid.config.remote_aes["STORESCP"]
     with socket.socket() as probe:
         if probe.connect_ex((peer.host, peer.port)) == 0:
             pytest.skip(f"something already listens on the STORESCP move destination {peer.host}:{peer.port}")

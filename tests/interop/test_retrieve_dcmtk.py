@@ -1,6 +1,6 @@
 """Retrieve with real third-party peers: DCMTK movescu/getscu/storescp and Orthanc.
 
-The move destinations are the grid's configured ones (``grid.config.move_destinations``): STORESCP and
+The move destinations are the grid's configured ones (``grid.config.remote_aes``): STORESCP and
 ORTHANC, on fixed ports. A peer is started by the test on that port; if something else already listens
 there the test is skipped rather than talking to a stranger.
 """
@@ -108,7 +108,7 @@ def explicit(grid) -> Study:
 def storescp(grid, tmp_path: Path) -> Iterator[Path]:
     """DCMTK storescp as the configured move destination STORESCP; yields its output folder."""
     tool = _require("storescp")
-    peer = grid.config.move_destinations["STORESCP"]
+    peer = grid.config.remote_aes["STORESCP"]
     _port_free(peer.host, peer.port)
     out = tmp_path / "storescp"
     out.mkdir()
@@ -186,7 +186,7 @@ class Orthanc:
 def orthanc(grid, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     """Orthanc as the configured move destination ORTHANC, knowing site A as modality "grid"."""
     tool = _require("Orthanc")
-    peer = grid.config.move_destinations["ORTHANC"]
+    peer = grid.config.remote_aes["ORTHANC"]
     _port_free(peer.host, peer.port)
     base = tmp_path_factory.mktemp("orthanc")
     site = grid.site("A")

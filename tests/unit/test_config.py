@@ -64,3 +64,31 @@ def test_topic_prefix_must_make_legal_topic_names(tmp_path: Path, prefix: str):
     cfg.write_text(f'[kafka]\ntopic_prefix = "{prefix}"\n')
     with pytest.raises(ValueError, match="topic_prefix"):
         load_config(cfg)
+
+
+_SITE = '[[sites]]\nname="{0}"\nae_title="GRID_{0}"\ndicom_port=1\nhttp_port=2\nstorage_root="s"\ncassandra_dc="dc1"\n'
+
+
+def test_min_copies_defaults_to_two_sites_or_the_only_one(tmp_path: Path):
+    assert load_config().min_copies == 2
+    cfg = tmp_path / "one.toml"
+    cfg.write_text(_SITE.format("X"))
+    assert load_config(cfg).min_copies == 1
+
+
+@pytest.mark.parametrize(
+    "toml",
+    [
+        # Two sites that keep their copies to themselves can never hold an instance twice.
+        _SITE.format("X") + _SITE.format("Y"),
+        # A site cannot count itself twice.
+        _SITE.format("X") + 'replicate_to=["X"]\n' + _SITE.format("Y") + 'replicate_to=["X"]\n',
+        "[replication]\nmin_copies=3\n" + _SITE.format("X") + 'replicate_to=["Y"]\n' + _SITE.format("Y")
+        + 'replicate_to=["X"]\n',
+    ],
+)
+def test_a_policy_that_cannot_reach_min_copies_is_refused(tmp_path: Path, toml: str):
+    cfg = tmp_path / "grid.toml"
+    cfg.write_text(toml)
+    with pytest.raises(Exception, match="fewer than replication.min_copies"):
+        load_config(cfg)

@@ -68,6 +68,7 @@ def _config(tmp_path: Path, ports: dict[str, int]) -> GridConfig:
     sites = "".join(
         f'[[sites]]\nname = "{name}"\nae_title = "GRID_{name}"\ndicom_port = {free_port()}\n'
         f'http_port = {port}\nstorage_root = "{tmp_path / name}"\ncassandra_dc = "dc1"\n'
+        f'replicate_to = {[other for other in ports if other != name]!r}\n'.replace("'", '"')
         for name, port in ports.items()
     )
     path = tmp_path / "grid.toml"
