@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import uuid
 from dataclasses import dataclass
@@ -106,3 +107,76 @@ def instance_stored(
         "version": previous.version + 1 if previous else 1,
         "replaces": {"sha256": previous.sha256, "version": previous.version} if previous else None,
     }
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    """The instance a payload holds, as replication events name it."""
+
+    study_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str | None = None
+    received_at: str | None = None  # the receiving site's dicom.instance.stored occurred_at
+
+    @classmethod
+    def of_event(cls, event: dict[str, Any]) -> "InstanceRef":
+        """The instance of a ``dicom.instance.stored`` or replication event."""
+        if "instance" in event:
+            inst = event["instance"]
+            return cls(event["study"]["uid"], inst["sop_instance_uid"], inst.get("sop_class_uid"), event["occurred_at"])
+        return cls(event["study_uid"], event["sop_instance_uid"], event.get("sop_class_uid"), event.get("received_at"))
+
+    def fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"study_uid": self.study_uid, "sop_instance_uid": self.sop_instance_uid}
+        if self.sop_class_uid:
+            out["sop_class_uid"] = self.sop_class_uid
+        if self.received_at:
+            out["received_at"] = self.received_at
+        return out
+
+
+def replication_requested(
+    source: dict[str, Any], target_site: str, instance: InstanceRef, *, attempt: int = 1, cause_event_id: str | None = None
+) -> dict[str, Any]:
+    """Copy the payload ``source`` (a payload reference) to ``target_site``."""
+    event = {**envelope(schemas.TOPIC_REPLICATION_REQUESTED), "source": source, "target_site": target_site,
+             **instance.fields(), "attempt": attempt}
+    if cause_event_id:
+        event["cause_event_id"] = cause_event_id
+    return event
+
+
+def replica_stored(
+    replica: BlobRef, source_site: str, instance: InstanceRef, *, cause: Literal["replication", "repair"],
+    request_event_id: str | None = None,
+) -> dict[str, Any]:
+    """``replica.site`` now holds a verified copy, fetched from ``source_site``."""
+    event = {**envelope(schemas.TOPIC_REPLICA_STORED), "replica": replica.as_payload(), "source_site": source_site,
+             **instance.fields(), "cause": cause}
+    if request_event_id:
+        event["request_event_id"] = request_event_id
+    return event
+
+
+def replication_failed(request: dict[str, Any], reason: str, *, retryable: bool) -> dict[str, Any]:
+    """A replication request that gave up after ``request["attempt"]`` attempts."""
+    event = {**envelope(schemas.TOPIC_REPLICATION_FAILED), "source": request["source"],
+             "target_site": request["target_site"], **InstanceRef.of_event(request).fields(),
+             "attempt": request["attempt"], "reason": reason[:2048], "retryable": retryable,
+             "request_event_id": request["event_id"]}
+    return event
+
+
+def dead_letter(
+    processor: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, reason: str
+) -> dict[str, Any]:
+    """A message ``processor`` gave up on, kept verbatim with where it came from and why."""
+    event = {**envelope(schemas.TOPIC_DEADLETTER), "processor": processor, "topic": topic, "partition": partition,
+             "offset": offset, "key": key.decode("utf-8", "replace") if key is not None else None,
+             "reason": reason[:2048], "value": value.decode("utf-8", "replace") if value is not None else None}
+    if value is not None:
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            event["value_base64"] = base64.b64encode(value).decode()
+    return event

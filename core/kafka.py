@@ -72,6 +72,12 @@ class EventPublisher:
             self._producer.poll(0.1)
 
     def publish(self, topic: str, key: str, event: dict[str, Any]) -> Future[Message]:
+        """Queue ``event`` for ``topic`` (a logical name); the future resolves with the delivery report.
+
+        Raises :class:`~dicomgrid.schemas.InvalidEvent` at once, and publishes nothing, if the event
+        breaks its topic's schema: consumers rely on every message of a topic matching its contract.
+        """
+        schemas.validate_event(topic, event)
         future: Future[Message] = Future()
         topic = self._topic(topic)
 

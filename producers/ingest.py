@@ -232,6 +232,10 @@ class Ingestor:
         event = instance_stored(self.site, source, attrs, transfer_syntax, blob, previous)
         try:
             self.publisher.publish_and_wait(schemas.TOPIC_INSTANCE_STORED, study, event, self.delivery_timeout_s)
+        except schemas.InvalidEvent as exc:
+            # What the checks above let through but the event contract does not (the payload stays in
+            # the blob store, content-addressed and unreferenced, like any refused resend).
+            return IngestResult(Outcome.MALFORMED, str(exc), **ids)
         except PublishError as exc:
             # The payload stays in the blob store (content-addressed, harmless); the sender retries.
             return IngestResult(Outcome.NO_EVENT_LOG, str(exc), **ids)

@@ -13,14 +13,14 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from jsonschema import Draft202012Validator, FormatChecker
-from referencing import Registry, Resource
+import jsonschema_rs
 
 TOPIC_INSTANCE_STORED = "dicom.instance.stored"
 TOPIC_REPLICATION_REQUESTED = "dicom.replication.requested"
 TOPIC_REPLICA_STORED = "dicom.replica.stored"
 TOPIC_REPLICATION_FAILED = "dicom.replication.failed"
 TOPIC_AUDIT = "dicom.audit"
+TOPIC_DEADLETTER = "dicom.deadletter"
 
 _HERE = resources.files(__name__)
 
@@ -56,23 +56,42 @@ def cql_statements(keyspace: str, replication: dict[str, int]) -> list[str]:
     return statements
 
 
+class InvalidEvent(ValueError):
+    """An event breaks the JSON Schema of its topic."""
+
+
 @cache
-def _registry() -> Registry:
+def _registry() -> jsonschema_rs.Registry:
     resources_ = []
     for file in _HERE.joinpath("events").iterdir():
         if file.name.endswith(".schema.json"):
             schema = json.loads(file.read_text())
-            resources_.append((schema["$id"], Resource.from_contents(schema)))
-    return Registry().with_resources(resources_)
+            resources_.append((schema["$id"], schema))
+    return jsonschema_rs.Registry(resources_)
 
 
 @cache
-def event_validator(topic: str) -> Draft202012Validator:
-    """A validator for the events of ``topic`` (formats such as uuid and date-time are checked)."""
+def event_validator(topic: str) -> jsonschema_rs.Draft202012Validator:
+    """A validator for the events of ``topic`` (formats such as uuid and date-time are checked).
+
+    jsonschema-rs: events are validated on every publish and every consume, ingest's hot path included,
+    where a pure-Python validator cost ~0.6 ms per instance event (this one: a few microseconds).
+    """
     schema = json.loads(_HERE.joinpath("events", topics()[topic].schema).read_text())
-    return Draft202012Validator(schema, registry=_registry(), format_checker=FormatChecker())
+    return jsonschema_rs.Draft202012Validator(schema, registry=_registry(), validate_formats=True)
 
 
-def validate_event(topic: str, event: dict[str, Any]) -> None:
-    """Raise ``jsonschema.ValidationError`` if ``event`` breaks the contract of ``topic``."""
-    event_validator(topic).validate(event)
+def validate_event(topic: str, event: Any) -> None:
+    """Raise :class:`InvalidEvent` if ``event`` breaks the contract of ``topic`` (a logical topic name)."""
+    try:
+        event_validator(topic).validate(event)
+    except jsonschema_rs.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.instance_path) or "(root)"
+        keyword = str(exc.schema_path[-1]) if exc.schema_path else "schema"
+        # The validator's message quotes the offending value, which may be patient data: only messages
+        # about the event's own structure are kept.
+        detail = exc.message if keyword in _STRUCTURAL else f"fails {keyword!r}"
+        raise InvalidEvent(f"{topics()[topic].name} event invalid at {where}: {detail}") from None
+
+
+_STRUCTURAL = {"required", "additionalProperties", "unevaluatedProperties"}

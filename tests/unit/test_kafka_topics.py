@@ -6,7 +6,9 @@ import pytest
 
 from dicomgrid import schemas
 from dicomgrid.core import kafka
+from dicomgrid.core.audit import audit_record
 from dicomgrid.core.config import KafkaConfig
+from dicomgrid.core.events import dead_letter
 
 
 class RecordingProducer:
@@ -28,9 +30,25 @@ def test_publisher_takes_logical_names_and_writes_the_grids_topics(monkeypatch: 
     monkeypatch.setattr(kafka, "Producer", RecordingProducer)
     publisher = kafka.EventPublisher(KafkaConfig(topic_prefix=prefix))
     try:
-        publisher.publish(schemas.TOPIC_INSTANCE_STORED, "1.2.3", {})
-        publisher.publish(schemas.TOPIC_AUDIT, "A", {})
-        assert publisher._producer.topics == [f"{prefix}dicom.instance.stored", f"{prefix}dicom.audit"]
+        publisher.publish(schemas.TOPIC_DEADLETTER, "1.2.3", dead_letter("indexer", "t", 0, 7, None, b"{}", "test"))
+        publisher.publish(schemas.TOPIC_AUDIT, "A", audit_record("A", "E", "Application Activity", 0, "test", [], []))
+        assert publisher._producer.topics == [f"{prefix}dicom.deadletter", f"{prefix}dicom.audit"]
+    finally:
+        publisher.close()
+
+
+def test_an_event_that_breaks_its_schema_is_refused_unsent_and_unquoted(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(kafka, "Producer", RecordingProducer)
+    publisher = kafka.EventPublisher(KafkaConfig())
+    record = audit_record("A", "E", "Application Activity", 0, "test", [], [])
+    record["outcome_description"] = "Doe^Jane " * 300  # longer than the schema allows
+    try:
+        with pytest.raises(schemas.InvalidEvent) as refused:
+            publisher.publish(schemas.TOPIC_AUDIT, "A", record)
+        assert "outcome_description" in str(refused.value) and "Doe" not in str(refused.value)
+        with pytest.raises(schemas.InvalidEvent, match="required"):
+            publisher.publish(schemas.TOPIC_AUDIT, "A", {})
+        assert publisher._producer.topics == []
     finally:
         publisher.close()
 
