@@ -246,8 +246,21 @@ class Wado:
         except PayloadUnavailable as exc:
             self._audit(request, "WADO-URI", found, SERIOUS_FAILURE, f"not served: {exc}")
             return _error(503, "the instance is not available at any site right now")
-        self._audit(request, "WADO-URI", found, SUCCESS, "1 instance sent")
-        return StreamingResponse(reader, media_type=DICOM, headers={"Content-Length": str(reader.size)})
+        return StreamingResponse(self._single(request, found, reader), media_type=DICOM,
+                                 headers={"Content-Length": str(reader.size)})
+
+    def _single(self, request: Request, found: list[StoredInstance], reader: PayloadReader) -> Iterator[bytes]:
+        """One stored file; audited as sent only once every byte has gone and matched its digest."""
+        outcome = MINOR_FAILURE, "client left before the instance was sent"
+        try:
+            yield from reader
+            outcome = SUCCESS, "1 instance sent"
+        except Exception as exc:
+            log.error("wado-uri stream aborted", error=str(exc))
+            outcome = SERIOUS_FAILURE, f"aborted: {exc}"
+            raise
+        finally:
+            self._audit(request, "WADO-URI", found, *outcome)
 
     # -- audit ----------------------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 Layout under the store's root::
 
     sha256/ab/cd/abcd...   one file per distinct payload (immutable once renamed into place)
-    tmp/                   payloads being written; never read by anyone else
+    tmp/                   payloads being written; never read by anyone else (``<digest>.resume``:
+                           a transfer from another site, kept across crashes so it can resume)
     quarantine/            copies found corrupt, moved aside for inspection
 
 A payload becomes visible only after its bytes and its directory entry are on stable storage (write to
@@ -14,6 +15,7 @@ UIDs or any other text a sender controls. Identical bytes are stored once.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import re
@@ -38,6 +40,10 @@ class BlobStoreError(OSError):
 
 class PayloadTooLarge(BlobStoreError):
     """The payload exceeds the configured maximum size."""
+
+
+class BlobBusy(BlobStoreError):
+    """Another writer holds the resumable transfer of this payload."""
 
 
 class PayloadCorrupt(RuntimeError):
@@ -89,13 +95,46 @@ def _fsync_path(path: Path) -> None:
 class BlobWriter:
     """Streams one payload into the store; :meth:`commit` makes it durable and returns its ref."""
 
-    def __init__(self, store: "BlobStore", max_bytes: int | None) -> None:
+    def __init__(self, store: "BlobStore", max_bytes: int | None, resume: str | None = None) -> None:
         self._store = store
         self._max = max_bytes
         self._hash = hashlib.sha256()
         self._size = 0
-        self._tmp = store.root / "tmp" / f"{uuid.uuid4().hex}.part"
-        self._fh: BinaryIO | None = self._tmp.open("xb")
+        self.resumable = resume is not None
+        if resume is None:
+            self._tmp = store.root / "tmp" / f"{uuid.uuid4().hex}.part"
+            self._fh: BinaryIO | None = self._tmp.open("xb")
+        else:
+            self._tmp = store.root / "tmp" / f"{store.path(resume).name}.resume"
+            self._fh = self._tmp.open("ab+")
+            try:
+                # One writer per resumable payload, across processes; the lock goes with the file.
+                fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._close()
+                raise BlobBusy(errno.EBUSY, f"payload {resume} is being written by another transfer") from None
+            # What an earlier, interrupted transfer wrote: hashed again, so the digest covers every byte.
+            self._fh.seek(0)
+            while chunk := self._fh.read(_CHUNK):
+                self._hash.update(chunk)
+                self._size += len(chunk)
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far (for a resumed transfer, including the earlier attempts' bytes)."""
+        return self._size
+
+    def hexdigest(self) -> str:
+        """The SHA-256 of the bytes written so far."""
+        return self._hash.hexdigest()
+
+    def restart(self) -> None:
+        """Forget what was written (a resumed transfer whose bytes turned out wrong)."""
+        assert self._fh is not None, "writer already closed"
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._hash = hashlib.sha256()
+        self._size = 0
 
     def write(self, data: bytes | memoryview) -> None:
         assert self._fh is not None, "writer already closed"
@@ -162,14 +201,27 @@ class BlobWriter:
             self._fh = None
 
     def abort(self) -> None:
+        """Give up; a resumable writer keeps what it wrote for the next attempt."""
+        self._close()
+        if not self.resumable:
+            self._tmp.unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        """Give up and remove what was written, resumable or not."""
         self._close()
         self._tmp.unlink(missing_ok=True)
 
 
 class PayloadReader:
-    """An open payload, read in chunks; with ``check`` its digest is verified as the chunks go out."""
+    """An open payload, read in chunks; with ``check`` its digest is verified as the chunks go out.
 
-    def __init__(self, fh: BinaryIO, digest: str, check: bool, on_corrupt: Callable[[str], None]) -> None:
+    A checked reader never delivers a complete wrong payload: the last chunk is held back until every
+    byte has hashed to the digest, and a mismatch raises :class:`PayloadCorrupt` instead (the receiver
+    sees a truncated transfer) after moving the corrupt copy aside (``on_corrupt``). A byte range is
+    checked the same way: the bytes before and after it are hashed without being sent.
+    """
+
+    def __init__(self, fh: BinaryIO, digest: str, check: bool, on_corrupt: Callable[[str], object]) -> None:
         self._fh = fh
         self.digest = digest
         self.size = os.fstat(fh.fileno()).st_size
@@ -181,18 +233,34 @@ class PayloadReader:
         return self._fh
 
     def __iter__(self) -> Iterator[bytes]:
+        return self.chunks()
+
+    def chunks(self, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """The bytes ``[start, end)`` (default: all), in chunks; the reader is closed when they are done."""
+        end = self.size if end is None else end
         hasher = hashlib.sha256() if self._check else None
         try:
-            self._fh.seek(0)
+            self._fh.seek(0 if hasher is not None else start)
+            position = self._fh.tell()
+            held: bytes | None = None
             while chunk := self._fh.read(_CHUNK):
                 if hasher is not None:
                     hasher.update(chunk)
-                yield chunk
+                lo, hi = max(start - position, 0), min(end - position, len(chunk))
+                position += len(chunk)
+                if lo < hi:
+                    if held is not None:
+                        yield held
+                    held = chunk[lo:hi]
+                if hasher is None and position >= end:
+                    break
+            if hasher is not None and hasher.hexdigest() != self.digest:
+                self._on_corrupt(self.digest)
+                raise PayloadCorrupt(f"payload {self.digest} does not match its digest")
+            if held is not None:
+                yield held
         finally:
             self.close()
-        if hasher is not None and hasher.hexdigest() != self.digest:
-            self._on_corrupt(self.digest)
-            raise PayloadCorrupt(f"payload {self.digest} does not match its digest")
 
     def close(self) -> None:
         self._fh.close()
@@ -228,9 +296,13 @@ class BlobStore:
         return self.root / "sha256" / digest[:2] / digest[2:4] / digest
 
     @contextmanager
-    def writer(self, max_bytes: int | None = None) -> Iterator[BlobWriter]:
-        """A writer that is aborted (temp file removed) unless committed inside the block."""
-        writer = BlobWriter(self, max_bytes)
+    def writer(self, max_bytes: int | None = None, *, resume: str | None = None) -> Iterator[BlobWriter]:
+        """A writer that is aborted unless committed inside the block.
+
+        With ``resume`` (the digest the bytes should hash to), the temp file is named by that digest and
+        survives an abort or a crash, so a later writer for the same digest continues where it stopped.
+        """
+        writer = BlobWriter(self, max_bytes, resume)
         try:
             yield writer
         finally:

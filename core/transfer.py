@@ -16,10 +16,11 @@ retrieve, or a replication still in flight).
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Iterable, Iterator
 
 import httpx
 from starlette.concurrency import run_in_threadpool
@@ -27,8 +28,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from dicomgrid.core.audit import SUCCESS, AuditObject, Participant
-from dicomgrid.core.blobstore import BlobRef, BlobStoreError, PayloadCorrupt, PayloadReader
+from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, AuditObject, Participant
+from dicomgrid.core.blobstore import BlobBusy, BlobRef, BlobStoreError, BlobWriter, PayloadCorrupt, PayloadReader
 from dicomgrid.core.config import SiteConfig
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.site import SiteContext
@@ -36,9 +37,32 @@ from dicomgrid.core.site import SiteContext
 log = get_logger(__name__)
 
 DIGEST = re.compile(r"[0-9a-f]{64}")
-CHUNK_BYTES = 1024 * 1024
 PEER_PATH = "/internal/payloads/{sha256}"
 SITE_HEADER = "X-Dicomgrid-Site"
+# Resumes of one cut transfer before the peer counts as failed.
+MAX_RESUMES = 3
+# What a cut connection looks like to the client: the response ended early or the peer went quiet.
+_CUT_OFF = (httpx.RemoteProtocolError, httpx.ReadError, httpx.ReadTimeout)
+_RANGE = re.compile(r"bytes=(\d+)-(\d*)")
+
+
+class Throttle:
+    """Caps the byte rate of every transfer that shares it (a token bucket of one second's bytes)."""
+
+    def __init__(self, bytes_per_s: float) -> None:
+        self._rate = bytes_per_s
+        self._tokens = bytes_per_s
+        self._at = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self._rate, self._tokens + (now - self._at) * self._rate) - n
+            self._at = now
+            wait = -self._tokens / self._rate if self._tokens < 0 else 0.0
+        if wait:
+            time.sleep(wait)
 
 
 class PayloadUnavailable(RuntimeError):
@@ -52,11 +76,19 @@ class PeerRefused(RuntimeError):
 class PayloadTransfer:
     """Fetches verified copies of payloads from other sites into this site's blob store."""
 
-    def __init__(self, site: SiteContext, *, connect_timeout_s: float = 3.0, read_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        site: SiteContext,
+        *,
+        connect_timeout_s: float = 3.0,
+        read_timeout_s: float = 30.0,
+        bandwidth_bytes_s: float | None = None,
+    ) -> None:
         self.site = site
         # One pooled client for every fetch (httpx clients may be shared between threads). Peer traffic
         # stays inside the grid: proxy settings from the environment are not applied to it.
         self._http = httpx.Client(timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s), trust_env=False)
+        self._throttle = Throttle(bandwidth_bytes_s) if bandwidth_bytes_s else None
 
     def close(self) -> None:
         self._http.close()
@@ -73,7 +105,9 @@ class PayloadTransfer:
         order.pop(self.site.site.name, None)
         return [self.site.config.site(name) for name in order]
 
-    def fetch_from_any(self, digest: str, prefer: Iterable[str] = ()) -> tuple[SiteConfig, BlobRef]:
+    def fetch_from_any(
+        self, digest: str, prefer: Iterable[str] = (), *, resumable: bool = False
+    ) -> tuple[SiteConfig, BlobRef]:
         """Fetch a verified copy from the first peer that has one; which peer, and the local copy.
 
         Raises :class:`PayloadUnavailable` naming every peer's failure when none had an intact copy.
@@ -81,28 +115,60 @@ class PayloadTransfer:
         errors = []
         for peer in self.peers(digest, prefer):
             try:
-                return peer, self.fetch(peer, digest)
+                return peer, self.fetch(peer, digest, resumable=resumable)
+            except BlobBusy:
+                raise  # another transfer of this payload is under way here: not the peer's failure
             except (httpx.HTTPError, PayloadCorrupt, BlobStoreError, PeerRefused) as exc:
                 errors.append(f"{peer.name}: {exc}")
                 log.warning("payload fetch from peer failed", sha256=digest, peer=peer.name, error=str(exc))
         detail = "; ".join(errors) or "no other site configured"
         raise PayloadUnavailable(f"no intact copy of payload {digest} found at any peer ({detail})")
 
-    def fetch(self, peer: SiteConfig, digest: str) -> BlobRef:
-        """Stream a peer's copy into the blob store, verifying it on the way."""
+    def fetch(self, peer: SiteConfig, digest: str, *, resumable: bool = False) -> BlobRef:
+        """Stream a peer's copy into the blob store, verifying it on the way.
+
+        A transfer cut mid-stream is resumed from the bytes already written (``Range``), up to
+        :data:`MAX_RESUMES` times. With ``resumable`` those bytes are kept in a temp file named by the
+        digest, so a later call (after a crash of this process, too) resumes where this one stopped.
+        """
+        max_bytes = self.site.site.max_instance_bytes
+        with self.site.blobs.writer(max_bytes=max_bytes, resume=digest if resumable else None) as writer:
+            resumes = 0
+            while True:
+                offset = writer.size
+                try:
+                    self._stream_into(peer, digest, writer)
+                    break
+                except _CUT_OFF as exc:
+                    if resumes >= MAX_RESUMES or writer.size == offset and resumes:
+                        raise
+                    resumes += 1
+                    log.info("payload transfer cut; resuming", sha256=digest, peer=peer.name,
+                             offset=writer.size, error=str(exc))
+            if writer.hexdigest() != digest:
+                writer.discard()
+                raise PayloadCorrupt(f"{peer.name} sent bytes that do not match {digest}")
+            return writer.commit()
+
+    def _stream_into(self, peer: SiteConfig, digest: str, writer: BlobWriter) -> None:
         url = f"http://{peer.http_host}:{peer.http_port}{PEER_PATH.format(sha256=digest)}"
         headers = {"Authorization": f"Bearer {self.site.config.security.peer_token}", SITE_HEADER: self.site.site.name}
+        if writer.size:
+            headers["Range"] = f"bytes={writer.size}-"
         with self._http.stream("GET", url, headers=headers) as response:
-            if response.status_code != 200:
+            if writer.size and response.status_code == 416:
+                # What was kept is longer than the peer's copy: not a prefix of it.
+                writer.restart()
+                raise PeerRefused("resumed transfer longer than the payload; starting over")
+            expected = 206 if writer.size else 200
+            if response.status_code != expected:
                 raise PeerRefused(f"HTTP {response.status_code}")
-            hasher = hashlib.sha256()
-            with self.site.blobs.writer(max_bytes=self.site.site.max_instance_bytes) as writer:
-                for chunk in response.iter_bytes(CHUNK_BYTES):
-                    hasher.update(chunk)
-                    writer.write(chunk)
-                if hasher.hexdigest() != digest:
-                    raise PayloadCorrupt(f"{peer.name} sent bytes that do not match {digest}")
-                return writer.commit()
+            # As received, not re-chunked: bytes buffered towards a full chunk would be lost if the
+            # connection were cut, and the resume would fetch them again.
+            for chunk in response.iter_bytes():
+                if self._throttle is not None:
+                    self._throttle.take(len(chunk))
+                writer.write(chunk)
 
 
 class TransferEndpoint:
@@ -115,7 +181,11 @@ class TransferEndpoint:
         return [Route(PEER_PATH, self._serve, methods=["GET"])]
 
     async def _serve(self, request: Request) -> Response:
-        """A peer fetches this site's local copy (never anyone else's), checked as it streams."""
+        """A peer fetches this site's local copy (never anyone else's), checked as it streams.
+
+        ``Range: bytes=N-`` (or ``N-M``) resumes a cut transfer: 206 with those bytes. The whole copy
+        is hashed either way, and the last bytes are held back until it matches its digest.
+        """
         if not self._authorized(request):
             return JSONResponse({"error": "missing or invalid bearer token"}, status_code=401,
                                 headers={"WWW-Authenticate": "Bearer"})
@@ -126,21 +196,52 @@ class TransferEndpoint:
         if fh is None:
             return JSONResponse({"error": "no local copy"}, status_code=404)
         reader = PayloadReader(fh, digest, True, self.site.blobs.quarantine)
+        start, end, status = 0, reader.size, 200
+        if "range" in request.headers:
+            match = _RANGE.fullmatch(request.headers["range"].strip())
+            if match is None:
+                reader.close()
+                return JSONResponse({"error": "only one byte range (bytes=N- or bytes=N-M) is served"},
+                                    status_code=416, headers={"Content-Range": f"bytes */{reader.size}"})
+            start = int(match.group(1))
+            end = min(int(match.group(2)) + 1, reader.size) if match.group(2) else reader.size
+            if start >= end:
+                reader.close()
+                return JSONResponse({"error": "range not satisfiable"}, status_code=416,
+                                    headers={"Content-Range": f"bytes */{reader.size}"})
+            status = 206
+        headers = {"Content-Length": str(end - start), "Accept-Ranges": "bytes"}
+        if status == 206:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{reader.size}"
+        return StreamingResponse(
+            self._sent(request, reader, start, end), status_code=status,
+            media_type="application/octet-stream", headers=headers,
+        )
+
+    def _sent(self, request: Request, reader: PayloadReader, start: int, end: int) -> Iterator[bytes]:
+        """The bytes of the response; the transfer is audited once they have all gone (or failed)."""
         peer_site = request.headers.get(SITE_HEADER, "unknown")[:64]
         address = f"{request.client.host}:{request.client.port}" if request.client else None
-        me = self.site.site
-        self.site.audit.record(
-            "R",
-            "DICOM Instances Transferred",
-            SUCCESS,
-            f"payload sent to peer site {peer_site}",
-            [Participant(peer_site, True, None, address, "Destination"),
-             Participant(me.name, False, me.ae_title, None, "Source")],
-            [AuditObject("payload", digest, {"size": reader.size})],
-        )
-        return StreamingResponse(
-            reader, media_type="application/octet-stream", headers={"Content-Length": str(reader.size)}
-        )
+        sent, outcome, description = 0, MINOR_FAILURE, "peer left before the payload was sent"
+        try:
+            for chunk in reader.chunks(start, end):
+                yield chunk
+                sent += len(chunk)
+            outcome, description = SUCCESS, f"payload sent to peer site {peer_site}"
+        except PayloadCorrupt:
+            outcome, description = SERIOUS_FAILURE, "local copy corrupt; transfer to peer site aborted"
+            raise
+        finally:
+            me = self.site.site
+            self.site.audit.record(
+                "R",
+                "DICOM Instances Transferred",
+                outcome,
+                description,
+                [Participant(peer_site, True, None, address, "Destination"),
+                 Participant(me.name, False, me.ae_title, None, "Source")],
+                [AuditObject("payload", reader.digest, {"size": reader.size, "bytes_sent": sent, "offset": start})],
+            )
 
     def _authorized(self, request: Request) -> bool:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")

@@ -8,130 +8,37 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from pydicom.dataset import Dataset
-from starlette.applications import Starlette
 from starlette.responses import Response
 from starlette.routing import Route
 
 from dicomgrid.consumers import payloads as payloads_module
-from dicomgrid.core import blobstore as blobstore_module
 from dicomgrid.consumers.payloads import Payloads
 from dicomgrid.consumers.retrieve_scp import InvalidIdentifier, parse_identifier
 from dicomgrid.consumers.wado import ANY_SYNTAX, accepted_syntaxes, accepts_json
+from dicomgrid.core import blobstore as blobstore_module
 from dicomgrid.core.audit import SERIOUS_FAILURE, SUCCESS
-from dicomgrid.core.blobstore import BlobStore, PayloadCorrupt
-from dicomgrid.core.config import GridConfig, load_config
-from dicomgrid.core.site import SiteContext
-from dicomgrid.core.transfer import PayloadUnavailable, TransferEndpoint
+from dicomgrid.core.blobstore import PayloadCorrupt
+from dicomgrid.core.transfer import PayloadUnavailable
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelGet,
 )
 from tests.grid import free_port
-
-TOKEN = "unit-test-peer-token-0123456789"
-
-
-@dataclass
-class FakeLedger:
-    """The `replicas` ledger as the payload layer reads it."""
-
-    copies: dict[str, list[str]] = field(default_factory=dict)
-
-    def replicas(self, digest: str) -> list[Any]:
-        return [SimpleNamespace(site=s) for s in self.copies.get(digest, [])]
-
-
-@dataclass
-class RecordingAudit:
-    records: list[dict[str, Any]] = field(default_factory=list)
-
-    def record(self, action, event, outcome, description, participants, objects=()) -> dict[str, Any]:
-        entry = {"action": action, "event": event, "outcome": outcome, "description": description,
-                 "objects": [(o.type, o.id) for o in objects]}
-        self.records.append(entry)
-        return entry
-
-
-def _config(tmp_path: Path, ports: dict[str, int]) -> GridConfig:
-    sites = "".join(
-        f'[[sites]]\nname = "{name}"\nae_title = "GRID_{name}"\ndicom_port = {free_port()}\n'
-        f'http_port = {port}\nstorage_root = "{tmp_path / name}"\ncassandra_dc = "dc1"\n'
-        f'replicate_to = {[other for other in ports if other != name]!r}\n'.replace("'", '"')
-        for name, port in ports.items()
-    )
-    path = tmp_path / "grid.toml"
-    path.write_text(f'data_dir = "{tmp_path}"\n[security]\npeer_token = "{TOKEN}"\n{sites}')
-    return load_config(path)
-
-
-def _site(config: GridConfig, name: str, ledger: FakeLedger) -> SiteContext:
-    blobs = BlobStore(config.site_storage(name), name)
-    site = SiteContext(config, config.site(name), None, blobs, RecordingAudit())  # type: ignore[arg-type]
-    site.ledger = ledger  # type: ignore[assignment]
-    return site
-
-
-class PeerServer:
-    """A site's HTTP service with only the payload endpoint (or ``routes``), on a real socket."""
-
-    def __init__(self, site: SiteContext, routes: list[Any] | None = None) -> None:
-        app = Starlette(routes=routes if routes is not None else TransferEndpoint(site).routes())
-        self.server = uvicorn.Server(uvicorn.Config(
-            app, host="127.0.0.1", port=site.site.http_port, log_config=None, access_log=False
-        ))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "PeerServer":
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "peer server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(5)
-
-
-@dataclass
-class TwoSites:
-    a: SiteContext
-    b: SiteContext
-    ledger: FakeLedger
-
-    def put(self, site: SiteContext, data: bytes) -> str:
-        digest = site.blobs.put_bytes(data).sha256
-        self.ledger.copies.setdefault(digest, []).append(site.site.name)
-        return digest
-
-
-@pytest.fixture
-def sites(tmp_path: Path) -> Iterator[TwoSites]:
-    ledger = FakeLedger()
-    config = _config(tmp_path, {"A": free_port(), "B": free_port()})
-    a, b = _site(config, "A", ledger), _site(config, "B", ledger)
-    with PeerServer(b):
-        yield TwoSites(a, b, ledger)
-
-
-def _corrupt(path: Path) -> None:
-    os.chmod(path, 0o644)
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+from tests.unit.peer_sites import (
+    TOKEN,
+    FakeLedger,
+    PeerServer,
+    TwoSites,
+    corrupt,
+    site_config,
+    site_context,
+)
 
 
 def _read(payloads: Payloads, digest: str) -> bytes:
@@ -166,7 +73,7 @@ def test_corrupt_local_copy_is_quarantined_and_replaced(sites: TwoSites):
     data = os.urandom(100_000)
     digest = sites.put(sites.a, data)
     sites.b.blobs.put_bytes(data)  # the peer holds a copy the ledger does not list yet
-    _corrupt(sites.a.blobs.path(digest))
+    corrupt(sites.a.blobs.path(digest))
     path = Payloads(sites.a).local_path(digest)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
     assert len(list((sites.a.blobs.root / "quarantine").iterdir())) == 1
@@ -177,8 +84,8 @@ def test_no_intact_copy_anywhere_is_unavailable(sites: TwoSites):
     data = os.urandom(10_000)
     digest = sites.put(sites.a, data)
     sites.put(sites.b, data)
-    _corrupt(sites.a.blobs.path(digest))
-    _corrupt(sites.b.blobs.path(digest))
+    corrupt(sites.a.blobs.path(digest))
+    corrupt(sites.b.blobs.path(digest))
     with pytest.raises(PayloadUnavailable):
         Payloads(sites.a).open(digest)
     assert sites.a.audit.records[-1]["outcome"] == SERIOUS_FAILURE
@@ -192,7 +99,7 @@ def test_large_payload_is_checked_while_streaming(sites: TwoSites, monkeypatch: 
     digest = sites.put(sites.a, data)
     payloads = Payloads(sites.a)
     assert _read(payloads, digest) == data
-    _corrupt(sites.a.blobs.path(digest))
+    corrupt(sites.a.blobs.path(digest))
     with pytest.raises(PayloadCorrupt):
         _read(payloads, digest)
     assert not sites.a.blobs.exists(digest)  # moved aside, so the next request repairs it
@@ -224,8 +131,8 @@ def test_payload_endpoint_checks_token_digest_and_presence(sites: TwoSites):
 
 def test_peer_with_wrong_bytes_is_not_trusted(tmp_path: Path):
     ledger = FakeLedger()
-    config = _config(tmp_path, {"A": free_port(), "B": free_port()})
-    a, b = _site(config, "A", ledger), _site(config, "B", ledger)
+    config = site_config(tmp_path, {"A": free_port(), "B": free_port()})
+    a, b = site_context(config, "A", ledger), site_context(config, "B", ledger)
     data = os.urandom(5000)
     digest = hashlib.sha256(data).hexdigest()
     ledger.copies[digest] = ["B"]

@@ -1,0 +1,120 @@
+"""Two sites' blob stores and a real HTTP payload endpoint for site B, for the payload unit tests.
+
+The ledger and the audit trail are stand-ins; the endpoint runs in uvicorn on a free port.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+
+from dicomgrid.core.blobstore import BlobStore
+from dicomgrid.core.config import GridConfig, load_config
+from dicomgrid.core.site import SiteContext
+from dicomgrid.core.transfer import TransferEndpoint
+from tests.grid import free_port
+
+TOKEN = "unit-test-peer-token-0123456789"
+
+
+@dataclass
+class FakeLedger:
+    """The `replicas` ledger as the payload layer reads it."""
+
+    copies: dict[str, list[str]] = field(default_factory=dict)
+
+    def replicas(self, digest: str) -> list[Any]:
+        return [SimpleNamespace(site=s) for s in self.copies.get(digest, [])]
+
+
+@dataclass
+class RecordingAudit:
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self, action, event, outcome, description, participants, objects=()) -> dict[str, Any]:
+        entry = {"action": action, "event": event, "outcome": outcome, "description": description,
+                 "objects": [(o.type, o.id) for o in objects]}
+        self.records.append(entry)
+        return entry
+
+
+def site_config(tmp_path: Path, ports: dict[str, int]) -> GridConfig:
+    sites = "".join(
+        f'[[sites]]\nname = "{name}"\nae_title = "GRID_{name}"\ndicom_port = {free_port()}\n'
+        f'http_port = {port}\nstorage_root = "{tmp_path / name}"\ncassandra_dc = "dc1"\n'
+        f'replicate_to = {[other for other in ports if other != name]!r}\n'.replace("'", '"')
+        for name, port in ports.items()
+    )
+    path = tmp_path / "grid.toml"
+    path.write_text(f'data_dir = "{tmp_path}"\n[security]\npeer_token = "{TOKEN}"\n{sites}')
+    return load_config(path)
+
+
+def site_context(config: GridConfig, name: str, ledger: FakeLedger) -> SiteContext:
+    blobs = BlobStore(config.site_storage(name), name)
+    site = SiteContext(config, config.site(name), None, blobs, RecordingAudit())  # type: ignore[arg-type]
+    site.ledger = ledger  # type: ignore[assignment]
+    return site
+
+
+class PeerServer:
+    """A site's HTTP service with only the payload endpoint (or ``routes``), on a real socket."""
+
+    def __init__(self, site: SiteContext, routes: list[Any] | None = None) -> None:
+        app = Starlette(routes=routes if routes is not None else TransferEndpoint(site).routes())
+        self.server = uvicorn.Server(uvicorn.Config(
+            app, host="127.0.0.1", port=site.site.http_port, log_config=None, access_log=False
+        ))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "PeerServer":
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "peer server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)
+
+
+@dataclass
+class TwoSites:
+    a: SiteContext
+    b: SiteContext
+    ledger: FakeLedger
+
+    def put(self, site: SiteContext, data: bytes) -> str:
+        digest = site.blobs.put_bytes(data).sha256
+        self.ledger.copies.setdefault(digest, []).append(site.site.name)
+        return digest
+
+
+@pytest.fixture
+def sites(tmp_path: Path) -> Iterator[TwoSites]:
+    ledger = FakeLedger()
+    config = site_config(tmp_path, {"A": free_port(), "B": free_port()})
+    a, b = site_context(config, "A", ledger), site_context(config, "B", ledger)
+    with PeerServer(b):
+        yield TwoSites(a, b, ledger)
+
+
+def corrupt(path: Path) -> None:
+    os.chmod(path, 0o644)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+

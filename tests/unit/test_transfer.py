@@ -1,0 +1,148 @@
+"""Payload transfer between sites: byte ranges, verification before the last byte, resumed transfers.
+
+Site B's endpoint is real (uvicorn on a free port); the ledger and audit trail are stand-ins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import httpx
+import pytest
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from dicomgrid.core import transfer as transfer_module
+from dicomgrid.core.blobstore import BlobBusy, PayloadCorrupt
+from dicomgrid.core.transfer import PayloadTransfer, Throttle
+from tests.unit.peer_sites import TOKEN, FakeLedger, PeerServer, TwoSites, corrupt, site_config, site_context
+from tests.grid import free_port
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _url(sites: TwoSites, digest: str) -> str:
+    return f"http://127.0.0.1:{sites.b.site.http_port}/internal/payloads/{digest}"
+
+
+def test_byte_ranges_are_served_as_206_and_bad_ones_as_416(sites: TwoSites):
+    data = os.urandom(3_000_000)
+    digest = sites.put(sites.b, data)
+    response = httpx.get(_url(sites, digest), headers={**AUTH, "Range": "bytes=1000000-"})
+    assert response.status_code == 206 and response.content == data[1_000_000:]
+    assert response.headers["content-range"] == f"bytes 1000000-{len(data) - 1}/{len(data)}"
+    response = httpx.get(_url(sites, digest), headers={**AUTH, "Range": "bytes=10-19"})
+    assert response.status_code == 206 and response.content == data[10:20]
+    for bad in (f"bytes={len(data)}-", "bytes=5-2", "bytes=0-1,5-6", "items=0-"):
+        response = httpx.get(_url(sites, digest), headers={**AUTH, "Range": bad})
+        assert response.status_code == 416 and response.headers["content-range"] == f"bytes */{len(data)}"
+    # Every successful response was audited once its bytes had gone.
+    sent = [r for r in sites.b.audit.records if r["outcome"] == 0]
+    assert len(sent) == 2 and all(("payload", digest) in r["objects"] for r in sent)
+
+
+@pytest.mark.parametrize("where", [100, 2_999_990])  # early, and inside the last chunk
+def test_a_corrupt_copy_never_goes_out_whole(sites: TwoSites, where: int):
+    data = os.urandom(3_000_000)
+    digest = sites.put(sites.b, data)
+    path = sites.b.blobs.path(digest)
+    os.chmod(path, 0o644)
+    damaged = bytearray(data)
+    damaged[where] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    received = bytearray()
+    with pytest.raises(httpx.RemoteProtocolError):
+        with httpx.stream("GET", _url(sites, digest), headers=AUTH) as response:
+            assert response.headers["content-length"] == str(len(data))
+            for chunk in response.iter_bytes():
+                received += chunk
+    assert len(received) < len(data)
+    assert not sites.b.blobs.exists(digest)  # moved aside: the next request repairs it
+    assert sites.b.audit.records[-1]["outcome"] == 8
+
+
+def test_a_cut_transfer_resumes_from_the_bytes_already_written(tmp_path):
+    ledger = FakeLedger()
+    config = site_config(tmp_path, {"A": free_port(), "B": free_port()})
+    a, b = site_context(config, "A", ledger), site_context(config, "B", ledger)
+    data = os.urandom(2_500_000)
+    digest = hashlib.sha256(data).hexdigest()
+    ranges: list[str | None] = []
+
+    async def cutting_peer(request: Request) -> Response:
+        ranges.append(request.headers.get("range"))
+        if len(ranges) == 1:
+            async def half() -> Any:  # promises every byte, sends about half, then drops the connection
+                yield data[:1_200_000]
+                raise ConnectionResetError("cut")
+
+            return StreamingResponse(half(), headers={"Content-Length": str(len(data))})
+        start = int(request.headers["range"].removeprefix("bytes=").rstrip("-"))
+        return Response(data[start:], status_code=206, headers={"Content-Range": f"bytes {start}-/{len(data)}"})
+
+    with PeerServer(b, [Route("/internal/payloads/{sha256}", cutting_peer)]):
+        blob = PayloadTransfer(a).fetch(config.site("B"), digest)
+    assert blob.sha256 == digest and a.blobs.path(digest).read_bytes() == data
+    assert ranges[0] is None and ranges[1] == "bytes=1200000-"
+
+
+def test_a_resumable_transfer_continues_after_a_crash_and_restarts_from_wrong_bytes(sites: TwoSites):
+    data = os.urandom(2_000_000)
+    digest = sites.put(sites.b, data)
+    transfer = PayloadTransfer(sites.a)
+    # What a killed worker left: the first 700,000 bytes, in the temp file named by the digest.
+    partial = sites.a.blobs.root / "tmp" / f"{digest}.resume"
+    partial.write_bytes(data[:700_000])
+    assert transfer.fetch(sites.b.site, digest, resumable=True).sha256 == digest
+    assert sites.a.blobs.verify(digest) and not partial.exists()
+    served = [r for r in sites.b.audit.records if r["outcome"] == 0]
+    assert served[-1]["objects"][0][1] == digest
+    # A leftover that is not a prefix of the payload is found out by the digest and thrown away.
+    sites.a.blobs.quarantine(digest)
+    partial.write_bytes(b"\x00" * 700_000)
+    with pytest.raises(PayloadCorrupt):
+        transfer.fetch(sites.b.site, digest, resumable=True)
+    assert not partial.exists() and not sites.a.blobs.exists(digest)
+    assert transfer.fetch(sites.b.site, digest, resumable=True).sha256 == digest
+
+
+def test_one_resumable_writer_per_payload(sites: TwoSites):
+    digest = "ab" * 32
+    with sites.a.blobs.writer(resume=digest) as first:
+        first.write(b"some bytes")
+        with pytest.raises(BlobBusy):
+            with sites.a.blobs.writer(resume=digest):
+                pass
+    # The aborted resumable writer kept its bytes for the next attempt.
+    with sites.a.blobs.writer(resume=digest) as again:
+        assert again.size == len(b"some bytes")
+        again.discard()
+
+
+def test_transfer_prefers_the_named_source_then_the_ledger(sites: TwoSites):
+    transfer = PayloadTransfer(sites.a)
+    corrupt_digest = sites.put(sites.b, b"x" * 1000)
+    corrupt(sites.b.blobs.path(corrupt_digest))
+    assert [p.name for p in transfer.peers(corrupt_digest, prefer=["B"])] == ["B"]
+    with pytest.raises(transfer_module.PayloadUnavailable, match="B:"):
+        transfer.fetch_from_any(corrupt_digest, prefer=["B"])
+
+
+def test_throttle_spaces_transfers_to_the_configured_rate(monkeypatch: pytest.MonkeyPatch):
+    clock = {"now": 100.0}
+    slept: list[float] = []
+    monkeypatch.setattr(transfer_module.time, "monotonic", lambda: clock["now"])
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock["now"] += seconds
+
+    monkeypatch.setattr(transfer_module.time, "sleep", sleep)
+    throttle = Throttle(1_000_000)
+    for _ in range(5):
+        throttle.take(1_000_000)
+    # The first second's budget is there at once; each further megabyte waits its second.
+    assert slept == pytest.approx([1.0, 1.0, 1.0, 1.0])
