@@ -3,7 +3,8 @@
 An instance is served from the site's own replica when that copy is present and intact (its SHA-256
 matches its name). When it is missing or corrupt, a verified copy is fetched from another site over the
 payload transfer service (:mod:`dicomgrid.core.transfer`), stored into the local blob store (which
-repairs the local replica), and served from there. Each repair is logged and audited.
+repairs the local replica), and served from there. Each repair is logged, audited and recorded in the replica ledger, as a replicated
+copy is.
 
 Verification costs a read of the payload. Payloads up to :data:`VERIFY_FIRST_MAX_BYTES` are hashed before
 their first byte is served (then served from the same open file, from the page cache), so a corrupt local
@@ -26,7 +27,8 @@ from dicomgrid.core.blobstore import PayloadReader, hash_file
 from dicomgrid.core.config import SiteConfig
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.site import SiteContext
-from dicomgrid.core.transfer import PayloadTransfer, PayloadUnavailable
+from dicomgrid.core.index_reader import StoredInstance
+from dicomgrid.core.transfer import PayloadTransfer, PayloadUnavailable, record_copy
 
 log = get_logger(__name__)
 
@@ -66,20 +68,22 @@ class Payloads:
         self.transfer = transfer or PayloadTransfer(site)
         self._locks = _KeyedLocks()
 
-    def local_path(self, digest: str) -> Path:
+    def local_path(self, item: StoredInstance) -> Path:
         """The path of an intact local copy (fully verified; repaired from a peer first if needed).
 
         For senders that open the file themselves (pynetdicom's C-STORE from a path): bytes that went out
         over DIMSE cannot be taken back, so the whole payload is checked before.
         """
-        self.open(digest, verify_first=True).close()
-        return self.blobs.path(digest)
+        self.open(item, verify_first=True).close()
+        return self.blobs.path(item.sha256)
 
-    def open(self, digest: str, *, verify_first: bool = False) -> PayloadReader:
-        """An intact payload, open for reading (see the module docstring for when it is verified).
+    def open(self, item: StoredInstance, *, verify_first: bool = False) -> PayloadReader:
+        """The intact payload of an indexed instance, open for reading (see the module docstring for when
+        it is verified).
 
         Raises :class:`PayloadUnavailable` when neither this site nor any peer has an intact copy.
         """
+        digest = item.sha256
         fh = self.blobs.open_if_present(digest)
         if fh is not None:
             if not verify_first and os.fstat(fh.fileno()).st_size > VERIFY_FIRST_MAX_BYTES:
@@ -97,7 +101,7 @@ class Payloads:
                 fh.close()
                 reason = "corrupt"
                 self.blobs.quarantine(digest)
-            self._repair(digest, reason)
+            self._repair(item, reason)
             fh = self.blobs.open_if_present(digest)
             if fh is None:
                 raise PayloadUnavailable(f"payload {digest} vanished right after its repair")
@@ -106,7 +110,8 @@ class Payloads:
     def peers(self, digest: str) -> list[SiteConfig]:
         return self.transfer.peers(digest)
 
-    def _repair(self, digest: str, reason: str) -> None:
+    def _repair(self, item: StoredInstance, reason: str) -> None:
+        digest = item.sha256
         try:
             peer, blob = self.transfer.fetch_from_any(digest)
         except PayloadUnavailable as exc:
@@ -126,8 +131,8 @@ class Payloads:
             reason=reason,
             from_site=peer.name,
             size=blob.size,
-            needs_replication=True,
         )
+        record_copy(self.site, blob, peer.name, item.ref, cause="repair")
         self.site.audit.record(
             "C",
             "DICOM Instances Transferred",

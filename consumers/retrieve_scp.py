@@ -184,7 +184,7 @@ class _SubOperation(Dataset):
     def send(self, send_c_store: Callable[..., Dataset], payloads: Payloads, *args: Any, **kwargs: Any) -> Dataset:
         item = self._instance
         try:
-            path = payloads.local_path(item.sha256)
+            path = payloads.local_path(item)
         except PayloadUnavailable as exc:
             log.error("sub-operation has no payload to send", sop_instance_uid=item.sop_instance_uid, error=str(exc))
             raise

@@ -146,7 +146,7 @@ class Wado:
             if not stored <= syntaxes:
                 return _error(406, f"instances are stored in {sorted(stored)}; the grid does not transcode")
         try:
-            first = await run_in_threadpool(self.payloads.open, found[0].sha256)
+            first = await run_in_threadpool(self.payloads.open, found[0])
         except PayloadUnavailable as exc:
             self._audit(request, "WADO-RS", found, SERIOUS_FAILURE, f"not served: {exc}")
             return _error(503, "an instance is not available at any site right now")
@@ -164,7 +164,7 @@ class Wado:
         pending = bytearray()
         try:
             for index, item in enumerate(instances):
-                reader = first if index == 0 else self.payloads.open(item.sha256)
+                reader = first if index == 0 else self.payloads.open(item)
                 pending += (f"--{boundary}\r\nContent-Type: {DICOM}; transfer-syntax={item.transfer_syntax_uid}\r\n"
                             f"Content-Length: {reader.size}\r\n\r\n").encode()
                 for chunk in reader:
@@ -207,7 +207,7 @@ class Wado:
     def _metadata(self, instances: list[StoredInstance]) -> list[dict[str, Any]]:
         out = []
         for item in instances:
-            with self.payloads.open(item.sha256) as reader:
+            with self.payloads.open(item) as reader:
                 out.append(instance_metadata(reader, item))
         return out
 
@@ -242,7 +242,7 @@ class Wado:
         if wanted_syntax and wanted_syntax not in (item.transfer_syntax_uid, ANY_SYNTAX):
             return _error(406, f"instance is stored in {item.transfer_syntax_uid}; the grid does not transcode")
         try:
-            reader = await run_in_threadpool(self.payloads.open, item.sha256)
+            reader = await run_in_threadpool(self.payloads.open, item)
         except PayloadUnavailable as exc:
             self._audit(request, "WADO-URI", found, SERIOUS_FAILURE, f"not served: {exc}")
             return _error(503, "the instance is not available at any site right now")

@@ -9,6 +9,7 @@ connections whatever it does.
 from __future__ import annotations
 
 import functools
+import re
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -78,6 +79,20 @@ def apply_schema(config: GridConfig) -> int:
         return len(statements)
     finally:
         cluster.shutdown()
+
+
+def missing_tables(config: GridConfig) -> list[str]:
+    """The schema's tables that do not exist in the grid's keyspace (all of them if it does not exist)."""
+    keyspace = config.cassandra.keyspace
+    wanted = [m.group(1) for s in schemas.cql_statements(keyspace, config.cassandra.replication)
+              if (m := re.match(rf"CREATE TABLE IF NOT EXISTS {keyspace}\.(\w+)", s))]
+    cluster, session = connect(config, keyspace=False)
+    try:
+        rows = session.execute("SELECT table_name FROM system_schema.tables WHERE keyspace_name = %s", (keyspace,))
+        existing = {row.table_name for row in rows}
+    finally:
+        cluster.shutdown()
+    return [f"{keyspace}.{table}" for table in wanted if table not in existing]
 
 
 class Cassandra:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dicomgrid.core.cassandra import Cassandra
-from dicomgrid.core.events import StoredVersion
+from dicomgrid.core.events import InstanceRef, StoredVersion
 from dicomgrid.core.index_rows import STUDY_BUCKETS
 
 # Large IN lists load a single coordinator: instances are asked for in slices of this many.
@@ -30,6 +30,10 @@ class StoredInstance:
     sop_class_uid: str
     transfer_syntax_uid: str
     sha256: str
+
+    @property
+    def ref(self) -> InstanceRef:
+        return InstanceRef(self.study_uid, self.sop_instance_uid, self.sop_class_uid)
 
     @classmethod
     def from_row(cls, row: Any) -> "StoredInstance":

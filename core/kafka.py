@@ -174,6 +174,33 @@ def _wait_for_leaders(admin: AdminClient, topics: list[str], timeout: float) -> 
         time.sleep(0.2)
 
 
+def missing_topics(config: KafkaConfig, timeout: float = 10.0) -> list[str]:
+    """The grid's topics (physical names) that do not exist; raises KafkaException if Kafka cannot answer."""
+    admin = AdminClient(config.client_config())
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    return [config.topic(name) for name in schemas.topics() if config.topic(name) not in existing]
+
+
+def wait_for_topics(config: KafkaConfig, *, interval: float = 2.0) -> None:
+    """Block until every topic of the grid exists.
+
+    A stream processor started before ``dicomgrid schema apply`` would otherwise subscribe to nothing
+    (faust ignores missing topics) and never process anything while looking healthy.
+    """
+    reported = 0.0
+    while True:
+        try:
+            missing = missing_topics(config)
+        except KafkaException as exc:
+            missing = [f"(Kafka unreachable: {exc})"]
+        if not missing:
+            return
+        if time.monotonic() - reported > 30.0:
+            log.warning("waiting for the grid's topics; run `dicomgrid schema apply`", missing=missing)
+            reported = time.monotonic()
+        time.sleep(interval)
+
+
 def delete_topics(config: KafkaConfig, timeout: float = 30.0) -> list[str]:
     """Delete the topics of a grid with its own ``topic_prefix`` (a test or benchmark grid); return the
     physical names deleted. Refused without a prefix: the unprefixed topics may be any grid's log."""

@@ -9,6 +9,7 @@ from dicomgrid.core.blobstore import BlobStore
 from dicomgrid.core.cassandra import Cassandra
 from dicomgrid.core.config import GridConfig, SiteConfig
 from dicomgrid.core.index_reader import IndexReader
+from dicomgrid.core.kafka import EventPublisher
 from dicomgrid.core.ledger import ReplicaLedger
 
 
@@ -19,6 +20,8 @@ class SiteContext:
     db: Cassandra
     blobs: BlobStore
     audit: AuditTrail
+    # Events the site's services publish besides audit records (e.g. dicom.replica.stored).
+    publisher: EventPublisher | None = None
 
     def __post_init__(self) -> None:
         self.index = IndexReader(self.db)

@@ -21,6 +21,7 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from typing import Literal
 
 import httpx
 from starlette.concurrency import run_in_threadpool
@@ -28,9 +29,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from dicomgrid import schemas
 from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, AuditObject, Participant
 from dicomgrid.core.blobstore import BlobBusy, BlobRef, BlobStoreError, BlobWriter, PayloadCorrupt, PayloadReader
 from dicomgrid.core.config import SiteConfig
+from dicomgrid.core.events import InstanceRef, replica_stored
+from dicomgrid.core.kafka import PublishError
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.site import SiteContext
 
@@ -169,6 +173,32 @@ class PayloadTransfer:
                 if self._throttle is not None:
                     self._throttle.take(len(chunk))
                 writer.write(chunk)
+
+
+def record_copy(
+    site: SiteContext,
+    blob: BlobRef,
+    source_site: str,
+    instance: InstanceRef,
+    *,
+    cause: Literal["replication", "repair"],
+    request_event_id: str | None = None,
+) -> None:
+    """Announce a copy this site just made (``dicom.replica.stored``), then record it in the ledger.
+
+    The event goes first: a replication request redelivered after a crash in between finds no ledger
+    row and announces the copy again (consumers are idempotent), rather than finding a row whose event
+    was never sent. A repair's copy is recorded even when Kafka cannot take its event.
+    """
+    if site.publisher is not None:
+        event = replica_stored(blob, source_site, instance, cause=cause, request_event_id=request_event_id)
+        try:
+            site.publisher.publish_and_wait(schemas.TOPIC_REPLICA_STORED, blob.sha256, event)
+        except PublishError as exc:
+            if cause != "repair":
+                raise
+            log.warning("repaired copy not announced; it is in the ledger", sha256=blob.sha256, error=str(exc))
+    site.ledger.record(blob)
 
 
 class TransferEndpoint:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -148,11 +150,30 @@ def _print_sites(config: GridConfig) -> None:
         )
 
 
+def _require_schema(config: GridConfig) -> None:
+    """Refuse to start services on a cluster without the grid's topics and tables: they would wait."""
+    from confluent_kafka import KafkaException
+
+    from dicomgrid.core.cassandra import missing_tables
+    from dicomgrid.core.kafka import missing_topics
+
+    try:
+        missing = missing_topics(config.kafka) + missing_tables(config)
+    except KafkaException as exc:
+        raise click.ClickException(f"Kafka at {config.kafka.bootstrap_servers} is not answering: {exc}") from exc
+    except Exception as exc:  # the driver's NoHostAvailable and friends
+        raise click.ClickException(f"Cassandra is not answering: {exc}") from exc
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise click.ClickException(f"the grid's schema is not applied ({shown} missing): run `dicomgrid schema apply`")
+
+
 @main.command("up")
 @click.option("--detach", is_flag=True, help="Return once every service is healthy.")
 @pass_ctx
 def up(ctx: Context, detach: bool) -> None:
-    """Start every site's services (receivers, DICOMweb, stream processors)."""
+    """Start every site's services (receivers, DICOMweb, stream processors, replication workers)."""
+    _require_schema(ctx.config)
     supervisor = _supervisor(ctx)
     try:
         supervisor.up()
@@ -246,19 +267,67 @@ def serve_http(ctx: Context, site: str) -> None:
     uvicorn.run(app, host=site_config.http_host, port=site_config.http_port, log_config=None, access_log=False)
 
 
+def _run_faust(ctx: Context, create: Callable[[GridConfig, str], Any], site: str) -> None:
+    import faust
+
+    from dicomgrid.core.kafka import wait_for_topics
+
+    _logging(ctx)
+    ctx.config.site(site)
+    wait_for_topics(ctx.config.kafka)
+    worker = faust.Worker(create(ctx.config, site), loglevel=ctx.config.log_level.lower(), quiet=True)
+    worker.execute_from_commandline()
+
+
 @serve.command("processors")
 @click.option("--site", required=True)
 @pass_ctx
 def serve_processors(ctx: Context, site: str) -> None:
-    """Stream processors (indexer) of one site's worker."""
-    import faust
-
+    """Stream processors of one site's worker: the indexer and the replication fan-out."""
     from dicomgrid.processors.app import create_app
 
-    _logging(ctx)
-    app = create_app(ctx.config, site)
-    worker = faust.Worker(app, loglevel=ctx.config.log_level.lower(), quiet=True)
-    worker.execute_from_commandline()
+    _run_faust(ctx, create_app, site)
+
+
+@serve.command("replicator")
+@click.option("--site", required=True)
+@pass_ctx
+def serve_replicator(ctx: Context, site: str) -> None:
+    """The replication worker of one site: copies the payloads addressed to it from other sites."""
+    from dicomgrid.processors.replicator import create_replicator_app
+
+    _run_faust(ctx, create_replicator_app, site)
+
+
+# -- replication -------------------------------------------------------------------------------------
+
+
+@main.group()
+def replication() -> None:
+    """Payload replication between sites."""
+
+
+@replication.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--window", "window_min", type=click.FloatRange(min=1), default=15.0, show_default=True,
+              help="Minutes of recent copies and failures to report on.")
+@pass_ctx
+def replication_status(ctx: Context, as_json: bool, window_min: float) -> None:
+    """Per site: copies pending and failed, under-replicated instances, replication lag p50/p99."""
+    from confluent_kafka import KafkaException
+
+    from dicomgrid.core.cassandra import Cassandra
+    from dicomgrid.core.ledger import ReplicaLedger
+    from dicomgrid.processors.replication_status import replication_status as status_of
+
+    db = Cassandra(ctx.config, local_dc=ctx.config.sites[0].cassandra_dc if ctx.config.sites else None)
+    try:
+        status = status_of(ctx.config, ReplicaLedger(db), window_s=window_min * 60)
+    except KafkaException as exc:
+        raise click.ClickException(f"replication status unavailable: {exc}") from exc
+    finally:
+        db.close()
+    click.echo(status.as_json() if as_json else status.render())
 
 
 # -- seeding -----------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Runs the grid's site services as detached processes: receivers, HTTP, stream processors.
+"""Runs the grid's site services as detached processes: receivers, HTTP, stream processors, replication.
 
 Each service is one ``python -m dicomgrid serve ...`` process with a pid file under
 ``<data_dir>/run/grid/<grid name>/`` and a log under ``<data_dir>/logs/``, so ``dicomgrid up`` is idempotent
@@ -39,7 +39,7 @@ class DimseProbe:
 @dataclass(frozen=True)
 class Service:
     site: str
-    kind: str  # receiver | http | processors
+    kind: str  # receiver | http | processors | replicator
     index: int
     argv: list[str]
     probe: DimseProbe | str | None  # C-ECHO, HTTP URL, or None (process liveness only)
@@ -163,6 +163,7 @@ class Supervisor:
                 )
             )
             out.append(Service(site.name, "processors", 1, [*base, "serve", "processors", "--site", site.name], None))
+            out.append(Service(site.name, "replicator", 1, [*base, "serve", "replicator", "--site", site.name], None))
         return out
 
     def daemon(self, service: Service) -> Daemon:

@@ -1,28 +1,40 @@
-"""The grid's stream-processing app (faust-streaming): one worker per site, one consumer group.
+"""The grid's stream-processing apps (faust-streaming).
 
-Workers of every site share the partitions of ``dicom.instance.stored`` (under the grid's
-``kafka.topic_prefix``); when a site goes down its partitions move to the others. Blocking Cassandra
-work runs in a thread, never on the event loop.
+``create_app``: the processors of the grid, one worker per site in one consumer group, on
+``dicom.instance.stored`` (under the grid's ``kafka.topic_prefix``): the **indexer** (events -> Cassandra)
+and the **replication fan-out** (events -> ``dicom.replication.requested``, one per target site). The
+workers of every site share the partitions; when a site goes down its partitions move to the others.
+
+Each message is validated against its topic's schema; one that fails, or whose processing fails for a
+reason retrying cannot fix, goes to ``dicom.deadletter`` and the partition moves on. Failures of the
+infrastructure (Cassandra or Kafka unreachable) hold the offsets and are retried: nothing is skipped.
+Blocking work runs in a thread, never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import faust
 
 from dicomgrid import schemas
-from dicomgrid.core.config import GridConfig
-from dicomgrid.core.logging import get_logger
 from dicomgrid.core.cassandra import Cassandra
+from dicomgrid.core.config import GridConfig
 from dicomgrid.core.index_writer import IndexWriter
-from dicomgrid.processors.indexer import Indexer, decode_events
+from dicomgrid.core.kafka import EventPublisher
+from dicomgrid.core.logging import get_logger
+from dicomgrid.processors.dead_letters import DeadLetters, Rejected, decode, is_transient
+from dicomgrid.processors.indexer import Indexer
+from dicomgrid.processors.replication_policy import replication_requests
 
 log = get_logger(__name__)
 
 BATCH_SIZE = 500
 BATCH_WITHIN_S = 0.2
+RETRY_S = 2.0
 
 
 def faust_broker(config: GridConfig) -> list[str]:
@@ -43,25 +55,11 @@ def consumer_group(config: GridConfig) -> str:
     return f"{config.name}-processors"
 
 
-async def _connect(config: GridConfig, local_dc: str) -> Cassandra:
-    """Connect to Cassandra, waiting for it rather than failing the worker."""
-    loop = asyncio.get_running_loop()
-    while True:
-        try:
-            db = Cassandra(config, local_dc=local_dc)
-            await loop.run_in_executor(None, lambda: db.session)
-            return db
-        except Exception as exc:
-            log.warning("cassandra unreachable; retrying", error=str(exc))
-            await asyncio.sleep(3.0)
-
-
-def create_app(config: GridConfig, site: str) -> faust.App:
-    site_config = config.site(site)
-    datadir = config.root / "processors" / config.name / site_config.name
+def faust_app(config: GridConfig, group: str, datadir: Path) -> faust.App:
+    """A faust app of the grid: consumer group ``group``, topics declared by `dicomgrid schema apply`."""
     datadir.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
-        consumer_group(config),
+    return faust.App(
+        group,
         broker=faust_broker(config),
         broker_credentials=_credentials(config),
         id_format="{id}",
@@ -75,22 +73,102 @@ def create_app(config: GridConfig, site: str) -> faust.App:
         broker_commit_every=200,
         broker_commit_interval=1.0,
     )
-    instance_stored = app.topic(
-        config.kafka.topic(schemas.TOPIC_INSTANCE_STORED), key_type=bytes, value_type=bytes, value_serializer="raw", key_serializer="raw"
-    )
+
+
+def raw_topic(app: faust.App, config: GridConfig, logical: str) -> Any:
+    """One of the grid's topics, its messages as raw bytes (each processor validates them itself)."""
+    return app.topic(config.kafka.topic(logical), key_type=bytes, value_type=bytes, value_serializer="raw",
+                     key_serializer="raw")
+
+
+async def connect_cassandra(config: GridConfig, local_dc: str) -> Cassandra:
+    """Connect to Cassandra, waiting for it rather than failing the worker."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            db = Cassandra(config, local_dc=local_dc)
+            await loop.run_in_executor(None, lambda: db.session)
+            return db
+        except Exception as exc:
+            log.warning("cassandra unreachable; retrying", error=str(exc))
+            await asyncio.sleep(3.0)
+
+
+async def publish_all(publisher: EventPublisher, topic: str, keyed: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """Publish events and wait until the brokers have every one; while they do not, hold and retry."""
+    while True:
+        try:
+            futures = [asyncio.wrap_future(publisher.publish(topic, key, event)) for key, event in keyed]
+            await asyncio.gather(*futures)
+            return
+        except Exception as exc:  # Kafka unavailable; a repeat is harmless (consumers are idempotent)
+            log.warning("events not confirmed; retrying", topic=topic, events=len(keyed), error=str(exc))
+            await asyncio.sleep(RETRY_S)
+
+
+class _IndexingAgent:
+    """The indexer over faust events: valid ones indexed in batches, the others dead-lettered."""
+
+    def __init__(self, indexer: Indexer, dead: DeadLetters) -> None:
+        self.indexer = indexer
+        self.dead = dead
+
+    async def batch(self, events: Sequence[Any]) -> None:
+        good = []
+        for event in events:
+            try:
+                good.append((event, decode(event.message.value, schemas.TOPIC_INSTANCE_STORED)))
+            except Rejected as exc:
+                await self.dead.send(event.message, str(exc))
+        if good and await self._apply([e for _, e in good]) is not None:
+            # Something in the batch cannot be indexed: one at a time, so only what fails is set aside.
+            for event, decoded in good:
+                error = await self._apply([decoded])
+                if error is not None:
+                    await self.dead.send(event.message, error)
+
+    async def _apply(self, decoded: list[dict[str, Any]]) -> str | None:
+        """Index ``decoded``; None once done, or why it failed for a reason retrying cannot fix."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await loop.run_in_executor(None, self.indexer.apply, decoded)
+                return None
+            except Exception as exc:
+                if not is_transient(exc):
+                    return f"indexer: {type(exc).__name__}: {str(exc)[:300]}"
+                log.warning("indexing failed; retrying", error=str(exc), instances=len(decoded))
+                await asyncio.sleep(RETRY_S)
+
+
+def create_app(config: GridConfig, site: str) -> faust.App:
+    site_config = config.site(site)
+    app = faust_app(config, consumer_group(config), config.root / "processors" / config.name / site_config.name)
+    instance_stored = raw_topic(app, config, schemas.TOPIC_INSTANCE_STORED)
+    publisher = EventPublisher(config.kafka, client_id=f"dicomgrid-processors-{site_config.name}")
 
     @app.agent(instance_stored, name="indexer")
     async def index(stream: faust.Stream) -> None:
-        loop = asyncio.get_running_loop()
-        indexer = Indexer(IndexWriter(await _connect(config, site_config.cassandra_dc)))
-        async for values in stream.take(BATCH_SIZE, within=BATCH_WITHIN_S):
-            events = decode_events(values)
-            while True:
+        db = await connect_cassandra(config, site_config.cassandra_dc)
+        agent = _IndexingAgent(Indexer(IndexWriter(db)), DeadLetters(publisher, "indexer"))
+        async for events in stream.take_events(BATCH_SIZE, within=BATCH_WITHIN_S):
+            await agent.batch(events)
+
+    @app.agent(instance_stored, name="replication-fanout")
+    async def fan_out(stream: faust.Stream) -> None:
+        async for events in stream.take_events(BATCH_SIZE, within=BATCH_WITHIN_S):
+            requests = []
+            for event in events:
                 try:
-                    await loop.run_in_executor(None, indexer.apply, events)
-                    break
-                except Exception as exc:  # Cassandra down: hold the offsets and retry, never skip
-                    log.warning("indexing failed; retrying", error=str(exc), instances=len(events))
-                    await asyncio.sleep(2.0)
+                    stored = decode(event.message.value, schemas.TOPIC_INSTANCE_STORED)
+                except Rejected:
+                    continue  # the indexer dead-letters it
+                requests += [(r["source"]["sha256"], r) for r in replication_requests(config, stored)]
+            if requests:
+                await publish_all(publisher, schemas.TOPIC_REPLICATION_REQUESTED, requests)
+
+    @app.on_before_shutdown.connect
+    async def _flush(app: faust.App, **kwargs: Any) -> None:
+        publisher.flush()
 
     return app

@@ -1,35 +1,18 @@
 """The indexer: ``dicom.instance.stored`` -> Cassandra (patient/study/series/instance levels).
 
 Delivery is at-least-once, so everything here is an idempotent upsert; study and series aggregates are
-recomputed once per study per batch, from the rows themselves.
+recomputed once per study per batch, from the rows themselves. Events arrive validated against their
+schema (:mod:`dicomgrid.processors.dead_letters`).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable
 from typing import Any
 
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.index_writer import IndexWriter
 
 log = get_logger(__name__)
-
-
-def decode_events(values: Iterable[bytes | str | dict[str, Any]]) -> list[dict[str, Any]]:
-    """Parse raw message values, dropping (and logging) any that are not JSON objects."""
-    events = []
-    for value in values:
-        try:
-            event = value if isinstance(value, dict) else json.loads(value)
-        except (TypeError, ValueError) as exc:
-            log.error("skipping undecodable instance event", error=str(exc))
-            continue
-        if isinstance(event, dict) and event.get("event_type") == "dicom.instance.stored":
-            events.append(event)
-        else:
-            log.error("skipping message that is not an instance event")
-    return events
 
 
 class Indexer:

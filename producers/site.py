@@ -35,4 +35,6 @@ def build_ingestor(config: GridConfig, site_name: str, db: Cassandra | None = No
 def build_site_context(config: GridConfig, site_name: str, ingestor: Ingestor) -> SiteContext:
     """What the site's query/retrieve services share with its ingest path."""
     assert ingestor.db is not None
-    return SiteContext(config, config.site(site_name), ingestor.db, ingestor.blobs, ingestor.audit)
+    return SiteContext(
+        config, config.site(site_name), ingestor.db, ingestor.blobs, ingestor.audit, ingestor.publisher
+    )

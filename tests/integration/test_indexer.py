@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import uuid
 
 import pytest
@@ -14,7 +13,7 @@ from dicomgrid import schemas
 from dicomgrid.core.cassandra import Cassandra, apply_schema
 from dicomgrid.core.index_reader import IndexReader
 from dicomgrid.core.index_writer import IndexWriter
-from dicomgrid.processors.indexer import Indexer, decode_events
+from dicomgrid.processors.indexer import Indexer
 from tests.grid import wait_for
 
 pytestmark = [pytest.mark.cluster]
@@ -100,12 +99,6 @@ def test_written_in_dc1_readable_in_dc2(store, cluster):
         assert wait_for(lambda: other.study(study), timeout=10).patient_id == "IDX-1"
     finally:
         other.db.close()
-
-
-def test_undecodable_messages_are_skipped_not_fatal():
-    good = event(generate_uid(), generate_uid(), generate_uid(), when=dt.datetime.now(dt.timezone.utc))
-    decoded = decode_events([b"{not json", json.dumps({"event_type": "other"}).encode(), json.dumps(good).encode()])
-    assert decoded == [good]
 
 
 def test_study_aggregates_follow_batches_and_replaced_versions(store):

@@ -18,8 +18,9 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 
-from dicomgrid.core.blobstore import BlobStore
+from dicomgrid.core.blobstore import BlobRef, BlobStore
 from dicomgrid.core.config import GridConfig, load_config
+from dicomgrid.core.index_reader import StoredInstance
 from dicomgrid.core.site import SiteContext
 from dicomgrid.core.transfer import TransferEndpoint
 from tests.grid import free_port
@@ -33,8 +34,14 @@ class FakeLedger:
 
     copies: dict[str, list[str]] = field(default_factory=dict)
 
+    recorded: list[tuple[str, str, int]] = field(default_factory=list)
+
     def replicas(self, digest: str) -> list[Any]:
         return [SimpleNamespace(site=s) for s in self.copies.get(digest, [])]
+
+    def record(self, blob: BlobRef) -> None:
+        self.recorded.append((blob.site, blob.sha256, blob.size))
+        self.copies.setdefault(blob.sha256, []).append(blob.site)
 
 
 @dataclass
@@ -118,3 +125,8 @@ def corrupt(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+
+
+def instance(digest: str) -> StoredInstance:
+    """An indexed instance whose payload is ``digest``."""
+    return StoredInstance("1.2.3", "1.2.3.4", "1.2.3.4.5", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.1.2.1", digest)

@@ -33,6 +33,7 @@ from tests.grid import free_port
 from tests.unit.peer_sites import (
     TOKEN,
     FakeLedger,
+    instance,
     PeerServer,
     TwoSites,
     corrupt,
@@ -42,7 +43,7 @@ from tests.unit.peer_sites import (
 
 
 def _read(payloads: Payloads, digest: str) -> bytes:
-    return b"".join(payloads.open(digest))
+    return b"".join(payloads.open(instance(digest)))
 
 
 def test_intact_local_copy_is_served_without_asking_peers(sites: TwoSites):
@@ -58,14 +59,15 @@ def test_missing_local_copy_is_fetched_verified_stored_and_audited(sites: TwoSit
     digest = sites.put(sites.b, data)
     payloads = Payloads(sites.a)
     assert _read(payloads, digest) == data
-    assert sites.a.blobs.verify(digest)  # the local replica is repaired
+    assert sites.a.blobs.verify(digest)  # the local replica is repaired, and the ledger knows
+    assert sites.ledger.recorded == [("A", digest, len(data))]
     (repair,) = sites.a.audit.records
     assert repair["outcome"] == SUCCESS and ("payload", digest) in repair["objects"]
     assert "missing" in repair["description"] and "site B" in repair["description"]
     # The peer recorded the export.
     assert any(r["event"] == "DICOM Instances Transferred" for r in sites.b.audit.records)
     # Served locally from now on.
-    assert payloads.local_path(digest) == sites.a.blobs.path(digest)
+    assert payloads.local_path(instance(digest)) == sites.a.blobs.path(digest)
     assert len(sites.a.audit.records) == 1
 
 
@@ -74,7 +76,7 @@ def test_corrupt_local_copy_is_quarantined_and_replaced(sites: TwoSites):
     digest = sites.put(sites.a, data)
     sites.b.blobs.put_bytes(data)  # the peer holds a copy the ledger does not list yet
     corrupt(sites.a.blobs.path(digest))
-    path = Payloads(sites.a).local_path(digest)
+    path = Payloads(sites.a).local_path(instance(digest))
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
     assert len(list((sites.a.blobs.root / "quarantine").iterdir())) == 1
     assert "corrupt" in sites.a.audit.records[-1]["description"]
@@ -87,7 +89,7 @@ def test_no_intact_copy_anywhere_is_unavailable(sites: TwoSites):
     corrupt(sites.a.blobs.path(digest))
     corrupt(sites.b.blobs.path(digest))
     with pytest.raises(PayloadUnavailable):
-        Payloads(sites.a).open(digest)
+        Payloads(sites.a).open(instance(digest))
     assert sites.a.audit.records[-1]["outcome"] == SERIOUS_FAILURE
     assert not sites.a.blobs.exists(digest)  # nothing wrong was stored
 
@@ -142,7 +144,7 @@ def test_peer_with_wrong_bytes_is_not_trusted(tmp_path: Path):
 
     with PeerServer(b, [Route("/internal/payloads/{sha256}", lying_peer)]):
         with pytest.raises(PayloadUnavailable, match="do not match"):
-            Payloads(a).open(digest)
+            Payloads(a).open(instance(digest))
     assert not list(a.blobs.digests())
     assert not any((a.blobs.root / "tmp").iterdir())
 

@@ -1,0 +1,191 @@
+"""A site's replication worker: ``dicom.replication.requested`` for this site -> a verified local copy.
+
+Each site runs one worker in a consumer group of its own (``<grid>-replication-<site>``), so every site
+sees every request and serves those addressed to it. For each one it pulls the payload over the payload
+transfer service (:mod:`dicomgrid.core.transfer`) from the site that received it, else from any site
+holding a copy, verifies the SHA-256 end to end before the copy is named, commits it with ingest's
+durability, announces ``dicom.replica.stored`` and records the copy in the ledger.
+
+Redelivery is idempotent: a payload already held and verified here, with its ledger row, is skipped; the
+blob store is content-addressed and ledger rows are keyed by (digest, site), so nothing is ever stored
+or recorded twice. A transfer cut by a crash resumes from the bytes already written. Failures retry
+with capped exponential backoff and jitter (tenacity); after ``replication.max_attempts`` the request
+goes to ``dicom.replication.failed`` (``retryable``: the repair path takes it up later).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import faust
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+from dicomgrid import schemas
+from dicomgrid.core.audit import AUDIT_LINGER_MS, SERIOUS_FAILURE, SUCCESS, AuditObject, AuditTrail, Participant
+from dicomgrid.core.blobstore import BlobBusy, BlobStore
+from dicomgrid.core.config import GridConfig
+from dicomgrid.core.events import InstanceRef, replication_failed
+from dicomgrid.core.kafka import EventPublisher
+from dicomgrid.core.logging import get_logger
+from dicomgrid.core.site import SiteContext
+from dicomgrid.core.transfer import PayloadTransfer, PayloadUnavailable, record_copy
+from dicomgrid.processors.app import RETRY_S, connect_cassandra, faust_app, raw_topic
+from dicomgrid.processors.dead_letters import DeadLetters, Rejected, decode
+
+log = get_logger(__name__)
+
+
+def replication_group(config: GridConfig, site: str) -> str:
+    return f"{config.name}-replication-{site}"
+
+
+class Done(enum.Enum):
+    COPIED = "copied"
+    ALREADY_HELD = "already held"
+    FAILED = "failed"
+
+
+class Replicator:
+    """Serves one site's replication requests (blocking; one call per request, several at once)."""
+
+    def __init__(self, site: SiteContext, transfer: PayloadTransfer) -> None:
+        self.site = site
+        self.transfer = transfer
+        policy = site.config.replication
+        self._retrying = dict(
+            stop=stop_after_attempt(policy.max_attempts),
+            wait=wait_exponential_jitter(initial=policy.backoff_initial_s, max=policy.backoff_max_s),
+            # BlobBusy: the same payload is being fetched by another request right now; wait for it.
+            retry=retry_if_exception_type((PayloadUnavailable, BlobBusy)),
+            reraise=True,
+        )
+
+    def handle(self, request: dict[str, Any]) -> Done:
+        digest = request["source"]["sha256"]
+        instance = InstanceRef.of_event(request)
+        if self._held(digest, request):
+            return Done.ALREADY_HELD
+        attempts = 0
+        try:
+            for attempt in Retrying(**self._retrying):
+                with attempt:
+                    attempts += 1
+                    if attempts > 1 and self._held(digest, request):  # a concurrent duplicate got it
+                        return Done.ALREADY_HELD
+                    peer, blob = self.transfer.fetch_from_any(digest, prefer=[request["source"]["site"]],
+                                                              resumable=True)
+        except (PayloadUnavailable, BlobBusy) as exc:
+            self._failed(request, attempts, str(exc))
+            return Done.FAILED
+        record_copy(self.site, blob, peer.name, instance, cause="replication", request_event_id=request["event_id"])
+        log.info("replica stored", sha256=digest, from_site=peer.name, size=blob.size, attempts=attempts)
+        self._audit(SUCCESS, f"replica fetched from site {peer.name} and verified", request, peer.name)
+        return Done.COPIED
+
+    def _held(self, digest: str, request: dict[str, Any]) -> bool:
+        """Whether this site already holds a verified copy; a copy the ledger misses is recorded now."""
+        if not self.site.blobs.verify(digest):
+            return False
+        if self.site.site.name not in self.site.ledger.verified_sites(digest):
+            # Made by an earlier delivery that stopped before recording it, or by a retrieve's repair.
+            record_copy(self.site, self.site.blobs.ref(digest), request["source"]["site"],
+                        InstanceRef.of_event(request), cause="replication", request_event_id=request["event_id"])
+        return True
+
+    def _failed(self, request: dict[str, Any], attempts: int, reason: str) -> None:
+        failed = {**request, "attempt": request["attempt"] + attempts - 1}
+        assert self.site.publisher is not None
+        self.site.publisher.publish_and_wait(
+            schemas.TOPIC_REPLICATION_FAILED, request["source"]["sha256"],
+            replication_failed(failed, reason, retryable=True),
+        )
+        log.error("replication failed; left to the repair path", sha256=request["source"]["sha256"],
+                  attempts=attempts, reason=reason)
+        self._audit(SERIOUS_FAILURE, f"replication failed after {attempts} attempt(s): {reason}", request,
+                    request["source"]["site"])
+
+    def _audit(self, outcome: int, description: str, request: dict[str, Any], source_site: str) -> None:
+        me = self.site.site
+        instance = InstanceRef.of_event(request)
+        self.site.audit.record(
+            "C",
+            "DICOM Instances Transferred",
+            outcome,
+            description,
+            [Participant(source_site, False, None, None, "Source"),
+             Participant(me.name, True, me.ae_title, None, "Destination")],
+            [AuditObject("study", instance.study_uid),
+             AuditObject("instance", instance.sop_instance_uid, {"sop_class_uid": instance.sop_class_uid}),
+             AuditObject("payload", request["source"]["sha256"])],
+        )
+
+
+def build_replicator(config: GridConfig, site_name: str, db: Any) -> Replicator:
+    site = config.site(site_name)
+    policy = config.replication
+    publisher = EventPublisher(config.kafka, client_id=f"dicomgrid-replication-{site.name}")
+    audit = AuditTrail(site.name, EventPublisher(config.kafka, client_id=f"dicomgrid-replication-audit-{site.name}",
+                                                 linger_ms=AUDIT_LINGER_MS))
+    context = SiteContext(config, site, db, BlobStore(config.site_storage(site.name), site.name), audit, publisher)
+    transfer = PayloadTransfer(
+        context, connect_timeout_s=policy.connect_timeout_s, read_timeout_s=policy.read_timeout_s,
+        bandwidth_bytes_s=policy.bandwidth_mb_s * 1e6 if policy.bandwidth_mb_s else None,
+    )
+    return Replicator(context, transfer)
+
+
+def create_replicator_app(config: GridConfig, site: str) -> faust.App:
+    site_config = config.site(site)
+    app = faust_app(config, replication_group(config, site_config.name),
+                    config.root / "processors" / config.name / f"replication-{site_config.name}")
+    requests = raw_topic(app, config, schemas.TOPIC_REPLICATION_REQUESTED)
+    concurrency = config.replication.concurrency
+    threads = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="replication")
+    state: dict[str, Any] = {}
+    ready = asyncio.Lock()
+
+    async def replicator() -> tuple[Replicator, DeadLetters]:
+        async with ready:
+            if "worker" not in state:
+                db = await connect_cassandra(config, site_config.cassandra_dc)
+                worker = build_replicator(config, site_config.name, db)
+                assert worker.site.publisher is not None
+                state["worker"] = worker, DeadLetters(worker.site.publisher, f"replication-{site_config.name}")
+        return state["worker"]
+
+    # Each of the `concurrency` actors takes one request at a time; faust commits an offset only once
+    # every request before it in its partition has been handled.
+    @app.agent(requests, name="replicator", concurrency=concurrency)
+    async def replicate(stream: faust.Stream) -> None:
+        worker, dead = await replicator()
+        loop = asyncio.get_running_loop()
+        async for event in stream.events():
+            try:
+                request = decode(event.message.value, schemas.TOPIC_REPLICATION_REQUESTED)
+            except Rejected as exc:
+                # Every site's worker sees every request; the first configured site records the bad ones.
+                if site_config.name == config.sites[0].name:
+                    await dead.send(event.message, str(exc))
+                continue
+            if request["target_site"] != site_config.name:
+                continue
+            while True:
+                try:
+                    await loop.run_in_executor(threads, worker.handle, request)
+                    break
+                except Exception as exc:  # Kafka or Cassandra unavailable: hold the offset and retry
+                    log.warning("replication request not settled; retrying", sha256=request["source"]["sha256"],
+                                error=str(exc))
+                    await asyncio.sleep(RETRY_S)
+
+    @app.on_before_shutdown.connect
+    async def _flush(app: faust.App, **kwargs: Any) -> None:
+        if "worker" in state:
+            worker, _ = state["worker"]
+            worker.site.publisher.flush()
+            worker.site.audit.flush()
+
+    return app
