@@ -83,8 +83,16 @@ def event_validator(topic: str) -> jsonschema_rs.Draft202012Validator:
 
 def validate_event(topic: str, event: Any) -> None:
     """Raise :class:`InvalidEvent` if ``event`` breaks the contract of ``topic`` (a logical topic name)."""
+    validator = event_validator(topic)
     try:
-        event_validator(topic).validate(event)
+        try:
+            validator.validate(event)
+        except ValueError as exc:
+            if isinstance(exc, jsonschema_rs.ValidationError):
+                raise
+            # jsonschema-rs takes exact JSON types only; subclasses (pydicom's UID is a str) are
+            # validated as they will be serialized.
+            validator.validate(json.loads(json.dumps(event)))
     except jsonschema_rs.ValidationError as exc:
         where = "/".join(str(p) for p in exc.instance_path) or "(root)"
         keyword = str(exc.schema_path[-1]) if exc.schema_path else "schema"

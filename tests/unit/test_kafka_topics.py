@@ -62,3 +62,14 @@ def test_every_contract_topic_stays_a_legal_kafka_name_under_the_longest_prefix(
 def test_unprefixed_topics_are_never_deleted():
     with pytest.raises(ValueError, match="unprefixed"):
         kafka.delete_topics(KafkaConfig())
+
+
+def test_events_holding_str_subclasses_are_validated_as_serialized():
+    from pydicom.uid import UID
+
+    record = dead_letter("indexer", "t", 0, 7, None, b"{}", "test")
+    record["key"] = UID("1.2.3")
+    schemas.validate_event(schemas.TOPIC_DEADLETTER, record)
+    record["offset"] = UID("1.2.3")
+    with pytest.raises(schemas.InvalidEvent, match="offset"):
+        schemas.validate_event(schemas.TOPIC_DEADLETTER, record)
