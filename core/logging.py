@@ -36,7 +36,8 @@ def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Third-party chatter that would drown the grid's own records at INFO.
-    for noisy in ("pynetdicom", "cassandra", "aiokafka", "faust", "mode", "uvicorn.access", "librdkafka"):
+    for noisy in ("pynetdicom", "cassandra", "aiokafka", "faust", "mode", "uvicorn.access", "librdkafka", "httpx",
+                  "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     # pydicom both warns and logs about every lenient read of a sender's odd data; the grid reports
     # what it refuses itself, so its tolerance notes stay at debug.

@@ -54,3 +54,17 @@ def test_dead_letters_keep_the_message_verbatim():
     assert (record["topic"], record["partition"], record["offset"], record["key"]) == ("p.dicom.instance.stored", 3, 41,
                                                                                      "1.2.3")
     assert base64.b64decode(record["value_base64"]) == b"\xff\xfe not utf-8"
+
+
+def test_every_replication_event_builder_matches_its_schema():
+    from dicomgrid.core.events import InstanceRef, replica_stored, replication_failed, replication_requested
+
+    stored = stored_event()
+    instance = InstanceRef.of_event(stored)
+    request = replication_requested(stored["payload"], "B", instance, cause_event_id=stored["event_id"])
+    schemas.validate_event(schemas.TOPIC_REPLICATION_REQUESTED, request)
+    assert InstanceRef.of_event(request) == instance
+    schemas.validate_event(schemas.TOPIC_REPLICA_STORED,
+                           replica_stored(BlobRef("B", "ab" * 32, 100), "A", instance, cause="replication",
+                                          request_event_id=request["event_id"]))
+    schemas.validate_event(schemas.TOPIC_REPLICATION_FAILED, replication_failed(request, "A: refused", retryable=True))
