@@ -106,7 +106,7 @@ class EventPublisher:
     def __init__(self, config: KafkaConfig, *, client_id: str = "dicomgrid", linger_ms: int = 0) -> None:
         self._timeout_s = config.delivery_timeout_s
         self._topic = config.topic
-        self._producer = Producer(
+        self._producer: Producer | None = Producer(
             {
                 **config.client_config(),
                 "client.id": client_id,
@@ -134,12 +134,17 @@ class EventPublisher:
         log.warning("kafka client error", error=str(err), fatal=err.fatal())
 
     def _poll_loop(self) -> None:
-        while not self._closed.is_set():
-            self._producer.poll(0.1)
+        producer = self._producer
+        while producer is not None and not self._closed.is_set():
+            producer.poll(0.1)
 
     def publish(self, topic: str, key: str, event: dict[str, Any]) -> Future[Message]:
         future: Future[Message] = Future()
         topic = self._topic(topic)
+        producer = self._producer
+        if producer is None:
+            future.set_exception(PublishError(f"{topic}: publisher closed"))
+            return future
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
             if err is not None:
@@ -149,12 +154,12 @@ class EventPublisher:
 
         value = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
         try:
-            self._producer.produce(topic, key=key.encode(), value=value, on_delivery=on_delivery)
+            producer.produce(topic, key=key.encode(), value=value, on_delivery=on_delivery)
         except BufferError:
             # Local queue full: poll once to drain reports, then try again before giving up.
-            self._producer.poll(0.5)
+            producer.poll(0.5)
             try:
-                self._producer.produce(topic, key=key.encode(), value=value, on_delivery=on_delivery)
+                producer.produce(topic, key=key.encode(), value=value, on_delivery=on_delivery)
             except (BufferError, KafkaException) as exc:
                 future.set_exception(PublishError(f"{topic}: local queue full: {exc}"))
         except KafkaException as exc:
@@ -170,12 +175,26 @@ class EventPublisher:
             raise PublishError(f"{topic}: no delivery report within {timeout or self._timeout_s}s") from exc
 
     def flush(self, timeout: float = 10.0) -> int:
-        return self._producer.flush(timeout)
+        return self._producer.flush(timeout) if self._producer is not None else 0
 
     def close(self, timeout: float = 10.0) -> None:
-        self.flush(timeout)
+        """Deliver what is queued (for up to ``timeout``), fail what is left, release the client.
+
+        The librdkafka handle is destroyed here rather than left to garbage collection: a publisher
+        still referenced (by a failed test's traceback, say) would go on reconnecting, and logging,
+        to brokers that may be gone long after its owner is done.
+        """
+        producer = self._producer
+        if producer is None:
+            return
+        producer.flush(timeout)
+        self._producer = None
         self._closed.set()
         self._poller.join(timeout=1.0)
+        # Undelivered events fail their futures (PublishError) instead of waiting forever.
+        producer.purge()
+        producer.poll(0)
+        producer.close()
 
 
 def ensure_topics(config: KafkaConfig, timeout: float = 30.0) -> list[str]:

@@ -3,6 +3,8 @@ of the admin client (the real broker's behaviour is covered by tests/integration
 
 from __future__ import annotations
 
+import gc
+import weakref
 from concurrent.futures import Future
 from types import SimpleNamespace
 from typing import Any
@@ -147,3 +149,48 @@ def test_only_kafka_errors_are_retriable():
     assert not kafka.is_retriable(kafka_error(KafkaError.INVALID_REPLICATION_FACTOR))
     assert not kafka.is_retriable(ValueError("not Kafka"))
     assert not kafka.is_retriable(KafkaException("no KafkaError inside"))
+
+
+class UndeliveringProducer:
+    """Queues every event and delivers none (a broker that is gone); purge() fails them."""
+
+    def __init__(self, conf: dict[str, Any]) -> None:
+        self.queued: list[Any] = []
+        self.purged: list[Any] = []
+
+    def produce(self, topic: str, key: bytes, value: bytes, on_delivery: Any) -> None:
+        self.queued.append(on_delivery)
+
+    def poll(self, timeout: float) -> int:
+        served, self.purged = self.purged, []
+        for on_delivery in served:
+            on_delivery(KafkaError(KafkaError._PURGE_QUEUE), None)
+        return len(served)
+
+    def flush(self, timeout: float) -> int:
+        return len(self.queued)
+
+    def purge(self) -> None:
+        self.purged, self.queued = self.queued, []
+
+    def close(self) -> bool:
+        self.closed = True
+        return True
+
+
+def test_a_closed_publisher_releases_its_client_and_fails_what_was_not_delivered(monkeypatch):
+    monkeypatch.setattr(kafka, "Producer", UndeliveringProducer)
+    publisher = kafka.EventPublisher(KafkaConfig(topic_prefix="grid-9."))
+    producer = publisher._producer
+    client = weakref.ref(producer)
+    pending = publisher.publish(schemas.TOPIC_AUDIT, "A", {})
+    publisher.close(timeout=0)
+    assert producer.closed, "the producer's client is not destroyed by close()"
+    del producer
+    gc.collect()
+    assert client() is None, "the publisher keeps its closed producer"
+    with pytest.raises(kafka.PublishError, match="Purged"):
+        pending.result(timeout=0)
+    with pytest.raises(kafka.PublishError, match="closed"):
+        publisher.publish(schemas.TOPIC_AUDIT, "A", {}).result(timeout=0)
+    publisher.close()  # a second close is harmless
