@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +12,8 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from dicomgrid import schemas
-from dicomgrid.core.config import GridConfig, SiteConfig
-from dicomgrid.core.kafka import delete_topics, ensure_topics
+from dicomgrid.core.config import GridConfig, KafkaConfig, SiteConfig
+from dicomgrid.core.kafka import EventPublisher, delete_topics, ensure_topics
 from dicomgrid.core.metadata import MetadataStore, apply_schema
 from dicomgrid.supervisor import Supervisor
 from tests.grid import TEST_GRID_PREFIX, EventTap, load_test_config, write_test_config
@@ -27,9 +27,6 @@ class Grid:
 
     def site(self, name: str) -> SiteConfig:
         return self.config.site(name)
-
-    def tap(self, topic: str = schemas.TOPIC_INSTANCE_STORED) -> EventTap:
-        return EventTap(self.config, topic)
 
     def metadata(self, dc: str) -> MetadataStore:
         return MetadataStore(self.config, local_dc=dc)
@@ -91,3 +88,34 @@ def metadata_dc2(grid: Grid) -> Iterator[MetadataStore]:
     store = grid.metadata("dc2")
     yield store
     store.close()
+
+
+@pytest.fixture
+def taps(grid: Grid) -> Iterator[Callable[..., EventTap]]:
+    """Opens taps on a topic of the grid (or of another grid, given its ``config``) from its current end;
+    every tap is closed after the test."""
+    opened: list[EventTap] = []
+
+    def open_tap(topic: str = schemas.TOPIC_INSTANCE_STORED, config: GridConfig | None = None) -> EventTap:
+        tap = EventTap(config or grid.config, topic)
+        opened.append(tap)
+        return tap
+
+    yield open_tap
+    for tap in opened:
+        tap.close()
+
+
+@pytest.fixture
+def publishers() -> Iterator[Callable[..., EventPublisher]]:
+    """Makes event publishers for a test; each is flushed and its client destroyed after the test."""
+    made: list[EventPublisher] = []
+
+    def make(config: KafkaConfig, client_id: str) -> EventPublisher:
+        publisher = EventPublisher(config, client_id=client_id)
+        made.append(publisher)
+        return publisher
+
+    yield make
+    for publisher in made:
+        publisher.close()

@@ -31,9 +31,9 @@ def topic(cluster: GridConfig) -> Iterator[str]:
     admin.delete_topics([name])[name].result(30)
 
 
-def test_kafka_idempotent_produce_and_group_consume(cluster: GridConfig, topic: str):
+def test_kafka_idempotent_produce_and_group_consume(cluster: GridConfig, topic: str, kafka_clients):
     conf = cluster.kafka.client_config()
-    producer = Producer({**conf, "acks": "all", "enable.idempotence": True})
+    producer = kafka_clients(Producer({**conf, "acks": "all", "enable.idempotence": True}))
     errors = []
     sent = {f"key-{i}": f"value-{i}" for i in range(20)}
     for key, value in sent.items():
@@ -41,8 +41,8 @@ def test_kafka_idempotent_produce_and_group_consume(cluster: GridConfig, topic: 
     assert producer.flush(30) == 0
     assert errors == [None] * len(sent)
 
-    consumer = Consumer(
-        {**conf, "group.id": topic, "auto.offset.reset": "earliest", "enable.auto.commit": False}
+    consumer = kafka_clients(
+        Consumer({**conf, "group.id": topic, "auto.offset.reset": "earliest", "enable.auto.commit": False})
     )
     consumer.subscribe([topic])
     received = {}
