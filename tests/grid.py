@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupState, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from dicomgrid import schemas
@@ -171,6 +171,34 @@ def committed_lag(config: GridConfig, topic: str = schemas.TOPIC_INSTANCE_STORED
         return lag
     finally:
         consumer.close()
+
+
+def processors_assignment(config: GridConfig) -> dict[str, set[int]] | None:
+    """Partitions by topic assigned to the grid's processors once their group is stable with a member
+    per site; None before."""
+    admin = AdminClient(config.kafka.client_config())
+    group = consumer_group(config)
+    description = kafka_retry(KAFKA_LOOKUP_TIMEOUT_S)(
+        lambda: admin.describe_consumer_groups([group], request_timeout=10)[group].result()
+    )
+    if description.state != ConsumerGroupState.STABLE or len(description.members) < len(config.sites):
+        return None
+    assigned: dict[str, set[int]] = {}
+    for member in description.members:
+        for tp in member.assignment.topic_partitions if member.assignment else []:
+            assigned.setdefault(tp.topic, set()).add(tp.partition)
+    return assigned
+
+
+def processors_joined(config: GridConfig) -> bool:
+    """Whether every site's processors are in the grid's consumer group and every partition of the
+    grid's instance events is assigned: until then an event can wait on the group's (re)balance."""
+    assigned = processors_assignment(config)
+    if assigned is None:
+        return False
+    topic = config.kafka.topic(schemas.TOPIC_INSTANCE_STORED)
+    admin = AdminClient(config.kafka.client_config())
+    return assigned.get(topic, set()) == {tp.partition for tp in partitions_of(admin, topic)}
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.3) -> Any:

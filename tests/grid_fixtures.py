@@ -16,7 +16,14 @@ from dicomgrid.core.config import GridConfig, KafkaConfig, SiteConfig
 from dicomgrid.core.kafka import EventPublisher, delete_topics, ensure_topics
 from dicomgrid.core.metadata import MetadataStore, apply_schema
 from dicomgrid.supervisor import Supervisor
-from tests.grid import TEST_GRID_PREFIX, EventTap, load_test_config, write_test_config
+from tests.grid import (
+    TEST_GRID_PREFIX,
+    EventTap,
+    load_test_config,
+    processors_joined,
+    wait_for,
+    write_test_config,
+)
 
 
 @dataclass
@@ -67,8 +74,12 @@ def grid(cluster: GridConfig, tmp_path_factory: pytest.TempPathFactory) -> Itera
     supervisor = Supervisor(config, str(config_file))
     try:
         supervisor.up(timeout=90)
-    except RuntimeError as exc:
-        pytest.fail(str(exc), pytrace=False)
+        # The processors are "up" once their processes run; they index only once the group has
+        # formed, and a test waiting on the index would otherwise spend its timeout on that.
+        wait_for(lambda: processors_joined(config), timeout=90, interval=0.5)
+    except (RuntimeError, AssertionError) as exc:
+        supervisor.down()
+        pytest.fail(f"the test grid did not start: {exc}", pytrace=False)
     yield Grid(config, config_file, supervisor)
     if os.environ.get("DICOMGRID_TEST_KEEP_GRID") != "1":
         supervisor.down()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 
 import pytest
 
@@ -14,7 +13,7 @@ from dicomgrid.core.events import Source
 from dicomgrid.core.kafka import delete_topics, ensure_topics
 from dicomgrid.producers.ingest import Ingestor
 from tests.dicom_samples import make_instance, to_part10
-from tests.grid import wait_for
+from tests.grid import committed_lag, processors_assignment, wait_for
 from tests.integration.test_ingest_grid import c_store, events_for
 
 pytestmark = [pytest.mark.cluster]
@@ -50,7 +49,11 @@ def test_grids_with_different_prefixes_do_not_see_each_others_instance_events(
     assert {e["instance"]["sop_instance_uid"] for e in own_tap.catch_up()} == {own.SOPInstanceUID}
     assert {e["instance"]["sop_instance_uid"] for e in other_tap.catch_up()} == {foreign.SOPInstanceUID}
 
-    # The grid's processors index its own instance and never the other grid's, published before it.
+    # The grid's processors index its own instance and never the other grid's, published before it:
+    # they read their own grid's topic only, and have committed all of it.
     wait_for(lambda: metadata_dc1.study(own.StudyInstanceUID))
-    time.sleep(2.0)
+    assert set(wait_for(lambda: processors_assignment(grid.config))) == {
+        grid.config.kafka.topic(schemas.TOPIC_INSTANCE_STORED)
+    }
+    wait_for(lambda: committed_lag(grid.config) == 0)
     assert metadata_dc1.study(foreign.StudyInstanceUID) is None
