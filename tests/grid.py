@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cassandra import DriverException
+from cassandra.cluster import NoHostAvailable
 from confluent_kafka import Consumer, ConsumerGroupState, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
@@ -214,6 +216,19 @@ def wait_for(check: Callable[[], Any], timeout: float = 30.0, interval: float = 
 
 def metadata_store(config: GridConfig, dc: str) -> MetadataStore:
     return MetadataStore(config, local_dc=dc)
+
+
+def dc_serves(config: GridConfig, dc: str) -> bool:
+    """Whether datacenter ``dc`` serves a read of the grid's index at LOCAL_QUORUM, through a new session
+    pinned to it: a node that has just (re)started can answer its port before it serves a keyspace."""
+    store = metadata_store(config, dc)
+    try:
+        store.study("0.0")
+        return True
+    except (DriverException, NoHostAvailable, OSError):
+        return False
+    finally:
+        store.close()
 
 
 def load_test_config(path: Path) -> GridConfig:

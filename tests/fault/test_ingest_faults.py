@@ -14,12 +14,13 @@ from pynetdicom import _config
 from dicomgrid import schemas
 from dicomgrid.core.audit import AuditTrail
 from dicomgrid.core.blobstore import BlobStore
+from dicomgrid.core.kafka import wait_for_topics
 from dicomgrid.deploy.local import LocalCluster
 from dicomgrid.producers.ingest import Ingestor
 from dicomgrid.core.dimse import SiteAE
 from dicomgrid.producers.storage_scp import StorageService
 from tests.dicom_samples import make_instance
-from tests.grid import free_port, wait_for
+from tests.grid import dc_serves, free_port, processors_joined, wait_for
 from tests.integration.test_ingest_grid import c_store, events_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.fault]
@@ -40,10 +41,14 @@ def test_kafka_down_fails_the_store_and_the_resend_succeeds_once(grid, taps, met
         elapsed = time.monotonic() - started
     finally:
         local.up()
+        # Up is "answers metadata"; the grid's partitions get their leader back a moment later, and
+        # the processors' group forms again after that.
+        wait_for_topics(grid.config.kafka, timeout=60)
+        wait_for(lambda: processors_joined(grid.config), timeout=90, interval=0.5)
     assert statuses == [0xA701], f"expected 'event log unavailable', got {statuses}"
     assert elapsed < grid.config.kafka.delivery_timeout_s + 10
 
-    # The PACS retries once the broker is back; allow the producer a moment to reconnect.
+    # The PACS retries once the broker is back, until the receiver's producer has reconnected.
     wait_for(lambda: c_store(grid.site("A"), [ds]) == [0], timeout=60, interval=2)
     events = events_for(tap, [ds.SOPInstanceUID, acknowledged.SOPInstanceUID], n=2, timeout=60)
     mine = [e for e in events if e["instance"]["sop_instance_uid"] == ds.SOPInstanceUID]
@@ -119,6 +124,7 @@ def test_cassandra_node_down_does_not_stop_ingest_and_the_index_catches_up(grid,
         assert len(events_for(tap, [ds.SOPInstanceUID for ds in during], timeout=60)) == 3
     finally:
         local.up()
+        wait_for(lambda: dc_serves(grid.config, "dc1"), timeout=60, interval=0.5)
     for ds in [before, *during]:
         location = wait_for(lambda ds=ds: metadata_dc2.instance_location(ds.SOPInstanceUID), timeout=120, interval=1)
         assert BlobStore(grid.config.site_storage("A"), "A").verify(location.sha256)
