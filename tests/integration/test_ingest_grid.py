@@ -6,9 +6,9 @@ import copy
 import io
 import socket
 import struct
-import time
 
 import httpx
+import psutil
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config, build_context
@@ -46,6 +46,12 @@ def events_for(tap, sop_uids, n=None, timeout=30.0):
         return [e for e in seen if e["instance"]["sop_instance_uid"] in wanted]
 
     return matching(tap.collect(lambda seen: len(matching(seen)) >= count, timeout=timeout))
+
+
+def receiver_threads(grid, site: str) -> int:
+    """Threads of the site's receiver processes: one pair more per open association."""
+    pids = [grid.supervisor.daemon(s).pid() for s in grid.supervisor.services() if s.kind == "receiver" and s.site == site]
+    return sum(psutil.Process(pid).num_threads() for pid in pids if pid is not None)
 
 
 def test_c_echo(grid):
@@ -163,6 +169,7 @@ def test_association_aborted_mid_transfer_stores_nothing(grid, taps):
     ds = make_instance(pixel_bytes=64)
     ds.PixelData = b"\x00" * (2 << 20)
     blobs_before = set(BlobStore(grid.config.site_storage("A"), "A").digests())
+    threads_before = receiver_threads(grid, "A")
     ae = AE(ae_title="STORESCU")
     ae.add_requested_context(CTImageStorage)
     ae.maximum_pdu_size = 16384
@@ -188,7 +195,9 @@ def test_association_aborted_mid_transfer_stores_nothing(grid, taps):
     except Exception:
         pass
     assoc.abort()
-    time.sleep(1.0)
+    # The receiver is done with the association (nothing of it can still be stored or published)
+    # once the threads pynetdicom runs it on have ended.
+    wait_for(lambda: receiver_threads(grid, "A") <= threads_before, timeout=30, interval=0.1)
     assert set(BlobStore(grid.config.site_storage("A"), "A").digests()) == blobs_before
     tap.catch_up()
     assert not [e for e in tap.seen if e["instance"]["sop_instance_uid"] == ds.SOPInstanceUID]
