@@ -14,6 +14,7 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from dicomgrid.core.config import GridConfig
+from dicomgrid.core.kafka import wait_until_serving
 
 pytestmark = pytest.mark.cluster
 
@@ -27,6 +28,7 @@ def topic(cluster: GridConfig) -> Iterator[str]:
     admin = AdminClient(cluster.kafka.client_config())
     name = f"smoke-{uuid.uuid4().hex[:12]}"
     admin.create_topics([NewTopic(name, num_partitions=2, replication_factor=1)])[name].result(30)
+    wait_until_serving(admin, [name])
     yield name
     admin.delete_topics([name])[name].result(30)
 
