@@ -120,12 +120,15 @@ def schema() -> None:
 @pass_ctx
 def schema_apply(ctx: Context) -> None:
     """Create the keyspace, tables, indexes and topics that do not exist yet (idempotent)."""
-    from dicomgrid.core.kafka import ensure_topics
+    from dicomgrid.core.kafka import TopicsNotServing, ensure_topics
     from dicomgrid.core.metadata import apply_schema
 
     _logging(ctx)
     statements = apply_schema(ctx.config)
-    created = ensure_topics(ctx.config.kafka)
+    try:
+        created = ensure_topics(ctx.config.kafka)
+    except TopicsNotServing as exc:
+        raise click.ClickException(f"kafka: {exc}") from exc
     click.echo(f"cassandra: {statements} statements applied to keyspace {ctx.config.cassandra.keyspace}")
     click.echo(f"kafka: {len(created)} topic(s) created" + (f": {', '.join(created)}" if created else ""))
 
