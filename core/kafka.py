@@ -6,12 +6,14 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+import tenacity
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from dicomgrid import schemas
 from dicomgrid.core.config import KafkaConfig
@@ -22,6 +24,70 @@ log = get_logger(__name__)
 
 class PublishError(RuntimeError):
     """An event was not confirmed by the brokers (not written, or not known to be written)."""
+
+
+class TopicsNotServing(TimeoutError):
+    """Partitions of topics did not answer a request within the time allowed."""
+
+
+# Errors a request can meet while a partition gets (or changes) its leader, while a broker restarts,
+# or while a consumer group's coordinator moves. librdkafka does not flag most of them retriable on
+# the results of offset look-ups, so the codes are named here.
+RETRIABLE_ERRORS = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError.OFFSET_NOT_AVAILABLE,
+        KafkaError.FENCED_LEADER_EPOCH,
+        KafkaError.UNKNOWN_LEADER_EPOCH,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError._UNKNOWN_TOPIC,
+        KafkaError._WAIT_COORD,
+    }
+)
+
+
+def is_retriable(exc: BaseException) -> bool:
+    """Whether a Kafka call failed in a way that the same call, a moment later, can get past."""
+    if not isinstance(exc, KafkaException) or not exc.args or not isinstance(exc.args[0], KafkaError):
+        return False
+    error: KafkaError = exc.args[0]
+    return not error.fatal() and (error.retriable() or error.code() in RETRIABLE_ERRORS)
+
+
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    outcome = state.outcome
+    error = outcome.exception() if outcome is not None else None
+    fields: dict[str, Any] = {"call": getattr(state.fn, "__qualname__", str(state.fn)), "attempt": state.attempt_number}
+    if isinstance(error, _Unserved):
+        where, why = min(error.reasons.items())
+        fields |= {"unserved": len(error.reasons), "first": f"{where} ({why})"}
+    elif error is not None:
+        fields["error"] = str(error)
+    log.debug("kafka call failed; retrying", **fields)
+
+
+def kafka_retry(timeout: float = 30.0) -> tenacity.Retrying:
+    """Retries a Kafka call on the errors of :data:`RETRIABLE_ERRORS` with backoff, for up to ``timeout``
+    seconds, then re-raises the last error; any other error is raised at once.
+
+    Use: ``kafka_retry(10)(consumer.get_watermark_offsets, partition, timeout=5)``.
+    """
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception(is_retriable),
+        stop=tenacity.stop_after_delay(timeout),
+        wait=tenacity.wait_exponential(multiplier=0.02, max=1.0),
+        before_sleep=_log_retry,
+        reraise=True,
+    )
 
 
 class EventPublisher:
@@ -40,7 +106,7 @@ class EventPublisher:
     def __init__(self, config: KafkaConfig, *, client_id: str = "dicomgrid", linger_ms: int = 0) -> None:
         self._timeout_s = config.delivery_timeout_s
         self._topic = config.topic
-        self._producer = Producer(
+        self._producer: Producer | None = Producer(
             {
                 **config.client_config(),
                 "client.id": client_id,
@@ -68,8 +134,9 @@ class EventPublisher:
         log.warning("kafka client error", error=str(err), fatal=err.fatal())
 
     def _poll_loop(self) -> None:
-        while not self._closed.is_set():
-            self._producer.poll(0.1)
+        producer = self._producer
+        while producer is not None and not self._closed.is_set():
+            producer.poll(0.1)
 
     def publish(self, topic: str, key: str, event: dict[str, Any]) -> Future[Message]:
         """Queue ``event`` for ``topic`` (a logical name); the future resolves with the delivery report.
@@ -80,6 +147,10 @@ class EventPublisher:
         schemas.validate_event(topic, event)
         future: Future[Message] = Future()
         topic = self._topic(topic)
+        producer = self._producer
+        if producer is None:
+            future.set_exception(PublishError(f"{topic}: publisher closed"))
+            return future
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
             if err is not None:
@@ -89,12 +160,12 @@ class EventPublisher:
 
         value = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
         try:
-            self._producer.produce(topic, key=key.encode(), value=value, on_delivery=on_delivery)
+            producer.produce(topic, key=key.encode(), value=value, on_delivery=on_delivery)
         except BufferError:
             # Local queue full: poll once to drain reports, then try again before giving up.
-            self._producer.poll(0.5)
+            producer.poll(0.5)
             try:
-                self._producer.produce(topic, key=key.encode(), value=value, on_delivery=on_delivery)
+                producer.produce(topic, key=key.encode(), value=value, on_delivery=on_delivery)
             except (BufferError, KafkaException) as exc:
                 future.set_exception(PublishError(f"{topic}: local queue full: {exc}"))
         except KafkaException as exc:
@@ -110,17 +181,37 @@ class EventPublisher:
             raise PublishError(f"{topic}: no delivery report within {timeout or self._timeout_s}s") from exc
 
     def flush(self, timeout: float = 10.0) -> int:
-        return self._producer.flush(timeout)
+        return self._producer.flush(timeout) if self._producer is not None else 0
 
     def close(self, timeout: float = 10.0) -> None:
-        self.flush(timeout)
+        """Deliver what is queued (for up to ``timeout``), fail what is left, release the client.
+
+        The librdkafka handle is destroyed here rather than left to garbage collection: a publisher
+        still referenced (by a failed test's traceback, say) would go on reconnecting, and logging,
+        to brokers that may be gone long after its owner is done.
+        """
+        producer = self._producer
+        if producer is None:
+            return
+        producer.flush(timeout)
+        self._producer = None
         self._closed.set()
         self._poller.join(timeout=1.0)
+        # Undelivered events fail their futures (PublishError) instead of waiting forever.
+        producer.purge()
+        producer.poll(0)
+        producer.close()
 
 
 def ensure_topics(config: KafkaConfig, timeout: float = 30.0) -> list[str]:
     """Create every topic of the contract (under the grid's prefix) that does not exist yet; return the
-    physical names created."""
+    physical names created.
+
+    Returns only once every partition of every topic of the contract answers a request, so a grid
+    started right after can use them at once; raises :class:`TopicsNotServing` if some partition
+    does not within ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
     admin = AdminClient(config.client_config())
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = []
@@ -140,8 +231,81 @@ def ensure_topics(config: KafkaConfig, timeout: float = 30.0) -> list[str]:
         )
     futures = admin.create_topics(wanted, request_timeout=timeout) if wanted else {}
     created = _settled(futures, KafkaError.TOPIC_ALREADY_EXISTS, timeout)
-    _wait_for_leaders(admin, created, timeout)
+    # Every topic, not only those created here: one made by a concurrent or interrupted call may not
+    # serve yet either, and asking costs one request.
+    wait_until_serving(admin, [config.topic(name) for name in schemas.topics()], max(deadline - time.monotonic(), 1.0))
     return created
+
+
+def wait_for_topics(config: KafkaConfig, timeout: float = 30.0) -> None:
+    """Wait until every partition of the grid's topics answers a request (after a broker restart, say)."""
+    admin = AdminClient(config.client_config())
+    wait_until_serving(admin, [config.topic(name) for name in schemas.topics()], timeout)
+
+
+class _Unserved(Exception):
+    """Partitions that did not answer in one round of :func:`wait_until_serving`, with why."""
+
+    def __init__(self, reasons: dict[str, str]) -> None:
+        super().__init__(", ".join(f"{where} ({why})" for where, why in sorted(reasons.items())))
+        self.reasons = reasons
+
+
+def wait_until_serving(admin: AdminClient, topics: Iterable[str], timeout: float = 30.0) -> None:
+    """Return once every partition of ``topics`` answers a ListOffsets request (its latest offset).
+
+    Metadata alone does not tell: right after CreateTopics, KRaft metadata names a partition's leader
+    while that broker still answers NOT_LEADER_FOR_PARTITION, and consumers that look up offsets then
+    fail. Only a request the leader itself serves shows that the partition is usable. Raises
+    :class:`TopicsNotServing` naming the partitions that did not answer within ``timeout``.
+    """
+    topics = list(topics)
+    if not topics:
+        return
+    deadline = time.monotonic() + timeout
+
+    def round_trip() -> None:
+        per_request = min(max(deadline - time.monotonic(), 0.1), 5.0)
+        metadata = admin.list_topics(timeout=per_request).topics
+        unserved: dict[str, str] = {}
+        partitions = []
+        for topic in topics:
+            meta = metadata.get(topic)
+            if meta is None:
+                unserved[topic] = "not in metadata"
+            elif meta.error is not None or not meta.partitions:
+                unserved[topic] = meta.error.name() if meta.error is not None else "no partitions"
+            else:
+                partitions += [TopicPartition(topic, p) for p in meta.partitions]
+        if partitions:
+            requests = admin.list_offsets({tp: OffsetSpec.latest() for tp in partitions}, request_timeout=per_request)
+            for tp, future in requests.items():
+                try:
+                    future.result(timeout=per_request + 1.0)
+                except FutureTimeout:
+                    unserved[f"{tp.topic}[{tp.partition}]"] = "no answer"
+                except KafkaException as exc:
+                    if not is_retriable(exc):
+                        raise
+                    unserved[f"{tp.topic}[{tp.partition}]"] = exc.args[0].name()
+        if unserved:
+            raise _Unserved(unserved)
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(lambda exc: isinstance(exc, _Unserved) or is_retriable(exc)),
+        stop=tenacity.stop_after_delay(timeout),
+        wait=tenacity.wait_exponential(multiplier=0.01, max=0.5),
+        before_sleep=_log_retry,
+        reraise=True,
+    )
+    try:
+        retrying(round_trip)
+    except _Unserved as exc:
+        raise TopicsNotServing(f"partitions not serving after {timeout:.0f}s: {exc}") from None
+    except KafkaException as exc:
+        if not is_retriable(exc):
+            raise
+        raise TopicsNotServing(f"topics {', '.join(topics)} not serving after {timeout:.0f}s: {exc}") from exc
 
 
 def _settled(futures: dict[str, Any], harmless: int, timeout: float) -> list[str]:
@@ -157,23 +321,6 @@ def _settled(futures: dict[str, Any], harmless: int, timeout: float) -> list[str
     return done
 
 
-def _wait_for_leaders(admin: AdminClient, topics: list[str], timeout: float) -> None:
-    """Return once every partition of ``topics`` has a leader: a topic created moments ago has none yet,
-    and consumers that look up its offsets would fail."""
-    deadline = time.monotonic() + timeout
-    while topics:
-        metadata = admin.list_topics(timeout=timeout).topics
-        ready = all(
-            t in metadata and metadata[t].partitions and all(p.leader >= 0 for p in metadata[t].partitions.values())
-            for t in topics
-        )
-        if ready:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"topics without partition leaders after {timeout}s: {topics}")
-        time.sleep(0.2)
-
-
 def missing_topics(config: KafkaConfig, timeout: float = 10.0) -> list[str]:
     """The grid's topics (physical names) that do not exist; raises KafkaException if Kafka cannot answer."""
     admin = AdminClient(config.client_config())
@@ -181,8 +328,8 @@ def missing_topics(config: KafkaConfig, timeout: float = 10.0) -> list[str]:
     return [config.topic(name) for name in schemas.topics() if config.topic(name) not in existing]
 
 
-def wait_for_topics(config: KafkaConfig, *, interval: float = 2.0) -> None:
-    """Block until every topic of the grid exists.
+def wait_until_created(config: KafkaConfig, *, interval: float = 2.0) -> None:
+    """Block until every topic of the grid exists and serves (however long that takes).
 
     A stream processor started before ``dicomgrid schema apply`` would otherwise subscribe to nothing
     (faust ignores missing topics) and never process anything while looking healthy.
@@ -194,6 +341,7 @@ def wait_for_topics(config: KafkaConfig, *, interval: float = 2.0) -> None:
         except KafkaException as exc:
             missing = [f"(Kafka unreachable: {exc})"]
         if not missing:
+            wait_for_topics(config, timeout=60.0)
             return
         if time.monotonic() - reported > 30.0:
             log.warning("waiting for the grid's topics; run `dicomgrid schema apply`", missing=missing)

@@ -122,12 +122,15 @@ def schema() -> None:
 @pass_ctx
 def schema_apply(ctx: Context) -> None:
     """Create the keyspace, tables, indexes and topics that do not exist yet (idempotent)."""
-    from dicomgrid.core.kafka import ensure_topics
     from dicomgrid.core.cassandra import apply_schema
+    from dicomgrid.core.kafka import TopicsNotServing, ensure_topics
 
     _logging(ctx)
     statements = apply_schema(ctx.config)
-    created = ensure_topics(ctx.config.kafka)
+    try:
+        created = ensure_topics(ctx.config.kafka)
+    except TopicsNotServing as exc:
+        raise click.ClickException(f"kafka: {exc}") from exc
     click.echo(f"cassandra: {statements} statements applied to keyspace {ctx.config.cassandra.keyspace}")
     click.echo(f"kafka: {len(created)} topic(s) created" + (f": {', '.join(created)}" if created else ""))
 
@@ -270,11 +273,11 @@ def serve_http(ctx: Context, site: str) -> None:
 def _run_faust(ctx: Context, create: Callable[[GridConfig, str], Any], site: str) -> None:
     import faust
 
-    from dicomgrid.core.kafka import wait_for_topics
+    from dicomgrid.core.kafka import wait_until_created
 
     _logging(ctx)
     ctx.config.site(site)
-    wait_for_topics(ctx.config.kafka)
+    wait_until_created(ctx.config.kafka)
     worker = faust.Worker(create(ctx.config, site), loglevel=ctx.config.log_level.lower(), quiet=True)
     worker.execute_from_commandline()
 

@@ -7,10 +7,13 @@ session; set DICOMGRID_TEST_STOP_CLUSTER=1 to stop it at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pytest
+from confluent_kafka import Consumer, Producer
 
 from dicomgrid.core.config import GridConfig, load_config
 
@@ -31,6 +34,28 @@ def cluster() -> Iterator[GridConfig]:
     yield config
     if os.environ.get("DICOMGRID_TEST_STOP_CLUSTER") == "1":
         local.down()
+
+
+KafkaClient = TypeVar("KafkaClient", Producer, Consumer)
+
+
+@pytest.fixture
+def kafka_clients() -> Iterator[Callable[[KafkaClient], KafkaClient]]:
+    """Keeps the plain Kafka clients a test makes; after the test, producers are flushed and every client
+    is closed, so none goes on reconnecting (and logging) once the run is over."""
+    clients: list[Producer | Consumer] = []
+
+    def keep(client: KafkaClient) -> KafkaClient:
+        clients.append(client)
+        return client
+
+    yield keep
+    for client in reversed(clients):
+        if isinstance(client, Producer):
+            with contextlib.suppress(RuntimeError):  # the test closed it already
+                client.flush(10)
+                client.purge()
+        client.close()
 
 
 # Cheapest and least disruptive first: fault tests stop real nodes, so they run last.

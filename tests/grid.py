@@ -15,13 +15,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from cassandra import DriverException
+from cassandra.cluster import NoHostAvailable
+from confluent_kafka import Consumer, ConsumerGroupState, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from dicomgrid import schemas
 from dicomgrid.core.config import GridConfig, load_config
 from dicomgrid.core.cassandra import Cassandra
 from dicomgrid.core.index_reader import IndexReader
+from dicomgrid.core.kafka import kafka_retry
+from dicomgrid.processors.app import consumer_group
 
 TEST_GRID_PREFIX = "dicomgrid-test-"
+# How long an offset or metadata look-up keeps retrying while a partition or coordinator is not
+# serving (a topic just created, a broker just restarted).
+KAFKA_LOOKUP_TIMEOUT_S = 30.0
 
 
 def free_port() -> int:
@@ -50,14 +59,48 @@ def write_test_config(path: Path, name: str, data_dir: Path, storage: Path) -> P
     return path
 
 
+def partitions_of(client: Consumer | AdminClient, topic: str, timeout: float = KAFKA_LOOKUP_TIMEOUT_S) -> list[TopicPartition]:
+    """The partitions of ``topic``, waiting while the metadata does not know it yet."""
+
+    def lookup() -> list[TopicPartition]:
+        meta = client.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None:
+            raise KafkaException(meta.error if meta is not None else KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
+        return [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+
+    return kafka_retry(timeout)(lookup)
+
+
+def watermarks(consumer: Consumer, partition: TopicPartition, timeout: float = KAFKA_LOOKUP_TIMEOUT_S) -> tuple[int, int]:
+    """(low, high) offsets of a partition, waiting while its leader is not serving."""
+    return kafka_retry(timeout)(consumer.get_watermark_offsets, partition, timeout=10)
+
+
+def end_offsets(admin: AdminClient, partitions: list[TopicPartition], timeout: float = KAFKA_LOOKUP_TIMEOUT_S) -> dict[int, int]:
+    """The latest offset of each partition (of one topic), by partition, in one request; waiting while a
+    leader is not serving."""
+
+    def lookup() -> dict[int, int]:
+        requests = admin.list_offsets({tp: OffsetSpec.latest() for tp in partitions}, request_timeout=10)
+        return {tp.partition: future.result().offset for tp, future in requests.items()}
+
+    return kafka_retry(timeout)(lookup)
+
+
 @dataclass
 class EventTap:
     """Reads a topic (logical name, e.g. ``schemas.TOPIC_AUDIT``) of the grid from the offsets it had when
-    the tap was made."""
+    the tap was made. Open taps through the ``taps`` fixture, which closes them after the test."""
 
     config: GridConfig
     topic: str
     _consumer: Consumer = field(init=False)
+    # Offsets are looked up on a connection of their own: the consumer's connection to the leader is
+    # mostly busy with a fetch waiting for data, and a look-up queued behind it waits as long.
+    _admin: AdminClient | None = field(init=False, default=None)
+    _partitions: list[TopicPartition] = field(init=False, default_factory=list)
+    _next: dict[int, int] = field(init=False, default_factory=dict)  # partition -> next offset to read
+    _closed: bool = field(init=False, default=False)
     seen: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -69,28 +112,96 @@ class EventTap:
                 "auto.offset.reset": "earliest",
             }
         )
-        topic = self.config.kafka.topic(self.topic)
-        meta = self._consumer.list_topics(topic, timeout=10)
-        partitions = []
-        for p in meta.topics[topic].partitions:
-            _, high = self._consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            partitions.append(TopicPartition(topic, p, high))
-        self._consumer.assign(partitions)
+        self._admin = AdminClient(self.config.kafka.client_config())
+        try:
+            topic = self.config.kafka.topic(self.topic)
+            self._partitions = partitions_of(self._admin, topic)
+            self._next = end_offsets(self._admin, self._partitions)
+            self._consumer.assign([TopicPartition(topic, p, offset) for p, offset in self._next.items()])
+        except BaseException:
+            self.close()
+            raise
+
+    def _read(self) -> None:
+        for msg in self._consumer.consume(500, timeout=0.5):
+            if msg.error() is None:
+                self.seen.append(json.loads(msg.value()))
+                self._next[msg.partition()] = msg.offset() + 1
 
     def collect(self, until: Callable[[list[dict[str, Any]]], bool], timeout: float = 30.0) -> list[dict[str, Any]]:
         """Poll until ``until(seen)`` holds (or the timeout passes); returns everything seen."""
         deadline = time.monotonic() + timeout
         while not until(self.seen) and time.monotonic() < deadline:
-            for msg in self._consumer.consume(500, timeout=0.5):
-                if msg.error() is None:
-                    self.seen.append(json.loads(msg.value()))
+            self._read()
         return self.seen
 
-    def drain(self, seconds: float = 2.0) -> list[dict[str, Any]]:
-        return self.collect(lambda _: False, timeout=seconds)
+    def catch_up(self, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Read everything the topic holds at this moment; returns everything seen.
+
+        An event published (and acknowledged) before the call is in what this returns: after a
+        C-STORE response, say, since the grid publishes an instance's event before it answers.
+        """
+        assert self._admin is not None, "tap closed"
+        ends = end_offsets(self._admin, self._partitions)
+        deadline = time.monotonic() + timeout
+        while behind := {p: (self._next[p], end) for p, end in ends.items() if self._next[p] < end}:
+            assert time.monotonic() < deadline, f"{self.topic}: not read to the end within {timeout}s: {behind}"
+            self._read()
+        return self.seen
 
     def close(self) -> None:
-        self._consumer.close()
+        if not self._closed:
+            self._closed = True
+            self._consumer.close()
+            self._admin = None
+
+
+def committed_lag(config: GridConfig, topic: str = schemas.TOPIC_INSTANCE_STORED, group: str | None = None) -> int:
+    """Events of one of the grid's topics a consumer group (default: its processors) has not committed yet.
+
+    Only reads the group's committed offsets (no subscription), so it never joins the group.
+    """
+    physical = config.kafka.topic(topic)
+    consumer = Consumer(
+        {**config.kafka.client_config(), "group.id": group or consumer_group(config), "enable.auto.commit": False}
+    )
+    try:
+        partitions = partitions_of(consumer, physical)
+        lag = 0
+        for committed in kafka_retry(KAFKA_LOOKUP_TIMEOUT_S)(consumer.committed, partitions, timeout=10):
+            low, high = watermarks(consumer, committed)
+            lag += high - (committed.offset if committed.offset >= 0 else low)
+        return lag
+    finally:
+        consumer.close()
+
+
+def processors_assignment(config: GridConfig) -> dict[str, set[int]] | None:
+    """Partitions by topic assigned to the grid's processors once their group is stable with a member
+    per site; None before."""
+    admin = AdminClient(config.kafka.client_config())
+    group = consumer_group(config)
+    description = kafka_retry(KAFKA_LOOKUP_TIMEOUT_S)(
+        lambda: admin.describe_consumer_groups([group], request_timeout=10)[group].result()
+    )
+    if description.state != ConsumerGroupState.STABLE or len(description.members) < len(config.sites):
+        return None
+    assigned: dict[str, set[int]] = {}
+    for member in description.members:
+        for tp in member.assignment.topic_partitions if member.assignment else []:
+            assigned.setdefault(tp.topic, set()).add(tp.partition)
+    return assigned
+
+
+def processors_joined(config: GridConfig) -> bool:
+    """Whether every site's processors are in the grid's consumer group and every partition of the
+    grid's instance events is assigned: until then an event can wait on the group's (re)balance."""
+    assigned = processors_assignment(config)
+    if assigned is None:
+        return False
+    topic = config.kafka.topic(schemas.TOPIC_INSTANCE_STORED)
+    admin = AdminClient(config.kafka.client_config())
+    return assigned.get(topic, set()) == {tp.partition for tp in partitions_of(admin, topic)}
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.3) -> Any:
@@ -107,6 +218,19 @@ def wait_for(check: Callable[[], Any], timeout: float = 30.0, interval: float = 
 def index_reader(config: GridConfig, dc: str) -> IndexReader:
     """The index as a site in datacenter ``dc`` reads it; close it with ``reader.db.close()``."""
     return IndexReader(Cassandra(config, local_dc=dc))
+
+
+def dc_serves(config: GridConfig, dc: str) -> bool:
+    """Whether datacenter ``dc`` serves a read of the grid's index at LOCAL_QUORUM, through a new session
+    pinned to it: a node that has just (re)started can answer its port before it serves a keyspace."""
+    store = index_reader(config, dc)
+    try:
+        store.study("0.0")
+        return True
+    except (DriverException, NoHostAvailable, OSError):
+        return False
+    finally:
+        store.db.close()
 
 
 def load_test_config(path: Path) -> GridConfig:

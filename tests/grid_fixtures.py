@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,12 +12,20 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from dicomgrid import schemas
-from dicomgrid.core.config import GridConfig, SiteConfig
-from dicomgrid.core.kafka import delete_topics, ensure_topics
 from dicomgrid.core.cassandra import apply_schema
+from dicomgrid.core.config import GridConfig, KafkaConfig, SiteConfig
 from dicomgrid.core.index_reader import IndexReader
+from dicomgrid.core.kafka import EventPublisher, delete_topics, ensure_topics
 from dicomgrid.supervisor import Supervisor
-from tests.grid import TEST_GRID_PREFIX, EventTap, index_reader, load_test_config, write_test_config
+from tests.grid import (
+    TEST_GRID_PREFIX,
+    EventTap,
+    index_reader,
+    load_test_config,
+    processors_joined,
+    wait_for,
+    write_test_config,
+)
 
 
 @dataclass
@@ -28,9 +36,6 @@ class Grid:
 
     def site(self, name: str) -> SiteConfig:
         return self.config.site(name)
-
-    def tap(self, topic: str = schemas.TOPIC_INSTANCE_STORED) -> EventTap:
-        return EventTap(self.config, topic)
 
     def metadata(self, dc: str) -> IndexReader:
         return index_reader(self.config, dc)
@@ -71,8 +76,12 @@ def grid(cluster: GridConfig, tmp_path_factory: pytest.TempPathFactory) -> Itera
     supervisor = Supervisor(config, str(config_file))
     try:
         supervisor.up(timeout=90)
-    except RuntimeError as exc:
-        pytest.fail(str(exc), pytrace=False)
+        # The processors are "up" once their processes run; they index only once the group has
+        # formed, and a test waiting on the index would otherwise spend its timeout on that.
+        wait_for(lambda: processors_joined(config), timeout=90, interval=0.5)
+    except (RuntimeError, AssertionError) as exc:
+        supervisor.down()
+        pytest.fail(f"the test grid did not start: {exc}", pytrace=False)
     yield Grid(config, config_file, supervisor)
     if os.environ.get("DICOMGRID_TEST_KEEP_GRID") != "1":
         supervisor.down()
@@ -92,3 +101,34 @@ def metadata_dc2(grid: Grid) -> Iterator[IndexReader]:
     store = grid.metadata("dc2")
     yield store
     store.db.close()
+
+
+@pytest.fixture
+def taps(grid: Grid) -> Iterator[Callable[..., EventTap]]:
+    """Opens taps on a topic of the grid (or of another grid, given its ``config``) from its current end;
+    every tap is closed after the test."""
+    opened: list[EventTap] = []
+
+    def open_tap(topic: str = schemas.TOPIC_INSTANCE_STORED, config: GridConfig | None = None) -> EventTap:
+        tap = EventTap(config or grid.config, topic)
+        opened.append(tap)
+        return tap
+
+    yield open_tap
+    for tap in opened:
+        tap.close()
+
+
+@pytest.fixture
+def publishers() -> Iterator[Callable[..., EventPublisher]]:
+    """Makes event publishers for a test; each is flushed and its client destroyed after the test."""
+    made: list[EventPublisher] = []
+
+    def make(config: KafkaConfig, client_id: str) -> EventPublisher:
+        publisher = EventPublisher(config, client_id=client_id)
+        made.append(publisher)
+        return publisher
+
+    yield make
+    for publisher in made:
+        publisher.close()

@@ -6,11 +6,12 @@ import pytest
 
 from dicomgrid.core.config import GridConfig
 from dicomgrid.deploy.local import LocalCluster
+from tests.grid import dc_serves, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.fault]
 
 
-def test_stopped_dc2_is_reported_down_and_up_restores_it(cluster: GridConfig):
+def test_stopped_dc2_is_reported_down_and_up_restores_it(cluster: GridConfig, grid):
     if cluster.infra.cassandra_dcs < 2:
         pytest.skip("needs two datacenters")
     local = LocalCluster(cluster)
@@ -30,3 +31,5 @@ def test_stopped_dc2_is_reported_down_and_up_restores_it(cluster: GridConfig):
         status = local.up()
     assert status.healthy, status.render()
     assert status.component("cassandra-dc2").pid is not None
+    # Restored means serving the grid's keyspace in dc2 again, which the tests after this one need.
+    wait_for(lambda: dc_serves(grid.config, "dc2"), timeout=60, interval=0.5)

@@ -14,21 +14,21 @@ from pynetdicom import _config
 from dicomgrid import schemas
 from dicomgrid.core.audit import AuditTrail
 from dicomgrid.core.blobstore import BlobStore
-from dicomgrid.core.kafka import EventPublisher
+from dicomgrid.core.kafka import wait_for_topics
 from dicomgrid.deploy.local import LocalCluster
 from dicomgrid.producers.ingest import Ingestor
 from dicomgrid.core.dimse import SiteAE
 from dicomgrid.producers.storage_scp import StorageService
 from tests.dicom_samples import make_instance
-from tests.grid import free_port, wait_for
+from tests.grid import dc_serves, free_port, processors_joined, wait_for
 from tests.integration.test_ingest_grid import c_store, events_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.fault]
 
 
-def test_kafka_down_fails_the_store_and_the_resend_succeeds_once(grid, metadata_dc1):
+def test_kafka_down_fails_the_store_and_the_resend_succeeds_once(grid, taps, metadata_dc1):
     local = LocalCluster(grid.config)
-    tap = grid.tap()
+    tap = taps()
     acknowledged = make_instance()
     assert c_store(grid.site("A"), [acknowledged]) == [0]
     assert events_for(tap, [acknowledged.SOPInstanceUID])
@@ -41,10 +41,14 @@ def test_kafka_down_fails_the_store_and_the_resend_succeeds_once(grid, metadata_
         elapsed = time.monotonic() - started
     finally:
         local.up()
+        # Up is "answers metadata"; the grid's partitions get their leader back a moment later, and
+        # the processors' group forms again after that.
+        wait_for_topics(grid.config.kafka, timeout=60)
+        wait_for(lambda: processors_joined(grid.config), timeout=90, interval=0.5)
     assert statuses == [0xA701], f"expected 'event log unavailable', got {statuses}"
     assert elapsed < grid.config.kafka.delivery_timeout_s + 10
 
-    # The PACS retries once the broker is back; allow the producer a moment to reconnect.
+    # The PACS retries once the broker is back, until the receiver's producer has reconnected.
     wait_for(lambda: c_store(grid.site("A"), [ds]) == [0], timeout=60, interval=2)
     events = events_for(tap, [ds.SOPInstanceUID, acknowledged.SOPInstanceUID], n=2, timeout=60)
     mine = [e for e in events if e["instance"]["sop_instance_uid"] == ds.SOPInstanceUID]
@@ -66,7 +70,7 @@ def tiny_volume(tmp_path: Path):
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
-def test_disk_full_fails_the_store_and_keeps_what_was_stored(grid, tiny_volume, monkeypatch):
+def test_disk_full_fails_the_store_and_keeps_what_was_stored(grid, taps, publishers, tiny_volume, monkeypatch):
     """A receiver whose blob store fills up answers 0xA700; earlier instances stay intact.
 
     The volume has room for the received data set (spooled by the receiver) but not for a second copy
@@ -78,13 +82,13 @@ def test_disk_full_fails_the_store_and_keeps_what_was_stored(grid, tiny_volume, 
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", _config.STORE_SEND_CHUNKED_DATASET)
     site = grid.site("A").model_copy(update={"dicom_port": free_port()})
     config = grid.config.model_copy(update={"sites": [site, grid.site("B")]})
-    publisher = EventPublisher(config.kafka, client_id="test-disk-full")
+    publisher = publishers(config.kafka, "test-disk-full")
     blobs = BlobStore(tiny_volume, "A")
     ingestor = Ingestor("A", blobs, publisher, None, AuditTrail("A", publisher), delivery_timeout_s=6.0)
     storage = StorageService(ingestor, site.ae_title)
     server = SiteAE(config, "A", [storage], ingestor.audit).serve(spool_dir=storage.spool_dir, block=False)
-    tap = grid.tap()
-    audit_tap = grid.tap(schemas.TOPIC_AUDIT)
+    tap = taps()
+    audit_tap = taps(schemas.TOPIC_AUDIT)
     try:
         small = make_instance()
         assert c_store(site, [small]) == [0]
@@ -95,21 +99,20 @@ def test_disk_full_fails_the_store_and_keeps_what_was_stored(grid, tiny_volume, 
         event = events_for(tap, [small.SOPInstanceUID])[0]
         assert blobs.verify(event["payload"]["sha256"])
         assert not list((tiny_volume / "tmp").iterdir()), "no partial payload left behind"
-        tap.drain(1.0)
+        tap.catch_up()
         assert not [e for e in tap.seen if e["instance"]["sop_instance_uid"] == big.SOPInstanceUID]
         audits = audit_tap.collect(lambda seen: any(a["outcome"] == 8 for a in seen))
         assert any(a["outcome"] == 8 and "out of resources" in a["outcome_description"] for a in audits)
     finally:
         server.shutdown()
         server.server_close()
-        publisher.close()
 
 
-def test_cassandra_node_down_does_not_stop_ingest_and_the_index_catches_up(grid, metadata_dc2):
+def test_cassandra_node_down_does_not_stop_ingest_and_the_index_catches_up(grid, taps, metadata_dc2):
     """Site A's datacenter goes down mid-stream: A still acknowledges durable instances (Kafka is the
     durability boundary), and once the node is back the indexer catches up with nothing lost."""
     local = LocalCluster(grid.config)
-    tap = grid.tap()
+    tap = taps()
     before = make_instance()
     assert c_store(grid.site("A"), [before]) == [0]
     wait_for(lambda: metadata_dc2.instance_location(before.SOPInstanceUID), timeout=60)
@@ -121,6 +124,7 @@ def test_cassandra_node_down_does_not_stop_ingest_and_the_index_catches_up(grid,
         assert len(events_for(tap, [ds.SOPInstanceUID for ds in during], timeout=60)) == 3
     finally:
         local.up()
+        wait_for(lambda: dc_serves(grid.config, "dc1"), timeout=60, interval=0.5)
     for ds in [before, *during]:
         location = wait_for(lambda ds=ds: metadata_dc2.instance_location(ds.SOPInstanceUID), timeout=120, interval=1)
         assert BlobStore(grid.config.site_storage("A"), "A").verify(location.sha256)

@@ -20,7 +20,8 @@ from dicomgrid.core.blobstore import BlobStore
 from dicomgrid.core.cassandra import Cassandra
 from dicomgrid.core.ledger import ReplicaLedger
 from tests.dicom_samples import make_instance
-from tests.grid import wait_for
+from dicomgrid.processors.replicator import replication_group
+from tests.grid import committed_lag, wait_for
 from tests.integration.test_ingest_grid import c_store, events_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.fault]
@@ -78,9 +79,9 @@ def own_b_worker(grid, tmp_path: Path) -> Iterator[tuple[Worker, Worker]]:
         grid.supervisor.up(timeout=90)
 
 
-def test_a_worker_killed_mid_transfer_resumes_and_finishes_once_byte_identical(grid, own_b_worker):
+def test_a_worker_killed_mid_transfer_resumes_and_finishes_once_byte_identical(grid, own_b_worker, taps):
     throttled, plain = own_b_worker
-    stored_tap, copy_tap, audit_tap = grid.tap(), grid.tap(schemas.TOPIC_REPLICA_STORED), grid.tap(schemas.TOPIC_AUDIT)
+    stored_tap, copy_tap, audit_tap = taps(), taps(schemas.TOPIC_REPLICA_STORED), taps(schemas.TOPIC_AUDIT)
     b_blobs = BlobStore(grid.config.site_storage("B"), "B")
     throttled.start()
     ds = make_instance()
@@ -117,20 +118,20 @@ def test_a_worker_killed_mid_transfer_resumes_and_finishes_once_byte_identical(g
     detail = next(o["detail"] for o in served["objects"] if o["type"] == "payload")
     assert detail["offset"] >= kept and detail["offset"] + detail["bytes_sent"] == size
 
-    copy_tap.drain(2.0)
+    wait_for(lambda: committed_lag(grid.config, schemas.TOPIC_REPLICATION_REQUESTED,
+                                   replication_group(grid.config, "B")) == 0, timeout=60, interval=0.5)
+    copy_tap.catch_up()
     assert [e["replica"]["sha256"] for e in copy_tap.seen].count(digest) == 1
     db = Cassandra(grid.config, local_dc="dc2")
     try:
         assert [r.site for r in ReplicaLedger(db).replicas(digest)].count("B") == 1
     finally:
         db.close()
-    for tap in (stored_tap, copy_tap, audit_tap):
-        tap.close()
 
 
-def test_a_source_site_gone_dark_ends_in_replication_failed_after_the_retries(grid, own_b_worker):
+def test_a_source_site_gone_dark_ends_in_replication_failed_after_the_retries(grid, own_b_worker, taps):
     _, plain = own_b_worker
-    failed_tap, stored_tap = grid.tap(schemas.TOPIC_REPLICATION_FAILED), grid.tap()
+    failed_tap, stored_tap = taps(schemas.TOPIC_REPLICATION_FAILED), taps()
     http_a = grid.supervisor.daemon(_service(grid, "A/http"))
     plain.start()
     http_a.stop(30)  # A's receiver still takes the instance; nobody can fetch it from A
@@ -144,8 +145,6 @@ def test_a_source_site_gone_dark_ends_in_replication_failed_after_the_retries(gr
             if f["source"]["sha256"] == digest]
     finally:
         grid.supervisor.up(timeout=90)
-        failed_tap.close()
-        stored_tap.close()
     schemas.validate_event(schemas.TOPIC_REPLICATION_FAILED, failure)
     assert failure["target_site"] == "B" and failure["retryable"] is True
     assert failure["attempt"] == grid.config.replication.max_attempts

@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from dicomgrid.core.config import GridConfig
+from dicomgrid.core.kafka import wait_until_serving
 
 pytestmark = pytest.mark.cluster
 
@@ -23,6 +24,7 @@ def topic(cluster: GridConfig) -> Iterator[str]:
     admin = AdminClient(cluster.kafka.client_config())
     name = f"aiokafka-{uuid.uuid4().hex[:12]}"
     admin.create_topics([NewTopic(name, num_partitions=PARTITIONS, replication_factor=1)])[name].result(30)
+    wait_until_serving(admin, [name])
     yield name
     admin.delete_topics([name])[name].result(30)
 

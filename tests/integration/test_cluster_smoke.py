@@ -14,6 +14,7 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from dicomgrid.core.config import GridConfig
+from dicomgrid.core.kafka import wait_until_serving
 
 pytestmark = pytest.mark.cluster
 
@@ -27,13 +28,14 @@ def topic(cluster: GridConfig) -> Iterator[str]:
     admin = AdminClient(cluster.kafka.client_config())
     name = f"smoke-{uuid.uuid4().hex[:12]}"
     admin.create_topics([NewTopic(name, num_partitions=2, replication_factor=1)])[name].result(30)
+    wait_until_serving(admin, [name])
     yield name
     admin.delete_topics([name])[name].result(30)
 
 
-def test_kafka_idempotent_produce_and_group_consume(cluster: GridConfig, topic: str):
+def test_kafka_idempotent_produce_and_group_consume(cluster: GridConfig, topic: str, kafka_clients):
     conf = cluster.kafka.client_config()
-    producer = Producer({**conf, "acks": "all", "enable.idempotence": True})
+    producer = kafka_clients(Producer({**conf, "acks": "all", "enable.idempotence": True}))
     errors = []
     sent = {f"key-{i}": f"value-{i}" for i in range(20)}
     for key, value in sent.items():
@@ -41,8 +43,8 @@ def test_kafka_idempotent_produce_and_group_consume(cluster: GridConfig, topic: 
     assert producer.flush(30) == 0
     assert errors == [None] * len(sent)
 
-    consumer = Consumer(
-        {**conf, "group.id": topic, "auto.offset.reset": "earliest", "enable.auto.commit": False}
+    consumer = kafka_clients(
+        Consumer({**conf, "group.id": topic, "auto.offset.reset": "earliest", "enable.auto.commit": False})
     )
     consumer.subscribe([topic])
     received = {}

@@ -55,12 +55,12 @@ def receiver_pid(grid) -> int:
     return status.pid
 
 
-def test_256_mib_instance_keeps_receiver_memory_flat(grid, tmp_path, monkeypatch):
+def test_256_mib_instance_keeps_receiver_memory_flat(grid, taps, tmp_path, monkeypatch):
     path = tmp_path / "large.dcm"
     sop_uid, header_len = write_large_file(path)
     pid = receiver_pid(grid)
     before = peak_rss(pid)
-    tap = grid.tap()
+    tap = taps()
 
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
     site = grid.site("A")

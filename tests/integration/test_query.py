@@ -418,8 +418,8 @@ def test_c_cancel_stops_the_query(grid):
         client.close()
 
 
-def test_every_query_is_audited(grid, corpus):
-    tap = grid.tap(schemas.TOPIC_AUDIT)
+def test_every_query_is_audited(grid, taps, corpus):
+    tap = taps(schemas.TOPIC_AUDIT)
     client = FindSCU(grid.site("A"))
     try:
         client.find("STUDY", PatientID=corpus.pid("P2"))
@@ -431,7 +431,6 @@ def test_every_query_is_audited(grid, corpus):
         return [a for a in seen if a["event"] == "Query" and corpus.run in str(a["objects"])]
 
     audits = queries(tap.collect(lambda seen: len(queries(seen)) >= 2, timeout=30))
-    tap.close()
     assert len(audits) == 2
     for audit in audits:
         schemas.validate_event(schemas.TOPIC_AUDIT, audit)

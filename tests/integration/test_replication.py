@@ -23,11 +23,12 @@ from dicomgrid.core.audit import AuditTrail
 from dicomgrid.core.blobstore import BlobStore
 from dicomgrid.core.cassandra import Cassandra
 from dicomgrid.core.events import InstanceRef, Source, replication_requested
-from dicomgrid.core.kafka import EventPublisher, delete_topics, ensure_topics
+from dicomgrid.core.kafka import delete_topics, ensure_topics
 from dicomgrid.core.ledger import ReplicaLedger
 from dicomgrid.producers.ingest import Ingestor
 from tests.dicom_samples import make_instance, to_part10
-from tests.grid import wait_for
+from dicomgrid.processors.replicator import replication_group
+from tests.grid import committed_lag, wait_for
 from tests.integration.test_ingest_grid import c_store, events_for
 
 pytestmark = [pytest.mark.cluster]
@@ -60,8 +61,8 @@ def copies(tap, digests: set[str], n: int | None = None, timeout: float = 60.0) 
     return matching(tap.collect(lambda seen: len(matching(seen)) >= count, timeout=timeout))
 
 
-def test_instances_stored_at_a_site_reach_the_other_verified(grid, ledger, tmp_path):
-    stored_tap, copy_tap = grid.tap(), grid.tap(schemas.TOPIC_REPLICA_STORED)
+def test_instances_stored_at_a_site_reach_the_other_verified(grid, ledger, taps, tmp_path):
+    stored_tap, copy_tap = taps(), taps(schemas.TOPIC_REPLICA_STORED)
     study = generate_uid()
     datasets = [make_instance(study_uid=study, pixel_bytes=size) for size in (64, 4096, 300_000)]
     for ds in datasets:
@@ -86,40 +87,36 @@ def test_instances_stored_at_a_site_reach_the_other_verified(grid, ledger, tmp_p
         assert blobs[target].path(digest).read_bytes() == blobs[origin].path(digest).read_bytes()
         assert wait_for(lambda: ledger.verified_sites(digest) == {"A", "B"}, timeout=10)
     assert {e["replica"]["sha256"] for e in made} == set(by_site)
-    stored_tap.close()
-    copy_tap.close()
 
 
-def test_a_redelivered_request_makes_no_second_copy_or_row(grid, ledger):
-    copy_tap = grid.tap(schemas.TOPIC_REPLICA_STORED)
+def test_a_redelivered_request_makes_no_second_copy_or_row(grid, ledger, taps, publishers):
+    copy_tap, stored_tap = taps(schemas.TOPIC_REPLICA_STORED), taps()
     ds = make_instance()
-    stored_tap = grid.tap()
     assert c_store(grid.site("A"), [ds]) == [0]
     (event,) = events_for(stored_tap, [ds.SOPInstanceUID])
     digest = event["payload"]["sha256"]
     copies(copy_tap, {digest})
     # The same request again, as a crash before the worker's commit would deliver it.
-    publisher = EventPublisher(grid.config.kafka, client_id="test-redelivery")
-    try:
-        request = replication_requested(event["payload"], "B", InstanceRef.of_event(event))
-        publisher.publish_and_wait(schemas.TOPIC_REPLICATION_REQUESTED, digest, request)
-        # A second request right behind it for a fresh payload shows the worker has moved past the first.
-        sentinel = make_instance()
-        assert c_store(grid.site("A"), [sentinel]) == [0]
-        (sentinel_event,) = events_for(stored_tap, [sentinel.SOPInstanceUID])
-        copies(copy_tap, {sentinel_event["payload"]["sha256"]})
-        copy_tap.drain(2.0)
-    finally:
-        publisher.close()
-        stored_tap.close()
-        copy_tap.close()
+    publisher = publishers(grid.config.kafka, "test-redelivery")
+    request = replication_requested(event["payload"], "B", InstanceRef.of_event(event))
+    publisher.publish_and_wait(schemas.TOPIC_REPLICATION_REQUESTED, digest, request)
+    # A later request for a fresh payload, on its way through the same worker.
+    sentinel = make_instance()
+    assert c_store(grid.site("A"), [sentinel]) == [0]
+    (sentinel_event,) = events_for(stored_tap, [sentinel.SOPInstanceUID])
+    copies(copy_tap, {sentinel_event["payload"]["sha256"]})
+    # The worker commits a request's offset only once it has settled it: wait until it has committed
+    # everything, so a second copy event would be in the topic by now.
+    wait_for(lambda: committed_lag(grid.config, schemas.TOPIC_REPLICATION_REQUESTED,
+                                   replication_group(grid.config, "B")) == 0, timeout=60, interval=0.5)
+    copy_tap.catch_up()
     assert [e["replica"]["sha256"] for e in copy_tap.seen].count(digest) == 1
     assert [r.site for r in ledger.replicas(digest)].count("B") == 1
     assert len(list((grid.config.site_storage("B") / "tmp").glob(f"{digest}*"))) == 0
 
 
-def test_poison_events_are_dead_lettered_while_later_events_are_indexed(grid, metadata_dc1):
-    dead_tap = grid.tap(schemas.TOPIC_DEADLETTER)
+def test_poison_events_are_dead_lettered_while_later_events_are_indexed(grid, metadata_dc1, taps):
+    dead_tap = taps(schemas.TOPIC_DEADLETTER)
     valid = make_instance()
     # Poison on the partition the valid instance will use (same key: its study UID), before it.
     topic = grid.config.kafka.topic(schemas.TOPIC_INSTANCE_STORED)
@@ -135,7 +132,6 @@ def test_poison_events_are_dead_lettered_while_later_events_are_indexed(grid, me
     assert c_store(grid.site("A"), [valid]) == [0]
     wait_for(lambda: metadata_dc1.instance_location(valid.SOPInstanceUID), timeout=30)
     letters = dead_tap.collect(lambda seen: len([d for d in seen if d["processor"] == "indexer"]) >= 2, timeout=30)
-    dead_tap.close()
     poison = [d for d in letters if d["processor"] == "indexer" and d["key"] == valid.StudyInstanceUID]
     assert len(poison) == 2
     assert {d["value"] for d in poison} == {"{not json", json.dumps(incomplete)}
@@ -150,7 +146,7 @@ def _cli(config_file: Path, *args: str, timeout: float = 60) -> subprocess.Compl
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_processors_started_before_their_topics_pick_them_up(grid, metadata_dc1, tmp_path):
+def test_processors_started_before_their_topics_pick_them_up(grid, metadata_dc1, publishers, tmp_path):
     # A second grid on the same cluster and keyspace whose topics do not exist yet.
     name = f"{grid.config.name}-late"
     config_file = tmp_path / "late.toml"
@@ -162,11 +158,10 @@ def test_processors_started_before_their_topics_pick_them_up(grid, metadata_dc1,
     assert refused.returncode != 0 and "dicomgrid schema apply" in refused.stderr
     worker = subprocess.Popen([sys.executable, "-m", "dicomgrid", "--config", str(config_file), "serve", "processors",
                                "--site", "A"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    publisher = None
     try:
         ensure_topics(late.kafka)
         # The late grid ingests in process, through the same path as a receiver.
-        publisher = EventPublisher(late.kafka, client_id="test-late-grid")
+        publisher = publishers(late.kafka, "test-late-grid")
         ingestor = Ingestor("A", BlobStore(tmp_path / "blobs", "A"), publisher, None, AuditTrail("A", publisher))
         ds = make_instance()
         assert ingestor.ingest(io.BytesIO(to_part10(ds)), Source("DIMSE", "STORESCU", "GRID_A")).ok
@@ -174,6 +169,4 @@ def test_processors_started_before_their_topics_pick_them_up(grid, metadata_dc1,
     finally:
         worker.terminate()
         worker.wait(30)
-        if publisher is not None:
-            publisher.close()
         delete_topics(late.kafka)

@@ -279,8 +279,8 @@ def storage_scp_at_move_destination(grid) -> Iterator[MoveDestination]:
 # -- tests ----------------------------------------------------------------------------------------
 
 
-def test_c_get_mixed_transfer_syntaxes_byte_identical_and_audited(grid, mixed):
-    tap = grid.tap(schemas.TOPIC_AUDIT)
+def test_c_get_mixed_transfer_syntaxes_byte_identical_and_audited(grid, taps, mixed):
+    tap = taps(schemas.TOPIC_AUDIT)
     result = c_get(grid.site("A"), study_identifier(mixed.uid), mixed.pairs)
     assert result.final.Status == 0x0000
     assert result.final.NumberOfCompletedSuboperations == len(mixed.instances)
@@ -433,7 +433,7 @@ def test_c_move_sends_exactly_what_was_stored(grid, mixed, storage_scp_at_move_d
     assert storage_scp_at_move_destination.originators == {"MOVESCU"}
 
 
-def test_study_stored_at_a_is_retrieved_at_b_then_survives_losing_a_replica(grid):
+def test_study_stored_at_a_is_retrieved_at_b_then_survives_losing_a_replica(grid, taps):
     study = mixed_study(("CT_small.dcm", "image_dfl.dcm", "SC_rgb_jpeg_dcmtk.dcm", "MR_small_RLE.dcm"))
     store_and_index(grid, study)
     shas = digests(grid, study)
@@ -443,7 +443,7 @@ def test_study_stored_at_a_is_retrieved_at_b_then_survives_losing_a_replica(grid
     wait_for(lambda: all(b.verify(d) for d in shas.values()), timeout=60)
     for digest in shas.values():
         b.path(digest).unlink()
-    tap = grid.tap(schemas.TOPIC_AUDIT)
+    tap = taps(schemas.TOPIC_AUDIT)
 
     # B holds no copy: WADO-RS at B fetches from A's payload endpoint, verifies and keeps the copies.
     response = wado_study(grid.site("B"), study.uid)

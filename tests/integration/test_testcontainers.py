@@ -25,7 +25,7 @@ def _docker_answers() -> bool:
         return False
 
 
-def test_testcontainers_kafka_round_trip():
+def test_testcontainers_kafka_round_trip(kafka_clients):
     if not _docker_answers():
         pytest.skip("no Docker engine")
     from confluent_kafka import Consumer, Producer
@@ -36,10 +36,10 @@ def test_testcontainers_kafka_round_trip():
         conf = {"bootstrap.servers": kafka.get_bootstrap_server()}
         topic = f"tc-{uuid.uuid4().hex[:8]}"
         AdminClient(conf).create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
-        producer = Producer({**conf, "acks": "all", "enable.idempotence": True})
+        producer = kafka_clients(Producer({**conf, "acks": "all", "enable.idempotence": True}))
         producer.produce(topic, value=b"hello")
         assert producer.flush(30) == 0
-        consumer = Consumer({**conf, "group.id": topic, "auto.offset.reset": "earliest"})
+        consumer = kafka_clients(Consumer({**conf, "group.id": topic, "auto.offset.reset": "earliest"}))
         consumer.subscribe([topic])
         deadline = time.monotonic() + 30
         msg = None

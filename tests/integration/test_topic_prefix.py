@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 
 import pytest
 
@@ -11,44 +10,50 @@ from dicomgrid import schemas
 from dicomgrid.core.audit import AuditTrail
 from dicomgrid.core.blobstore import BlobStore
 from dicomgrid.core.events import Source
-from dicomgrid.core.kafka import EventPublisher, delete_topics, ensure_topics
+from dicomgrid.core.kafka import delete_topics, ensure_topics
 from dicomgrid.producers.ingest import Ingestor
 from tests.dicom_samples import make_instance, to_part10
-from tests.grid import EventTap, wait_for
+from tests.grid import committed_lag, processors_assignment, wait_for
 from tests.integration.test_ingest_grid import c_store, events_for
 
 pytestmark = [pytest.mark.cluster]
 
 
-def test_grids_with_different_prefixes_do_not_see_each_others_instance_events(grid, metadata_dc1, tmp_path):
-    # A second grid on the same cluster and keyspace, differing only in name and topic prefix; it
-    # ingests in process through the same path as a receiver.
+@pytest.fixture
+def other_grid(grid):
+    """A second grid on the same cluster and keyspace, differing only in name and topic prefix; its
+    topics are deleted after the test."""
     name = f"{grid.config.name}-other"
     other = grid.config.model_copy(
         update={"name": name, "kafka": grid.config.kafka.model_copy(update={"topic_prefix": f"{name}."})}
     )
-    assert set(ensure_topics(other.kafka)) == {other.kafka.topic(t) for t in schemas.topics()}
-    publisher = EventPublisher(other.kafka, client_id="test-other-grid")
+    topics = {other.kafka.topic(t) for t in schemas.topics()}
+    assert set(ensure_topics(other.kafka)) == topics
+    yield other
+    assert set(delete_topics(other.kafka)) == topics
+
+
+def test_grids_with_different_prefixes_do_not_see_each_others_instance_events(
+    grid, other_grid, taps, publishers, metadata_dc1, tmp_path
+):
+    # The other grid ingests in process through the same path as a receiver.
+    publisher = publishers(other_grid.kafka, "test-other-grid")
     ingestor = Ingestor("A", BlobStore(tmp_path / "blobs", "A"), publisher, None, AuditTrail("A", publisher))
-    own_tap, other_tap = grid.tap(), EventTap(other, schemas.TOPIC_INSTANCE_STORED)
-    try:
-        foreign, own = make_instance(), make_instance()
-        assert ingestor.ingest(io.BytesIO(to_part10(foreign)), Source("DIMSE", "STORESCU", "GRID_A")).ok
-        assert c_store(grid.site("A"), [own]) == [0]
+    own_tap, other_tap = taps(), taps(config=other_grid)
+    foreign, own = make_instance(), make_instance()
+    assert ingestor.ingest(io.BytesIO(to_part10(foreign)), Source("DIMSE", "STORESCU", "GRID_A")).ok
+    assert c_store(grid.site("A"), [own]) == [0]
 
-        assert len(events_for(own_tap, [own.SOPInstanceUID])) == 1
-        assert len(events_for(other_tap, [foreign.SOPInstanceUID])) == 1
-        own_tap.drain(1.0)
-        other_tap.drain(1.0)
-        assert {e["instance"]["sop_instance_uid"] for e in own_tap.seen} == {own.SOPInstanceUID}
-        assert {e["instance"]["sop_instance_uid"] for e in other_tap.seen} == {foreign.SOPInstanceUID}
+    assert len(events_for(own_tap, [own.SOPInstanceUID])) == 1
+    assert len(events_for(other_tap, [foreign.SOPInstanceUID])) == 1
+    assert {e["instance"]["sop_instance_uid"] for e in own_tap.catch_up()} == {own.SOPInstanceUID}
+    assert {e["instance"]["sop_instance_uid"] for e in other_tap.catch_up()} == {foreign.SOPInstanceUID}
 
-        # The grid's processors index its own instance and never the other grid's, published before it.
-        wait_for(lambda: metadata_dc1.study(own.StudyInstanceUID))
-        time.sleep(2.0)
-        assert metadata_dc1.study(foreign.StudyInstanceUID) is None
-    finally:
-        own_tap.close()
-        other_tap.close()
-        publisher.close()
-        assert set(delete_topics(other.kafka)) == {other.kafka.topic(t) for t in schemas.topics()}
+    # The grid's processors index its own instance and never the other grid's, published before it:
+    # they read their own grid's topic only, and have committed all of it.
+    wait_for(lambda: metadata_dc1.study(own.StudyInstanceUID))
+    assert set(wait_for(lambda: processors_assignment(grid.config))) == {
+        grid.config.kafka.topic(schemas.TOPIC_INSTANCE_STORED)
+    }
+    wait_for(lambda: committed_lag(grid.config) == 0)
+    assert metadata_dc1.study(foreign.StudyInstanceUID) is None

@@ -11,42 +11,19 @@ from pathlib import Path
 
 import httpx
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 
-from dicomgrid import schemas
-from dicomgrid.core.config import GridConfig, SiteConfig
-from tests.grid import free_port, wait_for
+from dicomgrid.core.config import SiteConfig
+from tests.grid import committed_lag, free_port, wait_for
 
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
 ORTHANC_AET = "ORTHANC"
 GRID_MODALITY = "grid"
 
 
-def indexer_lag(config: GridConfig) -> int:
-    """Events of the grid's ``dicom.instance.stored`` its processors have not committed yet.
-
-    Only reads the group's committed offsets (no subscription), so it never joins the processors' group.
-    """
-    topic = config.kafka.topic(schemas.TOPIC_INSTANCE_STORED)
-    consumer = Consumer(
-        {**config.kafka.client_config(), "group.id": f"{config.name}-processors", "enable.auto.commit": False}
-    )
-    try:
-        metadata = consumer.list_topics(topic, timeout=10)
-        partitions = [TopicPartition(topic, p) for p in metadata.topics[topic].partitions]
-        lag = 0
-        for committed in consumer.committed(partitions, timeout=10):
-            low, high = consumer.get_watermark_offsets(committed, timeout=10)
-            lag += high - (committed.offset if committed.offset >= 0 else low)
-        return lag
-    finally:
-        consumer.close()
-
-
 @pytest.fixture
 def indexer_caught_up(grid) -> None:
     """Wait until the test grid's indexer has committed every event published before the test."""
-    wait_for(lambda: indexer_lag(grid.config) == 0, timeout=180, interval=1.0)
+    wait_for(lambda: committed_lag(grid.config) == 0, timeout=180, interval=1.0)
 
 
 @dataclass(frozen=True)

@@ -54,11 +54,11 @@ def indexed_study(store: IndexReader, study_uid: str):
     return row if row is not None and row.number_of_instances == INSTANCES else None
 
 
-def test_orthanc_pushes_a_study_to_the_grid(grid, orthanc, indexer_caught_up, metadata_dc1, metadata_dc2):
+def test_orthanc_pushes_a_study_to_the_grid(grid, taps, orthanc, indexer_caught_up, metadata_dc1, metadata_dc2):
     study_uid, files = make_study()
     study_id = upload(orthanc, files)
     assert len(httpx.get(f"{orthanc.url}/studies/{study_id}/instances", timeout=10).json()) == INSTANCES
-    tap = grid.tap()
+    tap = taps()
 
     response = httpx.post(f"{orthanc.url}/modalities/{orthanc.grid_modality}/store", content=study_id, timeout=60)
 
@@ -71,7 +71,7 @@ def test_orthanc_pushes_a_study_to_the_grid(grid, orthanc, indexer_caught_up, me
         return [e for e in seen if e["instance"]["sop_instance_uid"] in files]
 
     tap.collect(lambda seen: len(arrived(seen)) >= INSTANCES, timeout=30)
-    events = arrived(tap.drain(1.0))
+    events = arrived(tap.catch_up())
     assert sorted(e["instance"]["sop_instance_uid"] for e in events) == sorted(files)  # one event each
     blobs = BlobStore(grid.config.site_storage("A"), "A")
     for event in events:

@@ -24,6 +24,12 @@ class RecordingProducer:
     def flush(self, timeout: float) -> int:
         return 0
 
+    def purge(self) -> None:
+        pass
+
+    def close(self) -> bool:
+        return True
+
 
 @pytest.mark.parametrize("prefix", ["", "grid-7."])
 def test_publisher_takes_logical_names_and_writes_the_grids_topics(monkeypatch: pytest.MonkeyPatch, prefix: str):
