@@ -178,12 +178,18 @@ class UndeliveringProducer:
         return True
 
 
+def _audit() -> dict:
+    from dicomgrid.core.audit import audit_record
+
+    return audit_record("A", "E", "Application Activity", 0, "test", [], [])
+
+
 def test_a_closed_publisher_releases_its_client_and_fails_what_was_not_delivered(monkeypatch):
     monkeypatch.setattr(kafka, "Producer", UndeliveringProducer)
     publisher = kafka.EventPublisher(KafkaConfig(topic_prefix="grid-9."))
     producer = publisher._producer
     client = weakref.ref(producer)
-    pending = publisher.publish(schemas.TOPIC_AUDIT, "A", {})
+    pending = publisher.publish(schemas.TOPIC_AUDIT, "A", _audit())
     publisher.close(timeout=0)
     assert producer.closed, "the producer's client is not destroyed by close()"
     del producer
@@ -192,5 +198,5 @@ def test_a_closed_publisher_releases_its_client_and_fails_what_was_not_delivered
     with pytest.raises(kafka.PublishError, match="Purged"):
         pending.result(timeout=0)
     with pytest.raises(kafka.PublishError, match="closed"):
-        publisher.publish(schemas.TOPIC_AUDIT, "A", {}).result(timeout=0)
+        publisher.publish(schemas.TOPIC_AUDIT, "A", _audit()).result(timeout=0)
     publisher.close()  # a second close is harmless
