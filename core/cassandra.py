@@ -24,6 +24,8 @@ from dicomgrid import schemas
 from dicomgrid.core.config import GridConfig
 
 Write = tuple[PreparedStatement, tuple[Any, ...]]
+# A table named after FROM / INTO / UPDATE without a keyspace in front of it.
+_TABLE = re.compile(r"\b(FROM|INTO|UPDATE)\s+([A-Za-z_][A-Za-z0-9_]*)\b(?!\.)", re.IGNORECASE)
 
 
 @functools.lru_cache(maxsize=512)
@@ -115,8 +117,7 @@ class Cassandra:
         if self._session is None:
             with self._lock:
                 if self._session is None:
-                    # No ``USE``: statements are prepared with the keyspace named, which Cassandra 5
-                    # asks for (it warns about USE with prepared statements).
+                    # No ``USE``: statements name their keyspace (see :meth:`prepare`).
                     self._cluster, self._session = connect(self.config, self.local_dc, keyspace=False)
         return self._session
 
@@ -125,9 +126,15 @@ class Cassandra:
             self._cluster.shutdown()
 
     def prepare(self, cql: str) -> PreparedStatement:
+        """Prepare ``cql`` once; its unqualified table names are taken to be the grid keyspace's.
+
+        The table names are qualified in the text: Cassandra 5 warns about every prepared statement
+        with unqualified names once a keyspace is in use, and the driver sets one on its connections.
+        """
         stmt = self._prepared.get(cql)
         if stmt is None:
-            stmt = self._prepared[cql] = self.session.prepare(cql, keyspace=self.config.cassandra.keyspace)
+            qualified = _TABLE.sub(rf"\1 {self.config.cassandra.keyspace}.\2", cql)
+            stmt = self._prepared[cql] = self.session.prepare(qualified)
         return stmt
 
     def write(self, cql: str, params: tuple[Any, ...]) -> Write:

@@ -338,9 +338,11 @@ def replication_status(ctx: Context, as_json: bool, window_min: float) -> None:
 
 @main.command("seed")
 @click.option("--site", default=None, help="Site to send to (default: the first).")
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Seconds to wait for the stored instances to reach min_copies sites (0: do not wait).")
 @click.argument("paths", nargs=-1, type=click.Path(exists=True))
 @pass_ctx
-def seed(ctx: Context, site: str | None, paths: tuple[str, ...]) -> None:
+def seed(ctx: Context, site: str | None, wait_s: float, paths: tuple[str, ...]) -> None:
     """Push sample studies to a site with C-STORE, as a PACS would (default: pydicom's test files)."""
     from dicomgrid.producers.seed import sample_files, send_files
 
@@ -349,8 +351,43 @@ def seed(ctx: Context, site: str | None, paths: tuple[str, ...]) -> None:
     files = [Path(p) for p in paths] if paths else sample_files()
     report = send_files(site_config, files)
     click.echo(report.render())
+    if wait_s and report.stored:
+        _wait_replicated(ctx.config, site_config.cassandra_dc, list(dict.fromkeys(report.stored)), wait_s)
     if report.failed:
         sys.exit(1)
+
+
+def _wait_replicated(config: GridConfig, dc: str, sop_uids: list[str], timeout: float) -> None:
+    """Show the seeded instances reaching ``min_copies`` verified copies (or say which did not)."""
+    from tqdm import tqdm
+
+    from dicomgrid.core.cassandra import Cassandra
+    from dicomgrid.core.index_reader import IndexReader
+    from dicomgrid.core.ledger import ReplicaLedger
+    from dicomgrid.processors.replication_status import verified_copies
+
+    db = Cassandra(config, local_dc=dc)
+    index, ledger = IndexReader(db), ReplicaLedger(db)
+    deadline = time.monotonic() + timeout
+    try:
+        with tqdm(total=len(sop_uids), unit="inst", desc=f"replicated to {config.min_copies} sites") as bar:
+            while True:
+                copies = verified_copies(index, ledger, sop_uids)
+                safe = sum(1 for sites in copies.values() if len(sites) >= config.min_copies)
+                bar.update(safe - bar.n)
+                if safe == len(sop_uids) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+    finally:
+        db.close()
+    by_sites: dict[str, int] = {}
+    for sites in copies.values():
+        label = ", ".join(sorted(sites)) or "(not indexed yet)"
+        by_sites[label] = by_sites.get(label, 0) + 1
+    click.echo("verified copies: " + "; ".join(f"{n} instance(s) at {label}" for label, n in sorted(by_sites.items())))
+    if safe < len(sop_uids):
+        click.echo(f"{len(sop_uids) - safe} instance(s) not yet at {config.min_copies} sites after {timeout:.0f} s; "
+                   "see `dicomgrid replication status`")
 
 
 if __name__ == "__main__":

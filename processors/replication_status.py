@@ -26,6 +26,7 @@ from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
 
 from dicomgrid import schemas
 from dicomgrid.core.config import GridConfig
+from dicomgrid.core.index_reader import IndexReader
 from dicomgrid.core.ledger import ReplicaLedger
 from dicomgrid.processors.replicator import replication_group
 
@@ -149,6 +150,15 @@ class _Reader:
                 except (TypeError, ValueError):
                     continue  # dead-lettered by the processors
         self._consumer.unassign()
+
+
+def verified_copies(index: IndexReader, ledger: ReplicaLedger, sop_instance_uids: list[str]) -> dict[str, set[str]]:
+    """The sites holding a verified copy of each instance's indexed payload (empty: not indexed yet)."""
+    out = {}
+    for uid in sop_instance_uids:
+        location = index.instance_location(uid)
+        out[uid] = ledger.verified_sites(location.sha256) if location is not None else set()
+    return out
 
 
 def replication_status(config: GridConfig, ledger: ReplicaLedger, window_s: float = 900.0) -> ReplicationStatus:

@@ -29,6 +29,7 @@ class SendReport:
     statuses: Counter[str] = field(default_factory=Counter)
     failed: list[tuple[Path, str]] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    stored: list[str] = field(default_factory=list)  # SOP Instance UIDs answered 0x0000
 
     def render(self) -> str:
         lines = [f"sent {self.sent} instance(s): " + ", ".join(f"{k} x{v}" for k, v in sorted(self.statuses.items()))]
@@ -62,6 +63,11 @@ def _well_formed(path: Path) -> bool:
         return False
     uids = [attrs.get(k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")]
     return all(is_valid_uid(u) for u in uids) and attrs.get("SOPInstanceUID") == meta.get("MediaStorageSOPInstanceUID")
+
+
+def _sop_instance_uid(path: Path) -> str:
+    meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).file_meta
+    return str(meta.MediaStorageSOPInstanceUID)
 
 
 def sample_files() -> list[Path]:
@@ -104,7 +110,9 @@ def send_files(site: SiteConfig, files: list[Path], calling_ae: str = CALLING_AE
                         code = getattr(status, "Status", None)
                         report.sent += 1
                         report.statuses["0x%04X" % code if code is not None else "no response"] += 1
-                        if code != 0x0000:
+                        if code == 0x0000:
+                            report.stored.append(_sop_instance_uid(path))
+                        else:
                             comment = getattr(status, "ErrorComment", "") if status else "no response"
                             report.failed.append((path, f"0x{code:04X} {comment}" if code is not None else comment))
                         bar.update()
