@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import os
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -366,10 +367,23 @@ class BlobStore:
         log.error("corrupt payload moved aside", site=self.site, sha256=digest, to=str(target))
         return target
 
-    def clear_tmp(self) -> int:
-        """Remove partial payloads left by a crash; returns how many."""
+    def clear_tmp(self, *, idle_s: float = 600.0, resume_idle_s: float = 86_400.0) -> int:
+        """Remove partial payloads left by a crash; returns how many.
+
+        Other processes of the site may be writing into ``tmp/`` right now, so only files nobody has
+        written to for ``idle_s`` go. A resumable transfer's file (``.resume``) is what lets a killed
+        replication worker continue; it is kept for ``resume_idle_s``.
+        """
         removed = 0
+        now = time.time()
         for path in (self.root / "tmp").iterdir():
-            path.unlink(missing_ok=True)
-            removed += 1
+            limit = resume_idle_s if path.suffix == ".resume" else idle_s
+            try:
+                if now - path.stat().st_mtime > limit:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        if removed:
+            log.info("crash leftovers removed from the blob store", site=self.site, files=removed)
         return removed

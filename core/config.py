@@ -172,6 +172,19 @@ class ReplicationConfig(_Section):
     read_timeout_s: float = Field(default=30.0, gt=0)
 
 
+class HealingConfig(_Section):
+    """Each site's background healing, run by its replication worker (and on demand by the CLI)."""
+
+    # Scrub: every local copy re-hashed at this rate, a full pass at most once per period; missing or
+    # corrupt copies are repaired from other sites.
+    scrub_rate_mb_s: float = Field(default=50.0, gt=0)
+    scrub_period_h: float = Field(default=168.0, gt=0)
+    # Anti-entropy: the ledger compared with the policy this often; every copy a site lacks is requested.
+    sweep_period_min: float = Field(default=60.0, gt=0)
+    # Crash leftovers in a blob store's tmp/ are removed once nobody wrote to them for this long.
+    tmp_idle_s: float = Field(default=600.0, gt=0)
+
+
 class StorageCommitmentConfig(_Section):
     """Storage Commitment Push Model SCP (1.2.840.10008.1.20.1) on every site AE."""
 
@@ -221,6 +234,7 @@ class GridConfig(BaseSettings):
     # requestors (their N-EVENT-REPORT goes to the address listed here).
     remote_aes: dict[str, DicomPeer] = {}
     replication: ReplicationConfig = ReplicationConfig()
+    healing: HealingConfig = HealingConfig()
     storage_commitment: StorageCommitmentConfig = StorageCommitmentConfig()
     infra: InfraConfig = InfraConfig()
 

@@ -13,6 +13,8 @@ from dicomgrid.core.blobstore import BlobRef
 from dicomgrid.core.dicomfile import IndexAttributes
 
 Protocol = Literal["DIMSE", "STOW-RS", "REPLICATION", "IMPORT"]
+# What made a copy of a payload at a site other than the one that received it.
+CopyCause = Literal["replication", "repair", "recovery", "scrub"]
 
 
 def utc_now() -> str:
@@ -147,7 +149,7 @@ def replication_requested(
 
 
 def replica_stored(
-    replica: BlobRef, source_site: str, instance: InstanceRef, *, cause: Literal["replication", "repair"],
+    replica: BlobRef, source_site: str, instance: InstanceRef, *, cause: CopyCause,
     request_event_id: str | None = None,
 ) -> dict[str, Any]:
     """``replica.site`` now holds a verified copy, fetched from ``source_site``."""
@@ -179,4 +181,20 @@ def dead_letter(
             value.decode("utf-8")
         except UnicodeDecodeError:
             event["value_base64"] = base64.b64encode(value).decode()
+    return event
+
+
+def scrub_finding(
+    site: str, sha256: str, finding: Literal["missing", "corrupt"], *, repaired_from: str | None,
+    quarantined: str | None = None, reason: str | None = None,
+) -> dict[str, Any]:
+    """What a scrub found wrong with a copy ``site`` should hold, and whether it was repaired."""
+    event = {**envelope(schemas.TOPIC_SCRUB_FINDING), "site": site, "sha256": sha256, "finding": finding,
+             "outcome": "repaired" if repaired_from else "unrepaired"}
+    if repaired_from:
+        event["repaired_from"] = repaired_from
+    if quarantined:
+        event["quarantined"] = quarantined[:512]
+    if reason:
+        event["reason"] = reason[:2048]
     return event

@@ -70,6 +70,13 @@ class IndexReader:
         rows = self.db.execute("SELECT version FROM instance_versions WHERE sop_instance_uid = ?", (sop_instance_uid,))
         return max((r.version for r in rows), default=0)
 
+    def all_versions(self) -> Iterable[Any]:
+        """Every stored version of every instance (a full scan, page by page: for healing jobs only)."""
+        return self.db.paged(
+            "SELECT sop_instance_uid, sha256, version, study_uid, size, received_site FROM instance_versions",
+            [()], self.SCAN_PAGE_ROWS * 5,
+        )
+
     def study(self, study_uid: str) -> Any:
         return self.db.execute("SELECT * FROM studies WHERE study_uid = ?", (study_uid,)).one()
 

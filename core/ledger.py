@@ -9,6 +9,7 @@ by (digest, site), so recording a copy twice leaves one row.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,22 @@ class ReplicaLedger:
         return [Replica.from_row(row) for row in self.db.execute(
             "SELECT sha256, site, size, stored_at, verified_at FROM replicas WHERE sha256 = ?", (sha256,)
         )]
+
+    def all_replicas(self) -> Iterable[Replica]:
+        """Every copy the ledger knows of (a full scan, page by page: for healing jobs only)."""
+        for row in self.db.paged("SELECT sha256, site, size, stored_at, verified_at FROM replicas", [()], 1000):
+            yield Replica.from_row(row)
+
+    def mark_verified(self, blob: BlobRef) -> None:
+        """A copy found intact again (scrub): its ``verified_at`` moves to now, ``stored_at`` stays."""
+        self.db.execute(
+            "UPDATE replicas SET verified_at = ?, size = ?, payload_uri = ? WHERE sha256 = ? AND site = ?",
+            (dt.datetime.now(dt.timezone.utc), blob.size, blob.uri, blob.sha256, blob.site),
+        )
+
+    def mark_unverified(self, sha256: str, site: str) -> None:
+        """A copy found missing or corrupt and not repaired: it no longer counts as held."""
+        self.db.execute("UPDATE replicas SET verified_at = null WHERE sha256 = ? AND site = ?", (sha256, site))
 
     def verified_sites(self, sha256: str) -> set[str]:
         """Sites whose copy of ``sha256`` has been verified."""

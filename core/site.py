@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dicomgrid.core.audit import AuditTrail
+from dicomgrid.core.audit import AUDIT_LINGER_MS, AuditTrail
 from dicomgrid.core.blobstore import BlobStore
 from dicomgrid.core.cassandra import Cassandra
 from dicomgrid.core.config import GridConfig, SiteConfig
@@ -26,3 +26,31 @@ class SiteContext:
     def __post_init__(self) -> None:
         self.index = IndexReader(self.db)
         self.ledger = ReplicaLedger(self.db)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Deliver what is still queued (events, audit records) and let go of the connections."""
+        if self.publisher is not None:
+            self.publisher.close(timeout)
+        self.audit.flush(timeout)
+        self.db.close()
+
+
+def open_site(config: GridConfig, site_name: str, role: str, db: Cassandra | None = None) -> SiteContext:
+    """Everything one of ``site_name``'s processes needs, for a process doing ``role`` (e.g. "receiver").
+
+    The Cassandra connection is made on first use, so a service starts while the metadata store is
+    down. Audit records get a publisher of their own that batches them (``linger.ms``); the event
+    publisher does not wait, so whoever waits for an event's confirmation (ingest) pays no batching delay.
+    """
+    site = config.site(site_name)
+    blobs = BlobStore(config.site_storage(site.name), site.name)
+    # Every process of a site starts by clearing what crashed writers left (only files idle long enough
+    # not to be another process's write in progress).
+    blobs.clear_tmp(idle_s=config.healing.tmp_idle_s)
+    audit = AuditTrail(site.name, EventPublisher(config.kafka, client_id=f"dicomgrid-{role}-audit-{site.name}",
+                                                 linger_ms=AUDIT_LINGER_MS))
+    return SiteContext(
+        config, site, db or Cassandra(config, local_dc=site.cassandra_dc),
+        blobs, audit,
+        EventPublisher(config.kafka, client_id=f"dicomgrid-{role}-{site.name}"),
+    )

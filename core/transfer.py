@@ -21,7 +21,6 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from typing import Literal
 
 import httpx
 from starlette.concurrency import run_in_threadpool
@@ -33,7 +32,7 @@ from dicomgrid import schemas
 from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, AuditObject, Participant
 from dicomgrid.core.blobstore import BlobBusy, BlobRef, BlobStoreError, BlobWriter, PayloadCorrupt, PayloadReader
 from dicomgrid.core.config import SiteConfig
-from dicomgrid.core.events import InstanceRef, replica_stored
+from dicomgrid.core.events import CopyCause, InstanceRef, replica_stored
 from dicomgrid.core.kafka import PublishError
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.site import SiteContext
@@ -179,23 +178,26 @@ def record_copy(
     site: SiteContext,
     blob: BlobRef,
     source_site: str,
-    instance: InstanceRef,
+    instance: InstanceRef | None,
     *,
-    cause: Literal["replication", "repair"],
+    cause: CopyCause,
     request_event_id: str | None = None,
 ) -> None:
     """Announce a copy this site just made (``dicom.replica.stored``), then record it in the ledger.
 
     The event goes first: a replication request redelivered after a crash in between finds no ledger
     row and announces the copy again (consumers are idempotent), rather than finding a row whose event
-    was never sent. A repair's copy is recorded even when Kafka cannot take its event.
+    was never sent. A copy made by a repair, a recovery or a scrub is recorded even when Kafka cannot
+    take its event (the request that needs an exact event log is replication's, which retries). A copy
+    of a payload whose instance is not known (a scrub walks payloads, not instances) is only recorded;
+    the scrub announces it with its own finding.
     """
-    if site.publisher is not None:
+    if site.publisher is not None and instance is not None:
         event = replica_stored(blob, source_site, instance, cause=cause, request_event_id=request_event_id)
         try:
             site.publisher.publish_and_wait(schemas.TOPIC_REPLICA_STORED, blob.sha256, event)
         except PublishError as exc:
-            if cause != "repair":
+            if cause == "replication":
                 raise
             log.warning("repaired copy not announced; it is in the ledger", sha256=blob.sha256, error=str(exc))
     site.ledger.record(blob)

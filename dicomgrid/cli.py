@@ -220,7 +220,26 @@ def status(ctx: Context) -> None:
         click.echo(f"{entry.service.name:<16} {state:<9} pid={entry.pid or '-':<8} {entry.detail}")
     infra_state = _cluster(ctx).status()
     click.echo(infra_state.render())
+    for line in _degraded(ctx.config, infra_state):
+        click.echo(line)
     sys.exit(0 if all_ok and infra_state.healthy else 1)
+
+
+def _degraded(config: GridConfig, infra_state: Any) -> list[str]:
+    """What a component that is down means for the sites (a local cluster names DCs ``cassandra-dc<N>``)."""
+    down = {c.name.removeprefix("cassandra-") for c in infra_state.components
+            if c.name.startswith("cassandra-") and not c.healthy}
+    kafka_down = any(c.name == "kafka" and not c.healthy for c in infra_state.components)
+    lines = []
+    if kafka_down:
+        lines.append("DEGRADED: Kafka is down: every site refuses C-STORE/STOW-RS (0xA701) until it is back")
+    for site in config.sites:
+        if site.cassandra_dc in down:
+            serving = [s.name for s in config.sites if s.cassandra_dc not in down]
+            lines.append(f"DEGRADED: site {site.name}'s Cassandra datacenter {site.cassandra_dc} is down: its "
+                         f"queries and index fail; ingest goes on (indexed once it is back)"
+                         + (f"; site(s) {', '.join(serving)} serve every study" if serving else ""))
+    return lines
 
 
 # -- individual services (what `up` runs) ---------------------------------------------------------
@@ -239,13 +258,15 @@ def serve_receiver(ctx: Context, site: str, reuse_port: bool) -> None:
     """The DICOM services of one site: C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET."""
     from dicomgrid.consumers import dimse_services
     from dicomgrid.core.dimse import SiteAE
-    from dicomgrid.producers.site import build_ingestor, build_site_context
+    from dicomgrid.core.site import open_site
+    from dicomgrid.producers.site import build_ingestor
     from dicomgrid.producers.storage_scp import StorageService
 
     _logging(ctx)
-    ingestor = build_ingestor(ctx.config, site)
+    context = open_site(ctx.config, site, "receiver")
+    ingestor = build_ingestor(context)
     storage = StorageService(ingestor, ctx.config.site(site).ae_title)
-    services = [storage, *dimse_services(build_site_context(ctx.config, site, ingestor))]
+    services = [storage, *dimse_services(context)]
     # SIGTERM (the supervisor's stop) unwinds like Ctrl-C, so queued audit records are delivered.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
@@ -261,12 +282,12 @@ def serve_http(ctx: Context, site: str) -> None:
     """DICOMweb (STOW-RS, QIDO-RS, WADO-RS) of one site."""
     import uvicorn
 
+    from dicomgrid.core.site import open_site
     from dicomgrid.http import create_http_app
-    from dicomgrid.producers.site import build_ingestor
 
     _logging(ctx)
     site_config = ctx.config.site(site)
-    app = create_http_app(ctx.config, site, build_ingestor(ctx.config, site))
+    app = create_http_app(open_site(ctx.config, site, "http"))
     uvicorn.run(app, host=site_config.http_host, port=site_config.http_port, log_config=None, access_log=False)
 
 
@@ -300,6 +321,123 @@ def serve_replicator(ctx: Context, site: str) -> None:
     from dicomgrid.processors.replicator import create_replicator_app
 
     _run_faust(ctx, create_replicator_app, site)
+
+
+# -- healing -----------------------------------------------------------------------------------------
+
+
+def _site_job(ctx: Context, site: str, role: str) -> Any:
+    from dicomgrid.core.site import open_site
+
+    _logging(ctx)
+    try:
+        ctx.config.site(site)
+    except KeyError as exc:
+        raise click.ClickException(str(exc.args[0])) from exc
+    return open_site(ctx.config, site, role)
+
+
+@main.command("scrub")
+@click.option("--site", required=True, help="The site whose copies are checked.")
+@click.option("--rate", "rate_mb_s", type=click.FloatRange(min=0.1), default=None,
+              help="MB/s of copies re-hashed (default: healing.scrub_rate_mb_s).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
+@pass_ctx
+def scrub(ctx: Context, site: str, rate_mb_s: float | None, as_json: bool) -> None:
+    """Re-hash every copy a site holds and repair missing or corrupt ones from other sites (resumable)."""
+    import json as json_module
+
+    from tqdm import tqdm
+
+    from dicomgrid.processors.replicator import site_transfer
+    from dicomgrid.processors.scrub import Scrubber, scrub_checkpoint
+
+    context = _site_job(ctx, site, "scrub")
+    rate = (rate_mb_s or ctx.config.healing.scrub_rate_mb_s) * 1e6
+    total = sum(context.blobs.size(d) for d in context.blobs.digests())
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"scrub {site}", disable=as_json) as bar:
+            report = Scrubber(context, site_transfer(context), scrub_checkpoint(ctx.config, site),
+                              rate_bytes_s=rate).run(on_progress=bar.update)
+    finally:
+        context.close()
+    click.echo(json_module.dumps(report.as_dict(), indent=2) if as_json else report.render())
+    sys.exit(1 if report.unrepaired else 0)
+
+
+@main.command("recover")
+@click.option("--site", required=True, help="The site to rebuild (e.g. after losing its disk).")
+@click.option("--rate", "rate_mb_s", type=click.FloatRange(min=0.1), default=None,
+              help="MB/s cap on what is fetched (default: replication.bandwidth_mb_s, else none).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
+@pass_ctx
+def recover(ctx: Context, site: str, rate_mb_s: float | None, as_json: bool) -> None:
+    """Rebuild every payload a site should hold from the other sites (resumable after Ctrl-C or a crash)."""
+    import json as json_module
+
+    from tqdm import tqdm
+
+    from dicomgrid.processors.recovery import Recovery
+    from dicomgrid.processors.replicator import site_transfer
+
+    context = _site_job(ctx, site, "recovery")
+    checkpoint = ctx.config.root / "run" / "healing" / ctx.config.name / f"recover-{site}.done"
+    recovery = Recovery(context, site_transfer(context, rate_mb_s), checkpoint,
+                        concurrency=ctx.config.replication.concurrency)
+    try:
+        plan, already = recovery.plan()
+        with tqdm(total=len(plan) + already, initial=already, unit="inst", desc=f"recover {site}",
+                  disable=as_json) as bar:
+            report = recovery.run(plan, already, on_progress=lambda holding: bar.update())
+    finally:
+        context.close()
+    click.echo(json_module.dumps(report.as_dict(), indent=2) if as_json else report.render())
+    sys.exit(0 if report.ok else 1)
+
+
+@main.command("repair")
+@click.option("--site", "sites", multiple=True, help="Only these sites (repeatable; default: every site).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
+@pass_ctx
+def repair(ctx: Context, sites: tuple[str, ...], as_json: bool) -> None:
+    """Anti-entropy: request every copy a site should hold by the policy that the ledger does not list."""
+    import json as json_module
+
+    from dicomgrid.processors.recovery import sweep
+
+    reports = []
+    for name in sites or [s.name for s in ctx.config.sites]:
+        context = _site_job(ctx, name, "repair")
+        try:
+            reports.append(sweep(context, requested_by="dicomgrid repair"))
+        finally:
+            context.close()
+    if as_json:
+        click.echo(json_module.dumps([r.as_dict() for r in reports], indent=2))
+    else:
+        for r in reports:
+            click.echo(f"site {r.site}: {r.checked} payload(s) checked, {r.requested} copy request(s) sent, "
+                       f"{r.unavailable} with no verified copy anywhere")
+    sys.exit(1 if any(r.unavailable for r in reports) else 0)
+
+
+@main.command("reindex")
+@click.option("--dc", default=None, help="The Cassandra datacenter to write through (default: the first site's).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
+@pass_ctx
+def reindex_command(ctx: Context, dc: str | None, as_json: bool) -> None:
+    """Rebuild the index and the replica ledger from the retained event log (a lost keyspace)."""
+    import json as json_module
+
+    from tqdm import tqdm
+
+    from dicomgrid.processors.reindex import reindex, total_events
+
+    _logging(ctx)
+    dc = dc or ctx.config.sites[0].cassandra_dc
+    with tqdm(total=total_events(ctx.config), unit="event", desc=f"reindex via {dc}", disable=as_json) as bar:
+        report = reindex(ctx.config, dc, on_progress=bar.update)
+    click.echo(json_module.dumps(report.as_dict(), indent=2) if as_json else report.render())
 
 
 # -- replication -------------------------------------------------------------------------------------

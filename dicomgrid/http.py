@@ -9,17 +9,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from dicomgrid.consumers import http_routes
-from dicomgrid.core.config import GridConfig
+from dicomgrid.core.site import SiteContext
 from dicomgrid.core.transfer import TransferEndpoint
-from dicomgrid.producers.ingest import Ingestor
-from dicomgrid.producers.site import build_site_context
+from dicomgrid.producers.site import build_ingestor
 from dicomgrid.producers.stow import stow
 
 
-def create_http_app(config: GridConfig, site: str, ingestor: Ingestor) -> Starlette:
+def create_http_app(context: SiteContext) -> Starlette:
     """STOW-RS through the ingest path, QIDO-RS and WADO-RS from the consumers, payloads to peers."""
-    site_config = config.site(site)
-    context = build_site_context(config, site, ingestor)
+    site_config = context.site
+    ingestor = build_ingestor(context)
     spool = ingestor.blobs.root / "incoming"
     spool.mkdir(parents=True, exist_ok=True)
 

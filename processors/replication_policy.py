@@ -6,18 +6,20 @@ safe once ``min_copies`` sites hold a verified copy (the config refuses a policy
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from dicomgrid.core.config import GridConfig
 from dicomgrid.core.events import InstanceRef, replication_requested
+from dicomgrid.core.index_reader import IndexReader
 from dicomgrid.core.logging import get_logger
 
 log = get_logger(__name__)
 
 
-def targets(config: GridConfig, event: dict[str, Any]) -> list[str]:
-    """The sites a ``dicom.instance.stored`` event's payload goes to."""
-    origin = event["payload"]["site"]
+def targets(config: GridConfig, origin: str) -> list[str]:
+    """The sites a payload received at ``origin`` is copied to."""
     try:
         site = config.site(origin)
     except KeyError:
@@ -32,5 +34,32 @@ def replication_requests(config: GridConfig, event: dict[str, Any]) -> list[dict
     instance = InstanceRef.of_event(event)
     return [
         replication_requested(event["payload"], target, instance, cause_event_id=event["event_id"])
-        for target in targets(config, event)
+        for target in targets(config, event["payload"]["site"])
     ]
+
+
+def holders(config: GridConfig, origin: str) -> set[str]:
+    """Every site that should hold a copy of what ``origin`` received."""
+    return {origin, *targets(config, origin)}
+
+
+@dataclass(frozen=True)
+class Holding:
+    """A payload a site should hold, by the policy: which instance it is and where it arrived."""
+
+    sha256: str
+    size: int | None
+    instance: InstanceRef
+    origin: str
+
+
+def holdings(config: GridConfig, index: IndexReader, site: str) -> Iterator[Holding]:
+    """Every payload ``site`` should hold (every version of every indexed instance, by the policy).
+
+    A full scan of the index's versions: for healing jobs (recovery, anti-entropy, scrub), not for
+    anything on a request path.
+    """
+    by_origin = {s.name: holders(config, s.name) for s in config.sites}
+    for row in index.all_versions():
+        if row.sha256 and site in by_origin.get(row.received_site, {row.received_site}):
+            yield Holding(row.sha256, row.size, InstanceRef(row.study_uid, row.sop_instance_uid), row.received_site)

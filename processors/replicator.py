@@ -24,16 +24,18 @@ import faust
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from dicomgrid import schemas
-from dicomgrid.core.audit import AUDIT_LINGER_MS, SERIOUS_FAILURE, SUCCESS, AuditObject, AuditTrail, Participant
-from dicomgrid.core.blobstore import BlobBusy, BlobStore
+from dicomgrid.core.audit import SERIOUS_FAILURE, SUCCESS, AuditObject, Participant
+from dicomgrid.core.blobstore import BlobBusy
 from dicomgrid.core.config import GridConfig
 from dicomgrid.core.events import InstanceRef, replication_failed
-from dicomgrid.core.kafka import EventPublisher
 from dicomgrid.core.logging import get_logger
-from dicomgrid.core.site import SiteContext
+from dicomgrid.core.site import SiteContext, open_site
 from dicomgrid.core.transfer import PayloadTransfer, PayloadUnavailable, record_copy
 from dicomgrid.processors.app import RETRY_S, connect_cassandra, faust_app, raw_topic
 from dicomgrid.processors.dead_letters import DeadLetters, Rejected, decode
+from dicomgrid.processors.healing_schedule import Schedule
+from dicomgrid.processors.recovery import sweep
+from dicomgrid.processors.scrub import Scrubber, scrub_checkpoint
 
 log = get_logger(__name__)
 
@@ -123,18 +125,53 @@ class Replicator:
         )
 
 
+def site_transfer(site: SiteContext, bandwidth_mb_s: float | None = None) -> PayloadTransfer:
+    """The payload transfer client of a site's healing jobs, with the replication policy's timeouts."""
+    policy = site.config.replication
+    rate = bandwidth_mb_s or policy.bandwidth_mb_s
+    return PayloadTransfer(site, connect_timeout_s=policy.connect_timeout_s, read_timeout_s=policy.read_timeout_s,
+                           bandwidth_bytes_s=rate * 1e6 if rate else None)
+
+
 def build_replicator(config: GridConfig, site_name: str, db: Any) -> Replicator:
-    site = config.site(site_name)
-    policy = config.replication
-    publisher = EventPublisher(config.kafka, client_id=f"dicomgrid-replication-{site.name}")
-    audit = AuditTrail(site.name, EventPublisher(config.kafka, client_id=f"dicomgrid-replication-audit-{site.name}",
-                                                 linger_ms=AUDIT_LINGER_MS))
-    context = SiteContext(config, site, db, BlobStore(config.site_storage(site.name), site.name), audit, publisher)
-    transfer = PayloadTransfer(
-        context, connect_timeout_s=policy.connect_timeout_s, read_timeout_s=policy.read_timeout_s,
-        bandwidth_bytes_s=policy.bandwidth_mb_s * 1e6 if policy.bandwidth_mb_s else None,
-    )
-    return Replicator(context, transfer)
+    context = open_site(config, site_name, "replication", db)
+    return Replicator(context, site_transfer(context))
+
+
+HEALING_CHECK_S = 60.0
+
+
+class _Healing:
+    """The site's background scrub and anti-entropy sweep (see :mod:`dicomgrid.processors.healing_schedule`)."""
+
+    def __init__(self, config: GridConfig, site: str) -> None:
+        state = config.root / "run" / "healing" / config.name
+        self.scrub_checkpoint = scrub_checkpoint(config, site)
+        self.scrub = Schedule(state / f"scrub-{site}.last", config.healing.scrub_period_h * 3600)
+        self.sweep = Schedule(state / f"sweep-{site}.last", config.healing.sweep_period_min * 60)
+        self.rate = config.healing.scrub_rate_mb_s * 1e6
+        self.stopping = False
+        self._busy = False
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="healing")
+
+    async def maybe_run(self, worker: Replicator) -> None:
+        if self._busy:
+            return
+        loop = asyncio.get_running_loop()
+        self._busy = True
+        try:
+            if self.sweep.due():
+                await loop.run_in_executor(self._thread, sweep, worker.site)
+                self.sweep.done()
+            if self.scrub.due(interrupted=self.scrub_checkpoint.exists()):
+                scrubber = Scrubber(worker.site, worker.transfer, self.scrub_checkpoint, rate_bytes_s=self.rate)
+                report = await loop.run_in_executor(self._thread, lambda: scrubber.run(lambda: self.stopping))
+                if report.complete:
+                    self.scrub.done()
+        except Exception as exc:  # Kafka or Cassandra away: tried again at the next check
+            log.warning("background healing stopped; it runs again at the next check", error=str(exc))
+        finally:
+            self._busy = False
 
 
 def create_replicator_app(config: GridConfig, site: str) -> faust.App:
@@ -181,8 +218,18 @@ def create_replicator_app(config: GridConfig, site: str) -> faust.App:
                                 error=str(exc))
                     await asyncio.sleep(RETRY_S)
 
+    healing = _Healing(config, site_config.name)
+
+    @app.timer(HEALING_CHECK_S)
+    async def heal() -> None:
+        if "worker" not in state:
+            return
+        worker, _ = state["worker"]
+        await healing.maybe_run(worker)
+
     @app.on_before_shutdown.connect
     async def _flush(app: faust.App, **kwargs: Any) -> None:
+        healing.stopping = True
         if "worker" in state:
             worker, _ = state["worker"]
             worker.site.publisher.flush()

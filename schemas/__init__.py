@@ -19,6 +19,7 @@ TOPIC_INSTANCE_STORED = "dicom.instance.stored"
 TOPIC_REPLICATION_REQUESTED = "dicom.replication.requested"
 TOPIC_REPLICA_STORED = "dicom.replica.stored"
 TOPIC_REPLICATION_FAILED = "dicom.replication.failed"
+TOPIC_SCRUB_FINDING = "dicom.scrub.finding"
 TOPIC_AUDIT = "dicom.audit"
 TOPIC_DEADLETTER = "dicom.deadletter"
 
