@@ -49,7 +49,9 @@ def connect(config: GridConfig, local_dc: str | None = None, *, keyspace: bool =
     cass = config.cassandra
     local_dc = local_dc or next(iter(cass.replication))
     profile = ExecutionProfile(
-        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=local_dc)),
+        load_balancing_policy=TokenAwarePolicy(
+            DCAwareRoundRobinPolicy(local_dc=local_dc, used_hosts_per_remote_dc=cass.remote_dc_failover_hosts)
+        ),
         consistency_level=ConsistencyLevel.LOCAL_QUORUM,
         request_timeout=cass.request_timeout_s,
         row_factory=cached_named_tuple_factory,

@@ -91,6 +91,10 @@ class CassandraConfig(_Section):
     replication: dict[str, int] = {"dc1": 1, "dc2": 1}
     connect_timeout_s: float = 10.0
     request_timeout_s: float = 10.0
+    # Nodes of each other datacenter a process falls back to when every node of its own is down: the
+    # site then keeps indexing and answering through another datacenter (LOCAL_QUORUM there), and its
+    # own datacenter gets the writes by hinted handoff when it is back. 0: stay in the local DC.
+    remote_dc_failover_hosts: int = Field(default=1, ge=0)
 
     @field_validator("keyspace")
     @classmethod

@@ -43,6 +43,7 @@ class RecoveryReport:
     bytes_copied: int = 0
     seconds: float = 0.0
     failed: Counter[str] = field(default_factory=Counter)  # reason -> payloads
+    unavailable: list[str] = field(default_factory=list)  # digests no other site could provide (first 1,000)
 
     @property
     def ok(self) -> bool:
@@ -101,6 +102,8 @@ class Recovery:
                 with self._lock:
                     if isinstance(outcome, BaseException):
                         report.failed[_reason(outcome)] += 1
+                        if isinstance(outcome, PayloadUnavailable) and len(report.unavailable) < 1000:
+                            report.unavailable.append(holding.sha256)
                     else:
                         done.write(holding.sha256 + "\n")
                         done.flush()

@@ -20,6 +20,7 @@ from dicomgrid.producers.ingest import Ingestor
 from dicomgrid.core.dimse import SiteAE
 from dicomgrid.producers.storage_scp import StorageService
 from tests.dicom_samples import make_instance
+from tests.fault.whole import assert_whole
 from tests.grid import dc_serves, free_port, processors_joined, wait_for
 from tests.integration.test_ingest_grid import c_store, events_for
 
@@ -57,6 +58,7 @@ def test_kafka_down_fails_the_store_and_the_resend_succeeds_once(grid, taps, met
     # The instance acknowledged before the outage is still indexed and intact.
     location = metadata_dc1.instance_location(acknowledged.SOPInstanceUID)
     assert BlobStore(grid.config.site_storage("A"), "A").verify(location.sha256)
+    assert_whole(grid, [acknowledged, ds])
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from dicomgrid.core.cassandra import Cassandra
 from dicomgrid.core.ledger import ReplicaLedger
 from tests.dicom_samples import make_instance
 from dicomgrid.processors.replicator import replication_group
+from tests.fault.whole import assert_whole
 from tests.grid import committed_lag, wait_for
 from tests.integration.test_ingest_grid import c_store, events_for
 
@@ -127,6 +128,7 @@ def test_a_worker_killed_mid_transfer_resumes_and_finishes_once_byte_identical(g
         assert [r.site for r in ReplicaLedger(db).replicas(digest)].count("B") == 1
     finally:
         db.close()
+    assert_whole(grid, [ds])
 
 
 def test_a_source_site_gone_dark_ends_in_replication_failed_after_the_retries(grid, own_b_worker, taps):
