@@ -37,8 +37,9 @@ FINAL_STATES = frozenset({REPORTED, UNDELIVERABLE})
 # Index reads in flight at once when the instances of a large transaction are looked up.
 LOOKUP_SLICE = 256
 
+_KEY = "grid = ? AND site = ? AND transaction_uid = ?"
 _COLUMNS = (
-    "site, transaction_uid, requestor_ae, requestor_address, items, requested_at, deadline, state, owner, "
+    "grid, site, transaction_uid, requestor_ae, requestor_address, items, requested_at, deadline, state, owner, "
     "lease_until, result, report_attempts, reported_at, note"
 )
 
@@ -113,6 +114,7 @@ def items_from_json(text: str) -> tuple[Reference, ...]:
 
 @dataclass(frozen=True)
 class Transaction:
+    grid: str
     site: str
     uid: str
     requestor_ae: str
@@ -134,14 +136,14 @@ class Transaction:
 
     def same_request(self, other: "Transaction") -> bool:
         """Whether ``other`` asks for exactly this (a requestor repeating an N-ACTION it got no answer to)."""
-        return (self.site, self.uid, self.requestor_ae, self.items) == (
-            other.site, other.uid, other.requestor_ae, other.items
+        return (self.grid, self.site, self.uid, self.requestor_ae, self.items) == (
+            other.grid, other.site, other.uid, other.requestor_ae, other.items
         )
 
     @classmethod
     def from_row(cls, row: Any) -> "Transaction":
         return cls(
-            row.site, row.transaction_uid, row.requestor_ae, row.requestor_address or "",
+            row.grid, row.site, row.transaction_uid, row.requestor_ae, row.requestor_address or "",
             items_from_json(row.items), _aware(row.requested_at), _aware(row.deadline), row.state, row.owner,
             _aware(row.lease_until), CommitmentResult.from_json(row.result) if row.result else None,
             row.report_attempts or 0, _aware(row.reported_at), row.note,
@@ -162,10 +164,11 @@ def _applied(result: Any) -> bool:
 
 
 class TransactionStore:
-    """One receiver process's access to its site's transactions, as ``owner``."""
+    """One receiver process's access to its site's transactions (of the grid named ``grid``), as ``owner``."""
 
-    def __init__(self, db: Cassandra, site: str, owner: str, lease_s: float) -> None:
+    def __init__(self, db: Cassandra, grid: str, site: str, owner: str, lease_s: float) -> None:
         self.db = db
+        self.grid = grid
         self.site = site
         self.owner = owner
         self.lease = dt.timedelta(seconds=lease_s)
@@ -187,14 +190,11 @@ class TransactionStore:
         The open-transactions row is written first: a process that dies between the two writes leaves
         an entry without a transaction (removed by :meth:`forget`), never a transaction nobody finds.
         """
-        self.db.execute(
-            "INSERT INTO storage_commitments_open (site, transaction_uid, created_at) VALUES (?, ?, ?)",
-            (tx.site, tx.uid, _millis(tx.requested_at)),
-        )
+        self.reopen(tx)
         bound = self.db.prepare(
-            f"INSERT INTO storage_commitments ({_COLUMNS}) VALUES ({', '.join('?' * 14)}) IF NOT EXISTS"
+            f"INSERT INTO storage_commitments ({_COLUMNS}) VALUES ({', '.join('?' * 15)}) IF NOT EXISTS"
         ).bind((
-            tx.site, tx.uid, tx.requestor_ae, tx.requestor_address, items_to_json(tx.items),
+            tx.grid, tx.site, tx.uid, tx.requestor_ae, tx.requestor_address, items_to_json(tx.items),
             _millis(tx.requested_at), _millis(tx.deadline), tx.state, tx.owner, tx.lease_until, None, 0, None, None,
         ))
         bound.serial_consistency_level = ConsistencyLevel.LOCAL_SERIAL
@@ -210,35 +210,38 @@ class TransactionStore:
     ) -> Transaction:
         now = _millis(now)
         return Transaction(
-            self.site, uid, requestor_ae, requestor_address, tuple(items), now,
+            self.grid, self.site, uid, requestor_ae, requestor_address, tuple(items), now,
             _millis(now + dt.timedelta(seconds=timeout_s)), PENDING, self.owner, self._lease_from(now),
         )
 
     def reopen(self, tx: Transaction) -> None:
         """Make sure an unfinished transaction is listed as open (a repeated N-ACTION)."""
         self.db.execute(
-            "INSERT INTO storage_commitments_open (site, transaction_uid, created_at) VALUES (?, ?, ?)",
-            (tx.site, tx.uid, _millis(tx.requested_at)),
+            "INSERT INTO storage_commitments_open (grid, site, transaction_uid, created_at) VALUES (?, ?, ?, ?)",
+            (tx.grid, tx.site, tx.uid, _millis(tx.requested_at)),
         )
 
     # -- finding work ------------------------------------------------------------------------------
 
     def open_entries(self) -> list[OpenEntry]:
         rows = self.db.execute(
-            "SELECT transaction_uid, created_at FROM storage_commitments_open WHERE site = ?", (self.site,)
+            "SELECT transaction_uid, created_at FROM storage_commitments_open WHERE grid = ? AND site = ?",
+            (self.grid, self.site),
         )
         return [OpenEntry(r.transaction_uid, _aware(r.created_at)) for r in rows]
 
     def load(self, uid: str) -> Transaction | None:
         row = self.db.execute(
-            f"SELECT {_COLUMNS} FROM storage_commitments WHERE site = ? AND transaction_uid = ?", (self.site, uid)
+            f"SELECT {_COLUMNS} FROM storage_commitments WHERE grid = ? AND site = ? AND transaction_uid = ?",
+            (self.grid, self.site, uid),
         ).one()
         return Transaction.from_row(row) if row is not None else None
 
     def forget(self, uid: str) -> None:
         """Drop a transaction from the open list (finished, or an entry whose N-ACTION never completed)."""
         self.db.execute(
-            "DELETE FROM storage_commitments_open WHERE site = ? AND transaction_uid = ?", (self.site, uid)
+            "DELETE FROM storage_commitments_open WHERE grid = ? AND site = ? AND transaction_uid = ?",
+            (self.grid, self.site, uid),
         )
 
     # -- owning ------------------------------------------------------------------------------------
@@ -248,9 +251,8 @@ class TransactionStore:
         if another receiver holds it (or it changed since it was read)."""
         lease = self._lease_from(now)
         if self._lwt(
-            "UPDATE storage_commitments SET owner = ?, lease_until = ? WHERE site = ? AND transaction_uid = ? "
-            "IF state = ? AND lease_until < ?",
-            (self.owner, lease, self.site, tx.uid, tx.state, _millis(now)),
+            f"UPDATE storage_commitments SET owner = ?, lease_until = ? WHERE {_KEY} IF state = ? AND lease_until < ?",
+            (self.owner, lease, self.grid, self.site, tx.uid, tx.state, _millis(now)),
         ):
             return replace(tx, owner=self.owner, lease_until=lease)
         return None
@@ -259,8 +261,8 @@ class TransactionStore:
         """Extend this process's lease; the new expiry, or None if the transaction is no longer ours."""
         lease = self._lease_from(now)
         if self._lwt(
-            "UPDATE storage_commitments SET lease_until = ? WHERE site = ? AND transaction_uid = ? IF owner = ?",
-            (lease, self.site, uid, self.owner),
+            f"UPDATE storage_commitments SET lease_until = ? WHERE {_KEY} IF owner = ?",
+            (lease, self.grid, self.site, uid, self.owner),
         ):
             return lease
         return None
@@ -268,16 +270,16 @@ class TransactionStore:
     def release(self, uid: str, now: dt.datetime) -> bool:
         """Give up the lease at once (orderly shutdown), so another receiver need not wait it out."""
         return self._lwt(
-            "UPDATE storage_commitments SET lease_until = ? WHERE site = ? AND transaction_uid = ? IF owner = ?",
-            (_millis(now), self.site, uid, self.owner),
+            f"UPDATE storage_commitments SET lease_until = ? WHERE {_KEY} IF owner = ?",
+            (_millis(now), self.grid, self.site, uid, self.owner),
         )
 
     def begin_report(self, uid: str, result: CommitmentResult) -> bool:
         """Fix the result; true only for the one owner that moves the transaction out of ``pending``."""
         return self._lwt(
-            "UPDATE storage_commitments SET state = ?, result = ? WHERE site = ? AND transaction_uid = ? "
+            "UPDATE storage_commitments SET state = ?, result = ? WHERE grid = ? AND site = ? AND transaction_uid = ? "
             "IF owner = ? AND state = ?",
-            (REPORTING, result.to_json(), self.site, uid, self.owner, PENDING),
+            (REPORTING, result.to_json(), self.grid, self.site, uid, self.owner, PENDING),
         )
 
     def finish(self, uid: str, state: str, attempts: int, now: dt.datetime, note: str | None = None) -> bool:
@@ -285,8 +287,8 @@ class TransactionStore:
         assert state in FINAL_STATES
         applied = self._lwt(
             "UPDATE storage_commitments SET state = ?, report_attempts = ?, reported_at = ?, note = ? "
-            "WHERE site = ? AND transaction_uid = ? IF owner = ? AND state = ?",
-            (state, attempts, _millis(now), note, self.site, uid, self.owner, REPORTING),
+            f"WHERE {_KEY} IF owner = ? AND state = ?",
+            (state, attempts, _millis(now), note, self.grid, self.site, uid, self.owner, REPORTING),
         )
         if applied:
             self.forget(uid)

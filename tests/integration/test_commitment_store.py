@@ -4,6 +4,7 @@ owns a transaction and who reports it, however many receivers ask at once."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 import threading
 from collections.abc import Iterator
 
@@ -32,7 +33,8 @@ def db(grid) -> Iterator[Cassandra]:
 
 
 def stores(db: Cassandra, *owners: str, lease_s: float = 30.0) -> list[TransactionStore]:
-    return [TransactionStore(db, "A", owner, lease_s) for owner in owners]
+    # A grid name of its own: the running test grid's receivers must not take these transactions over.
+    return [TransactionStore(db, f"store-test-{os.getpid()}", "A", owner, lease_s) for owner in owners]
 
 
 def test_a_transaction_is_kept_once_and_a_repeat_finds_the_first(db: Cassandra) -> None:
