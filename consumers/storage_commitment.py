@@ -277,6 +277,8 @@ class _Work:
     verdicts: dict[Reference, Verdict] = field(default_factory=dict)
     delivering: bool = False
     lost: bool = False
+    # How delivery ended (state, attempts, note), until the transaction's row says so too.
+    outcome: tuple[str, int, str | None] | None = None
 
 
 class Committer:
@@ -358,11 +360,13 @@ class Committer:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
+            pause = self.settings.poll_interval_s
             try:
                 self.step()
-            except Exception:
-                log.exception("storage commitment round failed; retrying")
-            self._wake.wait(self.settings.poll_interval_s)
+            except Exception as exc:  # Cassandra unreachable: try again, less often
+                log.warning("storage commitment round failed; retrying", error=f"{type(exc).__name__}: {exc}")
+                pause = self.settings.scan_interval_s
+            self._wake.wait(pause)
             self._wake.clear()
 
     def _deliveries(self) -> None:
@@ -389,8 +393,13 @@ class Committer:
         with self._lock:
             work = list(self._work.values())
         for item in work:
-            if not self._stopping.is_set():
+            if self._stopping.is_set():
+                return
+            try:
                 self._tend(item, now)
+            except Exception as exc:  # this transaction waits for the next round; the others go on
+                log.warning("storage commitment check failed; retrying", transaction_uid=item.tx.uid,
+                            error=f"{type(exc).__name__}: {exc}")
 
     def _scan(self, now: dt.datetime) -> None:
         """Claim open transactions whose owner's lease has run out (it died, or shut down)."""
@@ -428,7 +437,9 @@ class Committer:
                 self._drop(item, "lease lost to another receiver")
                 return
             item.tx = tx = replace(tx, lease_until=renewed)
-        if tx.state == PENDING:
+        if item.outcome is not None:
+            self._record(item)
+        elif tx.state == PENDING:
             self._evaluate(item, now)
         elif tx.state == REPORTING and not item.delivering:
             item.delivering = True
@@ -523,20 +534,29 @@ class Committer:
             return
         self._finish(item, REPORTED, attempts, None)
 
+    def _record(self, item: _Work) -> None:
+        """Write how delivery ended to the transaction's row. Until that succeeds the transaction stays
+        with this process, which keeps its lease, so no other receiver delivers the report again."""
+        assert item.outcome is not None
+        state, attempts, note = item.outcome
+        try:
+            recorded = self.store.finish(item.tx.uid, state, attempts, self.clock(), note)
+        except Exception as exc:
+            log.warning("storage commitment outcome not recorded yet; retrying", transaction_uid=item.tx.uid,
+                        error=f"{type(exc).__name__}: {exc}")
+            return
+        if not recorded:
+            log.warning("storage commitment outcome not recorded: no longer ours", transaction_uid=item.tx.uid)
+        with self._lock:
+            if self._work.get(item.tx.uid) is item:
+                del self._work[item.tx.uid]
+
     def _finish(self, item: _Work, state: str, attempts: int, note: str | None) -> None:
         tx = item.tx
         assert tx.result is not None
         now = self.clock()
-        try:
-            recorded = self.store.finish(tx.uid, state, attempts, now, note)
-        except Exception as exc:
-            # The report's outcome is in the log and the audit trail below; the next owner of this
-            # transaction (after the lease) would deliver it again.
-            log.error("storage commitment outcome not recorded", transaction_uid=tx.uid, error=str(exc))
-            recorded = False
-        with self._lock:
-            if self._work.get(tx.uid) is item:
-                del self._work[tx.uid]
+        item.outcome = (state, attempts, note)
+        self._record(item)
         seconds = round((now - tx.requested_at).total_seconds(), 3)
         result = tx.result
         requestor = Participant(tx.requestor_ae, True, tx.requestor_ae, tx.requestor_address, "Requestor")
@@ -548,7 +568,7 @@ class Committer:
             outcome = SUCCESS if not result.failed else (SERIOUS_FAILURE if not result.committed else MINOR_FAILURE)
             log.info("storage commitment reported", transaction_uid=tx.uid, event_type=result.event_type,
                      committed=len(result.committed), failed=len(result.failed), attempts=attempts,
-                     seconds=seconds, recorded=recorded)
+                     seconds=seconds)
             self.audit.record(
                 "E", AUDIT_EVENT, outcome,
                 f"N-EVENT-REPORT delivered, transaction {tx.uid}: event type {result.event_type}, "
@@ -557,7 +577,7 @@ class Committer:
             )
         else:
             log.error("storage commitment report not delivered; giving up", transaction_uid=tx.uid,
-                      attempts=attempts, error=note, seconds=seconds, recorded=recorded)
+                      attempts=attempts, error=note, seconds=seconds)
             self.audit.record(
                 "E", AUDIT_EVENT, SERIOUS_FAILURE,
                 f"N-EVENT-REPORT not delivered after {attempts} attempt(s), transaction {tx.uid}: {note}",

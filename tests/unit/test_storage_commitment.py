@@ -474,3 +474,28 @@ def test_close_gives_the_leases_up(world) -> None:
     clock.advance(0.001)
     successor.step()
     assert successor.owned() == [tx.uid]
+
+
+def test_an_outcome_cassandra_did_not_take_is_written_later_and_the_report_not_sent_again(world) -> None:
+    tables, clock, states, sender, audit = world
+    c = committer(tables, "r1", clock, states, sender, audit)
+    states.known["1.2.3.1"] = StoredState(CT, "d", frozenset({"A", "B"}))
+    tx = accept(c, clock, Reference(CT, "1.2.3.1"))
+    finish = c.store.finish
+
+    def unavailable(*args, **kwargs):
+        raise TimeoutError("Cassandra timed out")
+
+    c.store.finish = unavailable  # type: ignore[method-assign]
+    c.step()
+    assert len(sender.sent) == 1 and tables.rows[tx.uid].state == REPORTING and c.owned() == [tx.uid]
+    for _ in range(4):  # the lease is kept meanwhile, so nobody else takes the transaction
+        clock.advance(1)
+        c.step()
+    assert tables.rows[tx.uid].owner == "r1" and tables.rows[tx.uid].lease_until > clock()
+
+    c.store.finish = finish  # type: ignore[method-assign]
+    clock.advance(1)
+    c.step()
+    assert tables.rows[tx.uid].state == REPORTED and c.owned() == []
+    assert len(sender.sent) == 1 and len(audit.records) == 1
