@@ -7,11 +7,13 @@ instances, and tries a report 3 times with short backoff (tests/grid.py).
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import queue
 import signal
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pytest
@@ -26,7 +28,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from dicomgrid import schemas
-from dicomgrid.core.blobstore import BlobRef
 from dicomgrid.core.cassandra import Cassandra
 from dicomgrid.core.commitments import REPORTED, UNDELIVERABLE, TransactionStore
 from dicomgrid.core.index_reader import IndexReader
@@ -45,7 +46,8 @@ class Report:
     info: Dataset
     calling_ae: str
     roles: tuple[bool, bool]  # (as SCU, as SCP) of the listening requestor on the report's association
-    received_at: float
+    received_at: float  # monotonic
+    received_utc: dt.datetime
 
 
 @dataclass
@@ -75,7 +77,7 @@ class Requestor:
     def _on_report(self, event: evt.Event) -> tuple[int, None]:
         cx = next(c for c in event.assoc.accepted_contexts if c.abstract_syntax == StorageCommitmentPushModel)
         self.reports.put(Report(event.event_type, event.event_information, event.assoc.requestor.ae_title,
-                                (cx.as_scu, cx.as_scp), time.monotonic()))
+                                (cx.as_scu, cx.as_scp), time.monotonic(), dt.datetime.now(dt.timezone.utc)))
         return 0x0000, None
 
     def request(self, site, refs: Sequence[tuple[str, str]], transaction_uid: str | None = None,
@@ -152,13 +154,21 @@ def refs(datasets: Sequence[Dataset]) -> list[tuple[str, str]]:
     return [(str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in datasets]
 
 
-# TODO(replication): until payload replication is on main, B's verified copy is recorded here by hand; once
-# it lands, this goes and the tests wait for the replication worker's ledger rows instead.
-def second_copy_by_hand(grid, db: Cassandra, datasets: Sequence[Dataset]) -> None:
-    index, ledger = IndexReader(db), ReplicaLedger(db)
-    for ds in datasets:
-        location = wait_for(lambda: index.instance_location(str(ds.SOPInstanceUID)), timeout=30)
-        ledger.record(BlobRef("B", location.sha256, 0))
+@contextmanager
+def replication_paused(grid, site: str = "B") -> Iterator[None]:
+    """Site ``site``'s replication worker frozen (SIGSTOP), so what A stores stays at one copy meanwhile.
+
+    Frozen rather than stopped: on SIGCONT it carries on at once, without a restart and a consumer-group
+    rebalance, and copies what was asked of it in the meantime.
+    """
+    service = next(s for s in grid.supervisor.services() if s.site == site and s.kind == "replicator")
+    pid = grid.supervisor.daemon(service).pid()
+    assert pid is not None, f"{service.name} is not running"
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def sequence(report: Report, keyword: str) -> list[tuple]:
@@ -184,10 +194,16 @@ def test_replicated_instances_are_committed_on_a_new_association_with_the_scp_ro
     datasets = stored_at_a(grid, 3)
     asked = requestor.request(grid.site("A"), refs(datasets))
     assert asked.status == 0x0000
-    second_copy_by_hand(grid, db, datasets)
 
+    # Asked right after the C-STORE responses: the report waits for B's replication worker.
     report = requestor.report_for(asked.transaction_uid)
     assert report.event_type == 1
+    ledger, index = ReplicaLedger(db), IndexReader(db)
+    for ds in datasets:
+        copies = {r.site: r for r in ledger.replicas(index.instance_location(str(ds.SOPInstanceUID)).sha256)}
+        assert set(copies) == {"A", "B"}
+        # B's copy was verified before the report said "committed".
+        assert copies["B"].verified_at.replace(tzinfo=dt.timezone.utc) <= report.received_utc
     assert sequence(report, "ReferencedSOPSequence") == refs(datasets)
     assert "FailedSOPSequence" not in report.info and report.info.RetrieveAETitle == "GRID_A"
     # A new association from the site's AE, on which the grid is the SCP and the requestor the SCU.
@@ -217,7 +233,6 @@ def test_an_unknown_instance_fails_without_waiting_for_the_timeout(grid, request
 
 def test_a_mixed_result_names_each_failure_with_its_reason(grid, requestor, db):
     good, wrong_class = stored_at_a(grid, 2)
-    second_copy_by_hand(grid, db, [good, wrong_class])
     unknown = (str(CTImageStorage), generate_uid())
     asked = requestor.request(
         grid.site("A"), [refs([good])[0], unknown, (str(MRImageStorage), str(wrong_class.SOPInstanceUID))]
@@ -232,10 +247,11 @@ def test_a_mixed_result_names_each_failure_with_its_reason(grid, requestor, db):
 
 
 def test_an_instance_short_of_copies_fails_with_0110_after_the_timeout(grid, requestor):
-    # Stored at A only: with min_copies = 2 it cannot be committed.
-    (only_at_a,) = stored_at_a(grid, 1)
-    asked = requestor.request(grid.site("A"), refs([only_at_a]))
-    report = requestor.report_for(asked.transaction_uid, timeout=40)
+    with replication_paused(grid):
+        # Held at A only while B cannot copy it: with min_copies = 2 it cannot be committed.
+        (only_at_a,) = stored_at_a(grid, 1)
+        asked = requestor.request(grid.site("A"), refs([only_at_a]))
+        report = requestor.report_for(asked.transaction_uid, timeout=40)
     assert report.event_type == 2
     assert sequence(report, "FailedSOPSequence") == [(*refs([only_at_a])[0], 0x0110)]
     assert report.received_at - asked.sent_at >= grid.config.storage_commitment.timeout_s
@@ -269,20 +285,24 @@ def _receiver(grid, site: str):
 
 
 def test_a_transaction_survives_a_killed_receiver_and_is_reported_once(grid, requestor, db):
-    datasets = stored_at_a(grid, 2)
-    asked = requestor.request(grid.site("A"), refs(datasets))
-    assert asked.status == 0x0000
-    wait_for(lambda: transaction(grid, db, asked.transaction_uid), timeout=10)
+    with replication_paused(grid):
+        datasets = stored_at_a(grid, 2)
+        asked = requestor.request(grid.site("A"), refs(datasets))
+        assert asked.status == 0x0000
 
-    daemon = grid.supervisor.daemon(_receiver(grid, "A"))
-    pid = daemon.pid()
-    os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: daemon.pid() is None, timeout=10, interval=0.1)
-    before = transaction(grid, db, asked.transaction_uid)
-    assert before.state == "pending" and before.owner.split(":")[1] == str(pid)
+        daemon = grid.supervisor.daemon(_receiver(grid, "A"))
+        pid = daemon.pid()
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: daemon.pid() is None, timeout=10, interval=0.1)
+        before = transaction(grid, db, asked.transaction_uid)
+        assert before.state == "pending" and before.owner.split(":")[1] == str(pid)
 
-    grid.supervisor.up(timeout=60)
-    second_copy_by_hand(grid, db, datasets)
+        grid.supervisor.up(timeout=60)
+        # The restarted receiver finds the transaction and takes it over once the dead one's lease is out.
+        wait_for(lambda: transaction(grid, db, asked.transaction_uid).owner != before.owner, timeout=15,
+                 interval=0.1)
+        print(f"\nreceiver killed and restarted, transaction taken over after {time.monotonic() - asked.sent_at:.1f} s")
+    # B copies the instances now, within the transaction's deadline.
     report = requestor.report_for(asked.transaction_uid, timeout=30)
     assert report.event_type == 1 and sequence(report, "ReferencedSOPSequence") == refs(datasets)
     after = wait_for(lambda: (t := transaction(grid, db, asked.transaction_uid)) and t.state == REPORTED and t)
