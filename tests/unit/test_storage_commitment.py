@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from dicomgrid.consumers.storage_commitment import (
     Committer,
     Refused,
     ReportNotDelivered,
+    StorageCommitmentService,
     build_report,
     judge,
     parse_request,
@@ -40,7 +42,7 @@ from dicomgrid.core.commitments import (
     StoredState,
     Transaction,
 )
-from dicomgrid.core.config import DicomPeer, StorageCommitmentConfig
+from dicomgrid.core.config import DicomPeer, GridConfig, StorageCommitmentConfig
 
 CT, MR = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"
 PUSH_INSTANCE = "1.2.840.10008.1.20.1.1"
@@ -228,6 +230,9 @@ class MemoryStore:
             return self.tables.rows[tx.uid]
         self.tables.rows[tx.uid] = tx
         return None
+
+    def reopen(self, tx: Transaction) -> None:
+        self.tables.open[tx.uid] = tx.requested_at
 
     def open_entries(self) -> list[OpenEntry]:
         return [OpenEntry(uid, created) for uid, created in self.tables.open.items()]
@@ -499,3 +504,65 @@ def test_an_outcome_cassandra_did_not_take_is_written_later_and_the_report_not_s
     c.step()
     assert tables.rows[tx.uid].state == REPORTED and c.owned() == []
     assert len(sender.sent) == 1 and len(audit.records) == 1
+
+
+# -- the N-ACTION handler ------------------------------------------------------------------------
+
+PUSH_CLASS = "1.2.840.10008.1.20.1"
+
+
+def service(tables: MemoryTables, audit: FakeAudit) -> StorageCommitmentService:
+    config = GridConfig(
+        sites=[{"name": "A", "ae_title": "GRID_A", "dicom_port": 11112, "http_port": 8081, "storage_root": "a",
+                "cassandra_dc": "dc1"}],
+        cassandra={"replication": {"dc1": 1}},
+        remote_aes={"PACS": {"host": "127.0.0.1", "port": 4100}},
+    )
+    site = SimpleNamespace(config=config, site=config.site("A"), db=None, audit=audit)
+    svc = StorageCommitmentService(site)  # type: ignore[arg-type]
+    svc.store = MemoryStore(tables, "r1")  # type: ignore[assignment]
+    svc.committer.adopted = []  # type: ignore[attr-defined]
+    svc.committer.adopt = svc.committer.adopted.append  # type: ignore[method-assign, attr-defined]
+    return svc
+
+
+def n_action(calling_ae: str, ds: Dataset, action_type: int = 1) -> SimpleNamespace:
+    requestor = SimpleNamespace(ae_title=calling_ae, address="10.1.2.3", port=4000)
+    return SimpleNamespace(
+        assoc=SimpleNamespace(requestor=requestor), action_type=action_type, action_information=ds,
+        request=SimpleNamespace(RequestedSOPClassUID=PUSH_CLASS, RequestedSOPInstanceUID=PUSH_INSTANCE),
+    )
+
+
+def test_an_accepted_n_action_is_kept_before_the_answer_and_handed_to_the_committer() -> None:
+    tables, audit = MemoryTables(), FakeAudit()
+    svc = service(tables, audit)
+    status, _ = svc.on_n_action(n_action("PACS", request_dataset((CT, "1.2.3.1"))))  # type: ignore[arg-type]
+    assert status == 0x0000
+    kept = tables.rows["1.2.3.99"]
+    assert (kept.requestor_ae, kept.requestor_address, kept.items) == ("PACS", "10.1.2.3:4000", (REF,))
+    assert kept.deadline - kept.requested_at == dt.timedelta(seconds=60) and "1.2.3.99" in tables.open
+    assert [tx.uid for tx in svc.committer.adopted] == ["1.2.3.99"]  # type: ignore[attr-defined]
+    assert audit.records[0][1] == 0 and audit.records[0][2].startswith("N-ACTION accepted, transaction 1.2.3.99")
+
+
+def test_a_requestor_not_in_remote_aes_is_refused_and_nothing_is_kept() -> None:
+    tables, audit = MemoryTables(), FakeAudit()
+    event = n_action("STORESCU", request_dataset((CT, "1.2.3.1")))
+    status, _ = service(tables, audit).on_n_action(event)  # type: ignore[arg-type]
+    assert status.Status == 0x0110 and "remote_aes" in status.ErrorComment
+    assert tables.rows == {} and audit.records[0][1] == 4
+
+
+def test_a_repeated_n_action_is_accepted_once_and_a_different_one_with_its_uid_refused() -> None:
+    tables, audit = MemoryTables(), FakeAudit()
+    svc = service(tables, audit)
+    ds = request_dataset((CT, "1.2.3.1"))
+    assert svc.on_n_action(n_action("PACS", ds))[0] == 0x0000  # type: ignore[arg-type]
+    assert svc.on_n_action(n_action("PACS", ds))[0] == 0x0000  # type: ignore[arg-type]
+    assert len(svc.committer.adopted) == 1  # type: ignore[attr-defined]
+    other = svc.on_n_action(n_action("PACS", request_dataset((CT, "1.2.3.2"))))[0]  # type: ignore[arg-type]
+    assert other.Status == 0x0110 and "already in use" in other.ErrorComment
+    tables.rows["1.2.3.99"] = replace(tables.rows["1.2.3.99"], state=REPORTED)
+    done = svc.on_n_action(n_action("PACS", ds))[0]  # type: ignore[arg-type]
+    assert done.Status == 0x0110 and "already reported" in done.ErrorComment
