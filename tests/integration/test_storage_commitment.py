@@ -189,8 +189,8 @@ def transaction(grid, db: Cassandra, uid: str):
     return TransactionStore(db, grid.config.name, "A", "test-reader", 1.0).load(uid)
 
 
-def test_replicated_instances_are_committed_on_a_new_association_with_the_scp_role(grid, requestor, db):
-    tap = grid.tap(schemas.TOPIC_AUDIT)
+def test_replicated_instances_are_committed_on_a_new_association_with_the_scp_role(grid, requestor, db, taps):
+    tap = taps(schemas.TOPIC_AUDIT)
     datasets = stored_at_a(grid, 3)
     asked = requestor.request(grid.site("A"), refs(datasets))
     assert asked.status == 0x0000
@@ -257,8 +257,8 @@ def test_an_instance_short_of_copies_fails_with_0110_after_the_timeout(grid, req
     assert report.received_at - asked.sent_at >= grid.config.storage_commitment.timeout_s
 
 
-def test_an_unreachable_requestor_is_tried_report_attempts_times_then_audited(grid, requestor, db):
-    tap = grid.tap(schemas.TOPIC_AUDIT)
+def test_an_unreachable_requestor_is_tried_report_attempts_times_then_audited(grid, requestor, db, taps):
+    tap = taps(schemas.TOPIC_AUDIT)
     asked = requestor.request(grid.site("A"), [(str(CTImageStorage), generate_uid())], calling_ae=UNREACHABLE_SCU)
     assert asked.status == 0x0000
     records = audits_of(tap, asked.transaction_uid, 2, timeout=30)
@@ -270,8 +270,8 @@ def test_an_unreachable_requestor_is_tried_report_attempts_times_then_audited(gr
     assert row.report_attempts == attempts and "no association" in row.note
 
 
-def test_a_requestor_without_an_address_is_refused_at_once(grid, requestor):
-    tap = grid.tap(schemas.TOPIC_AUDIT)
+def test_a_requestor_without_an_address_is_refused_at_once(grid, requestor, taps):
+    tap = taps(schemas.TOPIC_AUDIT)
     # STORESCU may associate, but the grid lists no address where a report could reach it.
     asked = requestor.request(grid.site("A"), [(str(CTImageStorage), generate_uid())], calling_ae="STORESCU")
     assert asked.status == 0x0110 and "remote_aes" in asked.comment

@@ -64,8 +64,8 @@ def listed(entries: list[dict] | None) -> list[tuple]:
             for e in entries or []]
 
 
-def test_orthanc_is_told_success_once_every_instance_is_replicated(grid, orthanc):
-    tap = grid.tap(schemas.TOPIC_AUDIT)
+def test_orthanc_is_told_success_once_every_instance_is_replicated(grid, orthanc, taps, metadata_dc1):
+    tap = taps(schemas.TOPIC_AUDIT)
     refs = pushed_by_orthanc(orthanc, 3)
 
     state, seconds = commit(orthanc, refs)
@@ -75,13 +75,9 @@ def test_orthanc_is_told_success_once_every_instance_is_replicated(grid, orthanc
     assert state["RemoteAET"] == grid.site("A").ae_title
     assert sorted(listed(state["Success"])) == sorted(refs) and not state.get("Failures")
     # It was true when the report went: both sites hold a verified copy of each.
-    index = grid.metadata("dc1")
-    try:
-        ledger = ReplicaLedger(index.db)
-        for _, uid in refs:
-            assert ledger.verified_sites(index.instance_location(uid).sha256) == {"A", "B"}
-    finally:
-        index.db.close()
+    ledger = ReplicaLedger(metadata_dc1.db)
+    for _, uid in refs:
+        assert ledger.verified_sites(metadata_dc1.instance_location(uid).sha256) == {"A", "B"}
     # The report went to Orthanc's own DICOM port, on an association the grid opened.
     peer = grid.config.remote_aes[orthanc.aet]
     delivered = tap.collect(lambda seen: any(
