@@ -330,7 +330,11 @@ class Committer:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def start(self, delivery_workers: int = 4) -> None:
+    # A requestor that does not answer holds a worker through all its attempts and backoff, so there are
+    # enough of them that a few such requestors do not hold up everyone else's reports.
+    DELIVERY_WORKERS = 16
+
+    def start(self, delivery_workers: int = DELIVERY_WORKERS) -> None:
         self._threads = [threading.Thread(target=self._run, name=f"commitment-{self.site}", daemon=True)]
         self._threads += [
             threading.Thread(target=self._deliveries, name=f"commitment-report-{self.site}-{n}", daemon=True)
