@@ -15,11 +15,12 @@ if TYPE_CHECKING:
 
 
 def dimse_services(site: "SiteContext") -> list["DimseService"]:
-    """Query/retrieve services mounted on the site's AE next to storage."""
+    """Query/retrieve and Storage Commitment services mounted on the site's AE next to storage."""
     from dicomgrid.consumers.find_scp import find_services
     from dicomgrid.consumers.retrieve_scp import retrieve_services
+    from dicomgrid.consumers.storage_commitment import storage_commitment_services
 
-    return [*find_services(site), *retrieve_services(site)]
+    return [*find_services(site), *retrieve_services(site), *storage_commitment_services(site)]
 
 
 def http_routes(site: "SiteContext") -> list["BaseRoute"]:

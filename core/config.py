@@ -194,8 +194,27 @@ class StorageCommitmentConfig(_Section):
 
     # How long a request waits for its instances to reach min_copies before they are reported failed.
     timeout_s: float = Field(default=60.0, gt=0)
-    # Attempts to deliver an N-EVENT-REPORT to a requestor that does not answer.
+    # An instance the index does not know yet is looked for this long before it is reported as
+    # "no such object instance": its location row is written just after the C-STORE response, and
+    # reaches another site's datacenter a moment later.
+    unknown_grace_s: float = Field(default=5.0, ge=0)
+    # How often the ledger is read for the instances of open transactions.
+    poll_interval_s: float = Field(default=0.5, gt=0)
+    # Attempts to deliver an N-EVENT-REPORT to a requestor that does not answer, with capped
+    # exponential backoff and jitter between them; each attempt's association times out after
+    # report_timeout_s.
     report_attempts: int = Field(default=5, ge=1)
+    report_backoff_initial_s: float = Field(default=1.0, gt=0)
+    report_backoff_max_s: float = Field(default=30.0, gt=0)
+    report_timeout_s: float = Field(default=10.0, gt=0)
+    # A receiver process owns the transactions it works on for lease_s, renewing as it goes; one that
+    # dies leaves them to another receiver of the site (or its own restart) once the lease has run
+    # out. Open transactions are looked for every scan_interval_s. Keep the lease well above the
+    # clock skew between a site's receiver hosts.
+    lease_s: float = Field(default=30.0, gt=0)
+    scan_interval_s: float = Field(default=5.0, gt=0)
+    # Referenced instances one request may name (a larger one is refused with 0x0213).
+    max_instances: int = Field(default=10_000, ge=1)
 
 
 class InfraConfig(_Section):

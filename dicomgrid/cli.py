@@ -255,7 +255,7 @@ def serve() -> None:
 @click.option("--reuse-port", is_flag=True, help="Share the DICOM port with other receiver processes.")
 @pass_ctx
 def serve_receiver(ctx: Context, site: str, reuse_port: bool) -> None:
-    """The DICOM services of one site: C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET."""
+    """The DICOM services of one site: C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET, Storage Commitment."""
     from dicomgrid.consumers import dimse_services
     from dicomgrid.core.dimse import SiteAE
     from dicomgrid.core.site import open_site
@@ -269,9 +269,15 @@ def serve_receiver(ctx: Context, site: str, reuse_port: bool) -> None:
     services = [storage, *dimse_services(context)]
     # SIGTERM (the supervisor's stop) unwinds like Ctrl-C, so queued audit records are delivered.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    # Services with work of their own (Storage Commitment reports) start it, and hand it back on exit.
+    running = [s for s in services if hasattr(s, "start")]
     try:
+        for service in running:
+            service.start()
         SiteAE(ctx.config, site, services, ingestor.audit).serve(spool_dir=storage.spool_dir, reuse_port=reuse_port)
     finally:
+        for service in running:
+            service.close()
         ingestor.flush()
 
 

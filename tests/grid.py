@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+import tomllib
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from confluent_kafka import Consumer, ConsumerGroupState, KafkaError, KafkaExcep
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from dicomgrid import schemas
-from dicomgrid.core.config import GridConfig, load_config
+from dicomgrid.core.config import DEFAULTS_FILE, GridConfig, load_config
 from dicomgrid.core.cassandra import Cassandra
 from dicomgrid.core.index_reader import IndexReader
 from dicomgrid.core.kafka import kafka_retry
@@ -31,6 +32,10 @@ TEST_GRID_PREFIX = "dicomgrid-test-"
 # How long an offset or metadata look-up keeps retrying while a partition or coordinator is not
 # serving (a topic just created, a broker just restarted).
 KAFKA_LOOKUP_TIMEOUT_S = 30.0
+
+# Storage Commitment requestors of the tests (tests/integration/test_storage_commitment.py): one that
+# listens for its reports, and one listed at an address where nothing listens.
+COMMIT_SCU, UNREACHABLE_SCU = "COMMITSCU", "DEADSCU"
 
 
 def free_port() -> int:
@@ -50,10 +55,22 @@ def write_test_config(path: Path, name: str, data_dir: Path, storage: Path) -> P
             f'http_port = {http_port}\nstorage_root = "{storage / site}"\ncassandra_dc = "{dc}"\n'
             f'replicate_to = ["{peer}"]\n'
         )
+    with DEFAULTS_FILE.open("rb") as fh:
+        allowed = tomllib.load(fh)["security"]["allowed_calling_aes"] + [COMMIT_SCU, UNREACHABLE_SCU]
     path.write_text(
         f'name = "{name}"\ndata_dir = "{data_dir}"\nlog_level = "INFO"\n'
         f'[cassandra]\nkeyspace = "dicomgrid_test"\n'
         f'[kafka]\ndelivery_timeout_s = 6.0\ntopic_prefix = "{name}."\n'
+        f'[security]\nallowed_calling_aes = {json.dumps(allowed)}\n'
+        # Orthanc's DICOM port is free rather than the shipped 4242, so parallel sessions do not collide;
+        # the interop fixtures start Orthanc where this says.
+        f'[remote_aes]\nORTHANC = {{ host = "127.0.0.1", port = {free_port()} }}\n'
+        f'{COMMIT_SCU} = {{ host = "127.0.0.1", port = {free_port()} }}\n'
+        f'{UNREACHABLE_SCU} = {{ host = "127.0.0.1", port = {free_port()} }}\n'
+        # Short enough for the timeout, delivery-failure and restart tests; long enough for replication.
+        '[storage_commitment]\ntimeout_s = 10.0\nunknown_grace_s = 1.5\npoll_interval_s = 0.2\n'
+        'report_attempts = 3\nreport_backoff_initial_s = 0.2\nreport_backoff_max_s = 0.5\nreport_timeout_s = 3.0\n'
+        'lease_s = 3.0\nscan_interval_s = 0.5\n'
         + "\n".join(sites)
     )
     return path

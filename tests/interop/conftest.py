@@ -54,9 +54,13 @@ def _orthanc_config(workdir: Path, http_port: int, dicom_port: int, grid_site: S
 
 @pytest.fixture(scope="module")
 def orthanc(grid, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    """An Orthanc on loopback with its own storage and free ports, knowing site A as modality "grid"."""
+    """An Orthanc on loopback with its own storage, knowing site A as modality "grid".
+
+    Its DICOM port is the grid's ``remote_aes`` entry for ORTHANC (a free port of the test config), where
+    the grid sends C-MOVE sub-operations and Storage Commitment reports; its HTTP port is free.
+    """
     workdir = tmp_path_factory.mktemp("orthanc")
-    http_port, dicom_port = free_port(), free_port()
+    http_port, dicom_port = free_port(), grid.config.remote_aes[ORTHANC_AET].port
     config_file = workdir / "orthanc.json"
     config_file.write_text(json.dumps(_orthanc_config(workdir, http_port, dicom_port, grid.site("A")), indent=2))
     log = workdir / "orthanc.log"

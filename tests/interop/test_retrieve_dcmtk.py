@@ -1,8 +1,8 @@
 """Retrieve with real third-party peers: DCMTK movescu/getscu/storescp and Orthanc.
 
-The move destinations are the grid's configured ones (``grid.config.remote_aes``): STORESCP and
-ORTHANC, on fixed ports. A peer is started by the test on that port; if something else already listens
-there the test is skipped rather than talking to a stranger.
+The move destinations are the grid's configured ones (``grid.config.remote_aes``): STORESCP on its
+shipped port, ORTHANC on a free port of the test config. A peer is started by the test on that port; if
+something else already listens there the test is skipped rather than talking to a stranger.
 """
 
 from __future__ import annotations
