@@ -44,9 +44,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def test_keyspace(name: str) -> str:
+    """The keyspace of the test grid named ``name`` (``dicomgrid-test-<pid>`` -> ``dicomgrid_test_<pid>``)."""
+    return name.replace("-", "_")
+
+
 def write_test_config(path: Path, name: str, data_dir: Path, storage: Path) -> Path:
     """A two-site grid config for tests on free ports, sharing the cluster under ``data_dir``, with its
-    own topics (prefix ``<name>.``)."""
+    own topics (prefix ``<name>.``) and its own keyspace: what the index lists is what this session's
+    blob stores hold, which the healing jobs rely on."""
     sites = []
     for site, dc, peer in (("A", "dc1", "B"), ("B", "dc2", "A")):
         dicom_port, http_port = free_port(), free_port()
@@ -59,7 +65,7 @@ def write_test_config(path: Path, name: str, data_dir: Path, storage: Path) -> P
         allowed = tomllib.load(fh)["security"]["allowed_calling_aes"] + [COMMIT_SCU, UNREACHABLE_SCU]
     path.write_text(
         f'name = "{name}"\ndata_dir = "{data_dir}"\nlog_level = "INFO"\n'
-        f'[cassandra]\nkeyspace = "dicomgrid_test"\n'
+        f'[cassandra]\nkeyspace = "{test_keyspace(name)}"\n'
         f'[kafka]\ndelivery_timeout_s = 6.0\ntopic_prefix = "{name}."\n'
         f'[security]\nallowed_calling_aes = {json.dumps(allowed)}\n'
         # Orthanc's DICOM port is free rather than the shipped 4242, so parallel sessions do not collide;

@@ -12,7 +12,7 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from dicomgrid import schemas
-from dicomgrid.core.cassandra import apply_schema
+from dicomgrid.core.cassandra import apply_schema, connect
 from dicomgrid.core.config import GridConfig, KafkaConfig, SiteConfig
 from dicomgrid.core.index_reader import IndexReader
 from dicomgrid.core.kafka import EventPublisher, delete_topics, ensure_topics
@@ -23,6 +23,7 @@ from tests.grid import (
     index_reader,
     load_test_config,
     processors_joined,
+    test_keyspace,
     wait_for,
     write_test_config,
 )
@@ -47,6 +48,22 @@ def _orphaned(grid_name: str) -> bool:
     return owner.isdigit() and not Path(f"/proc/{owner}").exists()
 
 
+def keyspaces(cluster: GridConfig) -> list[str]:
+    db, session = connect(cluster, keyspace=False)
+    try:
+        return [row.keyspace_name for row in session.execute("SELECT keyspace_name FROM system_schema.keyspaces")]
+    finally:
+        db.shutdown()
+
+
+def drop_keyspace(cluster: GridConfig, keyspace: str) -> None:
+    db, session = connect(cluster, keyspace=False)
+    try:
+        session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=120)
+    finally:
+        db.shutdown()
+
+
 def _stop_orphaned_test_grids(cluster: GridConfig) -> None:
     """Stop the services and delete the topics of test grids whose pytest session died without cleaning up."""
     for run_dir in (cluster.root / "run" / "grid").glob(f"{TEST_GRID_PREFIX}*"):
@@ -57,6 +74,10 @@ def _stop_orphaned_test_grids(cluster: GridConfig) -> None:
     for grid_name in {t.split(".", 1)[0] for t in topics if t.startswith(TEST_GRID_PREFIX)}:
         if _orphaned(grid_name):
             delete_topics(cluster.kafka.model_copy(update={"topic_prefix": f"{grid_name}."}))
+    prefix = test_keyspace(TEST_GRID_PREFIX)
+    for keyspace in keyspaces(cluster):
+        if keyspace.startswith(prefix) and _orphaned(keyspace.replace("_", "-")):
+            drop_keyspace(cluster, keyspace)
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +85,7 @@ def grid(cluster: GridConfig, tmp_path_factory: pytest.TempPathFactory) -> Itera
     """A two-site test grid with every service running, on the session's local cluster.
 
     Each session gets its own grid name (consumer group, pid files, topic prefix) and free ports, so
-    sessions can run side by side on one cluster; its topics are deleted at the end.
+    sessions can run side by side on one cluster; its topics and keyspace are deleted at the end.
     """
     _stop_orphaned_test_grids(cluster)
     base = tmp_path_factory.mktemp("grid")
@@ -87,6 +108,7 @@ def grid(cluster: GridConfig, tmp_path_factory: pytest.TempPathFactory) -> Itera
         supervisor.down()
         shutil.rmtree(supervisor.run_dir, ignore_errors=True)
         delete_topics(config.kafka)
+        drop_keyspace(cluster, config.cassandra.keyspace)
 
 
 @pytest.fixture
