@@ -6,6 +6,7 @@ test's own (same grid, same consumer group) runs in its place, so it can be thro
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -29,6 +30,11 @@ pytestmark = [pytest.mark.cluster, pytest.mark.fault]
 
 PAYLOAD_BYTES = 24_000_000
 THROTTLE_MB_S = 4
+
+
+def _cli(grid, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicomgrid", "--config", str(grid.config_file), *args],
+                          capture_output=True, text=True, timeout=300)
 
 
 def _service(grid, name: str):
@@ -152,3 +158,13 @@ def test_a_source_site_gone_dark_ends_in_replication_failed_after_the_retries(gr
     assert failure["attempt"] == grid.config.replication.max_attempts
     assert "A:" in failure["reason"]
     assert not BlobStore(grid.config.site_storage("B"), "B").exists(digest)
+    status = _cli(grid, "replication", "status", "--json")
+    assert status.returncode == 0, status.stderr
+    b = next(s for s in json.loads(status.stdout)["sites"] if s["site"] == "B")
+    assert b["failed"] >= 1 and json.loads(status.stdout)["under_replicated"] >= 1
+
+    # Once A serves again, anti-entropy asks B's worker for the copy it never got.
+    repaired = _cli(grid, "repair", "--site", "B", "--json")
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert json.loads(repaired.stdout)[0]["requested"] >= 1
+    assert_whole(grid, [ds])

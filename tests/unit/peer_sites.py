@@ -43,6 +43,13 @@ class FakeLedger:
         self.recorded.append((blob.site, blob.sha256, blob.size))
         self.copies.setdefault(blob.sha256, []).append(blob.site)
 
+    def verified_sites(self, digest: str) -> set[str]:
+        return set(self.copies.get(digest, []))
+
+    def mark_verified(self, blob: BlobRef) -> None:
+        if blob.site not in self.copies.get(blob.sha256, []):
+            self.record(blob)
+
 
 @dataclass
 class RecordingAudit:
