@@ -146,11 +146,13 @@ class FindService:
         calling_ae, peer = peer_of(event)
         elapsed_ms = round((time.monotonic() - outcome.started) * 1000, 1)
         if outcome.query is not None:
-            query = outcome.query.describe()
+            query, shape, patient = outcome.query.describe(), outcome.query.shape(), outcome.query.patient()
         else:
             query = {"identifier": _summary(outcome.identifier)} if outcome.identifier is not None else {}
+            shape, patient = {}, []
+        # The log gets the query's shape; its key values (names, IDs) go to the audit trail only.
         fields = dict(calling_ae=calling_ae, peer=peer, result=outcome.result, matches=outcome.matches,
-                      elapsed_ms=elapsed_ms, comment=outcome.comment, **query)
+                      elapsed_ms=elapsed_ms, comment=outcome.comment, **shape)
         if outcome.result in ("success", "cancelled"):
             log.info("c-find", **fields)
             audit_outcome = SUCCESS
@@ -167,7 +169,7 @@ class FindService:
                 Participant(calling_ae or "unknown", True, calling_ae, peer, "Source"),
                 Participant(self.site.site.name, False, self.site.site.ae_title, None, "Destination"),
             ],
-            [AuditObject("query", model, {"protocol": "DIMSE", "matches": outcome.matches, **query})],
+            [AuditObject("query", model, {"protocol": "DIMSE", "matches": outcome.matches, **query}), *patient],
         )
 
 

@@ -233,8 +233,10 @@ class QidoService:
     ) -> None:
         client = f"{request.client.host}:{request.client.port}" if request.client else "unknown"
         described = query.describe() if query else {}
-        fields = dict(path=request.url.path, client=client, result=result, matches=matches, comment=comment,
-                      elapsed_ms=round((time.monotonic() - started) * 1000, 1), **described)
+        # The log gets the query's shape (the path may hold UIDs, the query string names and IDs: neither
+        # is logged); its key values go to the audit trail only.
+        fields = dict(search=path_level(request), client=client, result=result, matches=matches, comment=comment,
+                      elapsed_ms=round((time.monotonic() - started) * 1000, 1), **(query.shape() if query else {}))
         if result == "success":
             log.info("qido-rs", **fields)
             outcome = SUCCESS
@@ -254,11 +256,21 @@ class QidoService:
                 AuditObject(
                     "query",
                     f"QIDO-RS {request.url.path}",
-                    {"protocol": "QIDO-RS", "matches": matches, "query_string": request.url.query[:1024],
-                     **described},
-                )
+                    {"protocol": "QIDO-RS", "sop_class_uid": STUDY_ROOT_FIND, "path": request.url.path,
+                     "matches": matches, "query_string": request.url.query[:1024], **described},
+                ),
+                *(query.patient() if query else []),
             ],
         )
+
+
+# QIDO-RS is audited as the study-root query it is (PS3.18 maps it onto the Q/R information model).
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+
+
+def path_level(request: Request) -> str:
+    """What a QIDO-RS request searches (studies, series, instances), without the UIDs of its path."""
+    return request.url.path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def qido_routes(site: SiteContext) -> list[Route]:

@@ -49,6 +49,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from dicomgrid.core.audit import AuditObject, patient_object
 from dicomgrid.core.index_reader import IndexReader
 from dicomgrid.core.index_rows import parse_da
 from dicomgrid.core.uids import is_valid_uid
@@ -463,12 +464,24 @@ class Query:
         return ds
 
     def describe(self) -> dict[str, Any]:
-        """The query for audit records and logs (values shortened)."""
+        """The query for audit records (values shortened): the audit trail is where query keys go."""
         return {
             "level": self.level.name,
             "keys": {kw: "\\".join(key.values)[:256] for kw, key in self.keys.items()},
             "returned": list(self.returned),
         }
+
+    def shape(self) -> dict[str, Any]:
+        """The query for the process log: its level and which keys it matches on, never their values."""
+        return {"level": self.level.name, "matching_keys": sorted(self.keys)}
+
+    def patient(self) -> list[AuditObject]:
+        """The patient object of the query's audit record, when it names one patient."""
+        key = self.keys.get("PatientID")
+        values = list(key.values) if key is not None else []
+        if len(values) != 1 or any(ch in values[0] for ch in "*?\\"):
+            return []
+        return patient_object(values[0])
 
 
 def _element_values(elem: DataElement) -> list[str]:

@@ -40,7 +40,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from dicomgrid.consumers.payloads import Payloads
-from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, Participant, transfer_objects
+from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, Participant, audited_patients, transfer_objects
 from dicomgrid.core.index_reader import StoredInstance
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.site import SiteContext
@@ -246,10 +246,11 @@ class _Transfer:
     finished: bool = False
 
     def begin(self) -> None:
+        self.objects = transfer_objects(self.instances, audited_patients(self.service.site, self.instances))
         self.service.site.audit.record(
             "E", "Begin Transferring DICOM Instances", SUCCESS,
             f"{self.operation}: {len(self.instances)} instance(s) to send",
-            self.participants, transfer_objects(self.instances),
+            self.participants, self.objects,
         )
 
     def finish(self, how: str) -> None:
@@ -265,7 +266,8 @@ class _Transfer:
                    f"{failed} failed, {len(self.instances) - sum(self.tally.values())} not attempted")
         log.info("retrieve finished", operation=self.operation, how=how, seconds=round(seconds, 3), **self.tally)
         self.service.site.audit.record(
-            "R", "DICOM Instances Transferred", outcome, summary, self.participants, transfer_objects(self.instances)
+            "R", "DICOM Instances Transferred", outcome, summary, self.participants,
+            getattr(self, "objects", None) or transfer_objects(self.instances)
         )
 
 

@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from dicomgrid.consumers.payloads import Payloads
-from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, Participant, transfer_objects
+from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, Participant, audited_patients, transfer_objects
 from dicomgrid.core.blobstore import PayloadReader
 from dicomgrid.core.index_reader import StoredInstance
 from dicomgrid.core.logging import get_logger
@@ -275,7 +275,7 @@ class Wado:
             f"{protocol} {request.url.path}: {description}",
             [Participant(address or "unknown", True, None, address, "Destination"),
              Participant(me.name, False, me.ae_title, None, "Source")],
-            transfer_objects(instances),
+            transfer_objects(instances, audited_patients(self.site, instances)),
         )
 
 

@@ -83,6 +83,13 @@ class IndexReader:
     def instances_of_study(self, study_uid: str) -> list[Any]:
         return list(self.db.execute("SELECT * FROM instances WHERE study_uid = ?", (study_uid,)))
 
+    def patients_of(self, study_uids: Iterable[str]) -> dict[str, tuple[str | None, str | None]]:
+        """(PatientID, PatientName) of each study (for the audit trail)."""
+        return {row.study_uid: (row.patient_id, row.patient_name) for row in self.db.paged(
+            "SELECT study_uid, patient_id, patient_name FROM studies WHERE study_uid = ?",
+            [(uid,) for uid in dict.fromkeys(study_uids)], self.QUERY_PAGE_ROWS,
+        )}
+
     def study_uids_of_patient(self, patient_id: str) -> list[str]:
         return sorted(row.study_uid for row in self.db.execute(
             "SELECT study_uid FROM studies WHERE patient_id = ?", (patient_id,)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dicomgrid.core.audit import AUDIT_LINGER_MS, AuditTrail
+from dicomgrid.core.audit import AUDIT_LINGER_MS, AuditSource, AuditTrail
+from dicomgrid.core.audit_spool import AuditSpool
 from dicomgrid.core.blobstore import BlobStore
 from dicomgrid.core.cassandra import Cassandra
 from dicomgrid.core.config import GridConfig, SiteConfig
@@ -31,7 +32,7 @@ class SiteContext:
         """Deliver what is still queued (events, audit records) and let go of the connections."""
         if self.publisher is not None:
             self.publisher.close(timeout)
-        self.audit.flush(timeout)
+        self.audit.close(timeout)
         self.db.close()
 
 
@@ -47,8 +48,12 @@ def open_site(config: GridConfig, site_name: str, role: str, db: Cassandra | Non
     # Every process of a site starts by clearing what crashed writers left (only files idle long enough
     # not to be another process's write in progress).
     blobs.clear_tmp(idle_s=config.healing.tmp_idle_s)
-    audit = AuditTrail(site.name, EventPublisher(config.kafka, client_id=f"dicomgrid-{role}-audit-{site.name}",
-                                                 linger_ms=AUDIT_LINGER_MS))
+    audit = AuditTrail(
+        site.name,
+        EventPublisher(config.kafka, client_id=f"dicomgrid-{role}-audit-{site.name}", linger_ms=AUDIT_LINGER_MS),
+        spool=AuditSpool(blobs.root / "audit-spool"),
+        source=AuditSource(site.name, config.name),
+    )
     return SiteContext(
         config, site, db or Cassandra(config, local_dc=site.cassandra_dc),
         blobs, audit,

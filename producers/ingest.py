@@ -23,7 +23,15 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from dicomgrid import schemas
-from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, AuditObject, AuditTrail, Participant
+from dicomgrid.core.audit import (
+    MINOR_FAILURE,
+    SERIOUS_FAILURE,
+    SUCCESS,
+    AuditObject,
+    AuditTrail,
+    Participant,
+    patient_object,
+)
 from dicomgrid.core.blobstore import BlobStore, BlobStoreError, PayloadTooLarge
 from dicomgrid.core.dicomfile import MalformedDicom, canonical_file_meta, inspect
 from dicomgrid.core.events import Source, instance_stored
@@ -84,6 +92,8 @@ class IngestResult:
     sop_instance_uid: str | None = None
     study_uid: str | None = None
     event: dict[str, Any] | None = None
+    # (PatientID, PatientName) of the data set, for the audit trail only.
+    patient: tuple[str | None, str | None] = (None, None)
 
     @property
     def ok(self) -> bool:
@@ -189,7 +199,8 @@ class Ingestor:
         transfer_syntax, attrs, offset = found.transfer_syntax_uid, found.attributes, found.offset
         sop_class, sop_instance = attrs.get("SOPClassUID"), attrs.get("SOPInstanceUID")
         study, series = attrs.get("StudyInstanceUID"), attrs.get("SeriesInstanceUID")
-        ids = dict(sop_class_uid=sop_class, sop_instance_uid=sop_instance, study_uid=study)
+        ids = dict(sop_class_uid=sop_class, sop_instance_uid=sop_instance, study_uid=study,
+                   patient=(attrs.get("PatientID"), attrs.get("PatientName")))
         for name, value in (
             ("SOPClassUID", sop_class),
             ("SOPInstanceUID", sop_instance),
@@ -280,7 +291,7 @@ class Ingestor:
 
     def _audit(self, result: IngestResult, source: Source) -> None:
         outcome = _AUDIT_OUTCOME[result.outcome]
-        objects = []
+        objects = patient_object(*result.patient)
         if result.study_uid and is_valid_uid(result.study_uid):
             objects.append(AuditObject("study", result.study_uid))
         if result.sop_instance_uid and is_valid_uid(result.sop_instance_uid):
@@ -289,7 +300,7 @@ class Ingestor:
             "C",
             "DICOM Instances Transferred",
             outcome,
-            f"{result.outcome.text}: {result.detail}",
+            f"{source.protocol} {result.outcome.text}: {result.detail}",
             [
                 Participant(source.calling_ae or "unknown", True, source.calling_ae, source.peer_address, "Source"),
                 Participant(self.site, False, source.called_ae, None, "Destination"),

@@ -104,3 +104,23 @@ def validate_event(topic: str, event: Any) -> None:
 
 
 _STRUCTURAL = {"required", "additionalProperties", "unevaluatedProperties"}
+
+
+def audit_rng_from_rnc(rnc: str) -> str:
+    """The RELAX NG (XML) form of the standard's audit message schema (compact form).
+
+    The standard's text places ``##`` documentation comments after the values they describe, which the
+    compact grammar (and rnc2rng) only allows before an annotated pattern; as plain comments they are
+    what the standard means (they carry no constraint).
+    """
+    import rnc2rng
+
+    return rnc2rng.dumps(rnc2rng.loads(re.sub(r"##", "#", rnc)))
+
+
+@cache
+def audit_message_schema() -> Any:
+    """lxml's RELAX NG validator for DICOM audit messages (schemas/audit/audit-message.rng)."""
+    from lxml import etree
+
+    return etree.RelaxNG(etree.fromstring(_HERE.joinpath("audit", "audit-message.rng").read_bytes()))
