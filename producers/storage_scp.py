@@ -24,8 +24,7 @@ INCOMING_MAX_AGE_S = 6 * 3600
 def _failure(status: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = status
-    # ErrorComment is LO: at most 64 characters, no backslash.
-    ds.ErrorComment = comment.replace("\\", "/")[:64]
+    ds.ErrorComment = comment
     return ds
 
 
@@ -68,4 +67,4 @@ class StorageService:
             result = self.ingestor.ingest(fp, source, expected)
         if result.ok:
             return 0x0000
-        return _failure(result.outcome.status, f"{result.outcome.text}: {result.detail}")
+        return _failure(result.outcome.status, result.error_comment)
