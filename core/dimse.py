@@ -7,30 +7,36 @@ storage (``producers``) and query/retrieve (``consumers``) share the association
 from __future__ import annotations
 
 import copy
+import enum
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydicom._uid_dict import UID_dictionary
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt, register_uid
+from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicomgrid.core.audit import MINOR_FAILURE, AuditTrail, Participant
-from dicomgrid.core.config import GridConfig
+from dicomgrid.core.config import ConnectionLimits, GridConfig
 from dicomgrid.core.logging import get_logger
 
 log = get_logger(__name__)
 
 # Each received PDU is held in memory whole; this bounds it while keeping per-PDU overhead low.
 MAX_PDU_BYTES = 256 * 1024
-MAX_ASSOCIATIONS = 64
+# pynetdicom's own association limit counts every acceptor thread, negotiated or not, so an attacker's
+# idle sockets would exhaust it; the site's server applies ``connections.max_associations`` to
+# negotiated associations instead and leaves pynetdicom's limit out of reach.
+_PYNETDICOM_ASSOCIATION_LIMIT = 1_000_000
 
 _STORAGE_BRANCH = "1.2.840.10008.5.1.4.1.1."
 
@@ -75,14 +81,6 @@ class DimseService(Protocol):
     def contexts(self) -> list[Context]: ...
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]: ...
-
-
-class _ReusePortServer(ThreadedAssociationServer):
-    """Lets several processes accept on one port; the kernel spreads associations over them."""
-
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
 
 
 class _CheapCopyContext(PresentationContext):
@@ -141,6 +139,193 @@ def peer_of(event: evt.Event) -> tuple[str | None, str]:
     return (requestor.ae_title or None), f"{requestor.address}:{requestor.port}"
 
 
+# -- the listener: limits for connections that have not negotiated ----------------------------------
+
+
+class _State(enum.Enum):
+    WAITING = "waiting for A-ASSOCIATE-RQ"
+    ADMITTED = "negotiated or negotiating"
+
+
+@dataclass(eq=False)
+class _Connection:
+    sock: socket.socket
+    peer: str  # IP address, the unit of the per-peer cap
+    accepted: float  # time.monotonic()
+    assoc: Association | None = None
+    state: _State = _State.WAITING
+
+
+class _SiteRequestHandler(RequestHandler):
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        self.server.attach(self.request, assoc)  # type: ignore[attr-defined]
+        return assoc
+
+
+class SiteServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, guarded against connections that never negotiate.
+
+    pynetdicom starts an association (two threads) for every accepted socket, counts it against
+    ``maximum_associations`` before it has negotiated anything, and waits ``acse_timeout`` (30 s) for
+    the A-ASSOCIATE-RQ; once a peer has sent the first bytes of a PDU its DUL thread blocks reading the
+    rest and the ARTIM timer is never checked, so a slow sender holds the connection for as long as it
+    keeps dribbling. Here:
+
+    * a connection that has not sent its A-ASSOCIATE-RQ within ``request_timeout_s`` of accept is shut
+      down (which also unblocks a DUL thread stuck reading);
+    * at most ``max_pending_per_peer`` such connections per IP address and ``max_pending`` in all: a
+      new one closes the oldest, so a real PACS at an attacker's address still gets its turn;
+    * ``max_associations`` counts negotiated associations only.
+    """
+
+    # socketserver listens with a backlog of 5: a burst of connections (PACS opening several
+    # associations, or an attacker) would wait on SYN retransmits, seconds each, before being accepted.
+    request_queue_size = 512
+
+    def __init__(self, *args: Any, limits: ConnectionLimits, reuse_port: bool = False, **kwargs: Any) -> None:
+        self.limits = limits
+        self.reuse_port = reuse_port
+        self._lock = threading.Lock()
+        self._connections: dict[socket.socket, _Connection] = {}
+        self._by_assoc: dict[Association, _Connection] = {}
+        super().__init__(*args, request_handler=_SiteRequestHandler, **kwargs)
+        self.bind(evt.EVT_REQUESTED, self._on_requested)
+        for ended in (evt.EVT_REJECTED, evt.EVT_RELEASED, evt.EVT_ABORTED):
+            self.bind(ended, self._on_ended)
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            # Several receiver processes accept on one port; the kernel spreads connections over them.
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    # accept loop ---------------------------------------------------------------------------------
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        connection = _Connection(request, str(client_address[0]), time.monotonic())
+        with self._lock:
+            waiting = [c for c in self._connections.values() if c.state is _State.WAITING]
+            same_peer = [c for c in waiting if c.peer == connection.peer]
+            if len(same_peer) >= self.limits.max_pending_per_peer:
+                victim: _Connection | None = min(same_peer, key=lambda c: c.accepted)
+            elif len(waiting) >= self.limits.max_pending:
+                victim = min(waiting, key=lambda c: c.accepted)
+            else:
+                victim = None
+            self._connections[request] = connection
+        if victim is not None:
+            self._close(victim, "pending connection closed for a newer one", peer_cap=victim.peer == connection.peer)
+        super().process_request(request, client_address)
+
+    def service_actions(self) -> None:
+        super().service_actions()
+        now = time.monotonic()
+        with self._lock:
+            overdue = [c for c in self._connections.values()
+                       if c.state is _State.WAITING and now - c.accepted > self.limits.request_timeout_s]
+            # ident is None until the thread starts: attach() runs just before that.
+            dead = [c.assoc for c in self._by_assoc.values()
+                    if c.assoc is not None and c.assoc.ident is not None and not c.assoc.is_alive()]
+        for connection in overdue:
+            self._close(connection, "no A-ASSOCIATE-RQ within the request timeout")
+        for assoc in dead:
+            self._finish(assoc)
+
+    def shutdown_request(self, request: Any) -> None:
+        # pynetdicom calls this when an acceptor's reactor ends (not on every path: see _on_ended).
+        connection = self._connections.get(request)
+        if connection is not None and connection.assoc is not None:
+            self._finish(connection.assoc)
+        else:
+            with self._lock:
+                self._connections.pop(request, None)
+        super().shutdown_request(request)
+
+    # association events (in the association's threads) ----------------------------------------------
+
+    def attach(self, request: Any, assoc: Association) -> None:
+        """Called as pynetdicom creates the association for an accepted socket, before it starts."""
+        with self._lock:
+            connection = self._connections.get(request)
+            if connection is not None:
+                connection.assoc = assoc
+                self._by_assoc[assoc] = connection
+        if connection is None:  # closed for a newer connection before its association existed
+            assoc.acse_timeout = 0
+            assoc.dul.kill_dul()
+            return
+        # pynetdicom waits acse_timeout for the A-ASSOCIATE-RQ: make that the time left of the deadline.
+        assoc.acse_timeout = max(0.0, self.limits.request_timeout_s - (time.monotonic() - connection.accepted))
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        with self._lock:
+            connection = self._by_assoc.get(assoc)
+            admitted = sum(1 for c in self._by_assoc.values()
+                           if c.state is _State.ADMITTED and c.assoc is not None and c.assoc.is_alive())
+            full = admitted >= self.limits.max_associations
+            if connection is not None and not full:
+                # Taken now, before negotiation ends, so two requests at once cannot both get the last slot.
+                connection.state = _State.ADMITTED
+        if full:
+            # As pynetdicom rejects: rejected transient, service provider (presentation), local limit exceeded.
+            assoc.acse.send_reject(0x02, 0x03, 0x02)
+            evt.trigger(assoc, evt.EVT_REJECTED, {})
+            assoc.kill()
+
+    def _on_ended(self, event: evt.Event) -> None:
+        self._finish(event.assoc)
+
+    # bookkeeping ---------------------------------------------------------------------------------
+
+    def _close(self, connection: _Connection, why: str, peer_cap: bool = False) -> None:
+        with self._lock:
+            if self._connections.pop(connection.sock, None) is None:
+                return
+            if connection.assoc is not None:
+                self._by_assoc.pop(connection.assoc, None)
+        log.info("pending dicom connection closed", reason=why, peer=connection.peer,
+                 pending_s=round(time.monotonic() - connection.accepted, 2), per_peer_cap=peer_cap)
+        try:
+            # Shutdown, not close: the association's threads may be using the socket; it is closed
+            # when the association ends. Shutdown also ends a DUL thread's blocking read.
+            connection.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        if connection.assoc is not None:
+            connection.assoc.dul.kill_dul()
+
+    def _finish(self, assoc: Association) -> None:
+        """The association is over: forget it."""
+        with self._lock:
+            connection = self._by_assoc.pop(assoc, None)
+            if connection is not None:
+                self._connections.pop(connection.sock, None)
+
+    def pending_connections(self) -> int:
+        with self._lock:
+            return sum(1 for c in self._connections.values() if c.state is _State.WAITING)
+
+
+_REJECTIONS = {
+    (0x01, 0x02): "application context name not supported",
+    (0x01, 0x03): "calling AE title not allowed",
+    (0x01, 0x07): "called AE title is not this site's",
+    (0x02, 0x02): "protocol version not supported",
+}
+
+
+def _rejection_reason(assoc: Association, limits: ConnectionLimits) -> str:
+    primitive = assoc.acceptor.primitive
+    source, diagnostic = getattr(primitive, "result_source", None), getattr(primitive, "diagnostic", None)
+    if (source, diagnostic) == (0x03, 0x02):
+        return f"local limit of {limits.max_associations} associations reached"
+    calling_ae = assoc.requestor.ae_title or None
+    reason = _REJECTIONS.get((source, diagnostic), f"source {source}, diagnostic {diagnostic}")
+    return f"{reason} (calling AE {calling_ae!r})"
+
+
 class SiteAE:
     """The DICOM face of one site: Verification plus every service given."""
 
@@ -154,7 +339,7 @@ class SiteAE:
     def _build_ae(self) -> AE:
         ae = AE(ae_title=self.site.ae_title)
         ae.maximum_pdu_size = MAX_PDU_BYTES
-        ae.maximum_associations = MAX_ASSOCIATIONS
+        ae.maximum_associations = _PYNETDICOM_ASSOCIATION_LIMIT
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for service in self.services:
             for cx in service.contexts():
@@ -182,11 +367,11 @@ class SiteAE:
             "E",
             "Security Alert",
             MINOR_FAILURE,
-            f"association rejected: calling AE {calling_ae!r} not allowed or called AE wrong",
+            f"association rejected: {_rejection_reason(event.assoc, self.config.connections)}",
             [Participant(calling_ae or "unknown", True, calling_ae, peer, "Requestor")],
         )
 
-    def serve(self, *, spool_dir: Any, reuse_port: bool = False, block: bool = True) -> ThreadedAssociationServer:
+    def serve(self, *, spool_dir: Any, reuse_port: bool = False, block: bool = True) -> SiteServer:
         """Listen on the site's DICOM address; blocks unless ``block`` is false.
 
         ``spool_dir`` receives the data sets pynetdicom streams to temporary files: keep it on the site's
@@ -202,7 +387,9 @@ class SiteAE:
             (self.site.dicom_host, self.site.dicom_port),
             contexts=[_CheapCopyContext.of(cx) for cx in self.ae.supported_contexts],
             evt_handlers=self.handlers(),
-            server_class=_ReusePortServer if reuse_port else ThreadedAssociationServer,
+            server_class=SiteServer,
+            limits=self.config.connections,
+            reuse_port=reuse_port,
         )
         self.ae._servers.append(server)
         log.info(

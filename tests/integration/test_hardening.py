@@ -1,31 +1,183 @@
-"""Abuse of a running site: hostile values a sender may put in an instance."""
+"""Abuse of a running site: connections that hold a port without using it cannot starve real peers, and
+values too long to index are refused rather than clipped."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import select
+import socket
+import struct
 import subprocess
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 from pydicom.uid import generate_uid
+from pynetdicom import AE, _config, build_context
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 
 from dicomgrid import schemas
+from dicomgrid.core.audit import AuditTrail
+from dicomgrid.core.dimse import SiteAE
 from tests.dicom_samples import make_instance, to_part10
-from tests.grid import wait_for
+from tests.grid import free_port, wait_for
 
 pytestmark = [pytest.mark.cluster]
 
+IDLE_SOCKETS = 200
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+@contextmanager
+def idle_sockets(host: str, port: int, n: int = IDLE_SOCKETS) -> Iterator[list[socket.socket]]:
+    """``n`` TCP connections to ``host:port`` that never send a byte."""
+    sockets = []
+    try:
+        for _ in range(n):
+            sockets.append(socket.create_connection((host, port), timeout=5))
+        yield sockets
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server has closed this connection (EOF or reset), without blocking."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
+def wait_all_closed(sockets: list[socket.socket], timeout: float) -> float:
+    """Seconds until the server closed every socket; fails after ``timeout``."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if all(closed_by_server(s) for s in sockets):
+            return time.monotonic() - started
+        time.sleep(0.1)
+    still_open = sum(not closed_by_server(s) for s in sockets)
+    raise AssertionError(f"{still_open} of {len(sockets)} connections still open after {timeout}s")
+
+
+class Dribbler(threading.Thread):
+    """Starts a PDU (an A-ASSOCIATE-RQ header announcing 4 KiB) and then sends one byte every 0.3 s,
+    as a slow-loris attacker does, until the server closes the connection."""
+
+    def __init__(self, host: str, port: int, head: bytes) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.create_connection((host, port), timeout=5)
+        self.sock.sendall(head)
+        self.closed_after: float | None = None
+        self._opened = time.monotonic()
+
+    def run(self) -> None:
+        while time.monotonic() - self._opened < 120:
+            try:
+                self.sock.sendall(b"\x00")
+            except OSError:
+                break
+            if closed_by_server(self.sock):
+                break
+            time.sleep(0.3)
+        self.closed_after = time.monotonic() - self._opened
+        self.sock.close()
 
 
 def run_timed(argv: list[str], timeout: float = 60) -> tuple[subprocess.CompletedProcess[str], float]:
     started = time.monotonic()
     done = subprocess.run(argv, capture_output=True, text=True, env=DCMTK_ENV, timeout=timeout)
     return done, time.monotonic() - started
+
+
+def associate_all(site):
+    ae = AE(ae_title="STORESCU")
+    ae.requested_contexts = [build_context(uid) for uid in (
+        CTImageStorage, Verification, StudyRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove)]
+    assoc = ae.associate(site.dicom_host, site.dicom_port, ae_title=site.ae_title)
+    assert assoc.is_established
+    return assoc
+
+
+# -- idle and slow connections -------------------------------------------------------------------
+
+
+def test_idle_and_slow_sockets_cannot_starve_the_dicom_port(grid, tmp_path: Path):
+    site = grid.site("A")
+    limits = grid.config.connections
+    host, port = site.dicom_host, str(site.dicom_port)
+    path = tmp_path / "one.dcm"
+    path.write_bytes(to_part10(make_instance()))
+    dribbler = Dribbler(site.dicom_host, site.dicom_port, struct.pack(">BBL", 0x01, 0x00, 4096) + b"\x00\x01")
+    with idle_sockets(site.dicom_host, site.dicom_port) as idle:
+        dribbler.start()
+        time.sleep(0.5)
+        echo, echo_s = run_timed(["echoscu", "-aec", site.ae_title, host, port])
+        store, store_s = run_timed(["storescu", "-aec", site.ae_title, host, port, str(path)])
+        print(f"with {len(idle)} idle sockets and a slow sender: echoscu {echo_s:.2f}s, storescu {store_s:.2f}s")
+        assert echo.returncode == 0, echo.stdout + echo.stderr
+        assert store.returncode == 0, store.stdout + store.stderr
+        assert echo_s < 3 and store_s < 3
+        # At most max_pending_per_peer of them are still held: older ones made room for newer ones.
+        assert sum(not closed_by_server(s) for s in idle) <= limits.max_pending_per_peer
+        # The rest are dropped once the association-request timeout passes, counted from accept.
+        closed_s = wait_all_closed(idle, limits.request_timeout_s + 3)
+        print(f"idle sockets all closed by the receiver {closed_s:.1f}s later")
+    dribbler.join(limits.request_timeout_s + 5)
+    assert dribbler.closed_after is not None and dribbler.closed_after < limits.request_timeout_s + 2, (
+        "a sender dribbling bytes must not stretch the association-request timeout"
+    )
+
+
+def test_the_association_limit_counts_negotiated_associations_only(grid, taps, publishers, monkeypatch):
+    """A receiver allowing 2 associations: 50 idle sockets do not use them up; a third association is
+    rejected (transient, local limit exceeded) and audited, and admitted once one is released."""
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", _config.STORE_RECV_CHUNKED_DATASET)
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", _config.STORE_SEND_CHUNKED_DATASET)
+    site = grid.site("A").model_copy(update={"dicom_port": free_port()})
+    limits = grid.config.connections.model_copy(update={"max_associations": 2, "max_pending_per_peer": 64})
+    config = grid.config.model_copy(update={"sites": [site, grid.site("B")], "connections": limits})
+    publisher = publishers(config.kafka, "test-association-limit")
+    tap = taps(schemas.TOPIC_AUDIT)
+    server = SiteAE(config, "A", [], AuditTrail("A", publisher)).serve(
+        spool_dir=grid.config.site_storage("A") / "incoming", block=False)
+    try:
+        with idle_sockets(site.dicom_host, site.dicom_port, 50):
+            first, second = associate_all(site), associate_all(site)
+            third = AE(ae_title="ECHOSCU")
+            third.add_requested_context(Verification)
+            rejected = third.associate(site.dicom_host, site.dicom_port, ae_title=site.ae_title)
+            assert rejected.is_rejected
+            assert (rejected.acceptor.primitive.result, rejected.acceptor.primitive.result_source,
+                    rejected.acceptor.primitive.diagnostic) == (0x02, 0x03, 0x02)
+            first.release()
+            admitted = associate_all(site)
+            assert admitted.send_c_echo().Status == 0x0000
+            admitted.release()
+            second.release()
+        alert = tap.collect(lambda seen: any("local limit of 2" in a["outcome_description"] for a in seen))
+        assert any(a["event"] == "Security Alert" for a in alert if "local limit" in a["outcome_description"])
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # -- over-long indexed text ------------------------------------------------------------------------
