@@ -289,12 +289,13 @@ def serve_http(ctx: Context, site: str) -> None:
     import uvicorn
 
     from dicomgrid.core.site import open_site
-    from dicomgrid.http import create_http_app
+    from dicomgrid.http import create_http_app, guarded_protocol
 
     _logging(ctx)
     site_config = ctx.config.site(site)
     app = create_http_app(open_site(ctx.config, site, "http"))
-    uvicorn.run(app, host=site_config.http_host, port=site_config.http_port, log_config=None, access_log=False)
+    uvicorn.run(app, host=site_config.http_host, port=site_config.http_port, log_config=None, access_log=False,
+                http=guarded_protocol(ctx.config.connections))
 
 
 def _run_faust(ctx: Context, create: Callable[[GridConfig, str], Any], site: str) -> None:

@@ -146,6 +146,31 @@ def test_idle_and_slow_sockets_cannot_starve_the_dicom_port(grid, tmp_path: Path
     )
 
 
+def test_idle_and_slow_sockets_cannot_starve_the_http_port(grid):
+    site = grid.site("B")
+    limits = grid.config.connections
+    base = f"http://{site.http_host}:{site.http_port}"
+    dribbler = Dribbler(site.http_host, site.http_port, b"GET /dicomweb/studies HTTP/1.1\r\nHost: x\r\n")
+    with idle_sockets(site.http_host, site.http_port) as idle:
+        dribbler.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        with httpx.Client(timeout=10) as client:
+            assert client.get(f"{base}/dicomweb/studies", params={"PatientID": "NOBODY-HERE"}).status_code == 200
+            body = (b"--B\r\nContent-Type: application/dicom\r\n\r\n" + to_part10(make_instance()) + b"\r\n--B--\r\n")
+            stow = client.post(f"{base}/dicomweb/studies", content=body,
+                               headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=B'})
+        elapsed = time.monotonic() - started
+        print(f"with {len(idle)} idle sockets and a slow sender: QIDO-RS + STOW-RS {elapsed:.2f}s")
+        assert stow.status_code == 200, stow.text
+        assert elapsed < 3
+        assert sum(not closed_by_server(s) for s in idle) <= limits.max_pending_per_peer
+        closed_s = wait_all_closed(idle, limits.request_timeout_s + 3)
+        print(f"idle sockets all closed by the HTTP service {closed_s:.1f}s later")
+    dribbler.join(limits.request_timeout_s + 5)
+    assert dribbler.closed_after is not None and dribbler.closed_after < limits.request_timeout_s + 2
+
+
 def test_the_association_limit_counts_negotiated_associations_only(grid, taps, publishers, monkeypatch):
     """A receiver allowing 2 associations: 50 idle sockets do not use them up; a third association is
     rejected (transient, local limit exceeded) and audited, and admitted once one is released."""
