@@ -8,26 +8,34 @@ from __future__ import annotations
 
 import copy
 import enum
+import os
 import socket
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom._uid_dict import UID_dictionary
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt, register_uid
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.dimse_primitives import C_CANCEL, N_EVENT_REPORT
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from dicomgrid.core.audit import MINOR_FAILURE, AuditTrail, Participant
 from dicomgrid.core.config import ConnectionLimits, GridConfig
 from dicomgrid.core.logging import get_logger
+from dicomgrid.core.spool import ReceiveSpool
 
 log = get_logger(__name__)
 
@@ -37,6 +45,8 @@ MAX_PDU_BYTES = 256 * 1024
 # idle sockets would exhaust it; the site's server applies ``connections.max_associations`` to
 # negotiated associations instead and leaves pynetdicom's limit out of reach.
 _PYNETDICOM_ASSOCIATION_LIMIT = 1_000_000
+# How often the server looks for pending connections past their deadline and for spool leftovers.
+SPOOL_SWEEP_INTERVAL_S = 30.0
 
 _STORAGE_BRANCH = "1.2.840.10008.5.1.4.1.1."
 
@@ -139,7 +149,93 @@ def peer_of(event: evt.Event) -> tuple[str | None, str]:
     return (requestor.ae_title or None), f"{requestor.address}:{requestor.port}"
 
 
-# -- the listener: limits for connections that have not negotiated ----------------------------------
+# -- the DIMSE provider --------------------------------------------------------------------------------
+
+
+class _SiteDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, mirroring ``DIMSEServiceProvider.receive_primitive``; the one place
+    the grid adapts pynetdicom's internals (3.0.x, pinned).
+
+    Every data set streamed to a spool file is recorded, so that whatever is left of them can be
+    deleted when the association ends: pynetdicom deletes a file only after its handler ran, so a
+    transfer cut short (abort, dropped TCP, timeout) or a message that never reaches a handler left
+    its partial file behind.
+    """
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__(assoc)
+        self.spool_files: list[Path] = []
+
+    def receive_primitive(self, primitive: Any) -> None:
+        if self.message is None:
+            self.message = DIMSEMessage()
+        message = self.message
+        try:
+            complete = message.decode_msg(primitive, self.assoc)
+        except Exception:
+            self._claim_spool_file(message)
+            self._discard(message)
+            raise  # pynetdicom's DUL aborts the association
+        self._claim_spool_file(message)
+        if not complete:
+            return
+
+        evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": message})
+        context_id = message.context_id
+        try:
+            request = message.message_to_primitive()
+        except Exception:
+            log.exception("invalid dimse message; aborting the association")
+            self._discard(message)
+            self.dul.event_queue.put("Evt19")
+            return
+
+        # From here on as in pynetdicom.
+        if isinstance(request, C_CANCEL) and len(self.cancel_req) < 10:
+            self.cancel_req[request.MessageIDBeingRespondedTo] = request
+        elif isinstance(request, N_EVENT_REPORT) and request.is_valid_request:
+            threading.Thread(target=make_target(self.assoc._serve_request), args=(request, context_id)).start()
+        else:
+            self.msg_queue.put((context_id, request))
+        self._reset(message)
+
+    def _claim_spool_file(self, message: DIMSEMessage) -> None:
+        path = message._data_set_path
+        if path is not None and path not in self.spool_files:
+            # Files pynetdicom already deleted after their handler ran need no remembering.
+            self.spool_files = [p for p in self.spool_files if p.exists()] + [path]
+
+    def _discard(self, message: DIMSEMessage) -> None:
+        """Drop a message that will never reach a handler, and its spool file."""
+        if message._data_set_file is not None:
+            message._data_set_file.close()
+            Path(message._data_set_file.name).unlink(missing_ok=True)
+        self._reset(message)
+
+    def _reset(self, message: DIMSEMessage) -> None:
+        # pynetdicom's fix for its issue #41 (the message would keep every fragment alive).
+        message.encoded_command_set = BytesIO()
+        message.data_set = BytesIO()
+        message._data_set_file = None
+        message._data_set_path = None
+        self.message = None
+
+    def remove_spool_files(self) -> int:
+        """Delete every spool file of this association that is still there (the association is over)."""
+        if self.message is not None and self.message._data_set_file is not None:
+            self.message._data_set_file.close()
+        removed = 0
+        for path in self.spool_files:
+            try:
+                os.unlink(path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+        self.spool_files = []
+        return removed
+
+
+# -- the listener: limits for connections that have not negotiated, spool cleanup ------------------
 
 
 class _State(enum.Enum):
@@ -176,19 +272,24 @@ class SiteServer(ThreadedAssociationServer):
       down (which also unblocks a DUL thread stuck reading);
     * at most ``max_pending_per_peer`` such connections per IP address and ``max_pending`` in all: a
       new one closes the oldest, so a real PACS at an attacker's address still gets its turn;
-    * ``max_associations`` counts negotiated associations only.
+    * ``max_associations`` counts negotiated associations only;
+    * every spool file of an association is deleted when it ends, for whatever reason, and a periodic
+      sweep (:class:`~dicomgrid.core.spool.ReceiveSpool`) removes anything left over.
     """
 
     # socketserver listens with a backlog of 5: a burst of connections (PACS opening several
     # associations, or an attacker) would wait on SYN retransmits, seconds each, before being accepted.
     request_queue_size = 512
 
-    def __init__(self, *args: Any, limits: ConnectionLimits, reuse_port: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, limits: ConnectionLimits, spool: ReceiveSpool | None,
+                 reuse_port: bool = False, **kwargs: Any) -> None:
         self.limits = limits
+        self.spool = spool
         self.reuse_port = reuse_port
         self._lock = threading.Lock()
         self._connections: dict[socket.socket, _Connection] = {}
         self._by_assoc: dict[Association, _Connection] = {}
+        self._next_sweep = time.monotonic() + SPOOL_SWEEP_INTERVAL_S
         super().__init__(*args, request_handler=_SiteRequestHandler, **kwargs)
         self.bind(evt.EVT_REQUESTED, self._on_requested)
         for ended in (evt.EVT_REJECTED, evt.EVT_RELEASED, evt.EVT_ABORTED):
@@ -231,6 +332,9 @@ class SiteServer(ThreadedAssociationServer):
             self._close(connection, "no A-ASSOCIATE-RQ within the request timeout")
         for assoc in dead:
             self._finish(assoc)
+        if self.spool is not None and now >= self._next_sweep:
+            self._next_sweep = now + SPOOL_SWEEP_INTERVAL_S
+            self.spool.sweep(self.claimed_spool_files())
 
     def shutdown_request(self, request: Any) -> None:
         # pynetdicom calls this when an acceptor's reactor ends (not on every path: see _on_ended).
@@ -246,6 +350,7 @@ class SiteServer(ThreadedAssociationServer):
 
     def attach(self, request: Any, assoc: Association) -> None:
         """Called as pynetdicom creates the association for an accepted socket, before it starts."""
+        assoc.dimse = _SiteDIMSE(assoc)
         with self._lock:
             connection = self._connections.get(request)
             if connection is not None:
@@ -297,11 +402,25 @@ class SiteServer(ThreadedAssociationServer):
             connection.assoc.dul.kill_dul()
 
     def _finish(self, assoc: Association) -> None:
-        """The association is over: forget it."""
+        """The association is over: forget it and delete what is left of its spool files."""
         with self._lock:
             connection = self._by_assoc.pop(assoc, None)
             if connection is not None:
                 self._connections.pop(connection.sock, None)
+        dimse = assoc.dimse
+        if isinstance(dimse, _SiteDIMSE):
+            removed = dimse.remove_spool_files()
+            if removed:
+                log.info("partial data set removed", files=removed, peer=f"{assoc.requestor.address}:{assoc.requestor.port}")
+
+    def claimed_spool_files(self) -> set[Path]:
+        with self._lock:
+            associations = [c.assoc for c in self._by_assoc.values() if c.assoc is not None]
+        claimed: set[Path] = set()
+        for assoc in associations:
+            if isinstance(assoc.dimse, _SiteDIMSE):
+                claimed.update(assoc.dimse.spool_files)
+        return claimed
 
     def pending_connections(self) -> int:
         with self._lock:
@@ -371,24 +490,28 @@ class SiteAE:
             [Participant(calling_ae or "unknown", True, calling_ae, peer, "Requestor")],
         )
 
-    def serve(self, *, spool_dir: Any, reuse_port: bool = False, block: bool = True) -> SiteServer:
+    def serve(self, *, spool_dir: Path, reuse_port: bool = False, block: bool = True) -> SiteServer:
         """Listen on the site's DICOM address; blocks unless ``block`` is false.
 
-        ``spool_dir`` receives the data sets pynetdicom streams to temporary files: keep it on the site's
-        volume. Both settings are process-wide in pynetdicom, so they are made here, by the process that
-        serves, rather than on import.
+        ``spool_dir`` (the site's ``incoming/``) receives the data sets pynetdicom streams to temporary
+        files, in a folder of this process's own: keep it on the site's volume. These settings are
+        process-wide in pynetdicom, so they are made here, by the process that serves, rather than on
+        import.
         """
         # Received data sets are streamed to a file, and C-GET/C-MOVE sub-operations send stored files
         # from disk a PDU at a time: memory stays flat for 1 GB instances either way.
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.STORE_SEND_CHUNKED_DATASET = True
-        tempfile.tempdir = str(spool_dir)
+        spool = ReceiveSpool(Path(spool_dir))
+        tempfile.tempdir = str(spool.create())
+        spool.sweep(grace_s=0)
         server = self.ae.make_server(
             (self.site.dicom_host, self.site.dicom_port),
             contexts=[_CheapCopyContext.of(cx) for cx in self.ae.supported_contexts],
             evt_handlers=self.handlers(),
             server_class=SiteServer,
             limits=self.config.connections,
+            spool=spool,
             reuse_port=reuse_port,
         )
         self.ae._servers.append(server)
