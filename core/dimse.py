@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom._uid_dict import UID_dictionary
+from pydicom.datadict import dictionary_VR
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt, register_uid
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
-from pynetdicom.dimse_primitives import C_CANCEL, N_EVENT_REPORT
+from pynetdicom.dimse_primitives import C_CANCEL, C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, N_EVENT_REPORT
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
@@ -149,21 +150,91 @@ def peer_of(event: evt.Event) -> tuple[str | None, str]:
     return (requestor.ae_title or None), f"{requestor.address}:{requestor.port}"
 
 
-# -- the DIMSE provider --------------------------------------------------------------------------------
+# -- requests pynetdicom cannot decode ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A DIMSE request the site could not decode: what it was, what was wrong, what the peer got."""
+
+    command: str | None  # "C-STORE", ...; None when the command set itself cannot be decoded
+    field: str | None  # keyword of the offending command element
+    reason: str  # what is wrong, never the value itself: logs and audit records do not echo peer input
+    status: int | None  # the failure status answered, or None when the association was aborted
+
+
+# Command Field -> (name, response primitive, default failure status, failure status per offending field).
+# PS3.4: C-STORE 0xCxxx "cannot understand" (0xC001 is the grid's "missing or invalid UID", as for an
+# invalid UID in the data set); C-FIND, C-GET, C-MOVE 0xCxxx "unable to process" (0xC000, the
+# query engine's value for a malformed value) and C-MOVE 0xA801 "move destination unknown"; C-ECHO
+# has only the general 0x0212 "mistyped argument" (PS3.7 C.5.2). C-CANCEL has no response.
+_ANSWERABLE: dict[int, tuple[str, type[Any] | None, int, dict[str, int]]] = {
+    0x0001: ("C-STORE", C_STORE, 0xC000, {"AffectedSOPClassUID": 0xC001, "AffectedSOPInstanceUID": 0xC001}),
+    0x0020: ("C-FIND", C_FIND, 0xC000, {}),
+    0x0010: ("C-GET", C_GET, 0xC000, {}),
+    0x0021: ("C-MOVE", C_MOVE, 0xC000, {"MoveDestination": 0xA801}),
+    0x0030: ("C-ECHO", C_ECHO, 0x0212, {}),
+    0x0FFF: ("C-CANCEL", None, 0, {}),
+}
+_VALUE_LIMITS = {"UI": (64, "UID"), "AE": (16, "AE title")}
+
+
+def _what_is_wrong(keyword: str, value: Any) -> str:
+    try:
+        vr = dictionary_VR(keyword)
+    except KeyError:
+        vr = ""
+    if vr in _VALUE_LIMITS:
+        limit, name = _VALUE_LIMITS[vr]
+        if isinstance(value, (str, bytes)) and len(value.strip()) > limit:
+            return f"longer than {limit} characters"
+        return f"not a valid {name}"
+    return "not a valid value"
+
+
+def _offending_field(primitive: Any, message: DIMSEMessage) -> tuple[str, int, str]:
+    """The command element pynetdicom refused to put in ``primitive``: (keyword, tag, what is wrong).
+
+    Mirrors the loop of ``DIMSEMessage.message_to_primitive``, one element at a time.
+    """
+    for elem in message.command_set:
+        if not hasattr(primitive, elem.keyword):
+            continue
+        try:
+            value = elem.value
+        except Exception:
+            return elem.keyword, int(elem.tag), "cannot be decoded"
+        try:
+            setattr(primitive, elem.keyword, value[0] if isinstance(value, list) and value else value)
+        except Exception:
+            return elem.keyword, int(elem.tag), _what_is_wrong(elem.keyword, value)
+    return "command set", 0, "cannot be decoded"
+
+
+def _int_field(message: DIMSEMessage, keyword: str) -> int | None:
+    try:
+        return int(message.command_set[keyword].value)
+    except Exception:
+        return None
 
 
 class _SiteDIMSE(DIMSEServiceProvider):
-    """pynetdicom's DIMSE provider, mirroring ``DIMSEServiceProvider.receive_primitive``; the one place
-    the grid adapts pynetdicom's internals (3.0.x, pinned).
+    """pynetdicom's DIMSE provider, changed in two ways; the one place the grid adapts pynetdicom's
+    internals (3.0.x, pinned), mirroring ``DIMSEServiceProvider.receive_primitive`` otherwise.
 
-    Every data set streamed to a spool file is recorded, so that whatever is left of them can be
-    deleted when the association ends: pynetdicom deletes a file only after its handler ran, so a
-    transfer cut short (abort, dropped TCP, timeout) or a message that never reaches a handler left
-    its partial file behind.
+    * pynetdicom answers a request whose command it cannot turn into a primitive (a UID over 64
+      characters, an AE title over 16, an out-of-range Priority) with an A-ABORT, which a PACS retries
+      forever and nobody audits. Here such a request gets the nearest failure status of its service,
+      with an Error Comment and the Offending Element, and the association carries on. A command set
+      that cannot be decoded at all has no Message ID to answer, so that association is still
+      aborted. Both are reported to ``refused`` (log line and audit record).
+    * Every data set streamed to a spool file is recorded, so that whatever is left of them can be
+      deleted when the association ends (pynetdicom deletes a file only after its handler ran).
     """
 
-    def __init__(self, assoc: Association) -> None:
+    def __init__(self, assoc: Association, refused: Callable[[Association, Refusal], None]) -> None:
         super().__init__(assoc)
+        self._refused = refused
         self.spool_files: list[Path] = []
 
     def receive_primitive(self, primitive: Any) -> None:
@@ -172,10 +243,12 @@ class _SiteDIMSE(DIMSEServiceProvider):
         message = self.message
         try:
             complete = message.decode_msg(primitive, self.assoc)
-        except Exception:
+        except Exception as exc:
             self._claim_spool_file(message)
             self._discard(message)
-            raise  # pynetdicom's DUL aborts the association
+            self._refused(self.assoc, Refusal(None, None, f"command set cannot be decoded ({type(exc).__name__})", None))
+            self.dul.event_queue.put("Evt19")  # A-ABORT through the state machine, as pynetdicom does
+            return
         self._claim_spool_file(message)
         if not complete:
             return
@@ -185,9 +258,8 @@ class _SiteDIMSE(DIMSEServiceProvider):
         try:
             request = message.message_to_primitive()
         except Exception:
-            log.exception("invalid dimse message; aborting the association")
             self._discard(message)
-            self.dul.event_queue.put("Evt19")
+            self._answer_undecodable(message, context_id)
             return
 
         # From here on as in pynetdicom.
@@ -198,6 +270,36 @@ class _SiteDIMSE(DIMSEServiceProvider):
         else:
             self.msg_queue.put((context_id, request))
         self._reset(message)
+
+    def _answer_undecodable(self, message: DIMSEMessage, context_id: int | None) -> None:
+        """Answer a request whose command set decoded but did not convert; abort when it cannot be."""
+        command_field, message_id = _int_field(message, "CommandField"), _int_field(message, "MessageID")
+        known = _ANSWERABLE.get(command_field)
+        if known is not None and known[1] is None:  # a C-CANCEL nobody can match is ignored
+            self._refused(self.assoc, Refusal(known[0], None, "cancel request cannot be decoded; ignored", None))
+            return
+        accepted = {cx.context_id for cx in self.assoc.accepted_contexts}
+        if known is None or message_id is None or context_id not in accepted:
+            self._refused(self.assoc, Refusal(known[0] if known else None, None, "command cannot be decoded", None))
+            self.dul.event_queue.put("Evt19")
+            return
+        name, response_class, default_status, per_field = known
+        keyword, tag, wrong = _offending_field(response_class(), message)
+        status = per_field.get(keyword, default_status)
+        response = response_class()
+        response.MessageIDBeingRespondedTo = message_id
+        response.Status = status
+        response.ErrorComment = f"{keyword} {wrong}"[:64]
+        if tag:
+            response.OffendingElement = [tag]
+        for echoed in ("AffectedSOPClassUID", "AffectedSOPInstanceUID"):
+            if echoed != keyword and hasattr(response, echoed):
+                try:
+                    setattr(response, echoed, message.command_set.get(echoed))
+                except Exception:
+                    pass
+        self._refused(self.assoc, Refusal(name, keyword, wrong, status))
+        self.send_msg(response, context_id)
 
     def _claim_spool_file(self, message: DIMSEMessage) -> None:
         path = message._data_set_path
@@ -282,9 +384,11 @@ class SiteServer(ThreadedAssociationServer):
     request_queue_size = 512
 
     def __init__(self, *args: Any, limits: ConnectionLimits, spool: ReceiveSpool | None,
-                 reuse_port: bool = False, **kwargs: Any) -> None:
+                 refused: Callable[[Association, Refusal], None], reuse_port: bool = False,
+                 **kwargs: Any) -> None:
         self.limits = limits
         self.spool = spool
+        self.refused = refused
         self.reuse_port = reuse_port
         self._lock = threading.Lock()
         self._connections: dict[socket.socket, _Connection] = {}
@@ -350,7 +454,7 @@ class SiteServer(ThreadedAssociationServer):
 
     def attach(self, request: Any, assoc: Association) -> None:
         """Called as pynetdicom creates the association for an accepted socket, before it starts."""
-        assoc.dimse = _SiteDIMSE(assoc)
+        assoc.dimse = _SiteDIMSE(assoc, self.refused)
         with self._lock:
             connection = self._connections.get(request)
             if connection is not None:
@@ -427,6 +531,12 @@ class SiteServer(ThreadedAssociationServer):
             return sum(1 for c in self._connections.values() if c.state is _State.WAITING)
 
 
+_AUDIT_EVENT = {
+    "C-STORE": ("C", "DICOM Instances Transferred"),
+    "C-FIND": ("E", "Query"),
+    "C-GET": ("R", "DICOM Instances Transferred"),
+    "C-MOVE": ("R", "DICOM Instances Transferred"),
+}
 _REJECTIONS = {
     (0x01, 0x02): "application context name not supported",
     (0x01, 0x03): "calling AE title not allowed",
@@ -490,6 +600,28 @@ class SiteAE:
             [Participant(calling_ae or "unknown", True, calling_ae, peer, "Requestor")],
         )
 
+    def _on_refused(self, assoc: Association, refusal: Refusal) -> None:
+        """A request pynetdicom could not decode was answered with a failure status, or aborted."""
+        requestor = assoc.requestor
+        calling_ae = requestor.ae_title or None
+        peer = f"{requestor.address}:{requestor.port}"
+        what = f"{refusal.field} {refusal.reason}" if refusal.field else refusal.reason
+        if refusal.status is not None:
+            outcome = f"{refusal.command} refused with 0x{refusal.status:04X}: {what}"
+        else:
+            outcome = f"{refusal.command or 'DIMSE message'} not answerable, association aborted: {what}"
+        log.warning("undecodable dimse request", command=refusal.command, field=refusal.field,
+                    reason=refusal.reason, status=None if refusal.status is None else f"0x{refusal.status:04X}",
+                    calling_ae=calling_ae, peer=peer)
+        action, event = _AUDIT_EVENT.get(refusal.command or "", ("E", "Security Alert"))
+        self.audit.record(
+            action, event, MINOR_FAILURE, outcome,
+            [
+                Participant(calling_ae or "unknown", True, calling_ae, peer, "Source"),
+                Participant(self.site.name, False, self.site.ae_title, None, "Destination"),
+            ],
+        )
+
     def serve(self, *, spool_dir: Path, reuse_port: bool = False, block: bool = True) -> SiteServer:
         """Listen on the site's DICOM address; blocks unless ``block`` is false.
 
@@ -512,6 +644,7 @@ class SiteAE:
             server_class=SiteServer,
             limits=self.config.connections,
             spool=spool,
+            refused=self._on_refused,
             reuse_port=reuse_port,
         )
         self.ae._servers.append(server)

@@ -1,5 +1,6 @@
-"""Abuse of a running site: connections that hold a port without using it cannot starve real peers, and
-values too long to index are refused rather than clipped."""
+"""Abuse of a running site: connections that hold a port without using it cannot starve real peers,
+requests that cannot be decoded get a status and an audit record rather than an A-ABORT, and values too
+long to index are refused rather than clipped."""
 
 from __future__ import annotations
 
@@ -15,12 +16,16 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from io import BytesIO
 from pathlib import Path
 
 import httpx
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config, build_context
+from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
@@ -203,6 +208,140 @@ def test_the_association_limit_counts_negotiated_associations_only(grid, taps, p
     finally:
         server.shutdown()
         server.server_close()
+
+
+# -- requests the site cannot decode ----------------------------------------------------------------
+
+
+LONG_UID = "1.2.826.0.1.3680043.8.498." + "1" * 44  # 70 characters
+UNDECODABLE = b"\xff" * 11  # not even an element header
+
+
+@pytest.fixture
+def lax_scu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's pynetdicom sends what its own checks refuse, as a faulty PACS would."""
+    monkeypatch.setitem(_config.VALIDATORS, "UI", lambda value: (True, ""))
+    monkeypatch.setitem(_config.VALIDATORS, "AE", lambda value: (True, ""))
+
+
+def exchange(assoc, request, abstract_syntax: str) -> list:
+    """Send a hand-made request primitive and collect the responses up to the final one (pynetdicom's
+    send_* methods build, and check, their own)."""
+    context = next(cx for cx in assoc.accepted_contexts if cx.abstract_syntax == abstract_syntax)
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    try:
+        assoc.dimse.send_msg(request, context.context_id)
+        responses = []
+        while True:
+            _, response = assoc.dimse.get_msg(block=True)
+            if response is None:
+                return responses
+            responses.append(response)
+            if response.Status not in (0xFF00, 0xFF01):
+                return responses
+    finally:
+        assoc._reactor_checkpoint.set()
+
+
+def query_request(identifier: bytes, cls=C_FIND, model: str = StudyRootQueryRetrieveInformationModelFind):
+    request = cls()
+    request.MessageID = 5
+    request.AffectedSOPClassUID = model
+    request.Identifier = BytesIO(identifier)
+    return request
+
+
+def study_query() -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID = "1.2.3.4"
+    return ds
+
+
+def refusals(tap, n: int) -> list[dict]:
+    """Audit records of refused requests, once ``n`` have arrived."""
+
+    def mine(seen):
+        return [a for a in seen if "refused" in a["outcome_description"] or "aborted" in a["outcome_description"]]
+
+    found = mine(tap.collect(lambda seen: len(mine(seen)) >= n, timeout=20))
+    for audit in found:
+        schemas.validate_event(schemas.TOPIC_AUDIT, audit)
+    return found
+
+
+def test_undecodable_command_fields_get_a_status_and_an_audit_record(grid, taps, lax_scu):
+    tap = taps(schemas.TOPIC_AUDIT)
+    assoc = associate_all(grid.site("A"))
+    try:
+        ds = make_instance(sop_uid=LONG_UID)
+        store = assoc.send_c_store(ds)
+        assert store.Status == 0xC001, "an over-long Affected SOP Instance UID is a bad UID, not an A-ABORT"
+        assert store.ErrorComment == "AffectedSOPInstanceUID longer than 64 characters"
+        assert store.OffendingElement == 0x00001000
+
+        find = query_request(encode(study_query(), True, True))
+        find._priority = 7  # Priority is 0, 1 or 2
+        (final,) = exchange(assoc, find, StudyRootQueryRetrieveInformationModelFind)
+        assert final.Status == 0xC000 and "Priority" in final.ErrorComment
+
+        moves = list(assoc.send_c_move(study_query(), "DESTINATION_TOO_LONG", StudyRootQueryRetrieveInformationModelMove))
+        assert [status.Status for status, _ in moves] == [0xA801]
+
+        # The association is still good for the next, well-formed, request.
+        assert assoc.send_c_store(make_instance()).Status == 0x0000
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+    audits = {a["outcome_description"] for a in refusals(tap, 3)}
+    assert "C-STORE refused with 0xC001: AffectedSOPInstanceUID longer than 64 characters" in audits
+    assert any(a.startswith("C-FIND refused with 0xC000: Priority") for a in audits)
+    assert "C-MOVE refused with 0xA801: MoveDestination longer than 16 characters" in audits
+    assert not any("DESTINATION_TOO_LONG" in a for a in audits), "refusals name fields, never values"
+
+
+def test_undecodable_identifiers_get_a_failure_status_and_an_audit_record(grid, taps):
+    tap = taps(schemas.TOPIC_AUDIT)
+    assoc = associate_all(grid.site("A"))
+    try:
+        (find,) = exchange(assoc, query_request(UNDECODABLE), StudyRootQueryRetrieveInformationModelFind)
+        get = exchange(assoc, query_request(UNDECODABLE, C_GET, StudyRootQueryRetrieveInformationModelGet),
+                       StudyRootQueryRetrieveInformationModelGet)
+        move_request = query_request(UNDECODABLE, C_MOVE, StudyRootQueryRetrieveInformationModelMove)
+        move_request.MoveDestination = "STORESCP"
+        move = exchange(assoc, move_request, StudyRootQueryRetrieveInformationModelMove)
+        assert find.Status == 0xC000 and "cannot be decoded" in find.ErrorComment
+        assert get[-1].Status == 0xA900 and "cannot be decoded" in get[-1].ErrorComment
+        assert move[-1].Status >> 12 == 0xC  # unable to process
+        assert assoc.is_established
+    finally:
+        assoc.release()
+    described = [a["outcome_description"] for a in tap.collect(
+        lambda seen: sum("cannot be decoded" in a["outcome_description"] for a in seen) >= 3, timeout=20)]
+    for operation in ("C-FIND", "C-GET", "C-MOVE"):
+        assert any(d.startswith(operation) and "cannot be decoded" in d for d in described), (operation, described)
+
+
+def test_a_command_set_that_cannot_be_decoded_is_aborted_and_audited(grid, taps):
+    tap = taps(schemas.TOPIC_AUDIT)
+    assoc = associate_all(grid.site("A"))
+    context = assoc.accepted_contexts[0].context_id
+    # A P-DATA-TF PDU with one PDV: the last fragment (0x03) of a command set that is garbage.
+    pdv = bytes([context, 0x03]) + UNDECODABLE
+    item = struct.pack(">L", len(pdv)) + pdv
+    assoc.dul.socket.send(struct.pack(">BBL", 0x04, 0x00, len(item)) + item)
+    deadline = time.monotonic() + 10
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted, "there is no Message ID to answer: A-ABORT is all the protocol allows"
+    (audit,) = refusals(tap, 1)
+    assert audit["event"] == "Security Alert" and "association aborted" in audit["outcome_description"]
+    # The receiver serves the next PACS.
+    retry = associate_all(grid.site("A"))
+    assert retry.send_c_echo().Status == 0x0000
+    retry.release()
 
 
 # -- over-long indexed text ------------------------------------------------------------------------
