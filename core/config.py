@@ -238,6 +238,14 @@ class ConnectionLimits(_Section):
     max_associations: int = Field(default=64, ge=1)
 
 
+class LogConfig(_Section):
+    """The grid's own service logs (``<data_dir>/logs/``): appended across restarts, rotated by size."""
+
+    max_bytes: int = Field(default=20 * 1024**2, ge=64 * 1024)
+    # Rotated files kept beside the current one (``.1`` newest ... ``.N`` oldest).
+    backups: int = Field(default=5, ge=1)
+
+
 class InfraConfig(_Section):
     """The local development cluster (`dicomgrid infra ...`): versions and sizes."""
 
@@ -281,6 +289,7 @@ class GridConfig(BaseSettings):
     healing: HealingConfig = HealingConfig()
     storage_commitment: StorageCommitmentConfig = StorageCommitmentConfig()
     connections: ConnectionLimits = ConnectionLimits()
+    logs: LogConfig = LogConfig()
     infra: InfraConfig = InfraConfig()
 
     @classmethod

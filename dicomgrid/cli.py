@@ -16,9 +16,10 @@ from dicomgrid.core.logging import configure_logging
 
 
 class Context:
-    def __init__(self, config_file: str | None, log_level: str | None) -> None:
+    def __init__(self, config_file: str | None, log_level: str | None, log_file: str | None = None) -> None:
         self.config_file = config_file
         self.log_level = log_level
+        self.log_file = log_file
         self._config: GridConfig | None = None
 
     @property
@@ -38,14 +39,22 @@ pass_ctx = click.make_pass_decorator(Context)
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), envvar="DICOMGRID_CONFIG",
               help="Grid config (TOML). Default: the shipped two-site localhost grid.")
 @click.option("--log-level", default=None, help="Override the configured log level.")
+@click.option("--log-file", type=click.Path(dir_okay=False), default=None,
+              help="Log to this file (appended, rotated by size as [logs] says) instead of stderr.")
 @click.pass_context
-def main(ctx: click.Context, config_file: str | None, log_level: str | None) -> None:
+def main(ctx: click.Context, config_file: str | None, log_level: str | None, log_file: str | None) -> None:
     """dicomgrid: archive and distribute DICOM studies across hospital sites."""
-    ctx.obj = Context(config_file, log_level)
+    ctx.obj = Context(config_file, log_level, log_file)
 
 
 def _logging(ctx: Context) -> None:
-    configure_logging(ctx.log_level or ctx.config.log_level)
+    logs = ctx.config.logs
+    configure_logging(
+        ctx.log_level or ctx.config.log_level,
+        log_file=Path(ctx.log_file) if ctx.log_file else None,
+        max_bytes=logs.max_bytes,
+        backups=logs.backups,
+    )
 
 
 # -- infra -------------------------------------------------------------------------------------------
@@ -306,7 +315,9 @@ def _run_faust(ctx: Context, create: Callable[[GridConfig, str], Any], site: str
     _logging(ctx)
     ctx.config.site(site)
     wait_until_created(ctx.config.kafka)
-    worker = faust.Worker(create(ctx.config, site), loglevel=ctx.config.log_level.lower(), quiet=True)
+    # The grid's logging stays (structured, to the service's rotating log file); faust would replace it.
+    worker = faust.Worker(create(ctx.config, site), loglevel=ctx.config.log_level.lower(), quiet=True,
+                          override_logging=False)
     worker.execute_from_commandline()
 
 

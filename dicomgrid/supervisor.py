@@ -1,8 +1,9 @@
 """Runs the grid's site services as detached processes: receivers, HTTP, stream processors, replication.
 
 Each service is one ``python -m dicomgrid serve ...`` process with a pid file under
-``<data_dir>/run/grid/<grid name>/`` and a log under ``<data_dir>/logs/``, so ``dicomgrid up`` is idempotent
-(running services are kept) and ``dicomgrid down`` works from any shell.
+``<data_dir>/run/grid/<grid name>/`` and, under ``<data_dir>/logs/``, a log it writes itself (``.log``,
+rotated) and its console output (``.out``), so ``dicomgrid up`` is idempotent (running services are kept)
+and ``dicomgrid down`` works from any shell.
 """
 
 from __future__ import annotations
@@ -149,26 +150,40 @@ class Supervisor:
         base = [sys.executable, "-m", "dicomgrid"]
         if self.config_file:
             base += ["--config", str(Path(self.config_file).resolve())]
+
+        def argv(slug: str, *command: str) -> list[str]:
+            return [*base, "--log-file", str(self._log_file(slug)), *command]
+
         out = []
         for site in self.config.sites:
             pool = site.receiver_processes
             for i in range(1, pool + 1):
-                argv = [*base, "serve", "receiver", "--site", site.name] + (["--reuse-port"] if pool > 1 else [])
+                command = ["serve", "receiver", "--site", site.name] + (["--reuse-port"] if pool > 1 else [])
                 probe = DimseProbe(site.dicom_host, site.dicom_port, site.ae_title)
-                out.append(Service(site.name, "receiver", i, argv, probe))
+                out.append(Service(site.name, "receiver", i, argv(f"{site.name}-receiver-{i}", *command), probe))
             out.append(
                 Service(
-                    site.name, "http", 1, [*base, "serve", "http", "--site", site.name],
+                    site.name, "http", 1, argv(f"{site.name}-http", "serve", "http", "--site", site.name),
                     f"http://{site.http_host}:{site.http_port}/health",
                 )
             )
-            out.append(Service(site.name, "processors", 1, [*base, "serve", "processors", "--site", site.name], None))
-            out.append(Service(site.name, "replicator", 1, [*base, "serve", "replicator", "--site", site.name], None))
+            out.append(Service(site.name, "processors", 1,
+                               argv(f"{site.name}-processors", "serve", "processors", "--site", site.name), None))
+            out.append(Service(site.name, "replicator", 1,
+                               argv(f"{site.name}-replicator", "serve", "replicator", "--site", site.name), None))
         return out
 
+    def _log_file(self, slug: str) -> Path:
+        return self.log_dir / f"{self.config.name}-{slug}.log"
+
     def daemon(self, service: Service) -> Daemon:
-        log = self.log_dir / f"{self.config.name}-{service.slug}.log"
-        return Daemon(service.name, self.run_dir / f"{service.slug}.pid", log, log)
+        logs = self.config.logs
+        return Daemon(
+            service.name, self.run_dir / f"{service.slug}.pid",
+            log_file=self._log_file(service.slug),
+            out_file=self.log_dir / f"{self.config.name}-{service.slug}.out",
+            out_max_bytes=logs.max_bytes, out_backups=logs.backups,
+        )
 
     def status(self) -> list[ServiceStatus]:
         out = []

@@ -151,6 +151,7 @@ def create_app(config: GridConfig, site: str) -> faust.App:
     async def index(stream: faust.Stream) -> None:
         db = await connect_cassandra(config, site_config.cassandra_dc)
         agent = _IndexingAgent(Indexer(IndexWriter(db)), DeadLetters(publisher, "indexer"))
+        log.info("indexer running", site=site_config.name, group=consumer_group(config))
         async for events in stream.take_events(BATCH_SIZE, within=BATCH_WITHIN_S):
             await agent.batch(events)
 

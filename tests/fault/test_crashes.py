@@ -1,6 +1,6 @@
-"""Processes killed mid-stream: senders.
+"""Processes killed mid-stream: senders and services.
 
-Nothing they were sending is left in a site's spool.
+Nothing they were sending is left in a site's spool, and no service log loses what it said before.
 """
 
 from __future__ import annotations
@@ -108,3 +108,14 @@ def test_a_stow_rs_client_gone_mid_body_leaves_nothing_open_or_on_disk(grid):
     assert not spool_files(incoming)
 
 
+def test_a_service_restarted_after_kill_9_appends_to_its_log(grid):
+    before = service_status(grid, "A/http")
+    log_file = grid.supervisor.daemon(before.service).log_file
+    logged = wait_for(log_file.read_bytes, timeout=30)
+    starts = logged.count(b'"event": "Uvicorn running on')
+    os.kill(before.pid, signal.SIGKILL)
+    wait_for(lambda: not service_status(grid, "A/http").running, timeout=10, interval=0.1)
+    grid.supervisor.up(timeout=60)
+    text = log_file.read_bytes()
+    assert text.startswith(logged), "the log of the killed run is kept"
+    assert text.count(b'"event": "Uvicorn running on') == starts + 1
