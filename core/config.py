@@ -246,6 +246,16 @@ class LogConfig(_Section):
     backups: int = Field(default=5, ge=1)
 
 
+class SupervisorConfig(_Section):
+    """How ``dicomgrid up`` restarts a service whose process exited."""
+
+    # Delay before the first restart; it doubles with every further exit, up to restart_delay_max_s.
+    restart_delay_s: float = Field(default=0.5, gt=0)
+    restart_delay_max_s: float = Field(default=30.0, gt=0)
+    # A service that stayed up this long is healthy again: its next restart is quick once more.
+    stable_after_s: float = Field(default=60.0, gt=0)
+
+
 class InfraConfig(_Section):
     """The local development cluster (`dicomgrid infra ...`): versions and sizes."""
 
@@ -290,6 +300,7 @@ class GridConfig(BaseSettings):
     storage_commitment: StorageCommitmentConfig = StorageCommitmentConfig()
     connections: ConnectionLimits = ConnectionLimits()
     logs: LogConfig = LogConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
     infra: InfraConfig = InfraConfig()
 
     @classmethod
