@@ -191,13 +191,14 @@ class BenchGrid:
             self._wait_echo(site)
 
     def _up(self, supervisor: Supervisor) -> list[tuple[Service, int]]:
-        """Start the layout's services that are not running (like ``Supervisor.up``, for a subset of them);
-        wait until all of them are healthy."""
+        """Start the layout's services that are not running (a subset of what ``Supervisor.up`` runs, and
+        unsupervised: a service restarted mid-run would skew the measurements); wait until all of them
+        are healthy."""
         wanted = {service.name for service in supervisor.services() if service.kind in self.layout.services}
         for service in supervisor.services():
             daemon = supervisor.daemon(service)
             if service.name in wanted and daemon.pid() is None:
-                daemon.start(service.argv, cwd=Path.cwd())
+                supervisor.start_service(service)
         deadline = time.monotonic() + SERVICE_START_S
         while True:
             statuses = [s for s in supervisor.status() if s.service.name in wanted]

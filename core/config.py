@@ -215,6 +215,45 @@ class StorageCommitmentConfig(_Section):
     scan_interval_s: float = Field(default=5.0, gt=0)
     # Referenced instances one request may name (a larger one is refused with 0x0213).
     max_instances: int = Field(default=10_000, ge=1)
+class ConnectionLimits(_Section):
+    """What a site's DICOM and HTTP ports grant connections that have not asked for anything yet.
+
+    A connection is *pending* from TCP accept until its DICOM association is negotiated (the
+    A-ASSOCIATE-RQ has arrived and been answered) or its HTTP request head has arrived; a kept-alive
+    HTTP connection is pending again after each response. Pending connections hold a socket and, for
+    DICOM, two threads each, so an attacker without an AE title could otherwise fill a site's port.
+    """
+
+    # Seconds a connection may stay pending, counted from accept (or from the last HTTP response): a
+    # sender dribbling bytes cannot stretch it.
+    request_timeout_s: float = Field(default=5.0, gt=0)
+    # Pending connections from one IP address, per process. A new one closes that address's oldest
+    # pending connection, so a real client behind the address of an attacker holding idle sockets
+    # still gets in.
+    max_pending_per_peer: int = Field(default=8, ge=1)
+    # Pending connections from any address, per process; a new one closes the oldest.
+    max_pending: int = Field(default=128, ge=1)
+    # Negotiated DICOM associations per receiver process; pending connections do not count. Beyond it
+    # an association is rejected (transient, local limit exceeded), so the PACS retries later.
+    max_associations: int = Field(default=64, ge=1)
+
+
+class LogConfig(_Section):
+    """The grid's own service logs (``<data_dir>/logs/``): appended across restarts, rotated by size."""
+
+    max_bytes: int = Field(default=20 * 1024**2, ge=64 * 1024)
+    # Rotated files kept beside the current one (``.1`` newest ... ``.N`` oldest).
+    backups: int = Field(default=5, ge=1)
+
+
+class SupervisorConfig(_Section):
+    """How ``dicomgrid up`` restarts a service whose process exited."""
+
+    # Delay before the first restart; it doubles with every further exit, up to restart_delay_max_s.
+    restart_delay_s: float = Field(default=0.5, gt=0)
+    restart_delay_max_s: float = Field(default=30.0, gt=0)
+    # A service that stayed up this long is healthy again: its next restart is quick once more.
+    stable_after_s: float = Field(default=60.0, gt=0)
 
 
 class InfraConfig(_Section):
@@ -259,6 +298,9 @@ class GridConfig(BaseSettings):
     replication: ReplicationConfig = ReplicationConfig()
     healing: HealingConfig = HealingConfig()
     storage_commitment: StorageCommitmentConfig = StorageCommitmentConfig()
+    connections: ConnectionLimits = ConnectionLimits()
+    logs: LogConfig = LogConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
     infra: InfraConfig = InfraConfig()
 
     @classmethod

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import psutil
 
+from dicomgrid.core.logging import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, rotate_if_large
+
 # psutil derives process start times from the boot time, which /proc/stat gives in whole seconds.
 _CLOCK_SLACK_S = 1.0
 
@@ -33,8 +35,11 @@ class Daemon:
 
     name: str
     pid_file: Path
-    log_file: Path  # written by the JVM's logging framework
-    out_file: Path  # the JVM's stdout/stderr: start-up crashes land here
+    log_file: Path  # written by the process's logging framework (log4j2, logback, Python logging)
+    out_file: Path  # its stdout/stderr: start-up crashes and uncaught tracebacks land here
+    # The console output is appended across restarts, and rotated before a start once this large.
+    out_max_bytes: int = DEFAULT_MAX_BYTES
+    out_backups: int = DEFAULT_BACKUPS
 
     def pid(self) -> int | None:
         """The pid of our running process, or None.
@@ -57,11 +62,16 @@ class Daemon:
         return self.pid_file.exists() and self.pid() is None
 
     def start(self, argv: list[str], cwd: Path) -> subprocess.Popen[bytes]:
-        """Start ``argv`` in a new session, so it outlives the caller and its terminal."""
+        """Start ``argv`` in a new session, so it outlives the caller and its terminal.
+
+        Its console output is appended to ``out_file``: what the previous run printed before it crashed
+        is what explains the crash.
+        """
         self.out_file.parent.mkdir(parents=True, exist_ok=True)
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
         cwd.mkdir(parents=True, exist_ok=True)
-        with self.out_file.open("wb") as out:
+        rotate_if_large(self.out_file, self.out_max_bytes, self.out_backups)
+        with self.out_file.open("ab") as out:
             proc = subprocess.Popen(
                 argv,
                 cwd=cwd,

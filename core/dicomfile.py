@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from pydicom import config as pydicom_config
@@ -27,7 +27,10 @@ from pydicom.tag import BaseTag
 IMPLEMENTATION_CLASS_UID = "2.25.40947379571910522469075162332634843739"
 IMPLEMENTATION_VERSION_NAME = "DICOMGRID_1"
 
-MAX_TEXT = 1024  # index copies of text attributes are clipped; the payload keeps the original
+# Longest indexed text value (characters) an instance may carry; ingest refuses longer ones (0xC002)
+# rather than index a clipped copy: Cassandra's SAI refuses terms over a few KiB, which would stall the
+# indexer, events have size limits, and the standard's VRs allow 64 characters (LO, a PN group) or less.
+MAX_TEXT = 1024
 
 # What the index, C-FIND and QIDO-RS need. Everything else stays in the payload, unparsed.
 INDEX_KEYWORDS = (
@@ -115,9 +118,11 @@ class _Walker:
                  capture: frozenset[int] = frozenset()) -> None:
         self.fp, self.end, self.implicit, self.little = fp, end, implicit, little
         self.order = "<" if little else ">"
-        # Top-level elements whose raw values are kept while walking (the indexed attributes).
+        # Top-level elements whose raw values are kept while walking (the indexed attributes), and those
+        # of them too long to keep.
         self.capture = capture
         self.captured: dict[int, RawDataElement] = {}
+        self.oversized: set[int] = set()
 
     def _read(self, n: int) -> bytes:
         data = self.fp.read(n)
@@ -157,6 +162,8 @@ class _Walker:
                     BaseTag(tag), vr.decode("ascii", "replace") if vr else None, length, value, at, implicit, self.little
                 )
             elif length != _UNDEFINED:
+                if top_level and tag in self.capture:
+                    self.oversized.add(tag)
                 self._skip(length)
             else:
                 # Undefined length: a sequence or encapsulated pixel data; UN content is implicit VR.
@@ -222,6 +229,9 @@ class IndexAttributes:
     """The attributes an instance is indexed by, decoded to text (character set applied)."""
 
     values: dict[str, Any]
+    # Indexed text attributes longer than MAX_TEXT characters: keyword -> length in characters (None
+    # when the raw value was too long to read at all).
+    too_long: dict[str, int | None] = field(default_factory=dict)
 
     def get(self, keyword: str) -> Any:
         return self.values.get(keyword)
@@ -231,7 +241,7 @@ def _text(value: Any) -> str | None:
     if value is None:
         return None
     text = str(value).strip().rstrip("\x00")
-    return text[:MAX_TEXT] if text else None
+    return text or None
 
 
 def _int(value: Any) -> int | None:
@@ -242,22 +252,30 @@ def _int(value: Any) -> int | None:
 
 
 _INT_KEYWORDS = {"SeriesNumber", "InstanceNumber", "Rows", "Columns", "NumberOfFrames"}
-_INDEX_TAGS = frozenset(int(tag_for_keyword(k)) for k in INDEX_KEYWORDS)  # type: ignore[arg-type]
-# An indexed value longer than this is not an index value anyone can use (text is clipped anyway).
+_INDEX_TAG = {k: int(tag_for_keyword(k)) for k in INDEX_KEYWORDS}  # type: ignore[arg-type]
+_INDEX_TAGS = frozenset(_INDEX_TAG.values())
+# Raw values longer than this are not read (no character set makes 64 KiB fewer than MAX_TEXT characters).
 _MAX_CAPTURE = 64 * 1024
 
 
-def _attributes(ds: Dataset) -> IndexAttributes:
+def _attributes(ds: Dataset, oversized: frozenset[int] | set[int] = frozenset()) -> IndexAttributes:
     values: dict[str, Any] = {}
+    too_long: dict[str, int | None] = {}
     for keyword in INDEX_KEYWORDS:
-        raw = ds.get(keyword)
+        raw = None if _INDEX_TAG[keyword] in oversized else ds.get(keyword)
         if keyword in _INT_KEYWORDS:
             values[keyword] = _int(raw)
-        elif keyword == "SpecificCharacterSet":
+            continue
+        if _INDEX_TAG[keyword] in oversized:
+            values[keyword], too_long[keyword] = None, None
+            continue
+        if keyword == "SpecificCharacterSet":
             values[keyword] = _text("\\".join(raw) if isinstance(raw, MultiValue) else raw)
         else:
             values[keyword] = _text(raw)
-    return IndexAttributes(values)
+        if values[keyword] is not None and len(values[keyword]) > MAX_TEXT:
+            too_long[keyword] = len(values[keyword])
+    return IndexAttributes(values, too_long)
 
 
 def read_index_attributes(fp: BinaryIO) -> IndexAttributes:
@@ -300,6 +318,6 @@ def inspect(fp: BinaryIO) -> Inspection:
     try:
         ds = Dataset(walker.captured)
         ds.set_original_encoding(walker.implicit, walker.little)
-        return Inspection(meta, offset, syntax, _attributes(ds))
+        return Inspection(meta, offset, syntax, _attributes(ds, walker.oversized))
     except Exception as exc:  # pydicom raises many types on hostile input; all mean "cannot decode"
         raise MalformedDicom(f"cannot decode data set: {type(exc).__name__}: {exc}") from exc

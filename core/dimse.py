@@ -7,30 +7,47 @@ storage (``producers``) and query/retrieve (``consumers``) share the association
 from __future__ import annotations
 
 import copy
+import enum
+import os
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom._uid_dict import UID_dictionary
+from pydicom.datadict import dictionary_VR
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt, register_uid
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.dimse_primitives import C_CANCEL, C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, N_EVENT_REPORT
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from dicomgrid.core.audit import MINOR_FAILURE, AuditTrail, Participant
-from dicomgrid.core.config import GridConfig
+from dicomgrid.core.config import ConnectionLimits, GridConfig
 from dicomgrid.core.logging import get_logger
+from dicomgrid.core.spool import ReceiveSpool
 
 log = get_logger(__name__)
 
 # Each received PDU is held in memory whole; this bounds it while keeping per-PDU overhead low.
 MAX_PDU_BYTES = 256 * 1024
-MAX_ASSOCIATIONS = 64
+# pynetdicom's own association limit counts every acceptor thread, negotiated or not, so an attacker's
+# idle sockets would exhaust it; the site's server applies ``connections.max_associations`` to
+# negotiated associations instead and leaves pynetdicom's limit out of reach.
+_PYNETDICOM_ASSOCIATION_LIMIT = 1_000_000
+# How often the server looks for pending connections past their deadline and for spool leftovers.
+SPOOL_SWEEP_INTERVAL_S = 30.0
 
 _STORAGE_BRANCH = "1.2.840.10008.5.1.4.1.1."
 
@@ -75,14 +92,6 @@ class DimseService(Protocol):
     def contexts(self) -> list[Context]: ...
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]: ...
-
-
-class _ReusePortServer(ThreadedAssociationServer):
-    """Lets several processes accept on one port; the kernel spreads associations over them."""
-
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
 
 
 class _CheapCopyContext(PresentationContext):
@@ -141,6 +150,411 @@ def peer_of(event: evt.Event) -> tuple[str | None, str]:
     return (requestor.ae_title or None), f"{requestor.address}:{requestor.port}"
 
 
+# -- requests pynetdicom cannot decode ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A DIMSE request the site could not decode: what it was, what was wrong, what the peer got."""
+
+    command: str | None  # "C-STORE", ...; None when the command set itself cannot be decoded
+    field: str | None  # keyword of the offending command element
+    reason: str  # what is wrong, never the value itself: logs and audit records do not echo peer input
+    status: int | None  # the failure status answered, or None when the association was aborted
+
+
+# Command Field -> (name, response primitive, default failure status, failure status per offending field).
+# PS3.4: C-STORE 0xCxxx "cannot understand" (0xC001 is the grid's "missing or invalid UID", as for an
+# invalid UID in the data set); C-FIND, C-GET, C-MOVE 0xCxxx "unable to process" (0xC000, the
+# query engine's value for a malformed value) and C-MOVE 0xA801 "move destination unknown"; C-ECHO
+# has only the general 0x0212 "mistyped argument" (PS3.7 C.5.2). C-CANCEL has no response.
+_ANSWERABLE: dict[int, tuple[str, type[Any] | None, int, dict[str, int]]] = {
+    0x0001: ("C-STORE", C_STORE, 0xC000, {"AffectedSOPClassUID": 0xC001, "AffectedSOPInstanceUID": 0xC001}),
+    0x0020: ("C-FIND", C_FIND, 0xC000, {}),
+    0x0010: ("C-GET", C_GET, 0xC000, {}),
+    0x0021: ("C-MOVE", C_MOVE, 0xC000, {"MoveDestination": 0xA801}),
+    0x0030: ("C-ECHO", C_ECHO, 0x0212, {}),
+    0x0FFF: ("C-CANCEL", None, 0, {}),
+}
+_VALUE_LIMITS = {"UI": (64, "UID"), "AE": (16, "AE title")}
+
+
+def _what_is_wrong(keyword: str, value: Any) -> str:
+    try:
+        vr = dictionary_VR(keyword)
+    except KeyError:
+        vr = ""
+    if vr in _VALUE_LIMITS:
+        limit, name = _VALUE_LIMITS[vr]
+        if isinstance(value, (str, bytes)) and len(value.strip()) > limit:
+            return f"longer than {limit} characters"
+        return f"not a valid {name}"
+    return "not a valid value"
+
+
+def _offending_field(primitive: Any, message: DIMSEMessage) -> tuple[str, int, str]:
+    """The command element pynetdicom refused to put in ``primitive``: (keyword, tag, what is wrong).
+
+    Mirrors the loop of ``DIMSEMessage.message_to_primitive``, one element at a time.
+    """
+    for elem in message.command_set:
+        if not hasattr(primitive, elem.keyword):
+            continue
+        try:
+            value = elem.value
+        except Exception:
+            return elem.keyword, int(elem.tag), "cannot be decoded"
+        try:
+            setattr(primitive, elem.keyword, value[0] if isinstance(value, list) and value else value)
+        except Exception:
+            return elem.keyword, int(elem.tag), _what_is_wrong(elem.keyword, value)
+    return "command set", 0, "cannot be decoded"
+
+
+def _int_field(message: DIMSEMessage, keyword: str) -> int | None:
+    try:
+        return int(message.command_set[keyword].value)
+    except Exception:
+        return None
+
+
+class _SiteDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, changed in two ways; the one place the grid adapts pynetdicom's
+    internals (3.0.x, pinned), mirroring ``DIMSEServiceProvider.receive_primitive`` otherwise.
+
+    * pynetdicom answers a request whose command it cannot turn into a primitive (a UID over 64
+      characters, an AE title over 16, an out-of-range Priority) with an A-ABORT, which a PACS retries
+      forever and nobody audits. Here such a request gets the nearest failure status of its service,
+      with an Error Comment and the Offending Element, and the association carries on. A command set
+      that cannot be decoded at all has no Message ID to answer, so that association is still
+      aborted. Both are reported to ``refused`` (log line and audit record).
+    * Every data set streamed to a spool file is recorded, so that whatever is left of them can be
+      deleted when the association ends (pynetdicom deletes a file only after its handler ran).
+    """
+
+    def __init__(self, assoc: Association, refused: Callable[[Association, Refusal], None]) -> None:
+        super().__init__(assoc)
+        self._refused = refused
+        self.spool_files: list[Path] = []
+
+    def receive_primitive(self, primitive: Any) -> None:
+        if self.message is None:
+            self.message = DIMSEMessage()
+        message = self.message
+        try:
+            complete = message.decode_msg(primitive, self.assoc)
+        except Exception as exc:
+            self._claim_spool_file(message)
+            self._discard(message)
+            self._refused(self.assoc, Refusal(None, None, f"command set cannot be decoded ({type(exc).__name__})", None))
+            self.dul.event_queue.put("Evt19")  # A-ABORT through the state machine, as pynetdicom does
+            return
+        self._claim_spool_file(message)
+        if not complete:
+            return
+
+        evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": message})
+        context_id = message.context_id
+        try:
+            request = message.message_to_primitive()
+        except Exception:
+            self._discard(message)
+            self._answer_undecodable(message, context_id)
+            return
+
+        # From here on as in pynetdicom.
+        if isinstance(request, C_CANCEL) and len(self.cancel_req) < 10:
+            self.cancel_req[request.MessageIDBeingRespondedTo] = request
+        elif isinstance(request, N_EVENT_REPORT) and request.is_valid_request:
+            threading.Thread(target=make_target(self.assoc._serve_request), args=(request, context_id)).start()
+        else:
+            self.msg_queue.put((context_id, request))
+        self._reset(message)
+
+    def _answer_undecodable(self, message: DIMSEMessage, context_id: int | None) -> None:
+        """Answer a request whose command set decoded but did not convert; abort when it cannot be."""
+        command_field, message_id = _int_field(message, "CommandField"), _int_field(message, "MessageID")
+        known = _ANSWERABLE.get(command_field)
+        if known is not None and known[1] is None:  # a C-CANCEL nobody can match is ignored
+            self._refused(self.assoc, Refusal(known[0], None, "cancel request cannot be decoded; ignored", None))
+            return
+        accepted = {cx.context_id for cx in self.assoc.accepted_contexts}
+        if known is None or message_id is None or context_id not in accepted:
+            self._refused(self.assoc, Refusal(known[0] if known else None, None, "command cannot be decoded", None))
+            self.dul.event_queue.put("Evt19")
+            return
+        name, response_class, default_status, per_field = known
+        keyword, tag, wrong = _offending_field(response_class(), message)
+        status = per_field.get(keyword, default_status)
+        response = response_class()
+        response.MessageIDBeingRespondedTo = message_id
+        response.Status = status
+        response.ErrorComment = f"{keyword} {wrong}"[:64]
+        if tag:
+            response.OffendingElement = [tag]
+        for echoed in ("AffectedSOPClassUID", "AffectedSOPInstanceUID"):
+            if echoed != keyword and hasattr(response, echoed):
+                try:
+                    setattr(response, echoed, message.command_set.get(echoed))
+                except Exception:
+                    pass
+        self._refused(self.assoc, Refusal(name, keyword, wrong, status))
+        self.send_msg(response, context_id)
+
+    def _claim_spool_file(self, message: DIMSEMessage) -> None:
+        path = message._data_set_path
+        if path is not None and path not in self.spool_files:
+            # Files pynetdicom already deleted after their handler ran need no remembering.
+            self.spool_files = [p for p in self.spool_files if p.exists()] + [path]
+
+    def _discard(self, message: DIMSEMessage) -> None:
+        """Drop a message that will never reach a handler, and its spool file."""
+        if message._data_set_file is not None:
+            message._data_set_file.close()
+            Path(message._data_set_file.name).unlink(missing_ok=True)
+        self._reset(message)
+
+    def _reset(self, message: DIMSEMessage) -> None:
+        # pynetdicom's fix for its issue #41 (the message would keep every fragment alive).
+        message.encoded_command_set = BytesIO()
+        message.data_set = BytesIO()
+        message._data_set_file = None
+        message._data_set_path = None
+        self.message = None
+
+    def remove_spool_files(self) -> int:
+        """Delete every spool file of this association that is still there (the association is over)."""
+        if self.message is not None and self.message._data_set_file is not None:
+            self.message._data_set_file.close()
+        removed = 0
+        for path in self.spool_files:
+            try:
+                os.unlink(path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+        self.spool_files = []
+        return removed
+
+
+# -- the listener: limits for connections that have not negotiated, spool cleanup ------------------
+
+
+class _State(enum.Enum):
+    WAITING = "waiting for A-ASSOCIATE-RQ"
+    ADMITTED = "negotiated or negotiating"
+
+
+@dataclass(eq=False)
+class _Connection:
+    sock: socket.socket
+    peer: str  # IP address, the unit of the per-peer cap
+    accepted: float  # time.monotonic()
+    assoc: Association | None = None
+    state: _State = _State.WAITING
+
+
+class _SiteRequestHandler(RequestHandler):
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        self.server.attach(self.request, assoc)  # type: ignore[attr-defined]
+        return assoc
+
+
+class SiteServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, guarded against connections that never negotiate.
+
+    pynetdicom starts an association (two threads) for every accepted socket, counts it against
+    ``maximum_associations`` before it has negotiated anything, and waits ``acse_timeout`` (30 s) for
+    the A-ASSOCIATE-RQ; once a peer has sent the first bytes of a PDU its DUL thread blocks reading the
+    rest and the ARTIM timer is never checked, so a slow sender holds the connection for as long as it
+    keeps dribbling. Here:
+
+    * a connection that has not sent its A-ASSOCIATE-RQ within ``request_timeout_s`` of accept is shut
+      down (which also unblocks a DUL thread stuck reading);
+    * at most ``max_pending_per_peer`` such connections per IP address and ``max_pending`` in all: a
+      new one closes the oldest, so a real PACS at an attacker's address still gets its turn;
+    * ``max_associations`` counts negotiated associations only;
+    * every spool file of an association is deleted when it ends, for whatever reason, and a periodic
+      sweep (:class:`~dicomgrid.core.spool.ReceiveSpool`) removes anything left over.
+    """
+
+    # socketserver listens with a backlog of 5: a burst of connections (PACS opening several
+    # associations, or an attacker) would wait on SYN retransmits, seconds each, before being accepted.
+    request_queue_size = 512
+
+    def __init__(self, *args: Any, limits: ConnectionLimits, spool: ReceiveSpool | None,
+                 refused: Callable[[Association, Refusal], None], reuse_port: bool = False,
+                 **kwargs: Any) -> None:
+        self.limits = limits
+        self.spool = spool
+        self.refused = refused
+        self.reuse_port = reuse_port
+        self._lock = threading.Lock()
+        self._connections: dict[socket.socket, _Connection] = {}
+        self._by_assoc: dict[Association, _Connection] = {}
+        self._next_sweep = time.monotonic() + SPOOL_SWEEP_INTERVAL_S
+        super().__init__(*args, request_handler=_SiteRequestHandler, **kwargs)
+        self.bind(evt.EVT_REQUESTED, self._on_requested)
+        for ended in (evt.EVT_REJECTED, evt.EVT_RELEASED, evt.EVT_ABORTED):
+            self.bind(ended, self._on_ended)
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            # Several receiver processes accept on one port; the kernel spreads connections over them.
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    # accept loop ---------------------------------------------------------------------------------
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        connection = _Connection(request, str(client_address[0]), time.monotonic())
+        with self._lock:
+            waiting = [c for c in self._connections.values() if c.state is _State.WAITING]
+            same_peer = [c for c in waiting if c.peer == connection.peer]
+            if len(same_peer) >= self.limits.max_pending_per_peer:
+                victim: _Connection | None = min(same_peer, key=lambda c: c.accepted)
+            elif len(waiting) >= self.limits.max_pending:
+                victim = min(waiting, key=lambda c: c.accepted)
+            else:
+                victim = None
+            self._connections[request] = connection
+        if victim is not None:
+            self._close(victim, "pending connection closed for a newer one", peer_cap=victim.peer == connection.peer)
+        super().process_request(request, client_address)
+
+    def service_actions(self) -> None:
+        super().service_actions()
+        now = time.monotonic()
+        with self._lock:
+            overdue = [c for c in self._connections.values()
+                       if c.state is _State.WAITING and now - c.accepted > self.limits.request_timeout_s]
+            # ident is None until the thread starts: attach() runs just before that.
+            dead = [c.assoc for c in self._by_assoc.values()
+                    if c.assoc is not None and c.assoc.ident is not None and not c.assoc.is_alive()]
+        for connection in overdue:
+            self._close(connection, "no A-ASSOCIATE-RQ within the request timeout")
+        for assoc in dead:
+            self._finish(assoc)
+        if self.spool is not None and now >= self._next_sweep:
+            self._next_sweep = now + SPOOL_SWEEP_INTERVAL_S
+            self.spool.sweep(self.claimed_spool_files())
+
+    def shutdown_request(self, request: Any) -> None:
+        # pynetdicom calls this when an acceptor's reactor ends (not on every path: see _on_ended).
+        connection = self._connections.get(request)
+        if connection is not None and connection.assoc is not None:
+            self._finish(connection.assoc)
+        else:
+            with self._lock:
+                self._connections.pop(request, None)
+        super().shutdown_request(request)
+
+    # association events (in the association's threads) ----------------------------------------------
+
+    def attach(self, request: Any, assoc: Association) -> None:
+        """Called as pynetdicom creates the association for an accepted socket, before it starts."""
+        assoc.dimse = _SiteDIMSE(assoc, self.refused)
+        with self._lock:
+            connection = self._connections.get(request)
+            if connection is not None:
+                connection.assoc = assoc
+                self._by_assoc[assoc] = connection
+        if connection is None:  # closed for a newer connection before its association existed
+            assoc.acse_timeout = 0
+            assoc.dul.kill_dul()
+            return
+        # pynetdicom waits acse_timeout for the A-ASSOCIATE-RQ: make that the time left of the deadline.
+        assoc.acse_timeout = max(0.0, self.limits.request_timeout_s - (time.monotonic() - connection.accepted))
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        with self._lock:
+            connection = self._by_assoc.get(assoc)
+            admitted = sum(1 for c in self._by_assoc.values()
+                           if c.state is _State.ADMITTED and c.assoc is not None and c.assoc.is_alive())
+            full = admitted >= self.limits.max_associations
+            if connection is not None and not full:
+                # Taken now, before negotiation ends, so two requests at once cannot both get the last slot.
+                connection.state = _State.ADMITTED
+        if full:
+            # As pynetdicom rejects: rejected transient, service provider (presentation), local limit exceeded.
+            assoc.acse.send_reject(0x02, 0x03, 0x02)
+            evt.trigger(assoc, evt.EVT_REJECTED, {})
+            assoc.kill()
+
+    def _on_ended(self, event: evt.Event) -> None:
+        self._finish(event.assoc)
+
+    # bookkeeping ---------------------------------------------------------------------------------
+
+    def _close(self, connection: _Connection, why: str, peer_cap: bool = False) -> None:
+        with self._lock:
+            if self._connections.pop(connection.sock, None) is None:
+                return
+            if connection.assoc is not None:
+                self._by_assoc.pop(connection.assoc, None)
+        log.info("pending dicom connection closed", reason=why, peer=connection.peer,
+                 pending_s=round(time.monotonic() - connection.accepted, 2), per_peer_cap=peer_cap)
+        try:
+            # Shutdown, not close: the association's threads may be using the socket; it is closed
+            # when the association ends. Shutdown also ends a DUL thread's blocking read.
+            connection.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        if connection.assoc is not None:
+            connection.assoc.dul.kill_dul()
+
+    def _finish(self, assoc: Association) -> None:
+        """The association is over: forget it and delete what is left of its spool files."""
+        with self._lock:
+            connection = self._by_assoc.pop(assoc, None)
+            if connection is not None:
+                self._connections.pop(connection.sock, None)
+        dimse = assoc.dimse
+        if isinstance(dimse, _SiteDIMSE):
+            removed = dimse.remove_spool_files()
+            if removed:
+                log.info("partial data set removed", files=removed, peer=f"{assoc.requestor.address}:{assoc.requestor.port}")
+
+    def claimed_spool_files(self) -> set[Path]:
+        with self._lock:
+            associations = [c.assoc for c in self._by_assoc.values() if c.assoc is not None]
+        claimed: set[Path] = set()
+        for assoc in associations:
+            if isinstance(assoc.dimse, _SiteDIMSE):
+                claimed.update(assoc.dimse.spool_files)
+        return claimed
+
+    def pending_connections(self) -> int:
+        with self._lock:
+            return sum(1 for c in self._connections.values() if c.state is _State.WAITING)
+
+
+_AUDIT_EVENT = {
+    "C-STORE": ("C", "DICOM Instances Transferred"),
+    "C-FIND": ("E", "Query"),
+    "C-GET": ("R", "DICOM Instances Transferred"),
+    "C-MOVE": ("R", "DICOM Instances Transferred"),
+}
+_REJECTIONS = {
+    (0x01, 0x02): "application context name not supported",
+    (0x01, 0x03): "calling AE title not allowed",
+    (0x01, 0x07): "called AE title is not this site's",
+    (0x02, 0x02): "protocol version not supported",
+}
+
+
+def _rejection_reason(assoc: Association, limits: ConnectionLimits) -> str:
+    primitive = assoc.acceptor.primitive
+    source, diagnostic = getattr(primitive, "result_source", None), getattr(primitive, "diagnostic", None)
+    if (source, diagnostic) == (0x03, 0x02):
+        return f"local limit of {limits.max_associations} associations reached"
+    calling_ae = assoc.requestor.ae_title or None
+    reason = _REJECTIONS.get((source, diagnostic), f"source {source}, diagnostic {diagnostic}")
+    return f"{reason} (calling AE {calling_ae!r})"
+
+
 class SiteAE:
     """The DICOM face of one site: Verification plus every service given."""
 
@@ -154,7 +568,7 @@ class SiteAE:
     def _build_ae(self) -> AE:
         ae = AE(ae_title=self.site.ae_title)
         ae.maximum_pdu_size = MAX_PDU_BYTES
-        ae.maximum_associations = MAX_ASSOCIATIONS
+        ae.maximum_associations = _PYNETDICOM_ASSOCIATION_LIMIT
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for service in self.services:
             for cx in service.contexts():
@@ -182,27 +596,56 @@ class SiteAE:
             "E",
             "Security Alert",
             MINOR_FAILURE,
-            f"association rejected: calling AE {calling_ae!r} not allowed or called AE wrong",
+            f"association rejected: {_rejection_reason(event.assoc, self.config.connections)}",
             [Participant(calling_ae or "unknown", True, calling_ae, peer, "Requestor")],
         )
 
-    def serve(self, *, spool_dir: Any, reuse_port: bool = False, block: bool = True) -> ThreadedAssociationServer:
+    def _on_refused(self, assoc: Association, refusal: Refusal) -> None:
+        """A request pynetdicom could not decode was answered with a failure status, or aborted."""
+        requestor = assoc.requestor
+        calling_ae = requestor.ae_title or None
+        peer = f"{requestor.address}:{requestor.port}"
+        what = f"{refusal.field} {refusal.reason}" if refusal.field else refusal.reason
+        if refusal.status is not None:
+            outcome = f"{refusal.command} refused with 0x{refusal.status:04X}: {what}"
+        else:
+            outcome = f"{refusal.command or 'DIMSE message'} not answerable, association aborted: {what}"
+        log.warning("undecodable dimse request", command=refusal.command, field=refusal.field,
+                    reason=refusal.reason, status=None if refusal.status is None else f"0x{refusal.status:04X}",
+                    calling_ae=calling_ae, peer=peer)
+        action, event = _AUDIT_EVENT.get(refusal.command or "", ("E", "Security Alert"))
+        self.audit.record(
+            action, event, MINOR_FAILURE, outcome,
+            [
+                Participant(calling_ae or "unknown", True, calling_ae, peer, "Source"),
+                Participant(self.site.name, False, self.site.ae_title, None, "Destination"),
+            ],
+        )
+
+    def serve(self, *, spool_dir: Path, reuse_port: bool = False, block: bool = True) -> SiteServer:
         """Listen on the site's DICOM address; blocks unless ``block`` is false.
 
-        ``spool_dir`` receives the data sets pynetdicom streams to temporary files: keep it on the site's
-        volume. Both settings are process-wide in pynetdicom, so they are made here, by the process that
-        serves, rather than on import.
+        ``spool_dir`` (the site's ``incoming/``) receives the data sets pynetdicom streams to temporary
+        files, in a folder of this process's own: keep it on the site's volume. These settings are
+        process-wide in pynetdicom, so they are made here, by the process that serves, rather than on
+        import.
         """
         # Received data sets are streamed to a file, and C-GET/C-MOVE sub-operations send stored files
         # from disk a PDU at a time: memory stays flat for 1 GB instances either way.
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.STORE_SEND_CHUNKED_DATASET = True
-        tempfile.tempdir = str(spool_dir)
+        spool = ReceiveSpool(Path(spool_dir))
+        tempfile.tempdir = str(spool.create())
+        spool.sweep(grace_s=0)
         server = self.ae.make_server(
             (self.site.dicom_host, self.site.dicom_port),
             contexts=[_CheapCopyContext.of(cx) for cx in self.ae.supported_contexts],
             evt_handlers=self.handlers(),
-            server_class=_ReusePortServer if reuse_port else ThreadedAssociationServer,
+            server_class=SiteServer,
+            limits=self.config.connections,
+            spool=spool,
+            refused=self._on_refused,
+            reuse_port=reuse_port,
         )
         self.ae._servers.append(server)
         log.info(

@@ -3,16 +3,54 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import sys
 import warnings
+from pathlib import Path
 
 import structlog
 
+DEFAULT_MAX_BYTES = 20 * 1024**2
+DEFAULT_BACKUPS = 5
 
-def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
-    """Route stdlib and structlog records through one structured renderer."""
+
+def rotating_handler(path: Path, max_bytes: int = DEFAULT_MAX_BYTES, backups: int = DEFAULT_BACKUPS,
+                     delay: bool = False) -> logging.handlers.RotatingFileHandler:
+    """A handler that appends to ``path`` and, past ``max_bytes``, renames it ``path.1`` (older ones
+    shift up to ``path.<backups>``, the oldest is dropped): a restart never loses what came before."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups,
+                                                encoding="utf-8", delay=delay)
+
+
+def rotate_if_large(path: Path, max_bytes: int = DEFAULT_MAX_BYTES, backups: int = DEFAULT_BACKUPS) -> None:
+    """Rotate ``path`` like :func:`rotating_handler` would, if it has reached ``max_bytes``; for files a
+    process writes without the logging module (its console output), before it starts appending."""
+    try:
+        if path.stat().st_size < max_bytes:
+            return
+    except FileNotFoundError:
+        return
+    handler = rotating_handler(path, max_bytes, backups, delay=True)
+    handler.doRollover()
+    handler.close()
+
+
+def configure_logging(
+    level: str = "INFO",
+    *,
+    json: bool | None = None,
+    log_file: Path | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    backups: int = DEFAULT_BACKUPS,
+) -> None:
+    """Route stdlib and structlog records through one structured renderer.
+
+    With ``log_file`` (what the supervisor gives each service), records go to that file, appended and
+    rotated by size, instead of stderr.
+    """
     if json is None:
-        json = not sys.stderr.isatty()
+        json = log_file is not None or not sys.stderr.isatty()
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     shared = [
         structlog.contextvars.merge_contextvars,
@@ -25,7 +63,9 @@ def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler()
+    handler: logging.Handler = (
+        rotating_handler(log_file, max_bytes, backups) if log_file is not None else logging.StreamHandler()
+    )
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,9 +17,10 @@ from dicomgrid.core.logging import configure_logging
 
 
 class Context:
-    def __init__(self, config_file: str | None, log_level: str | None) -> None:
+    def __init__(self, config_file: str | None, log_level: str | None, log_file: str | None = None) -> None:
         self.config_file = config_file
         self.log_level = log_level
+        self.log_file = log_file
         self._config: GridConfig | None = None
 
     @property
@@ -38,14 +40,22 @@ pass_ctx = click.make_pass_decorator(Context)
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), envvar="DICOMGRID_CONFIG",
               help="Grid config (TOML). Default: the shipped two-site localhost grid.")
 @click.option("--log-level", default=None, help="Override the configured log level.")
+@click.option("--log-file", type=click.Path(dir_okay=False), default=None,
+              help="Log to this file (appended, rotated by size as [logs] says) instead of stderr.")
 @click.pass_context
-def main(ctx: click.Context, config_file: str | None, log_level: str | None) -> None:
+def main(ctx: click.Context, config_file: str | None, log_level: str | None, log_file: str | None) -> None:
     """dicomgrid: archive and distribute DICOM studies across hospital sites."""
-    ctx.obj = Context(config_file, log_level)
+    ctx.obj = Context(config_file, log_level, log_file)
 
 
 def _logging(ctx: Context) -> None:
-    configure_logging(ctx.log_level or ctx.config.log_level)
+    logs = ctx.config.logs
+    configure_logging(
+        ctx.log_level or ctx.config.log_level,
+        log_file=Path(ctx.log_file) if ctx.log_file else None,
+        max_bytes=logs.max_bytes,
+        backups=logs.backups,
+    )
 
 
 # -- infra -------------------------------------------------------------------------------------------
@@ -171,34 +181,64 @@ def _require_schema(config: GridConfig) -> None:
         raise click.ClickException(f"the grid's schema is not applied ({shown} missing): run `dicomgrid schema apply`")
 
 
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    return stop
+
+
 @main.command("up")
-@click.option("--detach", is_flag=True, help="Return once every service is healthy.")
+@click.option("--detach", is_flag=True,
+              help="Return once every service is healthy; a background supervisor keeps restarting them.")
 @pass_ctx
 def up(ctx: Context, detach: bool) -> None:
-    """Start every site's services (receivers, DICOMweb, stream processors, replication workers)."""
+    """Start every site's services (receivers, DICOMweb, stream processors, replication workers) and
+    restart any that exits."""
     _require_schema(ctx.config)
     supervisor = _supervisor(ctx)
-    try:
-        supervisor.up()
-    except RuntimeError as exc:
-        raise click.ClickException(str(exc)) from exc
+    if detach:
+        try:
+            supervisor.up()
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from exc
+    else:
+        _logging(ctx)
+        stop = _stop_on_signals()
+        supervisor.take_over()
+        exits = supervisor.exits()
+        loop = threading.Thread(target=supervisor.supervise, args=(stop,), name="supervisor")
+        loop.start()
+        try:
+            supervisor.wait_healthy(exits=exits)
+        except RuntimeError as exc:
+            stop.set()
+            loop.join()
+            supervisor.supervisor_daemon().pid_file.unlink(missing_ok=True)
+            raise click.ClickException(str(exc)) from exc
     _print_sites(ctx.config)
     allowed = ", ".join(ctx.config.security.allowed_calling_aes) or "(any)"
     click.echo(f"point a PACS at any site above; allowed calling AE titles: {allowed}")
     if detach:
         return
-    click.echo("grid running; Ctrl-C stops it")
-    stop = {"now": False}
-
-    def _stop(signum: int, frame: object) -> None:
-        stop["now"] = True
-
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
-    while not stop["now"]:
-        time.sleep(0.5)
+    click.echo("grid running, crashed services are restarted; Ctrl-C stops it")
+    stop.wait()
+    loop.join()
     click.echo("stopping grid services")
     supervisor.down()
+
+
+@main.command("supervise")
+@pass_ctx
+def supervise(ctx: Context) -> None:
+    """The supervisor loop alone, in the foreground (what `up --detach` runs in the background)."""
+    _logging(ctx)
+    stop = _stop_on_signals()
+    _supervisor(ctx).supervise(stop)
 
 
 @main.command("down")
@@ -213,11 +253,16 @@ def down(ctx: Context) -> None:
 @pass_ctx
 def status(ctx: Context) -> None:
     """Sites, their services, and the infrastructure."""
-    all_ok = True
-    for entry in _supervisor(ctx).status():
+    supervisor = _supervisor(ctx)
+    supervisor_pid = supervisor.supervisor_pid()
+    all_ok = supervisor_pid is not None
+    click.echo(f"{'supervisor':<16} {'UP' if supervisor_pid else 'DOWN':<9} pid={supervisor_pid or '-':<8} "
+               + ("restarts services that exit" if supervisor_pid else "nothing restarts services that exit"))
+    for entry in supervisor.status():
         state = "UP" if entry.healthy else ("STARTING" if entry.running else "DOWN")
         all_ok &= entry.healthy
-        click.echo(f"{entry.service.name:<16} {state:<9} pid={entry.pid or '-':<8} {entry.detail}")
+        click.echo(f"{entry.service.name:<16} {state:<9} pid={entry.pid or '-':<8} "
+                   f"restarts={entry.restarts:<3} {entry.detail}")
     infra_state = _cluster(ctx).status()
     click.echo(infra_state.render())
     for line in _degraded(ctx.config, infra_state):
@@ -289,12 +334,13 @@ def serve_http(ctx: Context, site: str) -> None:
     import uvicorn
 
     from dicomgrid.core.site import open_site
-    from dicomgrid.http import create_http_app
+    from dicomgrid.http import create_http_app, guarded_protocol
 
     _logging(ctx)
     site_config = ctx.config.site(site)
     app = create_http_app(open_site(ctx.config, site, "http"))
-    uvicorn.run(app, host=site_config.http_host, port=site_config.http_port, log_config=None, access_log=False)
+    uvicorn.run(app, host=site_config.http_host, port=site_config.http_port, log_config=None, access_log=False,
+                http=guarded_protocol(ctx.config.connections))
 
 
 def _run_faust(ctx: Context, create: Callable[[GridConfig, str], Any], site: str) -> None:
@@ -305,7 +351,9 @@ def _run_faust(ctx: Context, create: Callable[[GridConfig, str], Any], site: str
     _logging(ctx)
     ctx.config.site(site)
     wait_until_created(ctx.config.kafka)
-    worker = faust.Worker(create(ctx.config, site), loglevel=ctx.config.log_level.lower(), quiet=True)
+    # The grid's logging stays (structured, to the service's rotating log file); faust would replace it.
+    worker = faust.Worker(create(ctx.config, site), loglevel=ctx.config.log_level.lower(), quiet=True,
+                          override_logging=False)
     worker.execute_from_commandline()
 
 

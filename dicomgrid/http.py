@@ -3,16 +3,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from typing import Any
+
+import h11
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from dicomgrid.consumers import http_routes
+from dicomgrid.core.config import ConnectionLimits
+from dicomgrid.core.logging import get_logger
 from dicomgrid.core.site import SiteContext
 from dicomgrid.core.transfer import TransferEndpoint
 from dicomgrid.producers.site import build_ingestor
 from dicomgrid.producers.stow import stow
+
+log = get_logger(__name__)
 
 
 def create_http_app(context: SiteContext) -> Starlette:
@@ -42,3 +52,89 @@ def create_http_app(context: SiteContext) -> Starlette:
         ]
     )
 
+
+class _Pending:
+    """The HTTP connections of one process that are waiting for a request head, oldest first.
+
+    Touched only from the event loop, so it needs no lock.
+    """
+
+    def __init__(self, limits: ConnectionLimits) -> None:
+        self.limits = limits
+        self.connections: dict["GuardedH11Protocol", float] = {}  # insertion order = age
+
+    def add(self, connection: "GuardedH11Protocol") -> None:
+        peer = connection.peer
+        same_peer = [c for c in self.connections if c.peer == peer]
+        if len(same_peer) >= self.limits.max_pending_per_peer:
+            same_peer[0].drop("pending connection closed for a newer one", per_peer_cap=True)
+        elif len(self.connections) >= self.limits.max_pending:
+            next(iter(self.connections)).drop("pending connection closed for a newer one")
+        self.connections[connection] = time.monotonic()
+
+    def discard(self, connection: "GuardedH11Protocol") -> None:
+        self.connections.pop(connection, None)
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with limits for connections that have not sent a request (head) yet.
+
+    uvicorn closes an idle kept-alive connection after ``timeout_keep_alive``, but any byte received
+    cancels that timer, and a connection that never sends a request has no timer at all: it stays open
+    until the peer leaves. Here a connection is *pending* from accept, and again after each response,
+    until a whole request head has arrived; it is closed ``connections.request_timeout_s`` after it
+    became pending (dribbled bytes do not extend that), and the per-peer and total caps on pending
+    connections close the oldest one for a new one. A request in progress (e.g. a long STOW-RS upload
+    or WADO-RS download) is not pending.
+    """
+
+    pending: _Pending  # set per process by guarded_protocol()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline: asyncio.TimerHandle | None = None
+
+    @property
+    def peer(self) -> str:
+        return self.client[0] if self.client else "unknown"
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._become_pending()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._deadline is not None and self.conn.their_state is not h11.IDLE:
+            self._stop_pending()  # the request head is in: from now on the application's business
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self._become_pending()  # kept alive: waiting for the next request
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_pending()
+        super().connection_lost(exc)
+
+    def drop(self, why: str, per_peer_cap: bool = False) -> None:
+        log.info("pending http connection closed", reason=why, peer=self.peer, per_peer_cap=per_peer_cap)
+        self._stop_pending()
+        self.transport.close()
+
+    def _become_pending(self) -> None:
+        self._stop_pending()
+        self.pending.add(self)
+        self._deadline = self.loop.call_later(
+            self.pending.limits.request_timeout_s, self.drop, "no request within the request timeout"
+        )
+
+    def _stop_pending(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self.pending.discard(self)
+
+
+def guarded_protocol(limits: ConnectionLimits) -> type[GuardedH11Protocol]:
+    """The protocol class to give uvicorn (``http=``), with this process's pending-connection limits."""
+    return type("SiteH11Protocol", (GuardedH11Protocol,), {"pending": _Pending(limits)})

@@ -9,6 +9,13 @@ Each message is validated against its topic's schema; one that fails, or whose p
 reason retrying cannot fix, goes to ``dicom.deadletter`` and the partition moves on. Failures of the
 infrastructure (Cassandra or Kafka unreachable) hold the offsets and are retried: nothing is skipped.
 Blocking work runs in a thread, never on the event loop.
+
+How soon a partition is processed again when a worker dies is set by the consumer group's session
+timeout: until the broker declares the dead member gone, its partitions stay assigned to it, and a
+replacement that joins (the supervisor restarts the worker within a second) waits in the rebalance for
+the same expiry. faust's default is 60 s; here it is the broker's minimum
+(``group.min.session.timeout.ms``, 6 s by default), with heartbeats every second, for every app made by
+:func:`faust_app`. A worker stopped with SIGTERM leaves the group at once.
 """
 
 from __future__ import annotations
@@ -35,6 +42,11 @@ log = get_logger(__name__)
 BATCH_SIZE = 500
 BATCH_WITHIN_S = 0.2
 RETRY_S = 2.0
+# Kafka brokers refuse sessions shorter than group.min.session.timeout.ms (default 6000 ms); heartbeats
+# must come several times per session. (The rebalance timeout stays faust's 60 s: it bounds how long a
+# live member may take to rejoin, while a dead one is dropped at its session timeout.)
+SESSION_TIMEOUT_S = 6.0
+HEARTBEAT_INTERVAL_S = 1.0
 
 
 def faust_broker(config: GridConfig) -> list[str]:
@@ -72,6 +84,8 @@ def faust_app(config: GridConfig, group: str, datadir: Path) -> faust.App:
         datadir=str(datadir),
         broker_commit_every=200,
         broker_commit_interval=1.0,
+        broker_session_timeout=SESSION_TIMEOUT_S,
+        broker_heartbeat_interval=HEARTBEAT_INTERVAL_S,
     )
 
 
@@ -151,6 +165,7 @@ def create_app(config: GridConfig, site: str) -> faust.App:
     async def index(stream: faust.Stream) -> None:
         db = await connect_cassandra(config, site_config.cassandra_dc)
         agent = _IndexingAgent(Indexer(IndexWriter(db)), DeadLetters(publisher, "indexer"))
+        log.info("indexer running", site=site_config.name, group=consumer_group(config))
         async for events in stream.take_events(BATCH_SIZE, within=BATCH_WITHIN_S):
             await agent.batch(events)
 

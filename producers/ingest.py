@@ -33,7 +33,7 @@ from dicomgrid.core.audit import (
     patient_object,
 )
 from dicomgrid.core.blobstore import BlobStore, BlobStoreError, PayloadTooLarge
-from dicomgrid.core.dicomfile import MalformedDicom, canonical_file_meta, inspect
+from dicomgrid.core.dicomfile import MAX_TEXT, MalformedDicom, canonical_file_meta, inspect
 from dicomgrid.core.events import Source, instance_stored
 from dicomgrid.core.kafka import EventPublisher, PublishError
 from dicomgrid.core.logging import get_logger
@@ -60,6 +60,7 @@ class Outcome(enum.Enum):
     # Error: Cannot understand.
     MALFORMED = (0xC000, "cannot understand: malformed data set")
     BAD_UID = (0xC001, "cannot understand: missing or invalid UID")
+    TEXT_TOO_LONG = (0xC002, "cannot understand: indexed attribute too long")
 
     def __init__(self, status: int, text: str) -> None:
         self.status = status
@@ -68,6 +69,11 @@ class Outcome(enum.Enum):
     @property
     def ok(self) -> bool:
         return self.status == 0x0000
+
+    @property
+    def reason(self) -> str:
+        """The text without the category the status code already says ("cannot understand", ...)."""
+        return self.text.split(": ", 1)[-1]
 
 
 # Audit severity (PS3.15 A.5.3 EventOutcomeIndicator) of each outcome: refusals of bad input are minor,
@@ -81,6 +87,7 @@ _AUDIT_OUTCOME = {
     Outcome.MISMATCH: MINOR_FAILURE,
     Outcome.MALFORMED: MINOR_FAILURE,
     Outcome.BAD_UID: MINOR_FAILURE,
+    Outcome.TEXT_TOO_LONG: MINOR_FAILURE,
 }
 
 
@@ -98,6 +105,12 @@ class IngestResult:
     @property
     def ok(self) -> bool:
         return self.outcome.ok
+
+    @property
+    def error_comment(self) -> str:
+        """What a DICOM sender is told (Error Comment is LO: 64 characters, no backslash): the status
+        code gives the category, so the comment starts with what is wrong."""
+        return f"{self.outcome.reason}: {self.detail}".replace("\\", "/")[:64]
 
 
 @dataclass(frozen=True)
@@ -211,6 +224,11 @@ class Ingestor:
             if not is_valid_uid(value):
                 shown = "missing" if not value else f"invalid ({_shorten(value)})"
                 return IngestResult(Outcome.BAD_UID, f"{name} {shown}", **ids)
+        if attrs.too_long:
+            # Named, never shown: the value is patient data.
+            name, length = next(iter(attrs.too_long.items()))
+            size = f"{length} characters" if length is not None else "over 64 KiB"
+            return IngestResult(Outcome.TEXT_TOO_LONG, f"{name} ({size} > {MAX_TEXT})", **ids)
         for name, want, got in (
             ("SOPClassUID", expected.sop_class_uid, sop_class),
             ("SOPInstanceUID", expected.sop_instance_uid, sop_instance),

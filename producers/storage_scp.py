@@ -6,7 +6,6 @@ Handlers stay thin: the data set, as pynetdicom streamed it to a file, is handed
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,29 +17,11 @@ from dicomgrid.core.events import Source
 from dicomgrid.core.dimse import Context, peer_of, storage_sop_classes
 from dicomgrid.producers.ingest import Expected, Ingestor
 
-INCOMING_MAX_AGE_S = 6 * 3600
-
-
 def _failure(status: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = status
-    # ErrorComment is LO: at most 64 characters, no backslash.
-    ds.ErrorComment = comment.replace("\\", "/")[:64]
+    ds.ErrorComment = comment
     return ds
-
-
-def sweep_incoming(directory: Path, max_age_s: float = INCOMING_MAX_AGE_S) -> int:
-    """Remove data sets left behind by associations that died mid-transfer."""
-    cutoff = time.time() - max_age_s
-    removed = 0
-    for path in directory.glob("*.dcm"):
-        try:
-            if path.stat().st_mtime < cutoff:
-                path.unlink()
-                removed += 1
-        except FileNotFoundError:
-            pass
-    return removed
 
 
 class StorageService:
@@ -49,9 +30,9 @@ class StorageService:
     def __init__(self, ingestor: Ingestor, called_ae: str) -> None:
         self.ingestor = ingestor
         self.called_ae = called_ae
+        # The site AE spools received data sets here (a folder per receiver process) and sweeps it.
         self.spool_dir = ingestor.blobs.root / "incoming"
         self.spool_dir.mkdir(parents=True, exist_ok=True)
-        sweep_incoming(self.spool_dir)
 
     def contexts(self) -> list[Context]:
         return [Context(uid, scu_role=True, scp_role=True) for uid in storage_sop_classes()]
@@ -68,4 +49,4 @@ class StorageService:
             result = self.ingestor.ingest(fp, source, expected)
         if result.ok:
             return 0x0000
-        return _failure(result.outcome.status, f"{result.outcome.text}: {result.detail}")
+        return _failure(result.outcome.status, result.error_comment)

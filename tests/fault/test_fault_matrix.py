@@ -118,7 +118,7 @@ def test_dc1_stopped_while_site_b_ingests_and_answers_queries(grid, metadata_dc2
 def test_site_b_stopped_catches_up_from_its_committed_offsets(grid):
     services = [_service(grid, f"B/{kind}") for kind in ("processors", "replicator")]
     for service in services:
-        grid.supervisor.daemon(service).stop(30)
+        grid.supervisor.stop_service(service, 30)
     try:
         stored = [make_instance() for _ in range(60)]
         assert c_store(grid.site("A"), stored) == [0] * len(stored)
@@ -135,8 +135,7 @@ def test_a_lost_blob_store_is_recovered_and_corrupt_copies_are_scrubbed(grid, ta
     held = sorted(b.digests())
 
     # Site B loses its whole disk; its worker is stopped so only recovery puts things back.
-    replicator = grid.supervisor.daemon(_service(grid, "B/replicator"))
-    replicator.stop(30)
+    grid.supervisor.stop_service(_service(grid, "B/replicator"), 30)
     try:
         shutil.rmtree(b.root / "sha256")
         (b.root / "sha256").mkdir()

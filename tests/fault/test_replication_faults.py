@@ -73,7 +73,7 @@ class Worker:
 @pytest.fixture
 def own_b_worker(grid, tmp_path: Path) -> Iterator[tuple[Worker, Worker]]:
     """(a throttled worker, an unthrottled one) for site B, with the grid's own B worker stopped meanwhile."""
-    grid.supervisor.daemon(_service(grid, "B/replicator")).stop(30)
+    grid.supervisor.stop_service(_service(grid, "B/replicator"), 30)
     base = grid.config_file.read_text()
     throttled = tmp_path / "throttled.toml"
     throttled.write_text(base + f"\n[replication]\nbandwidth_mb_s = {THROTTLE_MB_S}\n")
@@ -140,9 +140,9 @@ def test_a_worker_killed_mid_transfer_resumes_and_finishes_once_byte_identical(g
 def test_a_source_site_gone_dark_ends_in_replication_failed_after_the_retries(grid, own_b_worker, taps):
     _, plain = own_b_worker
     failed_tap, stored_tap = taps(schemas.TOPIC_REPLICATION_FAILED), taps()
-    http_a = grid.supervisor.daemon(_service(grid, "A/http"))
     plain.start()
-    http_a.stop(30)  # A's receiver still takes the instance; nobody can fetch it from A
+    # A's receiver still takes the instance; nobody can fetch it from A.
+    grid.supervisor.stop_service(_service(grid, "A/http"), 30)
     try:
         ds = make_instance()
         assert c_store(grid.site("A"), [ds]) == [0]

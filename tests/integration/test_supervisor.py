@@ -1,8 +1,13 @@
-"""The supervisor's view of the running test grid: receivers answer C-ECHO, the HTTP service /health."""
+"""The supervisor's view of the running test grid: receivers answer C-ECHO, the HTTP service /health;
+services stopped on purpose stay stopped."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
+
+from dicomgrid.supervisor import POLL_INTERVAL_S
 
 pytestmark = [pytest.mark.cluster]
 
@@ -19,3 +24,18 @@ def test_every_service_of_the_grid_is_healthy_and_probes_leave_no_trace(grid):
     assert receivers and all(s.detail.startswith("dicom://GRID_") for s in receivers)
     # Probes are released associations the receivers do not log about.
     assert [log.stat().st_size for log in receiver_logs] == sizes
+
+
+def test_a_service_stopped_on_purpose_stays_down_until_up(grid):
+    """The supervisor restarts what exits, but not what was stopped with stop_service; `up` brings it back."""
+    service = next(s for s in grid.supervisor.services() if s.name == "B/http")
+    restarts = next(s for s in grid.supervisor.status() if s.service.name == "B/http").restarts
+    grid.supervisor.stop_service(service, 30)
+    try:
+        time.sleep(5 * POLL_INTERVAL_S)  # several rounds of the supervisor's loop
+        stopped = next(s for s in grid.supervisor.status() if s.service.name == "B/http")
+        assert not stopped.running and "stopped on request" in stopped.detail
+    finally:
+        grid.supervisor.up(timeout=60)
+    back = next(s for s in grid.supervisor.status() if s.service.name == "B/http")
+    assert back.healthy and back.restarts == restarts, "started again, not counted as a restart"

@@ -121,3 +121,22 @@ def test_inspect_ignores_an_oversized_indexed_value_instead_of_holding_it() -> N
     found = _inspect(data)
     assert found.attributes.get("StudyDescription") is None
     assert found.attributes.get("PatientName") == "Doe^Jane"
+    # ... but it is reported, so ingest can refuse the instance rather than index it without it.
+    assert found.attributes.too_long == {"StudyDescription": None}
+
+
+@pytest.mark.parametrize("deflated", [False, True])
+def test_indexed_text_is_kept_whole_up_to_the_limit_and_reported_beyond(deflated: bool) -> None:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+    from tests.dicom_samples import make_instance, to_part10
+
+    syntax = DeflatedExplicitVRLittleEndian if deflated else ExplicitVRLittleEndian
+    name = "N" * (dicomfile.MAX_TEXT - 2) + "^Y"
+    at_limit = _inspect(to_part10(make_instance(patient_name=name), syntax)).attributes
+    assert at_limit.get("PatientName") == name and at_limit.too_long == {}
+    # Characters, not bytes, count: 1,025 two-byte characters are over the limit, 1,024 are not.
+    over = _inspect(to_part10(make_instance(patient_name="é" * 1025, SpecificCharacterSet="ISO_IR 192"), syntax))
+    assert over.attributes.too_long == {"PatientName": 1025}
+    fits = _inspect(to_part10(make_instance(patient_name="é" * 1024, SpecificCharacterSet="ISO_IR 192"), syntax))
+    assert fits.attributes.too_long == {} and fits.attributes.get("PatientName") == "é" * 1024

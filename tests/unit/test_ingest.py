@@ -136,6 +136,20 @@ def test_hostile_uids_are_refused_without_side_effects(ingestor, publisher, chan
     assert audit["outcome"] != 0
 
 
+@pytest.mark.parametrize("keyword", ["PatientName", "ReferringPhysicianName", "StudyDescription"])
+def test_overlong_indexed_text_is_refused_by_name_without_its_value(ingestor, publisher, keyword):
+    ds = make_instance()
+    setattr(ds, keyword, "Q" * 10_000)
+    result = ingest(ingestor, to_part10(ds), Expected(ds.SOPClassUID, ds.SOPInstanceUID))
+    assert result.outcome is Outcome.TEXT_TOO_LONG and result.outcome.status == 0xC002
+    assert keyword in result.error_comment and len(result.error_comment) <= 64
+    assert "QQ" not in result.error_comment
+    assert publisher.of(schemas.TOPIC_INSTANCE_STORED) == []
+    assert list(ingestor.blobs.digests()) == []
+    (audit,) = publisher.of(schemas.TOPIC_AUDIT)
+    assert audit["outcome"] != 0 and keyword in audit["outcome_description"] and "QQ" not in str(audit)
+
+
 def test_missing_uid_is_refused(ingestor, publisher):
     ds = make_instance()
     del ds.SeriesInstanceUID

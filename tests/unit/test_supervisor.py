@@ -104,3 +104,21 @@ def test_status_echoes_each_receiver_and_gets_health(scp, tmp_path: Path, monkey
         sleeper.kill()
         sleeper.wait()
         http_server.shutdown()
+
+
+def test_services_come_from_the_service_kinds_and_log_to_their_own_files(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("DICOMGRID_DATA_DIR", str(tmp_path))
+    site = SiteConfig(name="A", ae_title="GRID_A", dicom_port=1, http_port=2, storage_root=tmp_path / "b",
+                      cassandra_dc="dc1", receiver_processes=2)
+    supervisor = Supervisor(GridConfig(name="kinds", sites=[site]))
+    services = supervisor.services()
+    assert [s.name for s in services] == ["A/receiver-1", "A/receiver-2", "A/http", "A/processors", "A/replicator"]
+    assert services[0].argv == ["serve", "receiver", "--site", "A", "--reuse-port"]
+    daemon = supervisor.daemon(services[2])
+    assert (daemon.log_file.name, daemon.out_file.name) == ("kinds-A-http.log", "kinds-A-http.out")
+
+
+def test_restart_delay_doubles_up_to_the_cap():
+    supervisor = Supervisor(GridConfig(name="backoff", sites=[]))
+    delays = [supervisor.restart_delay(n) for n in range(1, 10)]
+    assert delays == [0.5, 1, 2, 4, 8, 16, 30, 30, 30]
