@@ -92,7 +92,7 @@ def patient_object(patient_id: str | None, name: str | None = None) -> list[Audi
     """The patient object of a record, or none when the patient is not known."""
     if not patient_id:
         return []
-    return [AuditObject("patient", patient_id, {"name": name} if name else {})]
+    return [AuditObject("patient", patient_id[:1024], {"name": name[:1024]} if name else {})]
 
 
 # Audit records list at most this many instances; the study objects carry the full counts.

@@ -309,7 +309,8 @@ class Ingestor:
 
     def _audit(self, result: IngestResult, source: Source) -> None:
         outcome = _AUDIT_OUTCOME[result.outcome]
-        objects = patient_object(*result.patient)
+        # A refused over-long attribute may be the patient's name or ID: such values stay out of the trail.
+        objects = patient_object(*result.patient) if result.outcome is not Outcome.TEXT_TOO_LONG else []
         if result.study_uid and is_valid_uid(result.study_uid):
             objects.append(AuditObject("study", result.study_uid))
         if result.sop_instance_uid and is_valid_uid(result.sop_instance_uid):
