@@ -151,6 +151,9 @@ class SecurityConfig(_Section):
     # Bearer token sites present to each other's payload endpoint (GET /internal/payloads/{sha256}).
     # The default is for local development only; production configs set their own secret.
     peer_token: str = Field(default="dicomgrid-dev-peer-token", min_length=16)
+    # The Ed25519 key that signs the audit chain's checkpoints (PEM, PKCS8); created if it does not
+    # exist. Relative to data_dir. Default: secrets/<grid name>-audit-signing.pem.
+    audit_signing_key_file: Path | None = None
 
     @field_validator("allowed_calling_aes")
     @classmethod
@@ -366,6 +369,11 @@ class GridConfig(BaseSettings):
             if site.name == name:
                 return site
         raise KeyError(f"no site named {name!r}; configured: {[s.name for s in self.sites]}")
+
+    @property
+    def audit_signing_key_file(self) -> Path:
+        configured = self.security.audit_signing_key_file
+        return self.resolve(configured) if configured else self.root / "secrets" / f"{self.name}-audit-signing.pem"
 
     def site_storage(self, name: str) -> Path:
         return self.resolve(self.site(name).storage_root)

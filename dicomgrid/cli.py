@@ -494,6 +494,95 @@ def reindex_command(ctx: Context, dc: str | None, as_json: bool) -> None:
     click.echo(json_module.dumps(report.as_dict(), indent=2) if as_json else report.render())
 
 
+# -- audit -------------------------------------------------------------------------------------------
+
+
+@main.group()
+def audit() -> None:
+    """The audit trail: DICOM audit messages in a hash chain per site."""
+
+
+def _audit_log(ctx: Context) -> Any:
+    from dicomgrid.core.audit_log import AuditLog
+    from dicomgrid.core.cassandra import Cassandra
+
+    _logging(ctx)
+    return AuditLog(Cassandra(ctx.config, local_dc=ctx.config.sites[0].cassandra_dc if ctx.config.sites else None))
+
+
+@audit.command("verify")
+@click.option("--site", "sites", multiple=True, help="Only these sites (repeatable; default: every site with records).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+def audit_verify(ctx: Context, sites: tuple[str, ...], as_json: bool) -> None:
+    """Check every link and signed checkpoint of the audit chain; name what was changed, removed or moved."""
+    import json as json_module
+
+    from dicomgrid.core.audit_log import load_signing_key, verify
+
+    store = _audit_log(ctx)
+    try:
+        public = load_signing_key(ctx.config.audit_signing_key_file).public_key()
+        verdicts = [verify(store, site, public) for site in (sites or store.sites())]
+    finally:
+        store.db.close()
+    if as_json:
+        click.echo(json_module.dumps([v.as_dict() for v in verdicts], indent=2))
+    else:
+        for v in verdicts:
+            click.echo(f"site {v.site}: {v.records} record(s), {v.checkpoints} signed checkpoint(s): "
+                       + ("intact" if v.ok else "TAMPERED"))
+            for problem in v.problems:
+                click.echo(f"  {problem}")
+    sys.exit(0 if all(v.ok for v in verdicts) else 1)
+
+
+def _when(value: str | None) -> Any:
+    import datetime as dt
+
+    if value is None:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 date or time") from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+
+
+@audit.command("query")
+@click.option("--patient", help="Patient ID.")
+@click.option("--study", help="Study Instance UID.")
+@click.option("--user", help="User ID or AE title.")
+@click.option("--since", help="From this time (ISO 8601, UTC unless given).")
+@click.option("--until", help="Up to this time.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON record per line.")
+@pass_ctx
+def audit_query(ctx: Context, patient: str | None, study: str | None, user: str | None, since: str | None,
+                until: str | None, as_json: bool) -> None:
+    """Who accessed a patient (or a study, or what a user did) between two times: one record per line."""
+    import json as json_module
+
+    given = [(k, v) for k, v in (("patient", patient), ("study", study), ("user", user)) if v]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one of --patient, --study, --user")
+    (kind, value), = given
+    store = _audit_log(ctx)
+    try:
+        for entry in store.query(kind, value, _when(since), _when(until)):
+            record = entry.decoded()
+            if as_json:
+                click.echo(json_module.dumps(record, ensure_ascii=False))
+                continue
+            who = ", ".join(f"{p['user_id']}" + (f" (AE {p['ae_title']})" if p.get("ae_title") else "")
+                            + (f" @ {p['network_address']}" if p.get("network_address") else "")
+                            for p in record["participants"] if p["requestor"]) or "-"
+            objects = ", ".join(f"{o['type']} {o['id']}" for o in record["objects"] if o["type"] != "instance")
+            click.echo(f"{record['occurred_at']}  {record['event']} ({record['action']})  outcome {record['outcome']}"
+                       f"  site {record['site']}  by {who}  {objects}")
+    finally:
+        store.db.close()
+
+
 # -- replication -------------------------------------------------------------------------------------
 
 

@@ -28,11 +28,13 @@ from typing import Any
 import faust
 
 from dicomgrid import schemas
+from dicomgrid.core.audit_log import AuditLog, load_signing_key
 from dicomgrid.core.cassandra import Cassandra
 from dicomgrid.core.config import GridConfig
 from dicomgrid.core.index_writer import IndexWriter
 from dicomgrid.core.kafka import EventPublisher
 from dicomgrid.core.logging import get_logger
+from dicomgrid.processors.audit_chain import ChainBuilder
 from dicomgrid.processors.dead_letters import DeadLetters, Rejected, decode, is_transient
 from dicomgrid.processors.indexer import Indexer
 from dicomgrid.processors.replication_policy import replication_requests
@@ -182,8 +184,41 @@ def create_app(config: GridConfig, site: str) -> faust.App:
             if requests:
                 await publish_all(publisher, schemas.TOPIC_REPLICATION_REQUESTED, requests)
 
+    chain: dict[str, ChainBuilder] = {}
+
+    @app.agent(raw_topic(app, config, schemas.TOPIC_AUDIT), name="audit-chain")
+    async def audit_chain(stream: faust.Stream) -> None:
+        db = await connect_cassandra(config, site_config.cassandra_dc)
+        builder = chain.setdefault("builder", ChainBuilder(AuditLog(db), load_signing_key(config.audit_signing_key_file)))
+        dead = DeadLetters(publisher, "audit-chain")
+        loop = asyncio.get_running_loop()
+        async for events in stream.take_events(BATCH_SIZE, within=BATCH_WITHIN_S):
+            records = []
+            for event in events:
+                try:
+                    records.append(decode(event.message.value, schemas.TOPIC_AUDIT))
+                except Rejected as exc:
+                    await dead.send(event.message, str(exc))
+            while records:
+                try:
+                    await loop.run_in_executor(None, builder.apply, records)
+                    break
+                except Exception as exc:  # Cassandra unavailable: hold the offsets and retry, never skip
+                    log.warning("audit records not chained yet; retrying", error=str(exc), records=len(records))
+                    await asyncio.sleep(RETRY_S)
+
+    @app.on_partitions_assigned.connect
+    async def _reassigned(app: faust.App, assigned: Any, **kwargs: Any) -> None:
+        if "builder" in chain:
+            chain["builder"].forget()
+
     @app.on_before_shutdown.connect
     async def _flush(app: faust.App, **kwargs: Any) -> None:
         publisher.flush()
+        if "builder" in chain:
+            try:
+                chain["builder"].sign_all()
+            except Exception as exc:  # the next builder signs at its first checkpoint
+                log.warning("audit chain end not signed at shutdown", error=str(exc))
 
     return app

@@ -125,6 +125,7 @@ class EventTap:
     _next: dict[int, int] = field(init=False, default_factory=dict)  # partition -> next offset to read
     _closed: bool = field(init=False, default=False)
     seen: list[dict[str, Any]] = field(default_factory=list)
+    from_start: bool = False  # read the topic from its beginning rather than from its current end
 
     def __post_init__(self) -> None:
         self._consumer = Consumer(
@@ -140,6 +141,8 @@ class EventTap:
             topic = self.config.kafka.topic(self.topic)
             self._partitions = partitions_of(self._admin, topic)
             self._next = end_offsets(self._admin, self._partitions)
+            if self.from_start:
+                self._next = {p: 0 for p in self._next}
             self._consumer.assign([TopicPartition(topic, p, offset) for p, offset in self._next.items()])
         except BaseException:
             self.close()

@@ -131,8 +131,9 @@ def taps(grid: Grid) -> Iterator[Callable[..., EventTap]]:
     every tap is closed after the test."""
     opened: list[EventTap] = []
 
-    def open_tap(topic: str = schemas.TOPIC_INSTANCE_STORED, config: GridConfig | None = None) -> EventTap:
-        tap = EventTap(config or grid.config, topic)
+    def open_tap(topic: str = schemas.TOPIC_INSTANCE_STORED, config: GridConfig | None = None,
+                 from_start: bool = False) -> EventTap:
+        tap = EventTap(config or grid.config, topic, from_start=from_start)
         opened.append(tap)
         return tap
 

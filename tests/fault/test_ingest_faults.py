@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.fault]
 
 def test_kafka_down_fails_the_store_and_the_resend_succeeds_once(grid, taps, metadata_dc1):
     local = LocalCluster(grid.config)
-    tap = taps()
+    tap, audit_tap = taps(), taps(schemas.TOPIC_AUDIT)
     acknowledged = make_instance()
     assert c_store(grid.site("A"), [acknowledged]) == [0]
     assert events_for(tap, [acknowledged.SOPInstanceUID])
@@ -59,6 +59,13 @@ def test_kafka_down_fails_the_store_and_the_resend_succeeds_once(grid, taps, met
     location = metadata_dc1.instance_location(acknowledged.SOPInstanceUID)
     assert BlobStore(grid.config.site_storage("A"), "A").verify(location.sha256)
     assert_whole(grid, [acknowledged, ds])
+    # The refusal was audited while Kafka was down: the record waited in site A's audit spool and was
+    # published once the broker was back.
+    def refusal(seen):
+        return [r for r in seen if r["outcome"] == 8 and "event log unavailable" in r["outcome_description"]
+                and any(o["id"] == ds.SOPInstanceUID for o in r["objects"])]
+
+    assert len(refusal(audit_tap.collect(lambda seen: bool(refusal(seen)), timeout=60))) == 1
 
 
 @pytest.fixture
