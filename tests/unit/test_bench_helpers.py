@@ -1,12 +1,16 @@
-"""The benchmark harness's pure helpers: multipart counting, the seeded scale set, percentiles."""
+"""The benchmark harness's pure helpers: multipart counting, the seeded scale set, percentiles, the
+replication lag's rates and lags."""
 
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 from pydicom import dcmread
 
+from bench.history import FALLBACK_RATES, full_runs, ingest_rates
+from bench.replication import answer_times, replica_lags
 from bench.scale_set import ScaleSet, queries
 from bench.stats import percentile, summary
 from bench.wado import PartCounter, boundary_of
@@ -70,3 +74,44 @@ def test_percentile_and_summary() -> None:
     assert percentile(values, 0.99) == 99
     assert summary([])["p50"] is None
     assert summary([2.0, 4.0])["mean"] == 3.0
+
+
+def _results_document(quick: bool, rates: dict[int, float]) -> dict:
+    rows = [{"target": "grid", "corpus": "small", "associations": n, "instances_per_s": r} for n, r in rates.items()]
+    rows.append({"target": "orthanc", "corpus": "small", "associations": 1, "instances_per_s": 999.0})
+    return {"options": {"quick": quick}, "sections": {"ingest": {"rows": rows}}}
+
+
+def test_full_runs_are_newest_first_and_skip_quick_runs_and_latest(tmp_path) -> None:
+    for name, quick in [("2026-01-01T00-00-00+0000", False), ("2026-02-01T00-00-00+0000", True),
+                        ("2026-01-15T00-00-00+0000", False), ("latest", False)]:
+        (tmp_path / f"{name}.json").write_text(json.dumps(_results_document(quick, {1: 10.0})))
+    (tmp_path / "2026-03-01T00-00-00+0000.json").write_text("{truncated")
+    assert [name for name, _ in full_runs(tmp_path)] == ["2026-01-15T00-00-00+0000.json",
+                                                         "2026-01-01T00-00-00+0000.json"]
+
+
+def test_ingest_rates_come_from_this_session_then_the_newest_full_run_then_the_fallback() -> None:
+    documents = [("new.json", _results_document(False, {4: 150.0})), ("old.json", _results_document(False, {1: 90.0, 4: 99.0}))]
+    session_rows = _results_document(False, {1: 120.0})["sections"]["ingest"]["rows"]
+    rates = ingest_rates((1, 4, 8), session_rows, documents)
+    assert [(r.associations, r.instances_per_s) for r in rates] == [(1, 120.0), (4, 150.0), (8, FALLBACK_RATES[4])]
+    assert rates[0].source == "this run's ingest section"
+    assert "new" in rates[1].source and "fallback" in rates[2].source
+    assert ingest_rates((1,), None, documents)[0].instances_per_s == 90.0
+
+
+def test_answer_times_follow_the_corpus_order_of_contiguous_parts() -> None:
+    assert answer_times([2, 1, 2], [[1.0, 2.0], [1.5], [1.2, 3.0]]) == [1.0, 2.0, 1.5, 1.2, 3.0]
+    with pytest.raises(ValueError):
+        answer_times([2, 2], [[1.0, 2.0], [1.5]])  # an association answered fewer files than it sent
+
+
+def test_replica_lags_count_instances_without_a_verified_row_as_missing() -> None:
+    answered = {"u1": 100.0, "u2": 101.0, "u3": 102.0}
+    copies = {"u1": ("d1", 100.2), "u2": ("d2", 101.5)}  # u3 never announced
+    written = {"d1": 100.25}  # d2 announced, its row not written yet
+    lags = replica_lags(answered, copies, written)
+    assert lags["missing"] == 2
+    assert lags["ledger_ms"]["n"] == 1 and lags["ledger_ms"]["p50"] == pytest.approx(250.0)
+    assert lags["event_ms"]["n"] == 2 and lags["event_ms"]["max"] == pytest.approx(500.0)
