@@ -1,5 +1,5 @@
 """The benchmark harness's pure helpers: multipart counting, the seeded scale set, percentiles, the
-replication lag's rates and lags."""
+replication sections' rates, lags, medians and profile breakdown."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import pytest
 from pydicom import dcmread
 
+from bench.backlog import BacklogRun, median_row, summarize_replicator
 from bench.history import FALLBACK_RATES, full_runs, ingest_rates
 from bench.replication import answer_times, replica_lags
 from bench.scale_set import ScaleSet, queries
@@ -115,3 +116,41 @@ def test_replica_lags_count_instances_without_a_verified_row_as_missing() -> Non
     assert lags["missing"] == 2
     assert lags["ledger_ms"]["n"] == 1 and lags["ledger_ms"]["p50"] == pytest.approx(250.0)
     assert lags["event_ms"]["n"] == 2 and lags["event_ms"]["max"] == pytest.approx(500.0)
+
+
+def _backlog_run(target: str, seconds: float, cpu: float, repetition: int = 1) -> BacklogRun:
+    return BacklogRun(target, "backlog-small", repetition, 100, 4_000_000, seconds, None, None, 0.5, 50.0,
+                      {"replicator (B)": cpu}, 100)
+
+
+def test_backlog_rows_are_medians_over_repetitions() -> None:
+    runs = [_backlog_run("grid", s, cpu, k) for k, (s, cpu) in enumerate([(1.0, 0.3), (2.0, 0.1), (0.5, 0.2)])]
+    row = median_row("grid", runs)
+    assert row.seconds == 1.0 and row.instances_per_s == 100.0
+    assert row.spread_pct == 150.0  # (200 - 50) / 100
+    assert row.cpu_ms_per_instance == {"replicator (B)": 2.0}
+    assert row.ok and row.from_start_s is None
+
+
+def test_replicator_profile_splits_the_replication_threads_by_step(tmp_path) -> None:
+    handle = "Replicator.handle (processors/replicator.py)"
+    worker = "thread (32451): replication_0"  # py-spy's raw format names threads so
+    wall = tmp_path / "wall.txt"
+    wall.write_text("\n".join([
+        f"{worker};_worker (concurrent/futures/thread.py);{handle};record_copy (core/transfer.py);"
+        "ReplicaLedger.record (core/ledger.py);Session.execute (cassandra/cluster.py) 30",
+        f"{worker};_worker (concurrent/futures/thread.py);{handle};PayloadTransfer.fetch (core/transfer.py);"
+        "BlobWriter.commit (core/blobstore.py) 10",
+        f"{worker};_worker (concurrent/futures/thread.py);SimpleQueue.get (queue.py) 60",
+        'thread (32422): MainThread;Worker.execute_from_commandline (mode/worker.py) 500',
+    ]) + "\n")
+    gil = tmp_path / "gil.txt"
+    gil.write_text(f"{worker};{handle};ReplicaLedger.record (core/ledger.py) 3\n"
+                   'thread (32422): MainThread;Stream._c_aiter (faust/streams.py) 1\n')
+    profile = summarize_replicator(wall, gil, instances=10, wall_s=1.0, gil_s=1.0)
+    steps = {s.name: s.pct for s in profile.wall_steps}
+    assert steps == {"idle (no request to work on)": 60.0, "ledger write (Cassandra)": 30.0,
+                     "commit: rename, fsync, fsync directory": 10.0}
+    assert profile.gil_busy_pct == 4.0
+    assert [s.name for s in profile.gil_by_thread] == ["replication threads (requests)",
+                                                       "event loop (faust, Kafka consumer)"]
