@@ -167,6 +167,9 @@ class BenchGrid:
         Supervisor.stop_pid_files(self.supervisor(1).run_dir)
         for site in self.layout.sites:
             shutil.rmtree(self.storage_of(site.name), ignore_errors=True)
+        # Fresh stores, so fresh healing schedules: a fresh site's first scrub and sweep come a period
+        # after its first start, not during a measurement because an earlier session ran an hour ago.
+        shutil.rmtree(config.root / "run" / "healing" / self.layout.name, ignore_errors=True)
         _delete_orphaned_topics(config)
         apply_schema(config)
         ensure_topics(config.kafka)
