@@ -15,6 +15,7 @@ restarts the receivers and keeps the other services running.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -249,8 +250,14 @@ class BenchGrid:
         return {**self._services, **self._jvms}
 
     def jvms(self) -> dict[str, list[psutil.Process]]:
-        """The cluster's JVMs: "kafka", "cassandra-dc1", ..."""
+        """The cluster's JVMs: "kafka", "cassandra-dc1", ... (as of the last :meth:`refresh_jvms`)."""
         return dict(self._jvms)
+
+    def refresh_jvms(self) -> dict[str, int]:
+        """Look the cluster's JVMs up again (someone may have restarted a node since); their pids."""
+        status = LocalCluster(self.cluster_config).status()
+        self._jvms = {c.name: [psutil.Process(c.pid)] for c in status.components if c.pid}
+        return {name: procs[0].pid for name, procs in self._jvms.items()}
 
     def process(self, name: str) -> psutil.Process:
         """The running process of one service, e.g. "A/http" or "B/replicator"."""
@@ -267,12 +274,19 @@ class BenchGrid:
         supervisor.daemon(self._service(supervisor, name)).stop(grace)
         self._forget(name)
 
-    def start_service(self, name: str) -> psutil.Process:
+    def start_service(self, name: str, overrides: str = "") -> psutil.Process:
         """Start one stopped service as the supervisor does; returns at once (the caller waits for
-        whatever readiness it needs)."""
+        whatever readiness it needs). ``overrides`` (TOML, e.g. ``"[replication]\nconcurrency = 16\n"``)
+        are appended to the config of this one process."""
         supervisor = self.supervisor(self.receivers)
         service = self._service(supervisor, name)
-        proc = psutil.Process(supervisor.daemon(service).start(service.argv, cwd=Path.cwd()).pid)
+        argv = list(service.argv)
+        if overrides:
+            base = self.config_file(self.receivers)
+            variant = base.with_name(f"{base.stem}-{hashlib.sha256(overrides.encode()).hexdigest()[:8]}.toml")
+            variant.write_text(base.read_text() + "\n" + overrides)
+            argv[argv.index("--config") + 1] = str(variant)
+        proc = psutil.Process(supervisor.daemon(service).start(argv, cwd=Path.cwd()).pid)
         group = "receivers" if service.kind == "receiver" else service.kind
         self._forget(name)
         self._services.setdefault(group, []).append(proc)

@@ -151,6 +151,5 @@ def test_replicator_profile_splits_the_replication_threads_by_step(tmp_path) -> 
     steps = {s.name: s.pct for s in profile.wall_steps}
     assert steps == {"idle (no request to work on)": 60.0, "ledger write (Cassandra)": 30.0,
                      "commit: rename, fsync, fsync directory": 10.0}
-    assert profile.gil_busy_pct == 4.0
-    assert [s.name for s in profile.gil_by_thread] == ["replication threads (requests)",
-                                                       "event loop (faust, Kafka consumer)"]
+    assert profile.worker.busy_pct == 4.0
+    assert [s.name for s in profile.worker.by_thread] == ["replication threads (requests)", "event loop"]
