@@ -47,9 +47,9 @@ def _scales(value: str | None) -> tuple[int, ...] | None:
               help="Instances in the small-CT replication backlog (default 1000).")
 @click.option("--backlog-large", type=click.IntRange(0), default=None,
               help="Instances in the large-CT replication backlog, 0 to skip it (default 1000).")
-@click.option("--backlog-concurrency", "backlog_concurrency", type=click.IntRange(1, 64), multiple=True,
+@click.option("--backlog-concurrency", "backlog_concurrency", type=click.IntRange(0, 64), multiple=True,
               help="Also measure the backlog with B's replication worker at this concurrency (repeatable; "
-                   "the grid's configured value is always measured).")
+                   "default 16; 0: only the grid's configured value, which is always measured).")
 @click.option("--profile/--no-profile", default=True, show_default=True,
               help="Profile the grid receiver and the replication worker (py-spy).")
 @click.option("--scale", "scales", callback=lambda ctx, param, value: _scales(value), default=None,
@@ -77,7 +77,7 @@ def main(quick: bool, repetitions: int | None, small: int | None, large: int | N
         lag_stream=40 if quick else 500,
         backlog_small=backlog or (100 if quick else 1000),
         backlog_large=(20 if quick else 1000) if backlog_large is None else backlog_large,
-        backlog_concurrency=backlog_concurrency,
+        backlog_concurrency=tuple(n for n in backlog_concurrency if n) if backlog_concurrency else (16,),
     )
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     machine = Machine.describe()

@@ -94,17 +94,25 @@ def _ledger_times(ledger: Ledger, digests: list[str], timeout_s: float = 10.0) -
 
 
 def replica_lags(answered_at: dict[str, float], copies: dict[str, tuple[str, float]],
-          written: dict[str, float]) -> dict[str, Any]:
-    """Lags (ms) of every instance from its C-STORE response: of B's ledger row and of B's event."""
-    ledger, events = [], []
+                 written: dict[str, float], parts: int = 5) -> dict[str, Any]:
+    """Lags (ms) of every instance from its C-STORE response: of B's ledger row and of B's event.
+
+    ``by_part_p50_ms``: the median ledger lag of each of ``parts`` consecutive slices of the load, in
+    the order A answered: rising from slice to slice, replication falls behind while A ingests.
+    """
+    ledger, events, timed = [], [], []
     for uid, at in answered_at.items():
         if uid in copies:
             digest, appended = copies[uid]
             events.append(1000 * (appended - at))
             if digest in written:
                 ledger.append(1000 * (written[digest] - at))
+                timed.append((at, ledger[-1]))
+    timed.sort()
+    bounds = [round(k * len(timed) / parts) for k in range(parts + 1)]
+    by_part = [summary([lag for _, lag in timed[bounds[k]:bounds[k + 1]]], 1)["p50"] for k in range(parts)]
     return {"ledger_ms": summary(ledger, 1), "event_ms": summary(events, 1),
-            "missing": len(answered_at) - len(ledger),
+            "missing": len(answered_at) - len(ledger), "by_part_p50_ms": by_part,
             "ledger_samples_ms": [round(v, 1) for v in ledger]}
 
 
@@ -238,9 +246,11 @@ def _render(loads: list[dict[str, Any]], goal: dict[str, Any]) -> str:
 
     main = report.table(
         ["load at site A", "instances", "C-STOREs/s at A (ingest section)", "p50 ms", "p99 ms", "max ms",
-         "not replicated", "B complete after A's last response (s)", "machine CPU", "load"],
+         "p50 ms by fifth of the load", "not replicated", "B complete after A's last response (s)",
+         "machine CPU", "load"],
         [[r["load"], r["instances"], rate(r), report.number(r["ledger_ms"]["p50"]),
-          report.number(r["ledger_ms"]["p99"]), report.number(r["ledger_ms"]["max"]), r["missing"],
+          report.number(r["ledger_ms"]["p99"]), report.number(r["ledger_ms"]["max"]),
+          " / ".join(report.number(v, 0) for v in r["by_part_p50_ms"]), r["missing"],
           report.number(r.get("caught_up_s"), 2), f"{r['cpu_machine_pct']:.0f}%", f"{r['load_1m']:.2f}"]
          for r in loads])
     secondary_rows = [[r["load"], EVENT_ROW, "payload", r["event_ms"]["n"], report.number(r["event_ms"]["p50"]),
@@ -269,7 +279,9 @@ def _render(loads: list[dict[str, Any]], goal: dict[str, Any]) -> str:
         "over 1 and 4 associations; in brackets the grid's rate in the ingest section for as many associations "
         f"(one site, nothing replicating; {sources}).\n\n"
         + main
-        + "\n*not replicated*: no verified row within the timeout. *B complete*: B's last ledger row after A's last "
+        + "\n*by fifth*: the median lag of each fifth of the instances in the order A answered them (rising: "
+        "replication falls behind while A ingests). *not replicated*: no verified row within the timeout. "
+        "*B complete*: B's last ledger row after A's last "
         "C-STORE response; it grows with the stream's length when replication does not keep A's pace. "
         "*machine CPU*: both cores over the sending window (100% = both busy); *load*: 1-minute load average "
         "when the load started (other engineers' tests share the machine and its Kafka and Cassandra).\n\n"

@@ -46,7 +46,7 @@ class Options:
     lag_stream: int = 500  # instances of each paced stream into site A (replication lag under load)
     backlog_small: int = 1000  # instances of the small-CT replication backlog
     backlog_large: int = 1000  # instances of the large-CT replication backlog (0: not measured)
-    backlog_concurrency: tuple[int, ...] = ()  # B's worker also measured at these concurrencies
+    backlog_concurrency: tuple[int, ...] = (16,)  # B's worker also measured at these concurrencies
 
     @property
     def corpora(self) -> list[CorpusSpec]:

@@ -118,6 +118,15 @@ def test_replica_lags_count_instances_without_a_verified_row_as_missing() -> Non
     assert lags["event_ms"]["n"] == 2 and lags["event_ms"]["max"] == pytest.approx(500.0)
 
 
+def test_replica_lags_by_part_follow_the_order_a_answered() -> None:
+    answered = {f"u{i}": 100.0 + i for i in range(15)}
+    copies = {uid: (f"d{uid}", 0.0) for uid in answered}
+    # Falling behind: the k-th answered instance is replicated 100 ms * (k + 1) later.
+    written = {f"du{i}": 100.0 + i + 0.1 * (i + 1) for i in range(15)}
+    lags = replica_lags(dict(reversed(list(answered.items()))), copies, written, parts=5)
+    assert lags["by_part_p50_ms"] == pytest.approx([200.0, 500.0, 800.0, 1100.0, 1400.0])
+
+
 def _backlog_run(target: str, seconds: float, cpu: float, repetition: int = 1) -> BacklogRun:
     return BacklogRun(target, "backlog-small", repetition, 100, 4_000_000, seconds, None, None, 0.5, 50.0,
                       {"replicator (B)": cpu}, 100)
