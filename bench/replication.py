@@ -268,7 +268,7 @@ def _render(loads: list[dict[str, Any]], goal: dict[str, Any]) -> str:
                         for r in streams]) if streams else ""
     return (
         "Time from the C-STORE success response at site A until site B holds a **verified copy of the payload**: "
-        f"B's {LEDGER_ROW} (its `WRITETIME`, read after each load; the worker writes it after the SHA-256 "
+        f"the {LEDGER_ROW} (its `WRITETIME`, read after each load; the worker writes it after the SHA-256 "
         "matched, the copy was fsynced and renamed into place and its `dicom.replica.stored` was acknowledged).\n\n"
         f"Two-site grid: A (Cassandra dc1) and B (dc2), one replica of the keyspace in each; receiver, HTTP, "
         f"stream processors and replication worker of both sites running. Small CT instances "
