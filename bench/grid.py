@@ -280,13 +280,13 @@ class BenchGrid:
         are appended to the config of this one process."""
         supervisor = self.supervisor(self.receivers)
         service = self._service(supervisor, name)
-        argv = list(service.argv)
         if overrides:
             base = self.config_file(self.receivers)
             variant = base.with_name(f"{base.stem}-{hashlib.sha256(overrides.encode()).hexdigest()[:8]}.toml")
             variant.write_text(base.read_text() + "\n" + overrides)
-            argv[argv.index("--config") + 1] = str(variant)
-        proc = psutil.Process(supervisor.daemon(service).start(argv, cwd=Path.cwd()).pid)
+            # Same grid name, so the same pid file, logs and consumer groups; only the config differs.
+            supervisor = Supervisor(load_config(variant), str(variant))
+        proc = psutil.Process(supervisor.start_service(service).pid)
         group = "receivers" if service.kind == "receiver" else service.kind
         self._forget(name)
         self._services.setdefault(group, []).append(proc)
