@@ -26,6 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import tenacity
+from cassandra import OperationTimedOut
+from cassandra.cluster import NoHostAvailable
 
 from bench.corpus import InstanceKey, RunCorpus
 from bench.paths import BENCH_ROOT
@@ -176,8 +179,12 @@ class BenchGrid:
         ensure_topics(config.kafka)
         self.use(1)
         self.metadata = IndexReader(Cassandra(config, local_dc=self.site.dc))
-        # Connect and prepare now, so the first lag probe measures the index and not the driver.
-        self.metadata.instance_location("0.0")
+        # Connect and prepare now, so the first lag probe measures the index and not the driver. Other
+        # sessions on the shared cluster create and drop keyspaces; a node busy with that schema churn
+        # can be marked down by the driver for a moment.
+        tenacity.Retrying(retry=tenacity.retry_if_exception_type((NoHostAvailable, OperationTimedOut)),
+                          stop=tenacity.stop_after_delay(60), wait=tenacity.wait_fixed(2), reraise=True)(
+            self.metadata.instance_location, "0.0")
 
     def use(self, receivers: int) -> None:
         """Run exactly ``receivers`` receiver processes per site (other services untouched)."""

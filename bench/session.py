@@ -113,8 +113,10 @@ class Session:
         with ExitStack() as stack:
             stack.enter_context(_exclusive(BENCH_ROOT / "bench.lock"))
             for target in self.targets:
-                target.start()
+                # Stopped even when its start fails half-way: a grid whose services are up but whose index
+                # did not answer would otherwise outlive the benchmark.
                 stack.callback(target.stop)
+                target.start()
             self._stack = stack.pop_all()
         return self
 
