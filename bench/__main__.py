@@ -1,8 +1,8 @@
 """``python -m bench`` (``make bench``): run every scenario, write ``bench/results/``, print the summary.
 
 ``--quick`` is a smoke run of everything (one repetition, small corpora, a 1000-study C-FIND scale
-set, 20 instances for the cross-site lag, no waiting for a quiet machine); its numbers are not meant to
-be compared.
+set, 20 instances one at a time and streams of 40 for the replication lag, replication backlogs of 100
+small and 20 large instances, no waiting for a quiet machine); its numbers are not meant to be compared.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _scales(value: str | None) -> tuple[int, ...] | None:
 @click.command()
 @click.option("--quick", is_flag=True,
               help="Smoke run: 1 repetition, 40 small + 8 large instances, 1000-study C-FIND set, "
-                   "20 cross-site instances, no quiet wait.")
+                   "20 + 2x40 replication-lag instances, backlogs of 100 small + 20 large, no quiet wait.")
 @click.option("--repetitions", type=click.IntRange(1), default=None, help="Repetitions per run (default 3).")
 @click.option("--small", type=click.IntRange(4), default=None, help="Instances in the ~40 KB corpus (default 500).")
 @click.option("--large", type=click.IntRange(4), default=None, help="Instances in the ~0.5 MB corpus (default 100).")
@@ -43,16 +43,27 @@ def _scales(value: str | None) -> tuple[int, ...] | None:
               help="Wait until the 1-minute load average is at most this before measuring.")
 @click.option("--max-wait", type=click.IntRange(0), default=600, show_default=True,
               help="Give up waiting for a quiet machine after this many seconds (then measure anyway).")
-@click.option("--profile/--no-profile", default=True, show_default=True, help="Profile the grid receiver (py-spy).")
+@click.option("--backlog", type=click.IntRange(1), default=None,
+              help="Instances in the small-CT replication backlog (default 1000).")
+@click.option("--backlog-large", type=click.IntRange(0), default=None,
+              help="Instances in the large-CT replication backlog, 0 to skip it (default 1000).")
+@click.option("--backlog-concurrency", "backlog_concurrency", type=click.IntRange(0, 64), multiple=True,
+              help="Also measure the backlog with B's replication worker at this concurrency (repeatable; "
+                   "default 16; 0: only the grid's configured value, which is always measured).")
+@click.option("--profile/--no-profile", default=True, show_default=True,
+              help="Profile the grid receiver and the replication worker (py-spy).")
 @click.option("--scale", "scales", callback=lambda ctx, param, value: _scales(value), default=None,
               help="Studies in the metadata-scale C-FIND sets, comma-separated (default 10000,100000; "
                    "quick: 1000). Loaded once, then reused.")
 @click.option("--scenario", "only", multiple=True, type=click.Choice([s.key for s in SCENARIOS]),
               help="Run only these scenarios (repeatable). Default: all.")
 def main(quick: bool, repetitions: int | None, small: int | None, large: int | None, max_load: float,
-         max_wait: int, profile: bool, scales: tuple[int, ...] | None, only: tuple[str, ...]) -> None:
+         max_wait: int, backlog: int | None, backlog_large: int | None, backlog_concurrency: tuple[int, ...],
+         profile: bool,
+         scales: tuple[int, ...] | None, only: tuple[str, ...]) -> None:
     """dicomgrid against DCMTK storescp and Orthanc: ingest (and the receiver's profile), C-FIND (also at
-    metadata scale), C-GET and WADO-RS, and the lag between two sites."""
+    metadata scale), C-GET and WADO-RS, payload replication lag between two sites and the throughput of a
+    replication backlog (against Orthanc-to-Orthanc peer transfer)."""
     options = Options(
         repetitions=repetitions or (1 if quick else 3),
         small=small or (40 if quick else 500),
@@ -62,7 +73,11 @@ def main(quick: bool, repetitions: int | None, small: int | None, large: int | N
         profile=profile,
         scales=scales or ((1000,) if quick else (10_000, 100_000)),
         lag_instances=20 if quick else 200,
-        lag_payload_every=4 if quick else 10,
+        lag_sample_every=4 if quick else 10,
+        lag_stream=40 if quick else 500,
+        backlog_small=backlog or (100 if quick else 1000),
+        backlog_large=(20 if quick else 1000) if backlog_large is None else backlog_large,
+        backlog_concurrency=tuple(n for n in backlog_concurrency if n) if backlog_concurrency else (16,),
     )
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     machine = Machine.describe()

@@ -1,16 +1,21 @@
 """When has an instance stored at site A become available at site B? One probe per way of asking.
 
 The cross-site section (:mod:`bench.replication`) stores instances at A and, for each, asks probes in
-turn until each answers yes (:func:`watch`); a probe is all it knows about a path, so a new path (the
-payload replication service, once it exists) is one more class here and one more entry in
-:func:`probes`:
+turn until each answers yes (:func:`watch`); a new way of asking is one more class here and one more
+entry in :func:`probes`:
 
-* :class:`IndexAtSite` - B's C-FIND finds the instance (IMAGE level, by SOPInstanceUID): the index
-  (metadata) has reached B's datacenter. This is what exists today.
-* :class:`WadoAtSite` - B's WADO-RS returns the instance. B has no copy of the payload, so this is B
-  finding the instance in its index and fetching the payload from A on demand (and keeping it).
-* :class:`ReplicaAtSite` - B's ``replicas`` ledger lists a copy at B: what payload replication will
-  write once it lands. Until then no row appears and the section says so.
+* :class:`IndexAtSite` - a site's C-FIND finds the instance (IMAGE level, by SOPInstanceUID): the index
+  (metadata) has reached that site's datacenter.
+* :class:`ReplicaAtSite` - B's ``replicas`` ledger lists a copy at B with ``verified_at``: the payload is
+  replicated (fetched, SHA-256-verified, fsynced, announced by ``dicom.replica.stored``, then recorded).
+
+Site B's WADO-RS is not a probe: since replication exists, a WADO-RS asked before the copy arrives would
+fetch the payload from A on demand and record that repair in the ledger, which would then be mistaken
+for a replicated copy.
+
+:class:`Ledger` reads when B's rows were written (``WRITETIME(verified_at)``) for many payloads at once,
+after the fact: how the sections time copies made while site A ingests a stream, when polling every
+instance would load the machine it measures.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from bench import wado
+from cassandra.concurrent import execute_concurrent_with_args
+
 from bench.corpus import InstanceKey
 from bench.dimse_clients import FindClient, instance_query
 from bench.grid import BenchGrid, BenchSite
@@ -28,6 +34,7 @@ from dicomgrid.core.cassandra import Cassandra
 from dicomgrid.core.index_reader import IndexReader
 
 POLL_S = 0.005  # pause between two rounds of probes (each probe is itself a round trip)
+_VERIFIED = "SELECT sha256, verified_at, WRITETIME(verified_at) AS written FROM replicas WHERE sha256 = ? AND site = ?"
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,7 @@ class Probe(Protocol):
     key: str  # in the JSON
     title: str  # in the tables
     path: str  # "metadata" or "payload": what becoming available means for this probe
-    sampled: bool  # asked for a sample of the instances only (costly: e.g. it moves the payload)
+    sampled: bool  # asked for a sample of the instances only
 
     def available(self, item: SentInstance) -> bool: ...
 
@@ -64,26 +71,40 @@ class IndexAtSite:
         self._client.__exit__()
 
 
-class WadoAtSite:
-    path, sampled = "payload", True
+class Ledger:
+    """One site's rows of the ``replicas`` ledger, read in that site's datacenter (as its services do)."""
 
     def __init__(self, grid: BenchGrid, site: BenchSite) -> None:
-        self.key = f"wado-{site.name}"
-        self.title = f"WADO-RS at site {site.name} (payload fetched from A on demand)"
-        self._root = f"http://127.0.0.1:{grid.ports[site.name].http}/dicomweb"
-        self._http = wado.client()
+        self.site = site.name
+        self.index = IndexReader(Cassandra(grid.config(), local_dc=site.dc))
 
-    def available(self, item: SentInstance) -> bool:
-        key = item.key
-        url = (f"{self._root}/studies/{key.study_uid}/series/{key.series_uid}"
-               f"/instances/{key.sop_instance_uid}")
-        result = wado.retrieve(self._http, url)
-        if result.status not in (200, 404):
-            raise RuntimeError(f"WADO-RS at {self._root} answered HTTP {result.status} for {key.sop_instance_uid}")
-        return result.status == 200 and result.parts == 1
+    @property
+    def db(self) -> Cassandra:
+        return self.index.db
+
+    def digest_of(self, sop_instance_uid: str) -> str | None:
+        row = self.index.instance_location(sop_instance_uid)
+        return None if row is None else row.sha256
+
+    def verified_written(self, digest: str) -> float | None:
+        """When the site's verified row for ``digest`` was written (time.time() seconds), or None."""
+        row = self.db.execute(_VERIFIED, (digest, self.site)).one()
+        return None if row is None or row.verified_at is None else row.written / 1e6
+
+    def verified_written_many(self, digests: list[str]) -> dict[str, float]:
+        """:meth:`verified_written` of many digests at once; those without a verified row are left out."""
+        statement = self.db.prepare(_VERIFIED)
+        results = execute_concurrent_with_args(self.db.session, statement, [(d, self.site) for d in digests],
+                                               concurrency=32, raise_on_first_error=True)
+        out = {}
+        for result in results:
+            for row in result.result_or_exc:
+                if row.verified_at is not None:
+                    out[row.sha256] = row.written / 1e6
+        return out
 
     def close(self) -> None:
-        self._http.close()
+        self.db.close()
 
 
 class ReplicaAtSite:
@@ -91,30 +112,31 @@ class ReplicaAtSite:
 
     def __init__(self, grid: BenchGrid, site: BenchSite) -> None:
         self.key = f"replica-{site.name}"
-        self.title = f"`replicas` row for site {site.name} (payload replicated)"
-        self.site = site.name
-        # Site B's view of the ledger: read in B's datacenter.
-        self._store = IndexReader(Cassandra(grid.config(), local_dc=site.dc))
+        self.title = f"`replicas` row with `verified_at` for site {site.name} (payload replicated)"
+        self.ledger = Ledger(grid, site)
         self._digests: dict[str, str] = {}
+        self.written: dict[str, float] = {}  # SOP Instance UID -> when its verified row was written
 
     def available(self, item: SentInstance) -> bool:
         uid = item.key.sop_instance_uid
         if uid not in self._digests:
-            row = self._store.instance_location(uid)
-            if row is None:
+            digest = self.ledger.digest_of(uid)
+            if digest is None:
                 return False
-            self._digests[uid] = row.sha256
-        return self._store.db.execute("SELECT site FROM replicas WHERE sha256 = ? AND site = ?",
-                                   (self._digests[uid], self.site)).one() is not None
+            self._digests[uid] = digest
+        written = self.ledger.verified_written(self._digests[uid])
+        if written is None:
+            return False
+        self.written[uid] = written
+        return True
 
     def close(self) -> None:
-        self._store.db.close()
+        self.ledger.close()
 
 
 def probes(grid: BenchGrid, site: BenchSite) -> list[Probe]:
-    """Every way of asking ``site`` for an instance. The ledger is asked before WADO-RS, whose on-demand
-    fetch leaves a copy at the site that must not be mistaken for a replicated one."""
-    return [IndexAtSite(grid, site), ReplicaAtSite(grid, site), WadoAtSite(grid, site)]
+    """Every way of asking ``site`` for an instance."""
+    return [IndexAtSite(grid, site), ReplicaAtSite(grid, site)]
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,16 @@ it never disturbs a development grid or a test session, and indexes only what it
 run by the grid's own :class:`~dicomgrid.supervisor.Supervisor`, exactly as ``dicomgrid up`` runs them.
 
 A :class:`GridLayout` says which grid: the one-site grid every section measures by default
-(:data:`ONE_SITE`), the two-site grid of the cross-site section (:data:`TWO_SITES`), or a grid that only
-answers queries over a loaded metadata-scale keyspace (:func:`scale_layout`). Configurations of one
+(:data:`ONE_SITE`), the two-site grid of the replication sections (:data:`TWO_SITES`: each site
+replicates to the other and runs its replication worker), or a grid that only answers queries over a
+loaded metadata-scale keyspace (:func:`scale_layout`). Configurations of one
 layout differ only in ``receiver_processes`` (1 or 2, sharing the port with SO_REUSEPORT); switching
 restarts the receivers and keeps the other services running.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -24,6 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import tenacity
+from cassandra import OperationTimedOut
+from cassandra.cluster import NoHostAvailable
 
 from bench.corpus import InstanceKey, RunCorpus
 from bench.paths import BENCH_ROOT
@@ -75,6 +80,7 @@ ONE_SITE = GridLayout("dicomgrid-bench", "dicomgrid_bench", (BenchSite("A", "GRI
 TWO_SITES = GridLayout(
     "dicomgrid-bench-sites", "dicomgrid_bench_sites",
     (BenchSite("A", "GRID_BENCH_A", "dc1"), BenchSite("B", "GRID_BENCH_B", "dc2")),
+    services=(*ALL_SERVICES, "replicator"),
 )
 # The one-site grid's AE title, which the sections' availability probes call.
 AE_TITLE = ONE_SITE.sites[0].ae_title
@@ -111,6 +117,7 @@ class BenchGrid:
         self._configs: dict[int, GridConfig] = {}
         self._jvms: dict[str, list[psutil.Process]] = {}
         self._services: dict[str, list[psutil.Process]] = {}
+        self._by_name: dict[str, psutil.Process] = {}  # "A/http", "B/replicator", ...
 
     @property
     def topic_prefix(self) -> str:
@@ -164,13 +171,20 @@ class BenchGrid:
         Supervisor.stop_pid_files(self.supervisor(1).run_dir)
         for site in self.layout.sites:
             shutil.rmtree(self.storage_of(site.name), ignore_errors=True)
+        # Fresh stores, so fresh healing schedules: a fresh site's first scrub and sweep come a period
+        # after its first start, not during a measurement because an earlier session ran an hour ago.
+        shutil.rmtree(config.root / "run" / "healing" / self.layout.name, ignore_errors=True)
         _delete_orphaned_topics(config)
         apply_schema(config)
         ensure_topics(config.kafka)
         self.use(1)
         self.metadata = IndexReader(Cassandra(config, local_dc=self.site.dc))
-        # Connect and prepare now, so the first lag probe measures the index and not the driver.
-        self.metadata.instance_location("0.0")
+        # Connect and prepare now, so the first lag probe measures the index and not the driver. Other
+        # sessions on the shared cluster create and drop keyspaces; a node busy with that schema churn
+        # can be marked down by the driver for a moment.
+        tenacity.Retrying(retry=tenacity.retry_if_exception_type((NoHostAvailable, OperationTimedOut)),
+                          stop=tenacity.stop_after_delay(60), wait=tenacity.wait_fixed(2), reraise=True)(
+            self.metadata.instance_location, "0.0")
 
     def use(self, receivers: int) -> None:
         """Run exactly ``receivers`` receiver processes per site (other services untouched)."""
@@ -182,10 +196,12 @@ class BenchGrid:
                 if service.kind == "receiver":
                     current.daemon(service).stop(20.0)
         supervisor = self.supervisor(receivers)
-        self._services = {"receivers": [], "processors": [], "http": []}
+        self._services = {}
+        self._by_name = {}
         for service, pid in self._up(supervisor):
             group = "receivers" if service.kind == "receiver" else service.kind
-            self._services[group].append(psutil.Process(pid))
+            self._services.setdefault(group, []).append(psutil.Process(pid))
+            self._by_name[service.name] = psutil.Process(pid)
         self.receivers = receivers
         for site in self.layout.sites:
             self._wait_echo(site)
@@ -236,8 +252,67 @@ class BenchGrid:
         self.receivers = 0
 
     def processes(self) -> dict[str, list[psutil.Process]]:
-        """Receivers, HTTP and processors of the sites, then the cluster's JVMs."""
+        """Receivers, HTTP and processors of the sites (and their replication workers), then the
+        cluster's JVMs."""
         return {**self._services, **self._jvms}
+
+    def jvms(self) -> dict[str, list[psutil.Process]]:
+        """The cluster's JVMs: "kafka", "cassandra-dc1", ... (as of the last :meth:`refresh_jvms`)."""
+        return dict(self._jvms)
+
+    def refresh_jvms(self) -> dict[str, int]:
+        """Look the cluster's JVMs up again (someone may have restarted a node since); their pids."""
+        status = LocalCluster(self.cluster_config).status()
+        self._jvms = {c.name: [psutil.Process(c.pid)] for c in status.components if c.pid}
+        return {name: procs[0].pid for name, procs in self._jvms.items()}
+
+    def process(self, name: str) -> psutil.Process:
+        """The running process of one service, e.g. "A/http" or "B/replicator"."""
+        return self._by_name[name]
+
+    def process_or_none(self, name: str) -> psutil.Process | None:
+        """:meth:`process`, or None when that service is not running."""
+        proc = self._by_name.get(name)
+        return proc if proc is not None and proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE else None
+
+    def stop_service(self, name: str, grace: float = 30.0) -> None:
+        """Stop one service of the grid (SIGTERM, as ``dicomgrid down`` does); the others keep running."""
+        supervisor = self.supervisor(self.receivers)
+        supervisor.daemon(self._service(supervisor, name)).stop(grace)
+        self._forget(name)
+
+    def start_service(self, name: str, overrides: str = "") -> psutil.Process:
+        """Start one stopped service as the supervisor does; returns at once (the caller waits for
+        whatever readiness it needs). ``overrides`` (TOML, e.g. ``"[replication]\nconcurrency = 16\n"``)
+        are appended to the config of this one process."""
+        supervisor = self.supervisor(self.receivers)
+        service = self._service(supervisor, name)
+        if overrides:
+            base = self.config_file(self.receivers)
+            variant = base.with_name(f"{base.stem}-{hashlib.sha256(overrides.encode()).hexdigest()[:8]}.toml")
+            variant.write_text(base.read_text() + "\n" + overrides)
+            # Same grid name, so the same pid file, logs and consumer groups; only the config differs.
+            supervisor = Supervisor(load_config(variant), str(variant))
+        proc = psutil.Process(supervisor.start_service(service).pid)
+        group = "receivers" if service.kind == "receiver" else service.kind
+        self._forget(name)
+        self._services.setdefault(group, []).append(proc)
+        self._by_name[name] = proc
+        return proc
+
+    @staticmethod
+    def _service(supervisor: Supervisor, name: str) -> Service:
+        try:
+            return next(s for s in supervisor.services() if s.name == name)
+        except StopIteration:
+            raise KeyError(f"no service {name!r} in this grid") from None
+
+    def _forget(self, name: str) -> None:
+        proc = self._by_name.pop(name, None)
+        if proc is not None:
+            for procs in self._services.values():
+                if proc in procs:
+                    procs.remove(proc)
 
     def versions(self) -> dict[str, str]:
         assert self.metadata is not None

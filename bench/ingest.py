@@ -292,6 +292,8 @@ class IngestScenario:
         runs = measure(session)
         rows = summarize(session, runs)
         goal_rows = goals(rows)
+        # The replication sections stream into site A at these rates.
+        session.shared["ingest_rows"] = [asdict(r) for r in rows]
         data = {
             "targets": {t.key: {"label": t.label, **t.describe()} for t in session.targets},
             "corpora": [{**asdict(c.spec), "bytes": c.total_bytes} for c in session.corpora],

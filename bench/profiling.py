@@ -85,7 +85,7 @@ def recording(pid: int, output: Path, mode: str) -> Iterator[None]:
             raise RuntimeError(f"py-spy wrote no profile: {out.strip()}")
 
 
-def _frame(text: str) -> tuple[str, str]:
+def parse_frame(text: str) -> tuple[str, str]:
     """("Func.name", "pkg/file.py") of a py-spy frame "Func.name (pkg/file.py)"."""
     name, _, where = text.rpartition(" (")
     return name, where.rstrip(")")
@@ -96,16 +96,18 @@ def _role(thread: str) -> str:
     return next((role for pattern, role in _ROLES if pattern.search(name)), "other")
 
 
-def _step(frames: list[str]) -> str:
-    parsed = [_frame(f) for f in reversed(frames)]
+def step_of(frames: list[str], steps: list[tuple[str, str, str]] = _STEPS, otherwise: str = WAITING) -> str:
+    """The step of the innermost frame that ``steps`` names ((function, file suffix, step) each)."""
+    parsed = [parse_frame(f) for f in reversed(frames)]
     for name, where in parsed:
-        for function, suffix, step in _STEPS:
+        for function, suffix, step in steps:
             if (name == function or name.startswith(function + ".")) and where.endswith(suffix):
                 return step
-    return WAITING
+    return otherwise
 
 
-def _read(path: Path) -> list[tuple[str, list[str], int]]:
+def read_raw(path: Path) -> list[tuple[str, list[str], int]]:
+    """(thread, frames outermost first, samples) of each stack of a py-spy raw profile."""
     stacks = []
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -135,7 +137,7 @@ class ProfileSummary:
         return asdict(self)
 
 
-def _shares(counter: Counter[str], total: int, per_instance_s: float, limit: int | None = None) -> list[Share]:
+def shares(counter: Counter[str], total: int, per_instance_s: float, limit: int | None = None) -> list[Share]:
     return [
         Share(name, round(100 * n / total, 1), round(1000 * n * per_instance_s, 2))
         for name, n in counter.most_common(limit)
@@ -152,32 +154,32 @@ def summarize(wall: Path, gil: Path, instances: int, wall_seconds: float, gil_se
     per_instance = tick_s / instances
     summary = ProfileSummary(instances, round(wall_seconds, 2))
 
-    stacks = _read(wall)
+    stacks = read_raw(wall)
     # Only associations that stored something: a TCP health probe also gets an association thread.
     storing = {thread for thread, frames, _ in stacks if any(f.startswith(STORE_HANDLER) for f in frames)}
     steps: Counter[str] = Counter()
     for thread, frames, count in stacks:
         if thread in storing:
-            steps[_step(frames)] += count
-    summary.wall_steps = _shares(steps, sum(steps.values()) or 1, per_instance)
+            steps[step_of(frames)] += count
+    summary.wall_steps = shares(steps, sum(steps.values()) or 1, per_instance)
 
     by_thread: Counter[str] = Counter()
     frames_inclusive: Counter[str] = Counter()
     frames_self: Counter[str] = Counter()
     held = 0
-    for thread, frames, count in _read(gil):
+    for thread, frames, count in read_raw(gil):
         held += count
         by_thread[_role(thread)] += count
         if frames:
             frames_self[frames[-1]] += count
         for frame in set(frames):
-            if not any(w in _frame(frame)[1] for w in _WRAPPERS):
+            if not any(w in parse_frame(frame)[1] for w in _WRAPPERS):
                 frames_inclusive[frame] += count
     ticks = gil_seconds * RATE_HZ
     summary.gil_busy_pct = round(100 * held / ticks, 1) if ticks else 0.0
-    summary.gil_by_thread = _shares(by_thread, held or 1, per_instance)
-    summary.gil_top_frames = _shares(frames_inclusive, held or 1, per_instance, limit=20)
-    summary.gil_top_self = _shares(frames_self, held or 1, per_instance, limit=12)
+    summary.gil_by_thread = shares(by_thread, held or 1, per_instance)
+    summary.gil_top_frames = shares(frames_inclusive, held or 1, per_instance, limit=20)
+    summary.gil_top_self = shares(frames_self, held or 1, per_instance, limit=12)
     return summary
 
 

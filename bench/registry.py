@@ -7,6 +7,7 @@ A new measurement is a class with ``key``, ``title`` and ``run(session) -> Secti
 
 from __future__ import annotations
 
+from bench.backlog import BacklogScenario
 from bench.cfind_scale import CFindScaleScenario
 from bench.ingest import IngestScenario
 from bench.profiling import ReceiveProfileScenario
@@ -22,4 +23,5 @@ SCENARIOS: list[Scenario] = [
     CFindScaleScenario(),
     RetrieveScenario(),
     ReplicationScenario(),
+    BacklogScenario(),
 ]

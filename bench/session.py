@@ -1,7 +1,9 @@
 """One benchmark session: its options, its corpora, and every target running for its whole duration.
 
 Targets are started once and stay up, idle while another is measured, so a run never pays a start-up;
-the grid's receiver-count variants share one grid (see :mod:`bench.grid`).
+the grid's receiver-count variants share one grid (see :mod:`bench.grid`). The two-site grid of the
+replication sections is started by the first of them that asks for it (:meth:`Session.sites_grid`) and
+kept until the session ends.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.corpus import Corpus, CorpusSpec
-from bench.grid import BenchGrid, GridTarget
+from bench.grid import TWO_SITES, BenchGrid, GridTarget
 from bench.paths import BENCH_ROOT, LOGS
 from bench.targets import Orthanc, StoreSCP, Target
 
@@ -40,7 +42,11 @@ class Options:
     retrieve_instances: int = 200  # instances of the study retrieved by C-GET and WADO-RS
     lag_instances: int = 200  # instances stored at site A, one at a time, for the cross-site lag
     lag_gap_s: float = 0.05  # pause between two of them
-    lag_payload_every: int = 10  # every n-th of them is also fetched from site B by WADO-RS
+    lag_sample_every: int = 10  # every n-th of them is also looked up by site A's own C-FIND
+    lag_stream: int = 500  # instances of each paced stream into site A (replication lag under load)
+    backlog_small: int = 1000  # instances of the small-CT replication backlog
+    backlog_large: int = 1000  # instances of the large-CT replication backlog (0: not measured)
+    backlog_concurrency: tuple[int, ...] = (16,)  # B's worker also measured at these concurrencies
 
     @property
     def corpora(self) -> list[CorpusSpec]:
@@ -59,6 +65,19 @@ class Options:
     def lag_corpus(self) -> CorpusSpec:
         """Small CT instances sent one at a time to site A of the two-site grid."""
         return CorpusSpec("lag", self.lag_instances, 140, 140, studies=1, seed=4)
+
+    @property
+    def stream_corpus(self) -> CorpusSpec:
+        """Small CT instances streamed into site A at the ingest section's rates."""
+        return CorpusSpec("stream", self.lag_stream, 140, 140, studies=5, seed=5)
+
+    @property
+    def backlog_corpora(self) -> list[CorpusSpec]:
+        """The replication backlogs: ~40 KB and ~0.5 MB CT images, like the ingest corpora."""
+        specs = [CorpusSpec("backlog-small", self.backlog_small, 140, 140, studies=5, seed=6)]
+        if self.backlog_large:
+            specs.append(CorpusSpec("backlog-large", self.backlog_large, 512, 512, studies=2, seed=7))
+        return specs
 
 
 @contextmanager
@@ -88,13 +107,16 @@ class Session:
         # State scenarios share within the session (e.g. the reference studies of query and retrieve).
         self.shared: dict[str, Any] = {}
         self._stack = ExitStack()
+        self._sites: BenchGrid | None = None
 
     def __enter__(self) -> "Session":
         with ExitStack() as stack:
             stack.enter_context(_exclusive(BENCH_ROOT / "bench.lock"))
             for target in self.targets:
-                target.start()
+                # Stopped even when its start fails half-way: a grid whose services are up but whose index
+                # did not answer would otherwise outlive the benchmark.
                 stack.callback(target.stop)
+                target.start()
             self._stack = stack.pop_all()
         return self
 
@@ -111,6 +133,15 @@ class Session:
                 for plugin, version in dict(described.get("plugins", {})).items():
                     out[f"{target.label} {plugin} plugin"] = str(version)
         return out
+
+    def sites_grid(self) -> BenchGrid:
+        """The two-site grid (:data:`bench.grid.TWO_SITES`), started on first use, stopped with the session."""
+        if self._sites is None:
+            grid = BenchGrid(TWO_SITES)
+            self._stack.callback(grid.stop)
+            grid.start()
+            self._sites = grid
+        return self._sites
 
     def target(self, key: str) -> Target:
         return next(t for t in self.targets if t.key == key)

@@ -14,7 +14,7 @@ import os
 import re
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 CALLING_AE = "STORESCU"
@@ -42,6 +42,9 @@ class SendResult:
     seconds: float
     last_response: float  # time.time() of the last C-STORE response of any association
     failures: list[str]  # one line per association that did not store all of its files
+    # Per association, time.time() of each successful C-STORE response, in sending order (storescu sends
+    # its files in the order given, one at a time), so ``responses[k][i]`` answered ``parts[k][i]``.
+    responses: list[list[float]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -74,12 +77,13 @@ def send(parts: list[list[Path]], called_ae: str, port: int, log_dir: Path, host
             procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env))
     codes = [proc.wait() for proc in procs]
     seconds = time.monotonic() - started
-    failures, last = [], 0.0
+    failures, last, answered = [], 0.0, []
     for k, (files, code, log) in enumerate(zip(parts, codes, logs)):
         responses, errors = _read_log(log)
         stored = sum(1 for _, status in responses if status == "Success")
         last = max([last, *(at for at, _ in responses)])
+        answered.append([at for at, status in responses if status == "Success"])
         if code != 0 or errors or stored != len(files):
             detail = errors[0] if errors else next((s for _, s in responses if s != "Success"), "no error logged")
             failures.append(f"association {k}: exit {code}, {stored}/{len(files)} stored; {detail}")
-    return SendResult(seconds, last, failures)
+    return SendResult(seconds, last, failures, answered)

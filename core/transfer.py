@@ -108,6 +108,21 @@ class PayloadTransfer:
         order.pop(self.site.site.name, None)
         return [self.site.config.site(name) for name in order]
 
+    def _candidates(self, digest: str, prefer: Iterable[str]) -> Iterator[SiteConfig]:
+        """:meth:`peers` in order, but the ledger is read only once every ``prefer`` site has failed: a
+        replication request names the site that received the payload, which nearly always has it, and
+        a ledger read per transfer would cost every copy a Cassandra round trip for nothing."""
+        configured = {s.name for s in self.site.config.sites}
+        tried = {self.site.site.name}
+        for name in dict.fromkeys(prefer):
+            if name in configured and name not in tried:
+                tried.add(name)
+                yield self.site.config.site(name)
+        for peer in self.peers(digest):
+            if peer.name not in tried:
+                tried.add(peer.name)
+                yield peer
+
     def fetch_from_any(
         self, digest: str, prefer: Iterable[str] = (), *, resumable: bool = False
     ) -> tuple[SiteConfig, BlobRef]:
@@ -116,7 +131,7 @@ class PayloadTransfer:
         Raises :class:`PayloadUnavailable` naming every peer's failure when none had an intact copy.
         """
         errors = []
-        for peer in self.peers(digest, prefer):
+        for peer in self._candidates(digest, prefer):
             try:
                 return peer, self.fetch(peer, digest, resumable=resumable)
             except BlobBusy:

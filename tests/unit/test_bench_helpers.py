@@ -1,12 +1,17 @@
-"""The benchmark harness's pure helpers: multipart counting, the seeded scale set, percentiles."""
+"""The benchmark harness's pure helpers: multipart counting, the seeded scale set, percentiles, the
+replication sections' rates, lags, medians and profile breakdown."""
 
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 from pydicom import dcmread
 
+from bench.backlog import BacklogRun, median_row, summarize_replicator
+from bench.history import FALLBACK_RATES, full_runs, ingest_rates
+from bench.replication import answer_times, replica_lags
 from bench.scale_set import ScaleSet, queries
 from bench.stats import percentile, summary
 from bench.wado import PartCounter, boundary_of
@@ -70,3 +75,90 @@ def test_percentile_and_summary() -> None:
     assert percentile(values, 0.99) == 99
     assert summary([])["p50"] is None
     assert summary([2.0, 4.0])["mean"] == 3.0
+
+
+def _results_document(quick: bool, rates: dict[int, float]) -> dict:
+    rows = [{"target": "grid", "corpus": "small", "associations": n, "instances_per_s": r} for n, r in rates.items()]
+    rows.append({"target": "orthanc", "corpus": "small", "associations": 1, "instances_per_s": 999.0})
+    return {"options": {"quick": quick}, "sections": {"ingest": {"rows": rows}}}
+
+
+def test_full_runs_are_newest_first_and_skip_quick_runs_and_latest(tmp_path) -> None:
+    for name, quick in [("2026-01-01T00-00-00+0000", False), ("2026-02-01T00-00-00+0000", True),
+                        ("2026-01-15T00-00-00+0000", False), ("latest", False)]:
+        (tmp_path / f"{name}.json").write_text(json.dumps(_results_document(quick, {1: 10.0})))
+    (tmp_path / "2026-03-01T00-00-00+0000.json").write_text("{truncated")
+    assert [name for name, _ in full_runs(tmp_path)] == ["2026-01-15T00-00-00+0000.json",
+                                                         "2026-01-01T00-00-00+0000.json"]
+
+
+def test_ingest_rates_come_from_this_session_then_the_newest_full_run_then_the_fallback() -> None:
+    documents = [("new.json", _results_document(False, {4: 150.0})), ("old.json", _results_document(False, {1: 90.0, 4: 99.0}))]
+    session_rows = _results_document(False, {1: 120.0})["sections"]["ingest"]["rows"]
+    rates = ingest_rates((1, 4, 8), session_rows, documents)
+    assert [(r.associations, r.instances_per_s) for r in rates] == [(1, 120.0), (4, 150.0), (8, FALLBACK_RATES[4])]
+    assert rates[0].source == "this run's ingest section"
+    assert "new" in rates[1].source and "fallback" in rates[2].source
+    assert ingest_rates((1,), None, documents)[0].instances_per_s == 90.0
+
+
+def test_answer_times_follow_the_corpus_order_of_contiguous_parts() -> None:
+    assert answer_times([2, 1, 2], [[1.0, 2.0], [1.5], [1.2, 3.0]]) == [1.0, 2.0, 1.5, 1.2, 3.0]
+    with pytest.raises(ValueError):
+        answer_times([2, 2], [[1.0, 2.0], [1.5]])  # an association answered fewer files than it sent
+
+
+def test_replica_lags_count_instances_without_a_verified_row_as_missing() -> None:
+    answered = {"u1": 100.0, "u2": 101.0, "u3": 102.0}
+    copies = {"u1": ("d1", 100.2), "u2": ("d2", 101.5)}  # u3 never announced
+    written = {"d1": 100.25}  # d2 announced, its row not written yet
+    lags = replica_lags(answered, copies, written)
+    assert lags["missing"] == 2
+    assert lags["ledger_ms"]["n"] == 1 and lags["ledger_ms"]["p50"] == pytest.approx(250.0)
+    assert lags["event_ms"]["n"] == 2 and lags["event_ms"]["max"] == pytest.approx(500.0)
+
+
+def test_replica_lags_by_part_follow_the_order_a_answered() -> None:
+    answered = {f"u{i}": 100.0 + i for i in range(15)}
+    copies = {uid: (f"d{uid}", 0.0) for uid in answered}
+    # Falling behind: the k-th answered instance is replicated 100 ms * (k + 1) later.
+    written = {f"du{i}": 100.0 + i + 0.1 * (i + 1) for i in range(15)}
+    lags = replica_lags(dict(reversed(list(answered.items()))), copies, written, parts=5)
+    assert lags["by_part_p50_ms"] == pytest.approx([200.0, 500.0, 800.0, 1100.0, 1400.0])
+
+
+def _backlog_run(target: str, seconds: float, cpu: float, repetition: int = 1) -> BacklogRun:
+    return BacklogRun(target, "backlog-small", repetition, 100, 4_000_000, seconds, None, None, 0.5, 50.0,
+                      {"replicator (B)": cpu}, 100)
+
+
+def test_backlog_rows_are_medians_over_repetitions() -> None:
+    runs = [_backlog_run("grid", s, cpu, k) for k, (s, cpu) in enumerate([(1.0, 0.3), (2.0, 0.1), (0.5, 0.2)])]
+    row = median_row("grid", runs)
+    assert row.seconds == 1.0 and row.instances_per_s == 100.0
+    assert row.spread_pct == 150.0  # (200 - 50) / 100
+    assert row.cpu_ms_per_instance == {"replicator (B)": 2.0}
+    assert row.ok and row.from_start_s is None
+
+
+def test_replicator_profile_splits_the_replication_threads_by_step(tmp_path) -> None:
+    handle = "Replicator.handle (processors/replicator.py)"
+    worker = "thread (32451): replication_0"  # py-spy's raw format names threads so
+    wall = tmp_path / "wall.txt"
+    wall.write_text("\n".join([
+        f"{worker};_worker (concurrent/futures/thread.py);{handle};record_copy (core/transfer.py);"
+        "ReplicaLedger.record (core/ledger.py);Session.execute (cassandra/cluster.py) 30",
+        f"{worker};_worker (concurrent/futures/thread.py);{handle};PayloadTransfer.fetch (core/transfer.py);"
+        "BlobWriter.commit (core/blobstore.py) 10",
+        f"{worker};_worker (concurrent/futures/thread.py);SimpleQueue.get (queue.py) 60",
+        'thread (32422): MainThread;Worker.execute_from_commandline (mode/worker.py) 500',
+    ]) + "\n")
+    gil = tmp_path / "gil.txt"
+    gil.write_text(f"{worker};{handle};ReplicaLedger.record (core/ledger.py) 3\n"
+                   'thread (32422): MainThread;Stream._c_aiter (faust/streams.py) 1\n')
+    profile = summarize_replicator(wall, gil, instances=10, wall_s=1.0, gil_s=1.0)
+    steps = {s.name: s.pct for s in profile.wall_steps}
+    assert steps == {"idle (no request to work on)": 60.0, "ledger write (Cassandra)": 30.0,
+                     "commit: rename, fsync, fsync directory": 10.0}
+    assert profile.worker.busy_pct == 4.0
+    assert [s.name for s in profile.worker.by_thread] == ["replication threads (requests)", "event loop"]

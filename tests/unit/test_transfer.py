@@ -131,6 +131,33 @@ def test_transfer_prefers_the_named_source_then_the_ledger(sites: TwoSites):
         transfer.fetch_from_any(corrupt_digest, prefer=["B"])
 
 
+class _CountingLedger(FakeLedger):
+    reads: int = 0
+
+    def replicas(self, digest: str) -> list[Any]:
+        self.reads += 1
+        return super().replicas(digest)
+
+
+def test_the_ledger_is_read_only_when_the_named_source_fails(tmp_path):
+    ledger = _CountingLedger()
+    config = site_config(tmp_path, {"A": free_port(), "B": free_port(), "C": free_port()})
+    a, b, c = (site_context(config, name, ledger) for name in "ABC")
+    data = os.urandom(5000)
+    digest = b.blobs.put_bytes(data).sha256
+    c.blobs.put_bytes(data)
+    ledger.copies[digest] = ["C", "B"]
+    with PeerServer(b), PeerServer(c):
+        transfer = PayloadTransfer(a)
+        peer, blob = transfer.fetch_from_any(digest, prefer=["B"])
+        assert (peer.name, blob.sha256, ledger.reads) == ("B", digest, 0)
+        # The named source has lost its copy: then the ledger says who else holds one.
+        a.blobs.quarantine(digest)
+        b.blobs.quarantine(digest)
+        peer, _ = transfer.fetch_from_any(digest, prefer=["B"])
+        assert (peer.name, ledger.reads) == ("C", 1)
+
+
 def test_throttle_spaces_transfers_to_the_configured_rate(monkeypatch: pytest.MonkeyPatch):
     clock = {"now": 100.0}
     slept: list[float] = []
