@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dicomgrid.core.audit import AUDIT_LINGER_MS, AuditSource, AuditTrail
+from dicomgrid.core.audit import AUDIT_LINGER_MS, SUCCESS, AuditSource, AuditTrail, Participant
 from dicomgrid.core.audit_spool import AuditSpool
 from dicomgrid.core.blobstore import BlobStore
 from dicomgrid.core.cassandra import Cassandra
@@ -27,6 +27,14 @@ class SiteContext:
     def __post_init__(self) -> None:
         self.index = IndexReader(self.db)
         self.ledger = ReplicaLedger(self.db)
+
+    def application_activity(self, service: str, *, started: bool) -> None:
+        """Audit a service of the site starting or stopping (Application Activity, Application Start/Stop)."""
+        me = self.site
+        self.audit.record(
+            "E", "Application Activity", SUCCESS, f"{service} {'started' if started else 'stopping'}",
+            [Participant(f"{me.name}/{service}", False, me.ae_title, None, "Application")],
+        )
 
     def close(self, timeout: float = 5.0) -> None:
         """Deliver what is still queued (events, audit records) and let go of the connections."""

@@ -309,6 +309,7 @@ def serve_receiver(ctx: Context, site: str, reuse_port: bool) -> None:
 
     _logging(ctx)
     context = open_site(ctx.config, site, "receiver")
+    context.application_activity("receiver", started=True)
     ingestor = build_ingestor(context)
     storage = StorageService(ingestor, ctx.config.site(site).ae_title)
     services = [storage, *dimse_services(context)]
@@ -323,7 +324,9 @@ def serve_receiver(ctx: Context, site: str, reuse_port: bool) -> None:
     finally:
         for service in running:
             service.close()
+        context.application_activity("receiver", started=False)
         ingestor.flush()
+        context.audit.close()
 
 
 @serve.command("http")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -49,8 +50,22 @@ def create_http_app(context: SiteContext) -> Starlette:
             Route("/dicomweb/studies/{study}", store, methods=["POST"]),
             *http_routes(context),
             *TransferEndpoint(context).routes(),
-        ]
+        ],
+        lifespan=_lifespan(context),
     )
+
+
+def _lifespan(context: SiteContext):  # noqa: ANN202 - Starlette's lifespan protocol
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):  # noqa: ANN202
+        context.application_activity("http", started=True)
+        try:
+            yield
+        finally:
+            context.application_activity("http", started=False)
+            context.audit.flush()
+
+    return lifespan
 
 
 class _Pending:

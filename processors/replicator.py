@@ -189,6 +189,7 @@ def create_replicator_app(config: GridConfig, site: str) -> faust.App:
             if "worker" not in state:
                 db = await connect_cassandra(config, site_config.cassandra_dc)
                 worker = build_replicator(config, site_config.name, db)
+                worker.site.application_activity("replicator", started=True)
                 assert worker.site.publisher is not None
                 state["worker"] = worker, DeadLetters(worker.site.publisher, f"replication-{site_config.name}")
         return state["worker"]
@@ -232,6 +233,7 @@ def create_replicator_app(config: GridConfig, site: str) -> faust.App:
         healing.stopping = True
         if "worker" in state:
             worker, _ = state["worker"]
+            worker.site.application_activity("replicator", started=False)
             worker.site.publisher.flush()
             worker.site.audit.flush()
 

@@ -87,7 +87,8 @@ def test_every_audit_record_is_a_valid_audit_message(grid, taps):
     for expected in [("DICOM Instances Transferred", "110104", ("RAD-8",)), ("Query", "110112", ("RAD-14",)),
                      ("Security Alert", "110113", ("110126",)),
                      ("Begin Transferring DICOM Instances", "110102", ("RAD-16",)),
-                     ("DICOM Instances Transferred", "110104", ("RAD-107",))]:
+                     ("DICOM Instances Transferred", "110104", ("RAD-107",)),
+                     ("Application Activity", "110100", ("110120",))]:
         assert expected in kinds, (expected, kinds)
     stored = [r for r in records if r["event"] == "DICOM Instances Transferred" and r["action"] == "C"
               and any(o["id"] == ds.SOPInstanceUID for o in r["objects"])]
