@@ -91,8 +91,10 @@ def test_every_audit_record_is_a_valid_audit_message(grid, taps):
                      ("Application Activity", "110100", ("110120",))]:
         assert expected in kinds, (expected, kinds)
     stored = [r for r in records if r["event"] == "DICOM Instances Transferred" and r["action"] == "C"
+              and r["site"] == "A" and r["outcome_description"].startswith("DIMSE")
               and any(o["id"] == ds.SOPInstanceUID for o in r["objects"])]
-    assert stored and {"type": "patient", "id": "AUDIT-PAT-1", "detail": {"name": "Doe^Jane"}} in stored[0]["objects"]
+    assert len(stored) == 1
+    assert {"type": "patient", "id": "AUDIT-PAT-1", "detail": {"name": "Doe^Jane"}} in stored[0]["objects"]
     queried = [r for r in records if r["event"] == "Query" and any(o.get("id") == "AUDIT-PAT-1" for o in r["objects"])]
     assert {q["participants"][0]["role"] for q in queried} == {"Source"} and len(queried) == 2
 
