@@ -325,6 +325,14 @@ class GridConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> "GridConfig":
+        if self.kafka.min_insync_replicas > self.kafka.replication_factor:
+            raise ValueError(
+                f"kafka.min_insync_replicas = {self.kafka.min_insync_replicas} is more than kafka.replication_factor "
+                f"= {self.kafka.replication_factor}: every acks=all publish (every C-STORE) would be refused"
+            )
+        if any(rf < 1 for dc, rf in self.cassandra.replication.items() if dc in {s.cassandra_dc for s in self.sites}):
+            raise ValueError("every site's Cassandra datacenter needs a replication factor of at least 1 "
+                             "(its LOCAL_QUORUM reads and writes would have no replica)")
         names = [s.name for s in self.sites]
         if len(set(names)) != len(names):
             raise ValueError("site names must be unique")
@@ -384,11 +392,20 @@ class GridConfig(BaseSettings):
         return ae_title.strip() in self.security.allowed_calling_aes
 
 
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def _merge(model: type[BaseModel], base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` over ``base``: a section of the config (a model) is merged key by key, every other
+    value, dict-valued settings included, is replaced whole.
+
+    A production file that lists its ``[remote_aes]`` or its ``[cassandra] replication`` must not keep the
+    shipped localhost destinations or datacenters beside its own.
+    """
     merged = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+        field = model.model_fields.get(key)
+        section = field.annotation if field is not None else None
+        if isinstance(section, type) and issubclass(section, BaseModel) and isinstance(value, dict) \
+                and isinstance(merged.get(key), dict):
+            merged[key] = _merge(section, merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -402,8 +419,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> GridConfig:
     if path:
         with Path(path).open("rb") as fh:
             user = tomllib.load(fh)
-        # A user file that lists sites replaces the default sites rather than merging into them.
-        data = _deep_merge(data, user)
+        data = _merge(GridConfig, data, user)
     config = GridConfig(**data)
     # Pin the data directory now, so a later chdir cannot change where this grid keeps its files.
     return config.model_copy(update={"data_dir": config.root})

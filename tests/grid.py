@@ -71,6 +71,7 @@ def write_test_config(path: Path, name: str, data_dir: Path, storage: Path) -> P
         # Orthanc's DICOM port is free rather than the shipped 4242, so parallel sessions do not collide;
         # the interop fixtures start Orthanc where this says.
         f'[remote_aes]\nORTHANC = {{ host = "127.0.0.1", port = {free_port()} }}\n'
+        'STORESCP = { host = "127.0.0.1", port = 11119 }\n'
         f'{COMMIT_SCU} = {{ host = "127.0.0.1", port = {free_port()} }}\n'
         f'{UNREACHABLE_SCU} = {{ host = "127.0.0.1", port = {free_port()} }}\n'
         # Short enough for the timeout, delivery-failure and restart tests; long enough for replication.

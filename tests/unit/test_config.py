@@ -92,3 +92,25 @@ def test_a_policy_that_cannot_reach_min_copies_is_refused(tmp_path: Path, toml: 
     cfg.write_text(toml)
     with pytest.raises(Exception, match="fewer than replication.min_copies"):
         load_config(cfg)
+
+
+def test_a_users_dict_settings_replace_the_shipped_ones(tmp_path: Path):
+    cfg = tmp_path / "prod.toml"
+    cfg.write_text('[remote_aes]\nPACS = { host = "10.1.2.3", port = 104 }\n'
+                   '[cassandra]\nkeyspace = "prod"\nreplication = { east = 3 }\n'
+                   + _SITE.format("X").replace('"dc1"', '"east"'))
+    config = load_config(cfg)
+    assert set(config.remote_aes) == {"PACS"}  # no shipped localhost destinations left beside it
+    assert config.cassandra.replication == {"east": 3}
+    assert config.cassandra.keyspace == "prod" and config.cassandra.port == 9042  # sections still merge
+
+
+@pytest.mark.parametrize("toml, message", [
+    ("[kafka]\nreplication_factor = 1\nmin_insync_replicas = 2\n", "every acks=all publish"),
+    ("[cassandra]\nreplication = { dc1 = 0, dc2 = 1 }\n", "replication factor of at least 1"),
+])
+def test_settings_that_cannot_work_are_refused_with_one_clear_message(tmp_path: Path, toml: str, message: str):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(toml)
+    with pytest.raises(Exception, match=message):
+        load_config(cfg)
