@@ -50,10 +50,12 @@ def test_grids_with_different_prefixes_do_not_see_each_others_instance_events(
     assert {e["instance"]["sop_instance_uid"] for e in other_tap.catch_up()} == {foreign.SOPInstanceUID}
 
     # The grid's processors index its own instance and never the other grid's, published before it:
-    # they read their own grid's topic only, and have committed all of it.
+    # every topic they read (instance events, audit events) is their own grid's, and they have
+    # committed all of its instance events.
     wait_for(lambda: metadata_dc1.study(own.StudyInstanceUID))
-    assert set(wait_for(lambda: processors_assignment(grid.config))) == {
-        grid.config.kafka.topic(schemas.TOPIC_INSTANCE_STORED)
-    }
+    assigned = set(wait_for(lambda: processors_assignment(grid.config)))
+    assert grid.config.kafka.topic(schemas.TOPIC_INSTANCE_STORED) in assigned
+    assert assigned <= {grid.config.kafka.topic(t) for t in schemas.topics()}
+    assert not assigned & {other_grid.kafka.topic(t) for t in schemas.topics()}
     wait_for(lambda: committed_lag(grid.config) == 0)
     assert metadata_dc1.study(foreign.StudyInstanceUID) is None
