@@ -145,6 +145,9 @@ class EventPublisher:
         breaks its topic's schema: consumers rely on every message of a topic matching its contract.
         """
         schemas.validate_event(topic, event)
+        # Subscribers route and check versions without parsing the value (docs/events.md).
+        headers = [("event_type", str(event.get("event_type", "")).encode()),
+                   ("schema_version", str(event.get("schema_version", "")).encode())]
         future: Future[Message] = Future()
         topic = self._topic(topic)
         producer = self._producer
@@ -160,12 +163,12 @@ class EventPublisher:
 
         value = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
         try:
-            producer.produce(topic, key=key.encode(), value=value, on_delivery=on_delivery)
+            producer.produce(topic, key=key.encode(), value=value, headers=headers, on_delivery=on_delivery)
         except BufferError:
             # Local queue full: poll once to drain reports, then try again before giving up.
             producer.poll(0.5)
             try:
-                producer.produce(topic, key=key.encode(), value=value, on_delivery=on_delivery)
+                producer.produce(topic, key=key.encode(), value=value, headers=headers, on_delivery=on_delivery)
             except (BufferError, KafkaException) as exc:
                 future.set_exception(PublishError(f"{topic}: local queue full: {exc}"))
         except KafkaException as exc:

@@ -158,7 +158,7 @@ class UndeliveringProducer:
         self.queued: list[Any] = []
         self.purged: list[Any] = []
 
-    def produce(self, topic: str, key: bytes, value: bytes, on_delivery: Any) -> None:
+    def produce(self, topic: str, key: bytes, value: bytes, on_delivery: Any, headers: Any = None) -> None:
         self.queued.append(on_delivery)
 
     def poll(self, timeout: float) -> int:

@@ -14,9 +14,11 @@ from dicomgrid.core.events import dead_letter
 class RecordingProducer:
     def __init__(self, conf: dict[str, Any]) -> None:
         self.topics: list[str] = []
+        self.headers: list[Any] = []
 
-    def produce(self, topic: str, key: bytes, value: bytes, on_delivery: Any) -> None:
+    def produce(self, topic: str, key: bytes, value: bytes, on_delivery: Any, headers: Any = None) -> None:
         self.topics.append(topic)
+        self.headers.append(headers)
 
     def poll(self, timeout: float) -> int:
         return 0
@@ -39,6 +41,7 @@ def test_publisher_takes_logical_names_and_writes_the_grids_topics(monkeypatch: 
         publisher.publish(schemas.TOPIC_DEADLETTER, "1.2.3", dead_letter("indexer", "t", 0, 7, None, b"{}", "test"))
         publisher.publish(schemas.TOPIC_AUDIT, "A", audit_record("A", "E", "Application Activity", 0, "test", [], []))
         assert publisher._producer.topics == [f"{prefix}dicom.deadletter", f"{prefix}dicom.audit"]
+        assert publisher._producer.headers[1] == [("event_type", b"dicom.audit"), ("schema_version", b"1")]
     finally:
         publisher.close()
 
