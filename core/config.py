@@ -192,6 +192,19 @@ class HealingConfig(_Section):
     tmp_idle_s: float = Field(default=600.0, gt=0)
 
 
+class AnalyticsConfig(_Section):
+    """The Parquet sink: the grid's events as hive-partitioned datasets (consumers/parquet_sink.py)."""
+
+    # Sites whose services include a sink (one consumer group: they share the partitions). Unset: every
+    # site. The directory must then be storage they share (an object-store mount); or name one site.
+    sites: list[str] | None = None
+    # Where the datasets are; relative to data_dir. Unset: analytics/<grid name>.
+    directory: Path | None = None
+    # A Kafka partition's buffered rows are written out at this many rows or this age.
+    flush_rows: int = Field(default=5000, ge=1)
+    flush_s: float = Field(default=30.0, gt=0)
+
+
 class StorageCommitmentConfig(_Section):
     """Storage Commitment Push Model SCP (1.2.840.10008.1.20.1) on every site AE."""
 
@@ -300,6 +313,7 @@ class GridConfig(BaseSettings):
     remote_aes: dict[str, DicomPeer] = {}
     replication: ReplicationConfig = ReplicationConfig()
     healing: HealingConfig = HealingConfig()
+    analytics: AnalyticsConfig = AnalyticsConfig()
     storage_commitment: StorageCommitmentConfig = StorageCommitmentConfig()
     connections: ConnectionLimits = ConnectionLimits()
     logs: LogConfig = LogConfig()

@@ -70,6 +70,10 @@ class IndexReader:
         rows = self.db.execute("SELECT version FROM instance_versions WHERE sop_instance_uid = ?", (sop_instance_uid,))
         return max((r.version for r in rows), default=0)
 
+    def all_instances(self) -> Iterable[Any]:
+        """Every indexed instance, study by study (a full scan, page by page: for exports only)."""
+        return self.db.paged("SELECT * FROM instances", [()], self.SCAN_PAGE_ROWS * 5)
+
     def all_versions(self) -> Iterable[Any]:
         """Every stored version of every instance (a full scan, page by page: for healing jobs only)."""
         return self.db.paged(

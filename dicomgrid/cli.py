@@ -586,6 +586,59 @@ def audit_query(ctx: Context, patient: str | None, study: str | None, user: str 
         store.db.close()
 
 
+@serve.command("sink")
+@click.option("--site", required=True)
+@pass_ctx
+def serve_sink(ctx: Context, site: str) -> None:
+    """The Parquet sink: instance metadata and audit records as datasets (consumer group of its own)."""
+    from dicomgrid.consumers.parquet_sink import ParquetSink, analytics_root
+    from dicomgrid.core.kafka import wait_until_created
+
+    _logging(ctx)
+    ctx.config.site(site)
+    wait_until_created(ctx.config.kafka)
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(now=True))
+    signal.signal(signal.SIGINT, lambda signum, frame: stop.update(now=True))
+    analytics = ctx.config.analytics
+    ParquetSink(ctx.config, analytics_root(ctx.config), flush_rows=analytics.flush_rows,
+                flush_s=analytics.flush_s).run(lambda: stop["now"])
+
+
+# -- export ------------------------------------------------------------------------------------------
+
+
+@main.group()
+def export() -> None:
+    """Write what the grid holds to a folder."""
+
+
+@export.command("parquet")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--since", help="Only instances received from this time (ISO 8601, UTC unless given).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
+@pass_ctx
+def export_parquet(ctx: Context, directory: str, since: str | None, as_json: bool) -> None:
+    """The instances dataset of the Parquet sink, written on demand from the index."""
+    import json as json_module
+
+    from tqdm import tqdm
+
+    from dicomgrid.consumers.parquet_export import export_instances
+    from dicomgrid.core.cassandra import Cassandra
+    from dicomgrid.core.index_reader import IndexReader
+
+    _logging(ctx)
+    db = Cassandra(ctx.config, local_dc=ctx.config.sites[0].cassandra_dc if ctx.config.sites else None)
+    try:
+        with tqdm(unit="inst", desc="export", disable=as_json) as bar:
+            rows = export_instances(IndexReader(db), Path(directory), _when(since), on_progress=bar.update)
+    finally:
+        db.close()
+    summary = {"directory": str(Path(directory).resolve()), "instances": rows}
+    click.echo(json_module.dumps(summary) if as_json else f"{rows} instance(s) written to {summary['directory']}")
+
+
 # -- replication -------------------------------------------------------------------------------------
 
 

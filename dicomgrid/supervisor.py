@@ -67,7 +67,7 @@ class ServiceKind:
     a site runs of it, and how its health is probed. :data:`SERVICE_KINDS` lists them all."""
 
     kind: str
-    processes: Callable[[SiteConfig], int]
+    processes: Callable[[SiteConfig, GridConfig], int]
     arguments: Callable[[SiteConfig], list[str]]  # after ``dicomgrid serve <kind>``
     probe: Callable[[SiteConfig], Probe]
     numbered: bool = False  # names carry the process number ("A/receiver-1"), for pools
@@ -76,19 +76,22 @@ class ServiceKind:
 SERVICE_KINDS: tuple[ServiceKind, ...] = (
     ServiceKind(
         "receiver",
-        lambda site: site.receiver_processes,
+        lambda site, grid: site.receiver_processes,
         lambda site: ["--site", site.name] + (["--reuse-port"] if site.receiver_processes > 1 else []),
         lambda site: DimseProbe(site.dicom_host, site.dicom_port, site.ae_title),
         numbered=True,
     ),
     ServiceKind(
         "http",
-        lambda site: 1,
+        lambda site, grid: 1,
         lambda site: ["--site", site.name],
         lambda site: f"http://{site.http_host}:{site.http_port}/health",
     ),
-    ServiceKind("processors", lambda site: 1, lambda site: ["--site", site.name], lambda site: None),
-    ServiceKind("replicator", lambda site: 1, lambda site: ["--site", site.name], lambda site: None),
+    ServiceKind("processors", lambda site, grid: 1, lambda site: ["--site", site.name], lambda site: None),
+    ServiceKind("replicator", lambda site, grid: 1, lambda site: ["--site", site.name], lambda site: None),
+    # The Parquet sink runs at the sites analytics.sites names (every site when unset).
+    ServiceKind("sink", lambda site, grid: int(grid.analytics.sites is None or site.name in grid.analytics.sites),
+                lambda site: ["--site", site.name], lambda site: None),
 )
 
 
@@ -237,7 +240,7 @@ class Supervisor:
         out = []
         for site in self.config.sites:
             for kind in SERVICE_KINDS:
-                for i in range(1, kind.processes(site) + 1):
+                for i in range(1, kind.processes(site, self.config) + 1):
                     out.append(Service(site.name, kind.kind, i, ["serve", kind.kind, *kind.arguments(site)],
                                        kind.probe(site), kind.numbered))
         return out

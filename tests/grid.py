@@ -78,6 +78,8 @@ def write_test_config(path: Path, name: str, data_dir: Path, storage: Path) -> P
         '[storage_commitment]\ntimeout_s = 10.0\nunknown_grace_s = 1.5\npoll_interval_s = 0.2\n'
         'report_attempts = 3\nreport_backoff_initial_s = 0.2\nreport_backoff_max_s = 0.5\nreport_timeout_s = 3.0\n'
         'lease_s = 3.0\nscan_interval_s = 0.5\n'
+        # The Parquet sink writes small files often, so tests see their rows in a second.
+        '[analytics]\nflush_rows = 50\nflush_s = 1.0\n'
         + "\n".join(sites)
     )
     return path

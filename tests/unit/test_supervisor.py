@@ -112,8 +112,12 @@ def test_services_come_from_the_service_kinds_and_log_to_their_own_files(tmp_pat
                       cassandra_dc="dc1", receiver_processes=2)
     supervisor = Supervisor(GridConfig(name="kinds", sites=[site]))
     services = supervisor.services()
-    assert [s.name for s in services] == ["A/receiver-1", "A/receiver-2", "A/http", "A/processors", "A/replicator"]
+    assert [s.name for s in services] == ["A/receiver-1", "A/receiver-2", "A/http", "A/processors", "A/replicator",
+                                          "A/sink"]
     assert services[0].argv == ["serve", "receiver", "--site", "A", "--reuse-port"]
+    # The Parquet sink runs only where analytics.sites says, when it says anything.
+    elsewhere = GridConfig(name="kinds", sites=[site], analytics={"sites": []})
+    assert "A/sink" not in [s.name for s in Supervisor(elsewhere).services()]
     daemon = supervisor.daemon(services[2])
     assert (daemon.log_file.name, daemon.out_file.name) == ("kinds-A-http.log", "kinds-A-http.out")
 
