@@ -215,6 +215,7 @@ class TrialRetrieveService(RetrieveService):
             status = Dataset()
             status.Status = ALL_FAILED if not (transfer.tally["completed"] + transfer.tally["warning"]) else SOME_FAILED
             reasons = sorted({reason for _, reason in withheld})
+            status.NumberOfRemainingSuboperations = None  # final: pynetdicom would repeat the last pending count
             status.ErrorComment = f"{len(withheld)} withheld: {'; '.join(reasons)}"[:64].replace("\\", "/")
             identifier = Dataset()
             identifier.FailedSOPInstanceUIDList = failed + [transfer.access.pseudonyms.uid(i.sop_instance_uid)

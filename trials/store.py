@@ -118,6 +118,13 @@ class KeyWrap:
                              "from the one it was stored with") from None
 
 
+def _applied(result: Any) -> bool:
+    # The grid's row factory is one the driver's ``was_applied`` refuses; an LWT answers "[applied]" first.
+    # Serial consistency stays SERIAL (all datacenters): names and AE titles are unique grid-wide.
+    row = result.one()
+    return bool(row[0]) if row is not None else False
+
+
 class TrialStore:
     def __init__(self, db: Cassandra, config: GridConfig) -> None:
         self.db = db
@@ -146,13 +153,14 @@ class TrialStore:
             "VALUES (?, ?, ?, ?, ?, ?) IF NOT EXISTS",
             (name, ae_title, list(options), allow_identifying_pixels, fingerprint, now),
         )
-        if not created.was_applied:
+        if not _applied(created):
             raise TrialError(f"a trial named {name} exists already")
         claimed = self.db.execute("INSERT INTO trial_ae_titles (ae_title, trial) VALUES (?, ?) IF NOT EXISTS",
                                   (ae_title, name))
-        if not claimed.was_applied:
+        if not _applied(claimed):
             self.db.execute("DELETE FROM trials WHERE name = ?", (name,))
-            raise TrialError(f"AE title {ae_title} is used by trial {claimed.one().trial}")
+            owner = self.db.execute("SELECT trial FROM trial_ae_titles WHERE ae_title = ?", (ae_title,)).one()
+            raise TrialError(f"AE title {ae_title} is used by trial {owner.trial if owner else '(unknown)'}")
         nonce, wrapped = self._wrap.wrap(name, key)
         self.db.execute("INSERT INTO trial_keys (trial, nonce, wrapped) VALUES (?, ?, ?)", (name, nonce, wrapped))
         self.add(name, members)
