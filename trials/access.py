@@ -75,7 +75,7 @@ class Release:
 
     released: list[StoredInstance]
     withheld: list[tuple[StoredInstance, str]]
-    patients: dict[str, str]  # original study UID -> original Patient ID (for the audit trail only)
+    patients: dict[str, tuple[str, str]]  # original study UID -> original (Patient ID, name): audit trail only
 
 
 class TrialAccess:
@@ -214,7 +214,7 @@ class TrialAccess:
                 instances: tuple[str, ...]) -> Release:
         """The stored instances a retrieve of pseudonymous UIDs names (retrieve levels as in PS3.4 C.4.2)."""
         found: list[StoredInstance] = []
-        patients: dict[str, str] = {}
+        patients: dict[str, tuple[str, str]] = {}
         wanted_studies = set(studies)
         for row in self.member_studies():
             pseudo_patient = self.pseudonyms.patient_id(self.deidentifier.patient_key(row.patient_id, row.study_uid))
@@ -222,7 +222,7 @@ class TrialAccess:
                 continue
             if level != "PATIENT" and self.pseudonyms.uid(row.study_uid) not in wanted_studies:
                 continue
-            patients[row.study_uid] = row.patient_id or ""
+            patients[row.study_uid] = (row.patient_id or "", row.patient_name or "")
             if level in ("PATIENT", "STUDY"):
                 found += self.site.index.find_instances(row.study_uid)
                 continue

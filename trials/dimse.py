@@ -13,6 +13,7 @@ final response says why in its Error Comment (0xB000 when others were sent, 0xA7
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,7 +32,7 @@ from dicomgrid.consumers.retrieve_scp import (
     _Transfer,
     parse_identifier,
 )
-from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, AuditObject, Participant
+from dicomgrid.core.audit import AUDIT_MAX_INSTANCES, MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, AuditObject, Participant
 from dicomgrid.core.dimse import Context
 from dicomgrid.core.index_reader import StoredInstance
 from dicomgrid.core.logging import get_logger
@@ -52,20 +53,21 @@ def trial_participant(trial: Trial) -> Participant:
 
 
 def release_objects(access: TrialAccess, release: Release, sent: list[StoredInstance]) -> list[AuditObject]:
-    """Audit objects of a de-identified release: each original patient (the only place the original is
-    named; the object id, which logs show, is the pseudonym), each study and each instance sent."""
-    objects = []
-    for patient_id in dict.fromkeys(release.patients.values()):
-        pseudonym = access.pseudonyms.patient_id(patient_id) if patient_id else ""
-        objects.append(AuditObject("patient", pseudonym or "unknown", {"patient_id": patient_id, "trial": access.trial.name}))
+    """Audit objects of a de-identified release: the trial, each original patient (the audit trail is the
+    one place the original is named next to its pseudonym), each study and each instance sent."""
+    objects = [AuditObject("trial", access.trial.name, {"ae_title": access.trial.ae_title})]
+    for patient_id, name in dict.fromkeys(release.patients.values()):
+        if patient_id:
+            objects.append(AuditObject("patient", patient_id, {"name": name, "pseudonym": access.pseudonyms.patient_id(patient_id)}))
     per_study: dict[str, int] = {}
     for item in sent:
         per_study[item.study_uid] = per_study.get(item.study_uid, 0) + 1
     for study, count in per_study.items():
         objects.append(AuditObject("study", study, {"instances": count, "pseudonym": access.pseudonyms.uid(study)}))
-    for item in sent[:1000]:
-        objects.append(AuditObject("instance", item.sop_instance_uid,
-                                   {"sop_class_uid": item.sop_class_uid, "pseudonym": access.pseudonyms.uid(item.sop_instance_uid)}))
+    for item in sent[:AUDIT_MAX_INSTANCES]:
+        objects.append(AuditObject("instance", item.sop_instance_uid, {
+            "sop_class_uid": item.sop_class_uid, "study_uid": item.study_uid,
+            "pseudonym": access.pseudonyms.uid(item.sop_instance_uid)}))
     return objects
 
 
@@ -106,13 +108,16 @@ class _TrialTransfer(_Transfer):
     sent: list[StoredInstance] | None = None
 
     def finish(self, how: str) -> None:
+        # One end record for a trial retrieve: the Export, in place of DICOM Instances Transferred.
         if self.finished:
             return
-        super().finish(how)
+        self.finished = True
         assert self.access is not None and self.release is not None
         sent = self.sent or []
         withheld = len(self.release.withheld)
         done = self.tally["completed"] + self.tally["warning"]
+        log.info("trial retrieve finished", trial=self.access.trial.name, operation=self.operation, how=how,
+                 seconds=round(time.monotonic() - self.started, 3), withheld=withheld, **self.tally)
         outcome = SUCCESS if how == "completed" and not self.tally["failed"] else (
             SERIOUS_FAILURE if not done else MINOR_FAILURE)
         self.service.site.audit.record(

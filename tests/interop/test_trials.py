@@ -207,8 +207,11 @@ def test_withheld_instance_is_a_failed_sub_operation_with_its_reason(grid, trial
     export = next(r for r in records if r["event"] == "Export")
     assert any(p["user_id"] == f"trial {trial.name}" and p["role"] == "Destination" for p in export["participants"])
     patients = [o for o in export["objects"] if o["type"] == "patient"]
-    assert patients and patients[0]["detail"]["patient_id"] == trial.patient
-    assert patients[0]["id"] == trial.pseudonyms.patient_id(trial.patient)
+    assert [(p["id"], p["detail"]["name"]) for p in patients] == [(trial.patient, "Doe^Jane")]
+    assert patients[0]["detail"]["pseudonym"] == trial.pseudonyms.patient_id(trial.patient)
+    assert {"type": "trial", "id": trial.name, "detail": {"ae_title": trial.ae}} in export["objects"]
+    sent = {o["id"] for o in export["objects"] if o["type"] == "instance"}
+    assert sent == {s.sop_uid for s in study.instances if s.sop_class != SecondaryCaptureImageStorage}
 
 
 def test_movescu_sends_de_identified_copies(grid, trial, storescp):
