@@ -118,10 +118,11 @@ class FindService:
         pending = PENDING_WARNING if query.unsupported else PENDING
         cancelled = _Cancellation(event)
         try:
-            for record in QueryEngine(self.site.index, cancelled).find(query):
+            answers = self._answers(event)
+            for record in self._engine(event, cancelled).find(query):
                 if cancelled():
                     raise QueryCancelled
-                yield pending, query.response(record, self.answers)
+                yield pending, query.response(record, answers)
                 outcome.matches += 1
                 _await_send_window(event, cancelled)
         except QueryCancelled:
@@ -134,6 +135,16 @@ class FindService:
             yield failure(INDEX_UNAVAILABLE, "unable to read the index; retry later"), None
             return
         outcome.result = "success"
+
+    # What a subclass serving another called AE title (a trial) answers from, and as whom.
+    def _engine(self, event: evt.Event, cancelled: Callable[[], bool]) -> Any:
+        return QueryEngine(self.site.index, cancelled)
+
+    def _answers(self, event: evt.Event) -> SiteAnswers:
+        return self.answers
+
+    def _destination(self, event: evt.Event) -> Participant:
+        return Participant(self.site.site.name, False, self.site.site.ae_title, None, "Destination")
 
     @staticmethod
     def _identifier(event: evt.Event) -> Dataset:
@@ -167,7 +178,7 @@ class FindService:
             f"C-FIND {outcome.result}: {outcome.matches} matches" + (f"; {outcome.comment}" if outcome.comment else ""),
             [
                 Participant(calling_ae or "unknown", True, calling_ae, peer, "Source"),
-                Participant(self.site.site.name, False, self.site.site.ae_title, None, "Destination"),
+                self._destination(event),
             ],
             [AuditObject("query", model, {"protocol": "DIMSE", "matches": outcome.matches, **query}), *patient],
         )

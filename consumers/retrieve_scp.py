@@ -314,7 +314,7 @@ class RetrieveService:
             return
         _send_stored_payloads(event.assoc, self.payloads)
         yield len(instances)
-        yield from self._sub_operations(event, _Transfer(self, "C-GET", [requestor, self._source()], instances))
+        yield from self._sub_operations(event, self._transfer("C-GET", [requestor, self._source()], instances))
 
     # -- C-MOVE ---------------------------------------------------------------------------------
 
@@ -340,7 +340,7 @@ class RetrieveService:
         }
         yield len(instances)
         participants = [requestor, destination, self._source()]
-        yield from self._sub_operations(event, _Transfer(self, f"C-MOVE to {title}", participants, instances, calling_ae))
+        yield from self._sub_operations(event, self._transfer(f"C-MOVE to {title}", participants, instances, calling_ae))
 
     def _on_destination_open(self, event: evt.Event) -> None:
         set_nodelay(event)
@@ -349,6 +349,10 @@ class RetrieveService:
         event.assoc.dul._run_loop_delay = SUB_OPERATION_LOOP_DELAY_S
 
     # -- shared ---------------------------------------------------------------------------------
+
+    def _transfer(self, operation: str, participants: list[Participant], instances: list[StoredInstance],
+                  move_originator: str | None = None) -> _Transfer:
+        return _Transfer(self, operation, participants, instances, move_originator)
 
     def _match(self, event: evt.Event) -> list[StoredInstance]:
         model = event.context.abstract_syntax

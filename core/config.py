@@ -154,6 +154,10 @@ class SecurityConfig(_Section):
     # The Ed25519 key that signs the audit chain's checkpoints (PEM, PKCS8); created if it does not
     # exist. Relative to data_dir. Default: secrets/<grid name>-audit-signing.pem.
     audit_signing_key_file: Path | None = None
+    # Trial pseudonym keys are stored in Cassandra wrapped under a key derived from this secret, so the
+    # keyspace alone does not reveal them. Every process of the grid needs the same value. The default is
+    # for local development only.
+    trial_key_secret: str = Field(default="dicomgrid-dev-trial-key-secret", min_length=16)
 
     @field_validator("allowed_calling_aes")
     @classmethod

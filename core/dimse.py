@@ -555,14 +555,29 @@ def _rejection_reason(assoc: Association, limits: ConnectionLimits) -> str:
     return f"{reason} (calling AE {calling_ae!r})"
 
 
+class CalledAETitles(Protocol):
+    """AE titles besides the site's own that its port answers to (trials), with services of their own.
+
+    An association calling one of them is accepted as if it had called the site's title, and every
+    request on it goes to :meth:`handler` for its event (which reads ``event.assoc.acceptor.ae_title``);
+    the site's own services never see it.
+    """
+
+    def serves(self, called_ae_title: str) -> bool: ...
+
+    def handler(self, event_type: Any) -> Callable[..., Any] | None: ...
+
+
 class SiteAE:
     """The DICOM face of one site: Verification plus every service given."""
 
-    def __init__(self, config: GridConfig, site: str, services: Sequence[DimseService], audit: AuditTrail) -> None:
+    def __init__(self, config: GridConfig, site: str, services: Sequence[DimseService], audit: AuditTrail,
+                 called_aes: CalledAETitles | None = None) -> None:
         self.config = config
         self.site = config.site(site)
         self.services = list(services)
         self.audit = audit
+        self.called_aes = called_aes
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
@@ -588,7 +603,41 @@ class SiteAE:
         ]
         for service in self.services:
             out.extend(service.handlers())
-        return out
+        if self.called_aes is None:
+            return out
+        # -- other called AE titles (trials) on the same port --
+        routed: list[tuple[Any, Callable[..., Any]]] = [(evt.EVT_REQUESTED, self._adopt_called_ae)]
+        for event_type, handler in out:
+            if event_type.is_intervention and event_type is not evt.EVT_C_ECHO:
+                routed.append((event_type, self._route(event_type, handler)))
+            else:
+                routed.append((event_type, handler))
+        return routed
+
+    def _adopt_called_ae(self, event: evt.Event) -> None:
+        """Answer as the AE title called when it is one of ``called_aes`` (checked by pynetdicom right after)."""
+        called = (event.assoc.requestor.primitive.called_ae_title or "").strip()
+        assert self.called_aes is not None
+        if called and called != self.site.ae_title and self.called_aes.serves(called):
+            event.assoc.acceptor.ae_title = called
+
+    def _route(self, event_type: Any, site_handler: Callable[..., Any]) -> Callable[..., Any]:
+        assert self.called_aes is not None
+        other = self.called_aes.handler(event_type)
+
+        def route(event: evt.Event) -> Any:
+            if event.assoc.acceptor.ae_title == self.site.ae_title:
+                return site_handler(event)
+            if other is None:  # a service the other AE title does not offer: never the site's
+                log.warning("request refused on another called AE title", called_ae=event.assoc.acceptor.ae_title,
+                            event=event_type.name)
+                event.assoc.abort()
+                return None
+            return other(event)
+
+        return route
+
+    # -- end of other called AE titles --
 
     def _on_rejected(self, event: evt.Event) -> None:
         calling_ae, peer = peer_of(event)

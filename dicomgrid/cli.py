@@ -301,7 +301,7 @@ def serve() -> None:
 @pass_ctx
 def serve_receiver(ctx: Context, site: str, reuse_port: bool) -> None:
     """The DICOM services of one site: C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET, Storage Commitment."""
-    from dicomgrid.consumers import dimse_services
+    from dicomgrid.consumers import called_ae_titles, dimse_services
     from dicomgrid.core.dimse import SiteAE
     from dicomgrid.core.site import open_site
     from dicomgrid.producers.site import build_ingestor
@@ -320,7 +320,8 @@ def serve_receiver(ctx: Context, site: str, reuse_port: bool) -> None:
     try:
         for service in running:
             service.start()
-        SiteAE(ctx.config, site, services, ingestor.audit).serve(spool_dir=storage.spool_dir, reuse_port=reuse_port)
+        SiteAE(ctx.config, site, services, ingestor.audit, called_ae_titles(context)).serve(
+            spool_dir=storage.spool_dir, reuse_port=reuse_port)
     finally:
         for service in running:
             service.close()
@@ -726,6 +727,10 @@ def _wait_replicated(config: GridConfig, dc: str, sop_uids: list[str], timeout: 
         click.echo(f"{len(sop_uids) - safe} instance(s) not yet at {config.min_copies} sites after {timeout:.0f} s; "
                    "see `dicomgrid replication status`")
 
+
+from dicomgrid.trials.cli import trial  # noqa: E402 - the `trial` group lives with the trials
+
+main.add_command(trial)
 
 if __name__ == "__main__":
     main()
