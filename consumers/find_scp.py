@@ -29,6 +29,7 @@ from dicomgrid.consumers.query import (
     SiteAnswers,
 )
 from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, AuditObject, Participant
+from dicomgrid.core import metrics
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.site import SiteContext
 from dicomgrid.core.dimse import Context, peer_of
@@ -98,7 +99,7 @@ class FindService:
         return [Context(model, tuple(DEFAULT_TRANSFER_SYNTAXES)) for model in MODEL_LEVELS]
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
-        return [(evt.EVT_C_FIND, self.on_find)]
+        return [(evt.EVT_C_FIND, metrics.timed_handler(self.site.site.name, "C-FIND", self.on_find))]
 
     def on_find(self, event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         outcome = _Outcome()

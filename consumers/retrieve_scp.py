@@ -40,6 +40,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from dicomgrid.consumers.payloads import Payloads
+from dicomgrid.core import metrics
 from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, Participant, audited_patients, transfer_objects
 from dicomgrid.core.index_reader import StoredInstance
 from dicomgrid.core.logging import get_logger
@@ -290,8 +291,8 @@ class RetrieveService:
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
         return [
-            (evt.EVT_C_GET, self.on_get),
-            (evt.EVT_C_MOVE, self.on_move),
+            (evt.EVT_C_GET, metrics.timed_handler(self.site.site.name, "C-GET", self.on_get)),
+            (evt.EVT_C_MOVE, metrics.timed_handler(self.site.site.name, "C-MOVE", self.on_move)),
         ]
 
     # -- C-GET ----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from lxml import etree
 
 from dicomgrid import schemas
 from dicomgrid.core import audit_codes as codes
+from dicomgrid.core import metrics
 from dicomgrid.core.audit_spool import AuditSpool
 from dicomgrid.core.events import envelope
 from dicomgrid.core.kafka import EventPublisher
@@ -350,8 +351,9 @@ class AuditTrail:
     """
 
     def __init__(self, site: str, publisher: EventPublisher | None, *, spool: AuditSpool | None = None,
-                 source: AuditSource | None = None) -> None:
+                 source: AuditSource | None = None, role: str = "") -> None:
         self.site = site
+        self.role = role  # the kind of process (receiver, http, ...), for the spool depth metric
         self.source = source or AuditSource(site)
         self._publisher = publisher
         self._spool = spool
@@ -406,6 +408,7 @@ class AuditTrail:
                 self._spool.sync()
                 for token, record in self._spool.undelivered():
                     self._send(record, token)
+                metrics.AUDIT_SPOOL_DEPTH.labels(self.site, self.role).set(self._spool.pending())
             except Exception as exc:  # a damaged spool line must not stop the others
                 log.error("audit spool resend failed", error=str(exc))
 

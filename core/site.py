@@ -61,6 +61,7 @@ def open_site(config: GridConfig, site_name: str, role: str, db: Cassandra | Non
         EventPublisher(config.kafka, client_id=f"dicomgrid-{role}-audit-{site.name}", linger_ms=AUDIT_LINGER_MS),
         spool=AuditSpool(blobs.root / "audit-spool"),
         source=AuditSource(site.name, config.name),
+        role=role,
     )
     return SiteContext(
         config, site, db or Cassandra(config, local_dc=site.cassandra_dc),

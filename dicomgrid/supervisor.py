@@ -37,6 +37,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
+from dicomgrid.core import metrics
 from dicomgrid.core.config import GridConfig, SecurityConfig, SiteConfig
 from dicomgrid.core.daemon import Daemon
 from dicomgrid.core.logging import get_logger
@@ -85,7 +86,7 @@ SERVICE_KINDS: tuple[ServiceKind, ...] = (
         "http",
         lambda site, grid: 1,
         lambda site: ["--site", site.name],
-        lambda site: f"http://{site.http_host}:{site.http_port}/health",
+        lambda site: f"http://{site.http_host}:{site.http_port}/health/live",
     ),
     ServiceKind("processors", lambda site, grid: 1, lambda site: ["--site", site.name], lambda site: None),
     ServiceKind("replicator", lambda site, grid: 1, lambda site: ["--site", site.name], lambda site: None),
@@ -403,6 +404,9 @@ class Supervisor:
         settings = self.config.supervisor
         records = self.restarts()
         watches = [_Watch(service) for service in self.services()]
+        for site in self.config.sites:
+            if not any(self.daemon(w.service).pid() for w in watches if w.service.site == site.name):
+                metrics.reset_multiprocess(metrics.metrics_dir(self.config.root, self.config.name, site.name))
         log.info("supervisor started", grid=self.config.name, services=len(watches), pid=os.getpid())
         for watch in watches:
             if self._hold_file(watch.service).exists():

@@ -21,6 +21,7 @@ the same expiry. faust's default is 60 s; here it is the broker's minimum
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import faust
 
 from dicomgrid import schemas
+from dicomgrid.core import metrics
 from dicomgrid.core.audit_log import AuditLog, load_signing_key
 from dicomgrid.core.cassandra import Cassandra
 from dicomgrid.core.config import GridConfig
@@ -125,7 +127,8 @@ async def publish_all(publisher: EventPublisher, topic: str, keyed: Sequence[tup
 class _IndexingAgent:
     """The indexer over faust events: valid ones indexed in batches, the others dead-lettered."""
 
-    def __init__(self, indexer: Indexer, dead: DeadLetters) -> None:
+    def __init__(self, indexer: Indexer, dead: DeadLetters, site: str) -> None:
+        self.site = site
         self.indexer = indexer
         self.dead = dead
 
@@ -136,12 +139,19 @@ class _IndexingAgent:
                 good.append((event, decode(event.message.value, schemas.TOPIC_INSTANCE_STORED)))
             except Rejected as exc:
                 await self.dead.send(event.message, str(exc))
-        if good and await self._apply([e for _, e in good]) is not None:
+        if good and await self._apply([e for _, e in good]) is None:
+            self._observe([e for _, e in good])
+        elif good:
             # Something in the batch cannot be indexed: one at a time, so only what fails is set aside.
             for event, decoded in good:
                 error = await self._apply([decoded])
                 if error is not None:
                     await self.dead.send(event.message, error)
+
+    def _observe(self, decoded: list[dict[str, Any]]) -> None:
+        metrics.INDEXED.labels(self.site).inc(len(decoded))
+        oldest = min(dt.datetime.fromisoformat(e["occurred_at"]) for e in decoded)
+        metrics.INDEX_LAG.labels(self.site).set((dt.datetime.now(dt.UTC) - oldest).total_seconds())
 
     async def _apply(self, decoded: list[dict[str, Any]]) -> str | None:
         """Index ``decoded``; None once done, or why it failed for a reason retrying cannot fix."""
@@ -166,7 +176,7 @@ def create_app(config: GridConfig, site: str) -> faust.App:
     @app.agent(instance_stored, name="indexer")
     async def index(stream: faust.Stream) -> None:
         db = await connect_cassandra(config, site_config.cassandra_dc)
-        agent = _IndexingAgent(Indexer(IndexWriter(db)), DeadLetters(publisher, "indexer"))
+        agent = _IndexingAgent(Indexer(IndexWriter(db)), DeadLetters(publisher, "indexer"), site_config.name)
         log.info("indexer running", site=site_config.name, group=consumer_group(config))
         async for events in stream.take_events(BATCH_SIZE, within=BATCH_WITHIN_S):
             await agent.batch(events)

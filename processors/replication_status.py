@@ -80,7 +80,7 @@ def _ts(value: str) -> dt.datetime:
     return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
-class _Reader:
+class TopicReader:
     """Reads ranges of the grid's topics without joining any consumer group."""
 
     def __init__(self, config: GridConfig) -> None:
@@ -119,6 +119,19 @@ class _Reader:
         wanted = [TopicPartition(tp.topic, tp.partition, at) for tp in self.partitions(logical)]
         return [TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_END)
                 for tp in self._consumer.offsets_for_times(wanted, timeout=10)]
+
+    def lag(self, logical: str, group: str) -> int:
+        """Messages of the topic ``group`` has not committed yet (offsets only, nothing read)."""
+        return sum(self._consumer.get_watermark_offsets(tp, timeout=10)[1] - tp.offset
+                   for tp in self.committed(logical, group))
+
+    def count_since(self, logical: str, seconds: float) -> int:
+        """How many messages the topic took in the last ``seconds`` (offsets only, nothing read)."""
+        total = 0
+        for tp in self.since(logical, seconds):
+            low, high = self._consumer.get_watermark_offsets(tp, timeout=10)
+            total += high - (high if tp.offset == OFFSET_END else max(tp.offset, low))
+        return total
 
     def read(self, starts: list[TopicPartition]) -> Iterator[dict[str, Any]]:
         """Every message from ``starts`` to the current end of each partition, decoded."""
@@ -165,7 +178,7 @@ def replication_status(config: GridConfig, ledger: ReplicaLedger, window_s: floa
     status = ReplicationStatus(window_s, config.min_copies, [SiteReplication(s.name) for s in config.sites])
     by_site = {s.site: s for s in status.sites}
     suspects: set[str] = set()
-    reader = _Reader(config)
+    reader = TopicReader(config)
     try:
         for site in by_site:
             group = replication_group(config, site)

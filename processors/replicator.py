@@ -16,6 +16,7 @@ goes to ``dicom.replication.failed`` (``retryable``: the repair path takes it up
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import enum
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -24,6 +25,7 @@ import faust
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from dicomgrid import schemas
+from dicomgrid.core import metrics
 from dicomgrid.core.audit import SERIOUS_FAILURE, SUCCESS, AuditObject, Participant
 from dicomgrid.core.blobstore import BlobBusy
 from dicomgrid.core.config import GridConfig
@@ -125,6 +127,26 @@ class Replicator:
         )
 
 
+def _observe(site: str, request: dict[str, Any], done: Done) -> None:
+    metrics.REPLICATION_COPIES.labels(site, done.name.lower()).inc()
+    received_at = InstanceRef.of_event(request).received_at
+    if done is Done.COPIED and received_at:
+        lag = dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(received_at)
+        metrics.REPLICATION_LAG.labels(site).observe(lag.total_seconds())
+
+
+def _backlog(config: GridConfig, site: str) -> int:
+    """Replication requests the site's worker has not committed yet (every site's worker reads every
+    request, so this counts the others' too: it is how far behind the worker is)."""
+    from dicomgrid.processors.replication_status import TopicReader
+
+    reader = TopicReader(config)
+    try:
+        return reader.lag(schemas.TOPIC_REPLICATION_REQUESTED, replication_group(config, site))
+    finally:
+        reader.close()
+
+
 def site_transfer(site: SiteContext, bandwidth_mb_s: float | None = None) -> PayloadTransfer:
     """The payload transfer client of a site's healing jobs, with the replication policy's timeouts."""
     policy = site.config.replication
@@ -139,6 +161,7 @@ def build_replicator(config: GridConfig, site_name: str, db: Any) -> Replicator:
 
 
 HEALING_CHECK_S = 60.0
+BACKLOG_CHECK_S = 15.0
 
 
 class _Healing:
@@ -212,7 +235,8 @@ def create_replicator_app(config: GridConfig, site: str) -> faust.App:
                 continue
             while True:
                 try:
-                    await loop.run_in_executor(threads, worker.handle, request)
+                    done = await loop.run_in_executor(threads, worker.handle, request)
+                    _observe(site_config.name, request, done)
                     break
                 except Exception as exc:  # Kafka or Cassandra unavailable: hold the offset and retry
                     log.warning("replication request not settled; retrying", sha256=request["source"]["sha256"],
@@ -220,6 +244,15 @@ def create_replicator_app(config: GridConfig, site: str) -> faust.App:
                     await asyncio.sleep(RETRY_S)
 
     healing = _Healing(config, site_config.name)
+
+    @app.timer(BACKLOG_CHECK_S)
+    async def backlog() -> None:
+        try:
+            pending = await asyncio.get_running_loop().run_in_executor(None, _backlog, config, site_config.name)
+        except Exception as exc:  # Kafka away: the gauge keeps its last value until it answers again
+            log.debug("replication backlog unknown", error=str(exc))
+            return
+        metrics.REPLICATION_BACKLOG.labels(site_config.name).set(pending)
 
     @app.timer(HEALING_CHECK_S)
     async def heal() -> None:

@@ -36,6 +36,7 @@ from dicomgrid.core.blobstore import BlobStore, BlobStoreError, PayloadTooLarge
 from dicomgrid.core.dicomfile import MAX_TEXT, MalformedDicom, canonical_file_meta, inspect
 from dicomgrid.core.events import Source, instance_stored
 from dicomgrid.core.kafka import EventPublisher, PublishError
+from dicomgrid.core import metrics
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.cassandra import Cassandra
 from dicomgrid.core.events import StoredVersion
@@ -190,6 +191,9 @@ class Ingestor:
     def report(self, result: IngestResult, source: Source) -> IngestResult:
         """Log and audit an outcome (also for input refused before it reached :meth:`ingest`)."""
         self._audit(result, source)
+        metrics.INSTANCES_RECEIVED.labels(self.site, source.protocol, f"0x{result.outcome.status:04X}").inc()
+        if result.event is not None:
+            metrics.BYTES_RECEIVED.labels(self.site, source.protocol).inc(result.event["payload"]["size"])
         if result.ok:
             log.debug("instance ingested", outcome=result.outcome.name, sop_instance_uid=result.sop_instance_uid)
         else:

@@ -13,6 +13,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 
+from dicomgrid.core import metrics
 from dicomgrid.core.events import Source
 from dicomgrid.core.dimse import Context, peer_of, storage_sop_classes
 from dicomgrid.producers.ingest import Expected, Ingestor
@@ -38,7 +39,7 @@ class StorageService:
         return [Context(uid, scu_role=True, scp_role=True) for uid in storage_sop_classes()]
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
-        return [(evt.EVT_C_STORE, self.on_store)]
+        return [(evt.EVT_C_STORE, metrics.timed_handler(self.ingestor.site, "C-STORE", self.on_store))]
 
     def on_store(self, event: evt.Event) -> int | Dataset:
         calling_ae, peer = peer_of(event)
