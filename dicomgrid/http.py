@@ -1,5 +1,6 @@
 """A site's HTTP service: DICOMweb under ``/dicomweb``, the payload transfer endpoint peers fetch from
-(``/internal/payloads``), and a health probe at ``/health``."""
+(``/internal/payloads``), and the operator's endpoints: ``/health`` (the process's dependencies),
+``/health/live``, ``/metrics`` (the whole site's Prometheus metrics) and the ``/status`` page."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ from typing import Any
 import h11
 from starlette.applications import Starlette
 from starlette.requests import Request
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from dicomgrid.consumers import http_routes
+from dicomgrid.consumers.status_page import StatusPage
+from dicomgrid.core import metrics
 from dicomgrid.core.config import ConnectionLimits
+from dicomgrid.core.health import HealthChecks
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.site import SiteContext
 from dicomgrid.core.transfer import TransferEndpoint
@@ -39,12 +44,28 @@ def create_http_app(context: SiteContext) -> Starlette:
     async def root(request: Request) -> Response:
         return JSONResponse({"site": site_config.name, "ae_title": site_config.ae_title})
 
+    checks = HealthChecks(context)
+
     async def health(request: Request) -> Response:
+        results = await run_in_threadpool(checks.run)
+        ok = all(c.ok for c in results)
+        body = {"status": "ok" if ok else "unavailable", "site": site_config.name,
+                "checks": {c.name: c.as_dict() for c in results}}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    async def live(request: Request) -> Response:
         return JSONResponse({"status": "ok", "site": site_config.name})
 
-    return Starlette(
+    async def metrics_endpoint(request: Request) -> Response:
+        body, content_type = await run_in_threadpool(metrics.exposition)
+        return Response(body, media_type=content_type)
+
+    app = Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
+            Route("/health/live", live, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+            *StatusPage(context).routes(),
             Route("/dicomweb", root, methods=["GET"], name="dicomweb_root"),
             Route("/dicomweb/studies", store, methods=["POST"]),
             Route("/dicomweb/studies/{study}", store, methods=["POST"]),
@@ -53,6 +74,43 @@ def create_http_app(context: SiteContext) -> Starlette:
         ],
         lifespan=_lifespan(context),
     )
+    app.add_middleware(RequestTimer, site=site_config.name)
+    return app
+
+
+def operation_of(method: str, path: str) -> str | None:
+    """The DICOMweb operation a request is (for its latency histogram), None for the others."""
+    trial = path.startswith("/trials/")
+    if trial:
+        path = "/dicomweb" + path.split("/dicomweb", 1)[1] if "/dicomweb" in path else ""
+    if path.startswith("/internal/payloads"):
+        return "payload-transfer"
+    if not path.startswith("/dicomweb/"):
+        return None
+    if method == "POST":
+        operation = "STOW-RS"
+    elif path.rstrip("/").rsplit("/", 1)[-1] in ("studies", "series", "instances"):
+        operation = "QIDO-RS"
+    else:
+        operation = "WADO-RS"
+    return f"trial {operation}" if trial else operation
+
+
+class RequestTimer:
+    """ASGI middleware: each DICOMweb request's time, to its last response byte (a WADO-RS stream is
+    timed until it ends), in :data:`dicomgrid.core.metrics.REQUEST_SECONDS`."""
+
+    def __init__(self, app: Any, site: str) -> None:
+        self.app = app
+        self.site = site
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        operation = operation_of(scope.get("method", ""), scope.get("path", "")) if scope["type"] == "http" else None
+        if operation is None:
+            await self.app(scope, receive, send)
+            return
+        with metrics.timed(self.site, operation):
+            await self.app(scope, receive, send)
 
 
 def _lifespan(context: SiteContext):  # noqa: ANN202 - Starlette's lifespan protocol

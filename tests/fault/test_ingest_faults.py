@@ -8,6 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from pynetdicom import _config
 
@@ -40,6 +41,9 @@ def test_kafka_down_fails_the_store_and_the_resend_succeeds_once(grid, taps, met
         started = time.monotonic()
         statuses = c_store(grid.site("A"), [ds])
         elapsed = time.monotonic() - started
+        # The site's readiness probe names what is missing; its own datacenter still answers.
+        site = grid.site("A")
+        health = httpx.get(f"http://{site.http_host}:{site.http_port}/health", timeout=30)
     finally:
         local.up()
         # Up is "answers metadata"; the grid's partitions get their leader back a moment later, and
@@ -47,6 +51,8 @@ def test_kafka_down_fails_the_store_and_the_resend_succeeds_once(grid, taps, met
         wait_for_topics(grid.config.kafka, timeout=60)
         wait_for(lambda: processors_joined(grid.config), timeout=90, interval=0.5)
     assert statuses == [0xA701], f"expected 'event log unavailable', got {statuses}"
+    assert health.status_code == 503, health.text
+    assert not health.json()["checks"]["kafka"]["ok"] and health.json()["checks"]["cassandra"]["ok"]
     assert elapsed < grid.config.kafka.delivery_timeout_s + 10
 
     # The PACS retries once the broker is back, until the receiver's producer has reconnected.

@@ -1,4 +1,4 @@
-"""The supervisor's view of the running test grid: receivers answer C-ECHO, the HTTP service /health;
+"""The supervisor's view of the running test grid: receivers answer C-ECHO, the HTTP service /health/live;
 services stopped on purpose stay stopped."""
 
 from __future__ import annotations

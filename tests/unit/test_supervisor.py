@@ -66,7 +66,7 @@ def test_probe_calls_with_an_allowed_title():
 
 class Health(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
-        self.send_response(200 if self.path == "/health" else 404)
+        self.send_response(200 if self.path == "/health/live" else 404)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
