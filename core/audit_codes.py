@@ -71,6 +71,8 @@ ROLE_IDS: dict[str, Code] = {name: _dcm(code, f"{name} Role ID" if name in ("Sou
     ("110151", "Application Launcher"),
     ("110152", "Destination"),
     ("110153", "Source"),
+    ("110154", "Destination Media"),
+    ("110155", "Source Media"),
 )}
 # A requestor of a query or retrieve is the source of the request.
 ROLE_IDS["Requestor"] = ROLE_IDS["Source"]

@@ -222,6 +222,16 @@ class AuditLog:
             ):
                 yield Entry(site, row.seq, row.occurred_at, row.event_id, row.record, row.prev_hash, row.hash)
 
+    def recent(self, site: str, limit: int) -> list[Entry]:
+        """The site's last ``limit`` records in its chain, newest first (from its latest month)."""
+        months = self.months(site)
+        if not months:
+            return []
+        rows = self.db.execute(
+            "SELECT seq, occurred_at, event_id, record, prev_hash, hash FROM audit_log"
+            " WHERE site = ? AND month = ? ORDER BY seq DESC LIMIT ?", (site, months[-1], limit))
+        return [Entry(site, r.seq, r.occurred_at, r.event_id, r.record, r.prev_hash, r.hash) for r in rows]
+
     def entry(self, site: str, month: str, seq: int) -> Entry | None:
         row = self.db.execute(
             "SELECT seq, occurred_at, event_id, record, prev_hash, hash FROM audit_log"

@@ -250,24 +250,46 @@ def down(ctx: Context) -> None:
 
 
 @main.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_ctx
-def status(ctx: Context) -> None:
-    """Sites, their services, and the infrastructure."""
+def status(ctx: Context, as_json: bool) -> None:
+    """Sites, their services, the infrastructure, ingest rate and replication (exit 1 if anything is down)."""
+    import json as json_module
+
+    from dicomgrid.consumers.grid_status import collect, service_states
+    from dicomgrid.core.audit_log import AuditLog
+    from dicomgrid.core.cassandra import Cassandra
+    from dicomgrid.core.ledger import ReplicaLedger
+
     supervisor = _supervisor(ctx)
     supervisor_pid = supervisor.supervisor_pid()
-    all_ok = supervisor_pid is not None
+    services = service_states(supervisor.status())
+    infra_state = _cluster(ctx).status()
+    degraded = _degraded(ctx.config, infra_state)
+    db = Cassandra(ctx.config, local_dc=ctx.config.sites[0].cassandra_dc if ctx.config.sites else None)
+    try:
+        grid = collect(ctx.config, ReplicaLedger(db), AuditLog(db), services)
+    finally:
+        db.close()
+    all_ok = supervisor_pid is not None and all(s.state == "UP" for s in services) and infra_state.healthy
+    if as_json:
+        out = grid.as_dict()
+        out.pop("recent_audit")
+        out.update(supervisor_pid=supervisor_pid, infra=[{"name": c.name, "healthy": c.healthy}
+                                                          for c in infra_state.components],
+                   degraded=degraded, ok=all_ok)
+        click.echo(json_module.dumps(out, indent=2, default=str))
+        sys.exit(0 if all_ok else 1)
     click.echo(f"{'supervisor':<16} {'UP' if supervisor_pid else 'DOWN':<9} pid={supervisor_pid or '-':<8} "
                + ("restarts services that exit" if supervisor_pid else "nothing restarts services that exit"))
-    for entry in supervisor.status():
-        state = "UP" if entry.healthy else ("STARTING" if entry.running else "DOWN")
-        all_ok &= entry.healthy
-        click.echo(f"{entry.service.name:<16} {state:<9} pid={entry.pid or '-':<8} "
+    for entry in services:
+        click.echo(f"{entry.name:<16} {entry.state:<9} pid={entry.pid or '-':<8} "
                    f"restarts={entry.restarts:<3} {entry.detail}")
-    infra_state = _cluster(ctx).status()
     click.echo(infra_state.render())
-    for line in _degraded(ctx.config, infra_state):
+    click.echo(grid.render())
+    for line in degraded:
         click.echo(line)
-    sys.exit(0 if all_ok and infra_state.healthy else 1)
+    sys.exit(0 if all_ok else 1)
 
 
 def _degraded(config: GridConfig, infra_state: Any) -> list[str]:
@@ -307,7 +329,7 @@ def serve_receiver(ctx: Context, site: str, reuse_port: bool) -> None:
     from dicomgrid.producers.site import build_ingestor
     from dicomgrid.producers.storage_scp import StorageService
 
-    _logging(ctx)
+    _serving(ctx, site)
     context = open_site(ctx.config, site, "receiver")
     context.application_activity("receiver", started=True)
     ingestor = build_ingestor(context)
@@ -340,11 +362,21 @@ def serve_http(ctx: Context, site: str) -> None:
     from dicomgrid.core.site import open_site
     from dicomgrid.http import create_http_app, guarded_protocol
 
-    _logging(ctx)
+    _serving(ctx, site)
     site_config = ctx.config.site(site)
     app = create_http_app(open_site(ctx.config, site, "http"))
     uvicorn.run(app, host=site_config.http_host, port=site_config.http_port, log_config=None, access_log=False,
                 http=guarded_protocol(ctx.config.connections))
+
+
+def _serving(ctx: Context, site: str) -> None:
+    """What every service process does first: its logging, and its metrics into the site's shared
+    metrics directory (summed up by the site's ``/metrics``)."""
+    from dicomgrid.core import metrics
+
+    _logging(ctx)
+    ctx.config.site(site)
+    metrics.enable_multiprocess(metrics.metrics_dir(ctx.config.root, ctx.config.name, site))
 
 
 def _run_faust(ctx: Context, create: Callable[[GridConfig, str], Any], site: str) -> None:
@@ -352,8 +384,7 @@ def _run_faust(ctx: Context, create: Callable[[GridConfig, str], Any], site: str
 
     from dicomgrid.core.kafka import wait_until_created
 
-    _logging(ctx)
-    ctx.config.site(site)
+    _serving(ctx, site)
     wait_until_created(ctx.config.kafka)
     # The grid's logging stays (structured, to the service's rotating log file); faust would replace it.
     worker = faust.Worker(create(ctx.config, site), loglevel=ctx.config.log_level.lower(), quiet=True,
@@ -595,8 +626,7 @@ def serve_sink(ctx: Context, site: str) -> None:
     from dicomgrid.consumers.parquet_sink import ParquetSink, analytics_root
     from dicomgrid.core.kafka import wait_until_created
 
-    _logging(ctx)
-    ctx.config.site(site)
+    _serving(ctx, site)
     wait_until_created(ctx.config.kafka)
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(now=True))
@@ -612,6 +642,30 @@ def serve_sink(ctx: Context, site: str) -> None:
 @main.group()
 def export() -> None:
     """Write what the grid holds to a folder."""
+
+
+@export.command("study")
+@click.argument("study_uid")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--site", default=None, help="The site to export from (default: the first).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
+@pass_ctx
+def export_study_command(ctx: Context, study_uid: str, directory: str, site: str | None, as_json: bool) -> None:
+    """One study as DICOM files: DIRECTORY/<study>/<series>/<instance>.dcm (verified; audited as Export)."""
+    import json as json_module
+
+    from tqdm import tqdm
+
+    from dicomgrid.consumers.study_export import export_study
+
+    context = _site_job(ctx, site or ctx.config.sites[0].name, "export")
+    try:
+        with tqdm(unit="inst", desc=f"export {study_uid[:24]}", disable=as_json) as bar:
+            report = export_study(context, study_uid, Path(directory), on_progress=bar.update)
+    finally:
+        context.close()
+    click.echo(json_module.dumps(report.as_dict(), indent=2) if as_json else report.render())
+    sys.exit(0 if report.ok else 1)
 
 
 @export.command("parquet")
@@ -671,7 +725,35 @@ def replication_status(ctx: Context, as_json: bool, window_min: float) -> None:
     click.echo(status.as_json() if as_json else status.render())
 
 
-# -- seeding -----------------------------------------------------------------------------------------
+# -- import and seeding ------------------------------------------------------------------------------
+
+
+@main.command("import")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--site", required=True, help="The site to send to.")
+@click.option("--calling-ae", default="STORESCU", show_default=True, help="The calling AE title to send as.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
+@pass_ctx
+def import_folder(ctx: Context, directory: str, site: str, calling_ae: str, as_json: bool) -> None:
+    """Push every DICOM file under DIRECTORY to a site over C-STORE, as a PACS would (exit 1 if any failed)."""
+    import json as json_module
+
+    from dicomgrid.producers.seed import send_files
+
+    _logging(ctx)
+    try:
+        site_config = ctx.config.site(site)
+    except KeyError as exc:
+        raise click.ClickException(str(exc.args[0])) from exc
+    files = sorted(p for p in Path(directory).rglob("*") if p.is_file())
+    try:
+        report = send_files(site_config, files, calling_ae, progress=not as_json)
+    except ConnectionError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json_module.dumps(report.as_dict(), indent=2) if as_json else report.render(list_skipped=True))
+    sys.exit(1 if report.failed else 0)
+
+
 
 
 @main.command("seed")

@@ -31,12 +31,22 @@ class SendReport:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     stored: list[str] = field(default_factory=list)  # SOP Instance UIDs answered 0x0000
 
-    def render(self) -> str:
+    def render(self, list_skipped: bool = False) -> str:
         lines = [f"sent {self.sent} instance(s): " + ", ".join(f"{k} x{v}" for k, v in sorted(self.statuses.items()))]
-        lines += [f"  refused {p.name}: {why}" for p, why in self.failed]
+        lines += [f"  refused {p}: {why}" for p, why in self.failed]
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)} file(s) that are not storable instances")
+            if list_skipped:
+                lines += [f"    {p}: {why}" for p, why in self.skipped]
         return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "sent": self.sent,
+            "statuses": dict(sorted(self.statuses.items())),
+            "failed": [{"file": str(p), "reason": why} for p, why in self.failed],
+            "skipped": [{"file": str(p), "reason": why} for p, why in self.skipped],
+        }
 
 
 def _storable(path: Path) -> tuple[str, str] | str:
@@ -82,7 +92,7 @@ def sample_files() -> list[Path]:
     return sorted(p for p in folder.rglob("*.dcm") if isinstance(_storable(p), tuple) and _well_formed(p))
 
 
-def send_files(site: SiteConfig, files: list[Path], calling_ae: str = CALLING_AE) -> SendReport:
+def send_files(site: SiteConfig, files: list[Path], calling_ae: str = CALLING_AE, progress: bool = True) -> SendReport:
     """C-STORE every file to ``site``; one association per batch of up to 128 presentation contexts."""
     # Send each file's data set bytes as they are on disk, never decoded and re-encoded.
     _config.STORE_SEND_CHUNKED_DATASET = True
@@ -95,7 +105,8 @@ def send_files(site: SiteConfig, files: list[Path], calling_ae: str = CALLING_AE
         else:
             plan.setdefault(kind, []).append(path)
     keys = list(plan)
-    with tqdm(total=sum(len(v) for v in plan.values()), unit="inst", desc=f"C-STORE to {site.ae_title}") as bar:
+    with tqdm(total=sum(len(v) for v in plan.values()), unit="inst", desc=f"C-STORE to {site.ae_title}",
+              disable=not progress) as bar:
         for start in range(0, len(keys), MAX_CONTEXTS):
             batch = keys[start : start + MAX_CONTEXTS]
             ae = AE(ae_title=calling_ae)

@@ -3,6 +3,7 @@
 #   Java 17+ and Maven: run Kafka and Cassandra from Maven Central jars.
 #   python3-venv: the project's virtual environment.
 #   DCMTK and Orthanc: real DICOM peers for the interoperability tests and benchmarks.
+#   Chromium: the status page is tested in a real (headless) browser.
 set -euo pipefail
 
 missing=()
@@ -19,6 +20,7 @@ command -v mvn >/dev/null 2>&1 || missing+=(maven)
 command -v storescu >/dev/null 2>&1 || missing+=(dcmtk)
 [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 
 if [ ${#missing[@]} -eq 0 ]; then
   echo "system packages: all present"
