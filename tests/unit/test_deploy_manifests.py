@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import tomllib
@@ -383,6 +384,40 @@ def test_kustomization_lists_every_manifest_and_generates_the_secret():
         key, _, path = entry.partition("=")
         assert path.startswith("secrets/") and "*" in ignore and f"!{Path(path).name}" not in ignore, entry
     assert not [doc for _, doc in _kube_docs() if doc["kind"] == "Secret"], "no Secret with values is committed"
+
+
+def _kustomize() -> list[str] | None:
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    return None
+
+
+@pytest.mark.skipif(_kustomize() is None, reason="neither kustomize nor kubectl is installed")
+def test_kustomize_build_renders_valid_manifests(tmp_path: Path):
+    """What `kubectl apply -k` would send: namespace, generated Secret and image names filled in."""
+    tree = tmp_path / "kubernetes"
+    shutil.copytree(KUBE_DIR, tree)
+    for name in ("peer_token", "trial_key_secret", "audit_signing_key"):
+        (tree / "secrets" / name).write_text(f"test-only-{name}-0123456789\n")
+    run = subprocess.run([*_kustomize(), str(tree)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    docs = [d for d in yaml.safe_load_all(run.stdout) if d]
+    assert len(docs) == len(_kube_docs()) + 1  # + the generated Secret
+    (secret,) = [d for d in docs if d["kind"] == "Secret"]
+    assert secret["metadata"]["name"].startswith("dicomgrid-secrets-")
+    grid_pods = 0
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == NAMESPACE
+        pod = doc.get("spec", {}).get("template", {}).get("spec")
+        if pod and pod["containers"][0]["image"].startswith("registry.example.org/dicomgrid:"):
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            assert volumes["secrets"]["secret"]["secretName"] == secret["metadata"]["name"]
+            grid_pods += 1
+    assert grid_pods == 2 * len(SITE_SERVICES) + 1  # every site service and the schema Job
 
 
 def test_kubernetes_topology(tmp_path: Path, clean_env: pytest.MonkeyPatch):
