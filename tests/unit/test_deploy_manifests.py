@@ -7,7 +7,9 @@
 - the grid config of each (compose's grid.toml, the ConfigMap's) loads with the grid's own loader and
   passes its validation, with production settings and the secrets from the environment only;
 - every dicomgrid command the manifests run is a real ``dicomgrid`` command with valid options, and the
-  addresses, ports, probes, volumes and replication settings agree with the config.
+  addresses, ports, probes, volumes and replication settings agree with the config;
+- where kustomize (or kubectl) is installed, what ``kubectl apply -k deploy/kubernetes`` would send
+  validates too.
 """
 
 from __future__ import annotations
