@@ -475,8 +475,10 @@ def test_kubernetes_topology(tmp_path: Path, clean_env: pytest.MonkeyPatch):
         for probe in ("readinessProbe", "livenessProbe"):
             assert _port(receiver, receiver[probe]["tcpSocket"]["port"]) == site.dicom_port
         http = _container(_kube("Deployment", f"site-{s}-http"))
-        for probe in ("readinessProbe", "livenessProbe"):
-            assert http[probe]["httpGet"]["path"] == "/health"
+        # Ready when its dependencies answer; alive while the process answers (a Kafka outage must
+        # not restart every HTTP pod).
+        for probe, path in (("readinessProbe", "/health"), ("livenessProbe", "/health/live")):
+            assert http[probe]["httpGet"]["path"] == path
             assert _port(http, http[probe]["httpGet"]["port"]) == site.http_port
         assert _kube("PersistentVolumeClaim", f"site-{s}-blobs")["spec"]["accessModes"] == ["ReadWriteMany"]
         assert _kube("PodDisruptionBudget", f"site-{s}")["spec"]["minAvailable"] == len(SITE_SERVICES) - 1
