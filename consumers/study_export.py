@@ -42,7 +42,7 @@ class ExportReport:
                 "bytes": self.bytes, "failed": [{"sop_instance_uid": u, "reason": r} for u, r in self.failed]}
 
     def render(self) -> str:
-        lines = [f"{self.written} instance(s), {self.bytes / 1e6:.1f} MB written to {self.directory}"]
+        lines = [f"{self.written} instance(s), {self.bytes / 1e6:.2f} MB written to {self.directory}"]
         lines += [f"  not exported {uid}: {why}" for uid, why in self.failed]
         return "\n".join(lines)
 
