@@ -288,7 +288,7 @@ class LimitsConfig(_Section):
     qido_max_offset: int = Field(default=100_000, ge=0)
     # C-FIND and QIDO-RS: index rows one query may read. A query that would read more (a wildcard over
     # the whole index, a very deep page) is refused: C-FIND 0xA700 (out of resources), QIDO-RS 413.
-    query_scan_budget_rows: int = Field(default=200_000, ge=1)
+    query_scan_budget_rows: int = Field(default=100_000, ge=1)
     # Negotiated associations one calling AE title may hold at once, per receiver process (the site-wide
     # cap is connections.max_associations). Beyond it: A-ASSOCIATE-RJ, transient, local limit exceeded.
     max_associations_per_calling_ae: int = Field(default=16, ge=1)
