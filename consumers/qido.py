@@ -101,7 +101,8 @@ def _keyword(name: str) -> str:
 
 
 def _non_negative(name: str, value: str) -> int:
-    if not re.fullmatch(r"[0-9]{1,9}", value):
+    # Any length: a number beyond the caps is answered by the caps (clamped limit, refused offset).
+    if not re.fullmatch(r"[0-9]{1,18}", value):
         raise BadRequest(f"{name} must be a non-negative integer")
     return int(value)
 
