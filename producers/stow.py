@@ -13,6 +13,7 @@ stored nothing. Each refusal is logged and audited.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -35,10 +36,11 @@ from dicomgrid.producers.ingest import Expected, IngestResult, Ingestor, Outcome
 log = get_logger(__name__)
 
 DICOM_JSON = "application/dicom+json"
-# After a refusal, what is left of the body is read and dropped up to this much, so the client (which
-# sends its whole body before it reads the answer) gets the 413 rather than a reset connection; a
-# client sending more is cut off.
+# After a refusal, what is left of the body is read and dropped up to this much, or for this long, so
+# the client (which sends its whole body before it reads the answer) gets the 413 rather than a reset
+# connection; a client sending more, or dribbling it, is cut off.
 DRAIN_BYTES = 4 * 1024**2
+DRAIN_S = 5.0
 
 
 class Refused(Exception):
@@ -208,7 +210,7 @@ async def stow(request: Request, ingestor: Ingestor, spool_dir: Path, max_part_b
 
 
 class _Drained(Response):
-    """A refusal sent once the rest of the body has been read and dropped (up to DRAIN_BYTES)."""
+    """A refusal sent once the rest of the body has been read and dropped (up to DRAIN_BYTES / DRAIN_S)."""
 
     def __init__(self, status: int, message: str, drain: Any) -> None:
         super().__init__(json.dumps({"error": message}), status_code=status, media_type="application/json",
@@ -219,10 +221,13 @@ class _Drained(Response):
         if self.drain is not None:
             dropped = 0
             try:
-                async for chunk in self.drain:
-                    dropped += len(chunk)
-                    if dropped > DRAIN_BYTES:
-                        break
+                async with asyncio.timeout(DRAIN_S):
+                    async for chunk in self.drain:
+                        dropped += len(chunk)
+                        if dropped > DRAIN_BYTES:
+                            break
+            except TimeoutError:
+                pass
             except Exception:  # the client gave up: nothing left to answer
                 return
         await super().__call__(scope, receive, send)
