@@ -4,7 +4,9 @@ The handler is a generator: pynetdicom sends each pending response (0xFF00, or 0
 identifier held keys the index does not support, which are answered empty) as it is produced, so
 results stream page by page from Cassandra. A C-CANCEL is honoured (0xFE00) as soon as it is seen,
 between two matches or between two rows of a scan that finds few.
-A refused identifier gets a failure status with an ErrorComment (see dicomgrid.consumers.query).
+A refused identifier gets a failure status with an ErrorComment (see dicomgrid.consumers.query); a
+query that reads more index rows than ``[limits] query_scan_budget_rows`` ends with 0xA700 (out of
+resources), its ErrorComment saying it was too broad.
 Every query, whatever its outcome, leaves a log line and an audit record.
 """
 
@@ -26,6 +28,7 @@ from dicomgrid.consumers.query import (
     QueryCancelled,
     QueryEngine,
     QueryError,
+    ScanBudgetExceeded,
     SiteAnswers,
 )
 from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, AuditObject, Participant
@@ -130,6 +133,11 @@ class FindService:
             outcome.result = "cancelled"
             yield CANCEL, None
             return
+        except ScanBudgetExceeded as exc:
+            # The matches sent so far stand; the final status says the rest was not looked for.
+            outcome.result, outcome.comment = "refused", f"0x{exc.status:04X} {exc.comment}"
+            yield failure(exc.status, exc.comment), None
+            return
         except Exception as exc:  # driver errors (unavailable, timeouts) surface while paging
             log.exception("C-FIND failed while reading the index")
             outcome.result, outcome.comment = "failed", f"index read failed: {type(exc).__name__}"
@@ -139,7 +147,7 @@ class FindService:
 
     # What a subclass serving another called AE title (a trial) answers from, and as whom.
     def _engine(self, event: evt.Event, cancelled: Callable[[], bool]) -> Any:
-        return QueryEngine(self.site.index, cancelled)
+        return QueryEngine(self.site.index, cancelled, scan_budget=self.site.config.limits.query_scan_budget_rows)
 
     def _answers(self, event: evt.Event) -> SiteAnswers:
         return self.answers

@@ -10,13 +10,17 @@ Choices this service makes where PS3.18 leaves room:
 
 * No match: **200 with an empty array**, always (not 204), so every success has the same shape; this is
   where DICOM is heading (CP-2473) and what C-FIND does (success with no pending responses).
-* At most ``MAX_RESULTS`` per response; when more matched, a ``Warning: 299`` header says so and
-  ``offset`` fetches the next page.
+* At most ``[limits] qido_max_results`` per response (a larger ``limit`` is clamped to it, with a
+  ``Warning: 299`` header, PS3.18 8.3.4.4); when more matched, a ``Warning: 299`` header says so and
+  ``offset`` fetches the next page, up to ``qido_max_offset`` (deeper: 400, narrow the query).
+* A search that would read more than ``query_scan_budget_rows`` index rows (a wildcard across the whole
+  index) is stopped: 413, the search was too broad (PS3.18 10.6.3), with what to do in the body.
 * ``fuzzymatching=true`` is accepted and ignored (literal matching, with a ``Warning: 299`` header);
   attributes that are valid DICOM but not indexed are ignored for matching, with a warning too.
 * 400 (text/plain reason) for anything malformed: unknown attribute names, repeated attributes,
   sequence paths, attributes below the resource's level, bad dates/UIDs/numbers, ``limit``/``offset``
-  that are not non-negative integers. 406 if the client accepts no JSON, 503 if the index fails.
+  that are not non-negative integers, an ``offset`` beyond the cap. 406 if the client accepts no JSON,
+  503 if the index fails.
 """
 
 from __future__ import annotations
@@ -42,17 +46,19 @@ from dicomgrid.consumers.query import (
     Query,
     QueryEngine,
     QueryError,
+    ScanBudgetExceeded,
     SiteAnswers,
     attributes_at,
 )
 from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, AuditObject, Participant
+from dicomgrid.core.config import LimitsConfig
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.site import SiteContext
 from dicomgrid.core.uids import is_valid_uid
 
 log = get_logger(__name__)
 
-MAX_RESULTS = 1000
+MAX_RESULTS = LimitsConfig().qido_max_results  # the shipped default; a site's own is in [limits]
 MEDIA_TYPE = "application/dicom+json"
 
 # Default return attributes (PS3.18 Tables 10.6.3-3 to -5), as far as the index holds them.
@@ -95,24 +101,28 @@ def _keyword(name: str) -> str:
 
 
 def _non_negative(name: str, value: str) -> int:
-    if not re.fullmatch(r"[0-9]{1,9}", value):
+    # Any length: a number beyond the caps is answered by the caps (clamped limit, refused offset).
+    if not re.fullmatch(r"[0-9]{1,18}", value):
         raise BadRequest(f"{name} must be a non-negative integer")
     return int(value)
 
 
 def parse_search(
-    level: Level, params: Sequence[tuple[str, str]], path: dict[str, str], *, flat: bool
+    level: Level, params: Sequence[tuple[str, str]], path: dict[str, str], *, flat: bool,
+    limits: LimitsConfig | None = None,
 ) -> Search:
     """Turn query parameters (and UIDs from the path) into a :class:`Search`.
 
     ``flat``: a search across studies (``/series``, ``/instances``) also returns the attributes of the
-    levels above by default.
+    levels above by default. ``limits``: the site's caps on ``limit`` and ``offset`` (default: shipped).
     """
+    limits = limits or LimitsConfig()
+    max_results = limits.qido_max_results
     search_levels = [lv for lv in (Level.STUDY, Level.SERIES, Level.IMAGE) if lv <= level]
     returned = [kw for lv in (search_levels if flat else [level]) for kw in DEFAULTS[lv]]
     allowed = {a.keyword for a in attributes_at(level)} | set(SITE_KEYS)
     keys: dict[str, list[str]] = {}
-    limit, offset = MAX_RESULTS, 0
+    limit, offset = max_results, 0
     warnings: list[str] = []
     seen: set[str] = set()
     ignored: list[str] = []
@@ -121,9 +131,17 @@ def parse_search(
             raise BadRequest(f"{name} given more than once")
         seen.add(name)
         if name == "limit":
-            limit = min(_non_negative(name, value), MAX_RESULTS)
+            limit = _non_negative(name, value)
+            if limit > max_results:
+                # PS3.18 8.3.4.4: up to the server's maximum, and a warning that says so.
+                limit = max_results
+                warnings.append(f"The limit exceeds the maximum of {max_results} results supported by the "
+                                "server. Additional results can be requested with offset.")
         elif name == "offset":
             offset = _non_negative(name, value)
+            if offset > limits.qido_max_offset:
+                raise BadRequest(f"offset is limited to {limits.qido_max_offset}: narrow the query "
+                                 "(e.g. by StudyDate) instead of paging that deep")
         elif name == "fuzzymatching":
             if value not in ("true", "false"):
                 raise BadRequest("fuzzymatching must be true or false")
@@ -172,7 +190,7 @@ def _accepts_json(accept: str | None) -> bool:
 class QidoService:
     def __init__(self, site: SiteContext) -> None:
         self.site = site
-        self.engine = QueryEngine(site.index)
+        self.limits = site.config.limits
 
     def routes(self) -> list[Route]:
         def route(path: str, name: str, level: Level, *, flat: bool) -> Route:
@@ -201,13 +219,19 @@ class QidoService:
             if param in request.path_params
         }
         try:
-            search = parse_search(level, request.query_params.multi_items(), path, flat=flat)
+            search = parse_search(level, request.query_params.multi_items(), path, flat=flat, limits=self.limits)
         except (BadRequest, QueryError) as exc:
             self._report(request, None, "refused", 0, str(exc), started)
             return PlainTextResponse(str(exc), status_code=400)
         answers = SiteAnswers(self.site.site.ae_title, str(request.base_url).rstrip("/") + "/dicomweb")
         try:
             results, more = await run_in_threadpool(self._collect, search, answers)
+        except ScanBudgetExceeded as exc:
+            self._report(request, search.query, "refused", 0, str(exc), started)
+            return PlainTextResponse(
+                f"the search was too broad: it would read more than {exc.budget} index rows. Add matching keys "
+                "that the index can use (PatientID, AccessionNumber, StudyDate, StudyInstanceUID, "
+                "ModalitiesInStudy) or a less general wildcard.", status_code=413)
         except Exception as exc:  # driver errors: unavailable, timeouts
             log.exception("QIDO-RS failed while reading the index")
             self._report(request, search.query, "failed", 0, f"index read failed: {type(exc).__name__}", started)
@@ -223,7 +247,9 @@ class QidoService:
 
     def _collect(self, search: Search, answers: SiteAnswers) -> tuple[list[dict[str, Any]], bool]:
         """One page of matches as DICOM JSON, and whether more matched beyond it."""
-        window = islice(self.engine.find(search.query), search.offset, search.offset + search.limit + 1)
+        # An engine per request: its scan budget counts this request's rows only.
+        engine = QueryEngine(self.site.index, scan_budget=self.limits.query_scan_budget_rows)
+        window = islice(engine.find(search.query), search.offset, search.offset + search.limit + 1)
         records = list(window)
         page = [search.query.response(record, answers).to_json_dict() for record in records[: search.limit]]
         return page, len(records) > search.limit

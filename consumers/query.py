@@ -61,6 +61,7 @@ STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 IDENTIFIER_MISMATCH = 0xA900  # the identifier's structure: level, keys allowed at it, unique keys
 UNABLE_TO_PROCESS = 0xC000  # a value: malformed date/range/UID/number, control characters, too long
 INDEX_UNAVAILABLE = 0xC001  # the metadata store failed while answering
+OUT_OF_RESOURCES = 0xA700  # the query would read more index rows than its scan budget allows
 
 MAX_KEYS = 128
 MAX_UIDS = 1000
@@ -95,6 +96,16 @@ class QueryError(ValueError):
         self.status = status
         self.comment = comment
         self.tag = tag
+
+
+class ScanBudgetExceeded(QueryError):
+    """The query has read its budget of index rows (``[limits] query_scan_budget_rows``) and is stopped:
+    a wildcard over the whole index would otherwise tie up the site's Cassandra for one requester.
+    C-FIND answers 0xA700 (out of resources), QIDO-RS 413 (PS3.18 10.6.3: the search was too broad)."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__(OUT_OF_RESOURCES, f"query too broad: over {budget} index rows; add keys")
+        self.budget = budget
 
 
 @dataclass(frozen=True)
@@ -548,17 +559,25 @@ class QueryEngine:
     """Answers a :class:`Query` from the metadata store; generators, so callers can stop any time.
 
     ``cancelled`` is asked before each row read: a scan that finds few matches still stops promptly
-    (raising :class:`QueryCancelled`) when the requester gives up.
+    (raising :class:`QueryCancelled`) when the requester gives up. ``scan_budget`` bounds the index rows
+    one engine reads (its queries together; an engine serves one request): the row past it raises
+    :class:`ScanBudgetExceeded`. None: no bound.
     """
 
-    def __init__(self, metadata: IndexReader, cancelled: Callable[[], bool] = lambda: False) -> None:
+    def __init__(self, metadata: IndexReader, cancelled: Callable[[], bool] = lambda: False,
+                 scan_budget: int | None = None) -> None:
         self.metadata = metadata
         self.cancelled = cancelled
+        self.scan_budget = scan_budget
+        self.rows_read = 0
 
     def _rows(self, rows: Iterable[Any]) -> Iterator[Any]:
         for row in rows:
             if self.cancelled():
                 raise QueryCancelled
+            self.rows_read += 1
+            if self.scan_budget is not None and self.rows_read > self.scan_budget:
+                raise ScanBudgetExceeded(self.scan_budget)
             yield row
 
     def find(self, query: Query) -> Iterator[Record]:
@@ -636,7 +655,7 @@ class QueryEngine:
             study = _values(row, _STUDY_ATTRS)
             if not query.matches(study, Level.PATIENT, Level.STUDY):
                 continue
-            for series_row in self.metadata.series_of_study(row.study_uid):
+            for series_row in self._rows(self.metadata.series_of_study(row.study_uid)):
                 series = _values(series_row, _SERIES_ATTRS)
                 if query.matches(series, Level.SERIES):
                     yield study, series

@@ -264,6 +264,34 @@ class LogConfig(_Section):
     max_bytes: int = Field(default=20 * 1024**2, ge=64 * 1024)
     # Rotated files kept beside the current one (``.1`` newest ... ``.N`` oldest).
     backups: int = Field(default=5, ge=1)
+    # Values of PHI-bearing keys (patient names and IDs, birth dates, accession numbers, query keys,
+    # free text, paths that embed them) are replaced by "[redacted]" in every log record. The audit
+    # trail is where identities are kept. Turn off only to debug, on a system without real patients.
+    redact_phi: bool = True
+
+
+class LimitsConfig(_Section):
+    """What one request may ask of a site; beyond each limit it is refused cleanly (a DICOM status or an
+    HTTP error, a log line, an audit record) and the service goes on serving everyone else."""
+
+    # STOW-RS: a request body larger than this is refused with 413 (from Content-Length before a byte
+    # is read, or as soon as a chunked body passes it); each part is also held to the site's
+    # max_instance_bytes (failure 0xA702). Nothing of a refused request is stored.
+    stow_max_request_bytes: int = Field(default=8 * 1024**3, gt=0)
+    # STOW-RS parts (instances) per request; more: 413. Every part is spooled to a file of its own (an
+    # open descriptor) until the whole body has arrived.
+    stow_max_parts: int = Field(default=1000, ge=1)
+    # QIDO-RS: results per response. A larger ``limit`` is clamped to this, with a Warning: 299 header
+    # (PS3.18 8.3.4.4); more matches are paged with ``offset``.
+    qido_max_results: int = Field(default=1000, ge=1)
+    # QIDO-RS: largest ``offset``; beyond it: 400 (narrow the query instead of paging that deep).
+    qido_max_offset: int = Field(default=100_000, ge=0)
+    # C-FIND and QIDO-RS: index rows one query may read. A query that would read more (a wildcard over
+    # the whole index, a very deep page) is refused: C-FIND 0xA700 (out of resources), QIDO-RS 413.
+    query_scan_budget_rows: int = Field(default=100_000, ge=1)
+    # Negotiated associations one calling AE title may hold at once, per receiver process (the site-wide
+    # cap is connections.max_associations). Beyond it: A-ASSOCIATE-RJ, transient, local limit exceeded.
+    max_associations_per_calling_ae: int = Field(default=16, ge=1)
 
 
 class SupervisorConfig(_Section):
@@ -320,6 +348,7 @@ class GridConfig(BaseSettings):
     analytics: AnalyticsConfig = AnalyticsConfig()
     storage_commitment: StorageCommitmentConfig = StorageCommitmentConfig()
     connections: ConnectionLimits = ConnectionLimits()
+    limits: LimitsConfig = LimitsConfig()
     logs: LogConfig = LogConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     infra: InfraConfig = InfraConfig()

@@ -18,7 +18,6 @@ from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.tag import BaseTag
@@ -100,15 +99,28 @@ def split_file_meta(fp: BinaryIO) -> tuple[Dataset, int]:
     try:
         read_preamble(fp, False)
         meta = read_dataset(fp, is_implicit_VR=False, is_little_endian=True, stop_when=past_group_2)
-    except (InvalidDicomError, EOFError, ValueError, OSError, struct.error) as exc:
-        raise MalformedDicom(f"unreadable file meta: {exc}") from exc
-    return meta, fp.tell()
+        # pydicom decodes values lazily: decode them here, where a bad one is a malformed file, not
+        # later in whoever reads the transfer syntax (found by fuzzing: an unknown VR in (0002,0010)
+        # raised NotImplementedError from ingest).
+        for _ in meta:
+            pass
+        end = fp.tell()
+    except Exception as exc:  # pydicom raises many types on hostile input; all mean "cannot decode"
+        raise MalformedDicom(f"unreadable file meta: {type(exc).__name__}: {exc}") from exc
+    return meta, end
 
 
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _DEFLATED = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"}
+# Sequences nested deeper than this are refused: the walk recurses per level, and real objects nest a
+# handful deep (SR content trees, the deepest, stay well below it). Found by fuzzing: 5,000 nested
+# undefined-length sequences (100 KB) raised RecursionError instead of MalformedDicom.
+MAX_SEQUENCE_DEPTH = 128
+# A deflated data set is inflated whole in memory to decode it (pydicom reads it that way), and deflate
+# expands up to ~1000x: a few MB sent could otherwise claim GBs of a receiver's memory.
+MAX_INFLATED_BYTES = 512 * 1024**2
 
 
 class _Walker:
@@ -147,7 +159,7 @@ class _Walker:
             raise MalformedDicom("an element runs past the end of the data")
         self.fp.seek(target)
 
-    def dataset(self, implicit: bool, until_item_end: bool = False) -> None:
+    def dataset(self, implicit: bool, until_item_end: bool = False, depth: int = 0) -> None:
         top_level = not until_item_end
         while self.fp.tell() < self.end:
             tag, vr, length = self._header(implicit)
@@ -167,11 +179,13 @@ class _Walker:
                 self._skip(length)
             else:
                 # Undefined length: a sequence or encapsulated pixel data; UN content is implicit VR.
-                self.items(implicit or vr == b"UN")
+                self.items(implicit or vr == b"UN", depth + 1)
         if until_item_end:
             raise MalformedDicom("data set is truncated inside a sequence item")
 
-    def items(self, implicit: bool) -> None:
+    def items(self, implicit: bool, depth: int = 1) -> None:
+        if depth > MAX_SEQUENCE_DEPTH:
+            raise MalformedDicom(f"sequences nested more than {MAX_SEQUENCE_DEPTH} deep")
         while True:
             tag, _, length = self._header(True)
             if tag == _SEQ_END:
@@ -179,7 +193,7 @@ class _Walker:
             if tag != _ITEM:
                 raise MalformedDicom(f"expected an item, found tag {tag:08X}")
             if length == _UNDEFINED:
-                self.dataset(implicit, until_item_end=True)
+                self.dataset(implicit, until_item_end=True, depth=depth)
             else:
                 self._skip(length)
 
@@ -199,10 +213,13 @@ def _walk(fp: BinaryIO, offset: int, transfer_syntax_uid: str, capture: frozense
     fp.seek(offset)
     if transfer_syntax_uid in _DEFLATED:
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        inflated = 0
         try:
             # Small input chunks bound the inflated output held at once (deflate expands <= ~1000x).
             while chunk := fp.read(16 * 1024):
-                inflater.decompress(chunk)
+                inflated += len(inflater.decompress(chunk))
+                if inflated > MAX_INFLATED_BYTES:
+                    raise MalformedDicom(f"deflated data set inflates to more than {MAX_INFLATED_BYTES} bytes")
         except zlib.error as exc:
             raise MalformedDicom(f"deflated data set is corrupt: {exc}") from exc
         if not inflater.eof:

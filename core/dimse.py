@@ -34,7 +34,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 from dicomgrid.core.audit import MINOR_FAILURE, AuditTrail, Participant
-from dicomgrid.core.config import ConnectionLimits, GridConfig
+from dicomgrid.core.config import ConnectionLimits, GridConfig, LimitsConfig
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.spool import ReceiveSpool
 
@@ -147,7 +147,8 @@ def prefer_requested_syntaxes(event: evt.Event) -> None:
 def peer_of(event: evt.Event) -> tuple[str | None, str]:
     """(calling AE title, "host:port") of the association's requestor."""
     requestor = event.assoc.requestor
-    return (requestor.ae_title or None), f"{requestor.address}:{requestor.port}"
+    # An association rejected as it is requested has no ae_title yet: its A-ASSOCIATE-RQ names it.
+    return (requestor.ae_title or _calling_ae(event.assoc) or None), f"{requestor.address}:{requestor.port}"
 
 
 # -- requests pynetdicom cannot decode ---------------------------------------------------------------
@@ -374,7 +375,9 @@ class SiteServer(ThreadedAssociationServer):
       down (which also unblocks a DUL thread stuck reading);
     * at most ``max_pending_per_peer`` such connections per IP address and ``max_pending`` in all: a
       new one closes the oldest, so a real PACS at an attacker's address still gets its turn;
-    * ``max_associations`` counts negotiated associations only;
+    * ``max_associations`` counts negotiated associations only, and ``[limits]
+      max_associations_per_calling_ae`` caps those of one calling AE title, so one PACS opening
+      associations without end cannot take every slot from the others;
     * every spool file of an association is deleted when it ends, for whatever reason, and a periodic
       sweep (:class:`~dicomgrid.core.spool.ReceiveSpool`) removes anything left over.
     """
@@ -385,8 +388,9 @@ class SiteServer(ThreadedAssociationServer):
 
     def __init__(self, *args: Any, limits: ConnectionLimits, spool: ReceiveSpool | None,
                  refused: Callable[[Association, Refusal], None], reuse_port: bool = False,
-                 **kwargs: Any) -> None:
+                 request_limits: LimitsConfig | None = None, **kwargs: Any) -> None:
         self.limits = limits
+        self.request_limits = request_limits or LimitsConfig()
         self.spool = spool
         self.refused = refused
         self.reuse_port = reuse_port
@@ -469,16 +473,25 @@ class SiteServer(ThreadedAssociationServer):
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
+        calling_ae = _calling_ae(assoc)
         with self._lock:
             connection = self._by_assoc.get(assoc)
-            admitted = sum(1 for c in self._by_assoc.values()
-                           if c.state is _State.ADMITTED and c.assoc is not None and c.assoc.is_alive())
-            full = admitted >= self.limits.max_associations
-            if connection is not None and not full:
+            admitted = [c for c in self._by_assoc.values()
+                        if c.state is _State.ADMITTED and c.assoc is not None and c.assoc.is_alive()]
+            same_ae = sum(1 for c in admitted if c.assoc is not None and _calling_ae(c.assoc) == calling_ae)
+            per_ae = self.request_limits.max_associations_per_calling_ae
+            if len(admitted) >= self.limits.max_associations:
+                full: str | None = f"local limit of {self.limits.max_associations} associations reached"
+            elif same_ae >= per_ae:
+                full = f"local limit of {per_ae} associations per calling AE reached (calling AE {calling_ae!r})"
+            else:
+                full = None
+            if connection is not None and full is None:
                 # Taken now, before negotiation ends, so two requests at once cannot both get the last slot.
                 connection.state = _State.ADMITTED
-        if full:
+        if full is not None:
             # As pynetdicom rejects: rejected transient, service provider (presentation), local limit exceeded.
+            assoc.limit_reached = full  # type: ignore[attr-defined]  # read by the rejection's audit record
             assoc.acse.send_reject(0x02, 0x03, 0x02)
             evt.trigger(assoc, evt.EVT_REJECTED, {})
             assoc.kill()
@@ -545,11 +558,17 @@ _REJECTIONS = {
 }
 
 
+def _calling_ae(assoc: Association) -> str:
+    """The calling AE title of an association, once its A-ASSOCIATE-RQ has arrived ("" before)."""
+    primitive = assoc.requestor.primitive
+    return (getattr(primitive, "calling_ae_title", None) or assoc.requestor.ae_title or "").strip()
+
+
 def _rejection_reason(assoc: Association, limits: ConnectionLimits) -> str:
     primitive = assoc.acceptor.primitive
     source, diagnostic = getattr(primitive, "result_source", None), getattr(primitive, "diagnostic", None)
     if (source, diagnostic) == (0x03, 0x02):
-        return f"local limit of {limits.max_associations} associations reached"
+        return getattr(assoc, "limit_reached", None) or f"local limit of {limits.max_associations} associations reached"
     calling_ae = assoc.requestor.ae_title or None
     reason = _REJECTIONS.get((source, diagnostic), f"source {source}, diagnostic {diagnostic}")
     return f"{reason} (calling AE {calling_ae!r})"
@@ -641,11 +660,13 @@ class SiteAE:
 
     def _on_rejected(self, event: evt.Event) -> None:
         calling_ae, peer = peer_of(event)
+        reason = _rejection_reason(event.assoc, self.config.connections)
+        log.warning("association rejected", reason=reason, calling_ae=calling_ae, peer=peer)
         self.audit.record(
             "E",
             "Security Alert",
             MINOR_FAILURE,
-            f"association rejected: {_rejection_reason(event.assoc, self.config.connections)}",
+            f"association rejected: {reason}",
             [Participant(calling_ae or "unknown", True, calling_ae, peer, "Requestor")],
         )
 
@@ -692,6 +713,7 @@ class SiteAE:
             evt_handlers=self.handlers(),
             server_class=SiteServer,
             limits=self.config.connections,
+            request_limits=self.config.limits,
             spool=spool,
             refused=self._on_refused,
             reuse_port=reuse_port,

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import structlog
 
+from dicomgrid.core.redact import redact_phi as _redact_phi
+
 DEFAULT_MAX_BYTES = 20 * 1024**2
 DEFAULT_BACKUPS = 5
 
@@ -43,11 +45,14 @@ def configure_logging(
     log_file: Path | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     backups: int = DEFAULT_BACKUPS,
+    redact_phi: bool = True,
 ) -> None:
     """Route stdlib and structlog records through one structured renderer.
 
     With ``log_file`` (what the supervisor gives each service), records go to that file, appended and
-    rotated by size, instead of stderr.
+    rotated by size, instead of stderr. With ``redact_phi`` (the default, ``[logs] redact_phi``), every
+    record, the grid's own and those of libraries, has its patient data redacted just before it is
+    rendered (dicomgrid.core.redact).
     """
     if json is None:
         json = log_file is not None or not sys.stderr.isatty()
@@ -69,7 +74,12 @@ def configure_logging(
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                # Last before rendering: whatever a processor or a library added is covered too.
+                *([_redact_phi] if redact_phi else []),
+                renderer,
+            ],
         )
     )
     root = logging.getLogger()

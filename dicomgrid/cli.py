@@ -55,6 +55,7 @@ def _logging(ctx: Context) -> None:
         log_file=Path(ctx.log_file) if ctx.log_file else None,
         max_bytes=logs.max_bytes,
         backups=logs.backups,
+        redact_phi=logs.redact_phi,
     )
 
 

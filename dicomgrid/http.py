@@ -39,7 +39,7 @@ def create_http_app(context: SiteContext) -> Starlette:
     spool.mkdir(parents=True, exist_ok=True)
 
     async def store(request: Request) -> Response:
-        return await stow(request, ingestor, spool, site_config.max_instance_bytes)
+        return await stow(request, ingestor, spool, site_config.max_instance_bytes, context.config.limits)
 
     async def root(request: Request) -> Response:
         return JSONResponse({"site": site_config.name, "ae_title": site_config.ae_title})

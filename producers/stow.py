@@ -3,10 +3,18 @@
 The multipart/related body is parsed as it streams in; each ``application/dicom`` part is spooled to
 a file on the site's volume (never held whole in memory) and ingested. The response lists stored and
 failed instances in DICOM JSON.
+
+Limits (``[limits]``): a body larger than ``stow_max_request_bytes`` (by its Content-Length, before a
+byte is read, or once a chunked body passes it) or with more than ``stow_max_parts`` parts is refused
+with 413 and a message saying which limit; a part larger than the site's ``max_instance_bytes`` fails
+on its own (0xA702). Parts are ingested only once the whole body has arrived, so a refused request has
+stored nothing. Each refusal is logged and audited.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import tempfile
 from dataclasses import dataclass, field
 from email.message import Message
@@ -18,6 +26,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from dicomgrid.core.audit import MINOR_FAILURE, Participant
+from dicomgrid.core.config import LimitsConfig
 from dicomgrid.core.events import Source
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.uids import is_valid_uid
@@ -26,6 +36,20 @@ from dicomgrid.producers.ingest import Expected, IngestResult, Ingestor, Outcome
 log = get_logger(__name__)
 
 DICOM_JSON = "application/dicom+json"
+# After a refusal, what is left of the body is read and dropped up to this much, or for this long, so
+# the client (which sends its whole body before it reads the answer) gets the 413 rather than a reset
+# connection; a client sending more, or dribbling it, is cut off.
+DRAIN_BYTES = 4 * 1024**2
+DRAIN_S = 5.0
+
+
+class Refused(Exception):
+    """A request beyond one of the limits: answered ``status`` with ``message``, nothing stored."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 @dataclass
@@ -39,9 +63,10 @@ class _Part:
 class _PartCollector:
     """python-multipart callbacks that spool each part to its own temporary file."""
 
-    def __init__(self, spool_dir: Path, max_part_bytes: int) -> None:
+    def __init__(self, spool_dir: Path, max_part_bytes: int, max_parts: int | None = None) -> None:
         self.spool_dir = spool_dir
         self.max_part_bytes = max_part_bytes
+        self.max_parts = max_parts
         self.parts: list[_Part] = []
         self._field = b""
         self._value = b""
@@ -56,6 +81,9 @@ class _PartCollector:
         }
 
     def _begin(self) -> None:
+        if self.max_parts is not None and len(self.parts) >= self.max_parts:
+            raise Refused(413, f"more than {self.max_parts} parts in one STOW-RS request: send the instances "
+                               "in several requests")
         self.parts.append(_Part(file=tempfile.TemporaryFile(dir=self.spool_dir)))
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
@@ -128,8 +156,10 @@ def _error(status: int, message: str) -> Response:
     return JSONResponse({"error": message}, status_code=status)
 
 
-async def stow(request: Request, ingestor: Ingestor, spool_dir: Path, max_part_bytes: int) -> Response:
+async def stow(request: Request, ingestor: Ingestor, spool_dir: Path, max_part_bytes: int,
+               limits: LimitsConfig | None = None) -> Response:
     """Handle one STOW-RS request."""
+    limits = limits or LimitsConfig()
     study_uid = request.path_params.get("study")
     if study_uid is not None and not is_valid_uid(study_uid):
         return _error(400, "study UID in the path is not a valid UID")
@@ -144,12 +174,27 @@ async def stow(request: Request, ingestor: Ingestor, spool_dir: Path, max_part_b
 
     peer = f"{request.client.host}:{request.client.port}" if request.client else None
     source = Source("STOW-RS", None, ingestor.site, peer)
-    collector = _PartCollector(spool_dir, max_part_bytes)
+    max_body = limits.stow_max_request_bytes
+    too_big = f"request body larger than {max_body} bytes: send the instances in several requests"
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_body:
+        # Before a byte is read: a client that sent Expect: 100-continue does not send the body at all.
+        return _refuse(ingestor, source, Refused(413, too_big), drain=None)
+    collector = _PartCollector(spool_dir, max_part_bytes, limits.stow_max_parts)
     parser = MultipartParser(boundary.encode("latin-1"), collector.callbacks())
+    received = 0
     try:
-        async for chunk in request.stream():
-            parser.write(chunk)
-        parser.finalize()
+        stream = request.stream()
+        try:
+            async for chunk in stream:
+                received += len(chunk)
+                if received > max_body:
+                    raise Refused(413, too_big)
+                parser.write(chunk)
+            parser.finalize()
+        except Refused as exc:
+            collector.close()  # nothing was ingested yet: the spooled parts go
+            return _refuse(ingestor, source, exc, drain=stream)
         if not collector.parts:
             return _error(400, "multipart body has no parts")
         results = []
@@ -162,6 +207,43 @@ async def stow(request: Request, ingestor: Ingestor, spool_dir: Path, max_part_b
         collector.close()
     base_url = str(request.url_for("dicomweb_root")).rstrip("/")
     return stow_response(results, base_url, study_uid)
+
+
+class _Drained(Response):
+    """A refusal sent once the rest of the body has been read and dropped (up to DRAIN_BYTES / DRAIN_S)."""
+
+    def __init__(self, status: int, message: str, drain: Any) -> None:
+        super().__init__(json.dumps({"error": message}), status_code=status, media_type="application/json",
+                         headers={"Connection": "close"})
+        self.drain = drain
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self.drain is not None:
+            dropped = 0
+            try:
+                async with asyncio.timeout(DRAIN_S):
+                    async for chunk in self.drain:
+                        dropped += len(chunk)
+                        if dropped > DRAIN_BYTES:
+                            break
+            except TimeoutError:
+                pass
+            except Exception:  # the client gave up: nothing left to answer
+                return
+        await super().__call__(scope, receive, send)
+
+
+def _refuse(ingestor: Ingestor, source: Source, refusal: Refused, drain: Any) -> Response:
+    """Log, audit and answer a request beyond a limit; the connection is closed after the answer."""
+    log.warning("stow-rs request refused", status=refusal.status, reason=refusal.message, peer=source.peer_address)
+    ingestor.audit.record(
+        "C", "DICOM Instances Transferred", MINOR_FAILURE, f"STOW-RS refused with {refusal.status}: {refusal.message}",
+        [
+            Participant(source.peer_address or "unknown", True, None, source.peer_address, "Source"),
+            Participant(ingestor.site, False, source.called_ae, None, "Destination"),
+        ],
+    )
+    return _Drained(refusal.status, refusal.message, drain)
 
 
 def _ingest_part(ingestor: Ingestor, part: _Part, source: Source, study_uid: str | None) -> IngestResult:

@@ -99,7 +99,8 @@ class TrialWeb:
                 for param, keyword in (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"))
                 if param in request.path_params}
         try:
-            search = parse_search(level, request.query_params.multi_items(), path, flat=flat)
+            search = parse_search(level, request.query_params.multi_items(), path, flat=flat,
+                                  limits=self.site.config.limits)
         except (BadRequest, QueryError) as exc:
             self._audit_query(request, trial, "refused", 0, str(exc), started)
             return PlainTextResponse(str(exc), status_code=400)

@@ -140,3 +140,37 @@ def test_indexed_text_is_kept_whole_up_to_the_limit_and_reported_beyond(deflated
     assert over.attributes.too_long == {"PatientName": 1025}
     fits = _inspect(to_part10(make_instance(patient_name="é" * 1024, SpecificCharacterSet="ISO_IR 192"), syntax))
     assert fits.attributes.too_long == {} and fits.attributes.get("PatientName") == "é" * 1024
+
+
+# -- hostile structure (found by fuzzing, tests/unit/test_fuzz.py) ---------------------------------
+
+
+def _implicit_meta() -> bytes:
+    return dicomfile.canonical_file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.840.10008.1.2")
+
+
+def test_deeply_nested_sequences_are_malformed_not_a_recursion_error():
+    import struct
+
+    level = struct.pack("<HHL", 0x0008, 0x1115, 0xFFFFFFFF) + struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    with pytest.raises(dicomfile.MalformedDicom, match="nested more than 128 deep"):
+        dicomfile.inspect(io.BytesIO(_implicit_meta() + level * 5000))
+
+
+def test_an_undecodable_file_meta_value_is_malformed():
+    data = bytearray(_implicit_meta())
+    at = data.index(b"UI\x12\x00")  # the Transfer Syntax UID's VR
+    data[at:at + 2] = b"U\x00"
+    with pytest.raises(dicomfile.MalformedDicom, match="unreadable file meta"):
+        dicomfile.inspect(io.BytesIO(bytes(data)))
+
+
+def test_a_deflate_bomb_is_refused_before_it_is_inflated_whole(monkeypatch):
+    import zlib
+
+    monkeypatch.setattr(dicomfile, "MAX_INFLATED_BYTES", 1024**2)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    bomb = deflate.compress(b"\x00" * (8 * 1024**2)) + deflate.flush()
+    meta = dicomfile.canonical_file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.840.10008.1.2.1.99")
+    with pytest.raises(dicomfile.MalformedDicom, match="inflates to more than"):
+        dicomfile.inspect(io.BytesIO(meta + bomb))

@@ -20,17 +20,20 @@ from dicomgrid.consumers.query import (
     IDENTIFIER_MISMATCH,
     PATIENT_ROOT_FIND,
     STUDY_ROOT_FIND,
+    OUT_OF_RESOURCES,
     UNABLE_TO_PROCESS,
     Level,
     Query,
     QueryCancelled,
     QueryEngine,
     QueryError,
+    ScanBudgetExceeded,
     SiteAnswers,
     glob_match,
     make_key,
     parse_tm,
 )
+from dicomgrid.core.config import LimitsConfig
 from dicomgrid.core.index_rows import parse_da, study_bucket
 
 SITE = SiteAnswers("GRID_A", "http://127.0.0.1:8081/dicomweb")
@@ -561,11 +564,12 @@ class BrokenIndex(FakeIndex):
         raise OSError("no host available")
 
 
-def site_context(index: FakeIndex) -> Any:
+def site_context(index: FakeIndex, limits: LimitsConfig | None = None) -> Any:
     from types import SimpleNamespace
 
     site = SimpleNamespace(name="A", ae_title="GRID_A", http_host="127.0.0.1", http_port=8081)
-    return SimpleNamespace(site=site, index=index, audit=RecordingAudit())
+    config = SimpleNamespace(limits=limits or LimitsConfig())
+    return SimpleNamespace(site=site, index=index, audit=RecordingAudit(), config=config)
 
 
 @pytest.fixture
@@ -575,8 +579,8 @@ def http(index):
 
     from dicomgrid.consumers.qido import qido_routes
 
-    def client(store: FakeIndex = index):
-        ctx = site_context(store)
+    def client(store: FakeIndex = index, limits: LimitsConfig | None = None):
+        ctx = site_context(store, limits)
         return TestClient(Starlette(routes=qido_routes(ctx))), ctx.audit
 
     return client
@@ -633,10 +637,11 @@ class CancellingEvent:
         return False
 
 
-def run_find(index: FakeIndex, event: CancellingEvent) -> tuple[list[int], RecordingAudit]:
+def run_find(index: FakeIndex, event: CancellingEvent,
+             limits: LimitsConfig | None = None) -> tuple[list[int], RecordingAudit]:
     from dicomgrid.consumers.find_scp import FindService
 
-    ctx = site_context(index)
+    ctx = site_context(index, limits)
     statuses = []
     for status, _ in FindService(ctx).on_find(event):
         statuses.append(status if isinstance(status, int) else status.Status)
@@ -655,3 +660,60 @@ def test_c_find_handler_statuses_and_audit(index):
     statuses, audit = run_find(index, CancellingEvent(identifier("WORLD", PatientID="P1")))
     assert statuses == [0xA900] and audit.records[-1][2] == 4
     assert audit.records[-1][5][0].detail["identifier"] == {"QueryRetrieveLevel": "WORLD", "PatientID": "P1"}
+
+
+# -- limits: limit/offset caps and the scan budget ----------------------------------------------------
+
+
+def test_qido_limit_above_the_maximum_is_clamped_with_a_warning():
+    limits = LimitsConfig(qido_max_results=50)
+    search = parse_search(Level.STUDY, [("limit", "5000")], {}, flat=True, limits=limits)
+    assert search.limit == 50
+    assert any("maximum of 50 results" in w for w in search.warnings)
+    assert parse_search(Level.STUDY, [], {}, flat=True, limits=limits).limit == 50
+    assert parse_search(Level.STUDY, [("limit", "7")], {}, flat=True, limits=limits).warnings == []
+
+
+def test_qido_offset_beyond_the_cap_is_refused():
+    limits = LimitsConfig(qido_max_offset=1000)
+    assert parse_search(Level.STUDY, [("offset", "1000")], {}, flat=True, limits=limits).offset == 1000
+    with pytest.raises(BadRequest, match="offset is limited to 1000"):
+        parse_search(Level.STUDY, [("offset", "1001")], {}, flat=True, limits=limits)
+    with pytest.raises(BadRequest):
+        parse_search(Level.STUDY, [("offset", "1000000000")], {}, flat=True)
+
+
+def test_the_scan_budget_stops_a_wildcard_scan(index):
+    query = Query.build(Level.STUDY, {"PatientName": ["Nobody*"]})
+    with pytest.raises(ScanBudgetExceeded) as info:
+        list(QueryEngine(index, scan_budget=3).find(query))  # type: ignore[arg-type]
+    assert info.value.status == OUT_OF_RESOURCES and len(info.value.comment) <= 64
+    assert list(QueryEngine(index, scan_budget=4).find(query)) == []  # type: ignore[arg-type]
+    # An indexed key reads only what it needs: the same budget is plenty.
+    exact = Query.build(Level.STUDY, {"PatientID": ["P1"]})
+    assert len(list(QueryEngine(index, scan_budget=3).find(exact))) == 2  # type: ignore[arg-type]
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_qido_caps_and_scan_budget_over_a_fake_index(http):
+    client, audit = http(limits=LimitsConfig(qido_max_results=2, qido_max_offset=10, query_scan_budget_rows=3))
+    response = client.get("/dicomweb/studies", params={"PatientID": "P1", "limit": "100"})
+    assert response.status_code == 200 and len(response.json()) == 2
+    assert "maximum of 2 results" in response.headers["Warning"]
+    response = client.get("/dicomweb/studies", params={"offset": "11"})
+    assert response.status_code == 400 and "offset is limited to 10" in response.text
+    response = client.get("/dicomweb/studies", params={"PatientName": "Nobody*"})
+    assert response.status_code == 413 and "too broad" in response.text
+    assert [r[2] for r in audit.records] == [0, 4, 4]
+    assert "query too broad" in audit.records[-1][3]
+    # The service goes on serving.
+    assert client.get("/dicomweb/studies", params={"PatientID": "P2"}).status_code == 200
+
+
+def test_c_find_over_its_scan_budget_ends_with_out_of_resources(index):
+    limits = LimitsConfig(query_scan_budget_rows=3)
+    statuses, audit = run_find(index, CancellingEvent(identifier("STUDY", PatientName="Nobody*")), limits)
+    assert statuses == [OUT_OF_RESOURCES]
+    assert audit.records[-1][2] == 4 and "query too broad" in audit.records[-1][3]
+    statuses, _ = run_find(index, CancellingEvent(identifier("STUDY", PatientName="*")), limits)
+    assert statuses == [0xFF00, 0xFF00, 0xFF00, OUT_OF_RESOURCES]  # what was found is sent, then the refusal
