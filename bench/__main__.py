@@ -2,7 +2,7 @@
 
 ``--quick`` is a smoke run of everything (one repetition, small corpora, a 1000-study C-FIND scale
 set, 20 instances one at a time and streams of 40 for the replication lag, replication backlogs of 100
-small and 20 large instances, no waiting for a quiet machine); its numbers are not meant to be compared.
+small and 20 large instances, 100 small and 20 large instances recovered and scrubbed, no waiting for a quiet machine); its numbers are not meant to be compared.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def _scales(value: str | None) -> tuple[int, ...] | None:
 @click.command()
 @click.option("--quick", is_flag=True,
               help="Smoke run: 1 repetition, 40 small + 8 large instances, 1000-study C-FIND set, "
-                   "20 + 2x40 replication-lag instances, backlogs of 100 small + 20 large, no quiet wait.")
+                   "20 + 2x40 replication-lag instances, backlogs of 100 small + 20 large, healing of 100 small + 20 large, "
+                   "no quiet wait.")
 @click.option("--repetitions", type=click.IntRange(1), default=None, help="Repetitions per run (default 3).")
 @click.option("--small", type=click.IntRange(4), default=None, help="Instances in the ~40 KB corpus (default 500).")
 @click.option("--large", type=click.IntRange(4), default=None, help="Instances in the ~0.5 MB corpus (default 100).")
@@ -63,7 +64,8 @@ def main(quick: bool, repetitions: int | None, small: int | None, large: int | N
          scales: tuple[int, ...] | None, only: tuple[str, ...]) -> None:
     """dicomgrid against DCMTK storescp and Orthanc: ingest (and the receiver's profile), C-FIND (also at
     metadata scale), C-GET and WADO-RS, payload replication lag between two sites and the throughput of a
-    replication backlog (against Orthanc-to-Orthanc peer transfer)."""
+    replication backlog (against Orthanc-to-Orthanc peer transfer), and self-healing (recovering an emptied
+    site, the scrub rate)."""
     options = Options(
         repetitions=repetitions or (1 if quick else 3),
         small=small or (40 if quick else 500),
@@ -78,6 +80,8 @@ def main(quick: bool, repetitions: int | None, small: int | None, large: int | N
         backlog_small=backlog or (100 if quick else 1000),
         backlog_large=(20 if quick else 1000) if backlog_large is None else backlog_large,
         backlog_concurrency=tuple(n for n in backlog_concurrency if n) if backlog_concurrency else (16,),
+        healing_small=100 if quick else 1000,
+        healing_large=20 if quick else 100,
     )
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     machine = Machine.describe()

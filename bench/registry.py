@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from bench.backlog import BacklogScenario
 from bench.cfind_scale import CFindScaleScenario
+from bench.healing import HealingScenario
 from bench.ingest import IngestScenario
 from bench.profiling import ReceiveProfileScenario
 from bench.query import QueryScenario
@@ -24,4 +25,5 @@ SCENARIOS: list[Scenario] = [
     RetrieveScenario(),
     ReplicationScenario(),
     BacklogScenario(),
+    HealingScenario(),  # last: it leaves site B holding only what it recovered
 ]

@@ -47,6 +47,8 @@ class Options:
     backlog_small: int = 1000  # instances of the small-CT replication backlog
     backlog_large: int = 1000  # instances of the large-CT replication backlog (0: not measured)
     backlog_concurrency: tuple[int, ...] = (16,)  # B's worker also measured at these concurrencies
+    healing_small: int = 1000  # ~40 KB instances recovered onto an emptied site B (healing section)
+    healing_large: int = 100  # ~0.5 MB instances recovered onto it
 
     @property
     def corpora(self) -> list[CorpusSpec]:

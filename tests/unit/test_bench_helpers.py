@@ -162,3 +162,20 @@ def test_replicator_profile_splits_the_replication_threads_by_step(tmp_path) -> 
                      "commit: rename, fsync, fsync directory": 10.0}
     assert profile.worker.busy_pct == 4.0
     assert [s.name for s in profile.worker.by_thread] == ["replication threads (requests)", "event loop"]
+
+
+def test_healing_rows_are_medians_and_cpu_is_per_instance_and_per_gb(tmp_path) -> None:
+    from bench.healing import RECOVERY, SCRUB, RecoverRun, ScrubRun, drop_cached, recover_row, scrub_row
+
+    recovers = [RecoverRun("small", k, 100, 100, 0, {}, 4_000_000, seconds, 0.5, 80.0, {RECOVERY: cpu})
+                for k, (seconds, cpu) in enumerate([(1.0, 0.5), (2.0, 0.7), (4.0, 0.6)], 1)]
+    row = recover_row(recovers)
+    assert row["ok"] and row["instances_per_s"] == 50.0 and row["mb_per_s"] == 2.0
+    assert row["cpu_s"][RECOVERY] == 0.6 and row["cpu_ms_per_instance"][RECOVERY] == 6.0
+    assert row["spread_pct"] == 150.0
+    assert not recover_row([RecoverRun("large", 1, 10, 9, 0, {"x": 1}, 1, 1.0, 0, 0, {})])["ok"]
+    scrubs = [ScrubRun("cold", 1, 10, 500_000_000, 2.0, 0, 0, True, 0.5, 50.0, {SCRUB: 1.5})]
+    assert scrub_row(scrubs)["mb_per_s"] == 250.0 and scrub_row(scrubs)["cpu_s_per_gb"][SCRUB] == 3.0
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "blob").write_bytes(b"x" * 10)
+    assert drop_cached(tmp_path) == 1
