@@ -71,13 +71,21 @@ class Sampler:
         """End of the sending window: the machine's CPU share is measured over it."""
         self.usage.cpu_machine_pct = psutil.cpu_percent(interval=None)
 
+    def cpu_so_far(self) -> dict[str, float]:
+        """CPU seconds by group from the start until now (for a window that ends before the block does)."""
+        self._sample()
+        return self._cpu_seconds()
+
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
         self._sample()
-        self.usage.cpu_seconds = {
+        self.usage.cpu_seconds = self._cpu_seconds()
+
+    def _cpu_seconds(self) -> dict[str, float]:
+        return {
             group: sum(self._last[pid] - self._first.get(pid, 0.0) for pid in pids if pid in self._last)
-            for group, pids in self._members.items()
+            for group, pids in list(self._members.items())
         }
 
     def _loop(self) -> None:
