@@ -6,7 +6,7 @@ site A with storescu over 4 associations and waits until A has indexed every ins
 lists a verified copy of each, so replication is over and B's worker is idle.
 
 **Recover**: site B loses its disk. Its blob store directory is *moved aside* (renamed on the same file
-system to ``blobs.lost-<n>``) and an empty directory takes its place; B's services keep running. It is
+system to ``blobs.lost-<pid>-<repetition>``) and an empty directory takes its place; B's services keep running. It is
 not deleted: right after deleting many files this disk makes every file creation slow for minutes (see
 the notes), which would be measured instead of the recovery. Then :class:`~dicomgrid.processors.recovery.Recovery`
 rebuilds it exactly as ``dicomgrid recover --site B`` builds it (``open_site(config, "B", "recovery")``,
@@ -182,15 +182,17 @@ class Healing:
     def empty_site_b(self, repetition: int) -> Path:
         """B loses its disk: its store is renamed aside (not deleted) and an empty directory replaces it."""
         store = self.grid.storage_of("B")
-        aside = store.with_name(f"{store.name}.lost-{repetition}")
-        shutil.rmtree(aside, ignore_errors=True)  # only a leftover of an interrupted session
+        # A name of this session's own: a leftover of an interrupted session is deleted at the end, not now.
+        aside = store.with_name(f"{store.name}.lost-{os.getpid()}-{repetition}")
         store.rename(aside)
         store.mkdir()
         self.aside.append(aside)
         return aside
 
     def remove_aside(self) -> None:
-        for path in self.aside:
+        """Delete the moved-aside stores (and any an interrupted session left), once nothing is measured."""
+        store = self.grid.storage_of("B")
+        for path in {*self.aside, *store.parent.glob(f"{store.name}.lost-*")}:
             shutil.rmtree(path, ignore_errors=True)
         self.aside.clear()
 
