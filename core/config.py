@@ -120,6 +120,11 @@ class SiteConfig(_Section):
     receiver_processes: int = Field(default=1, ge=1, le=64)
     # C-STORE payloads above this size are refused with 0xA700 (out of resources).
     max_instance_bytes: int = Field(default=4 * 1024**3, gt=0)
+    # The site's own Kafka cluster (bootstrap servers). Unset: the grid's shared cluster
+    # (``kafka.bootstrap_servers``). When every site names a cluster of its own, events cross between
+    # sites by MirrorMaker 2 and each site consumes its own topics plus the others' mirrored ones
+    # (docs/events.md, docs/deploy.md). Every other ``[kafka]`` setting is the grid's.
+    kafka_bootstrap_servers: str | None = None
 
     @field_validator("ae_title")
     @classmethod
@@ -321,6 +326,15 @@ class InfraConfig(_Section):
     # Node i (1-based) of Cassandra listens on 127.0.0.i and belongs to datacenter "dc<i>".
     cassandra_dcs: int = Field(default=2, ge=1, le=9)
     start_timeout_s: float = 240.0
+    # With a Kafka cluster per site (sites[].kafka_bootstrap_servers on 127.0.0.1), `infra up` runs one
+    # KRaft broker per site (client port from the site's bootstrap, controller port one above it) and
+    # a dedicated MirrorMaker 2 process (its version is kafka_version) mirroring the grid's topics
+    # between every pair of sites.
+    kafka_site_heap: str = "256m"
+    mirrormaker_heap: str = "256m"
+    # Where those brokers and MirrorMaker keep data, pid files and logs; relative to data_dir. Unset:
+    # data_dir. (Jars stay under data_dir/lib either way.)
+    local_dir: Path | None = None
 
 
 class GridConfig(BaseSettings):
@@ -386,6 +400,15 @@ class GridConfig(BaseSettings):
         titles = [s.ae_title for s in self.sites]
         if len(set(titles)) != len(titles):
             raise ValueError("site AE titles must be unique")
+        own = [s.name for s in self.sites if s.kafka_bootstrap_servers]
+        if own and len(own) != len(self.sites):
+            raise ValueError(
+                f"sites {own} name a Kafka cluster of their own and {sorted(set(names) - set(own))} do not: "
+                f"either every site has its own cluster (sites[].kafka_bootstrap_servers) or none"
+            )
+        clusters = [self.site_kafka(name).bootstrap_servers for name in own]
+        if len(set(clusters)) != len(clusters):
+            raise ValueError(f"sites with a Kafka cluster of their own need distinct clusters: {clusters}")
         for site in self.sites:
             unknown = set(site.replicate_to) - set(names)
             if unknown:
@@ -410,6 +433,38 @@ class GridConfig(BaseSettings):
         configured = self.replication.min_copies
         return configured if configured is not None else min(2, max(1, len(self.sites)))
 
+    @property
+    def kafka_per_site(self) -> bool:
+        """Whether every site has a Kafka cluster of its own, mirrored to the others by MirrorMaker 2."""
+        return bool(self.sites) and all(s.kafka_bootstrap_servers for s in self.sites)
+
+    def site_kafka(self, name: str) -> KafkaConfig:
+        """The Kafka settings of site ``name``'s services: its own cluster, or the grid's shared one."""
+        own = self.site(name).kafka_bootstrap_servers
+        return self.kafka.model_copy(update={"bootstrap_servers": own}) if own else self.kafka
+
+    def for_site(self, name: str) -> "GridConfig":
+        """This config as site ``name``'s services see it: ``kafka`` is the site's own cluster.
+
+        Every producer and consumer a site's process creates takes ``config.kafka``, so a process of one
+        site works from the config this returns. With one shared cluster it is the config itself.
+        """
+        kafka = self.site_kafka(name)
+        return self if kafka is self.kafka else self.model_copy(update={"kafka": kafka})
+
+    def mirror_alias(self, name: str) -> str:
+        """The MirrorMaker 2 cluster alias of site ``name``'s Kafka cluster: the site's name."""
+        return self.site(name).name
+
+    def consumed_topics(self, site: str, logical: str) -> list[str]:
+        """The physical topics site ``site``'s services read for ``logical``: the grid's topic, and with
+        per-site clusters the other sites' topics as MirrorMaker 2 mirrors them into this site's cluster
+        (DefaultReplicationPolicy: ``<source alias>.<topic>``)."""
+        own = self.kafka.topic(logical)
+        if not self.kafka_per_site:
+            return [own]
+        return [own, *(f"{self.mirror_alias(s.name)}.{own}" for s in self.sites if s.name != site)]
+
     @cached_property
     def root(self) -> Path:
         """The absolute data directory."""
@@ -424,6 +479,11 @@ class GridConfig(BaseSettings):
             if site.name == name:
                 return site
         raise KeyError(f"no site named {name!r}; configured: {[s.name for s in self.sites]}")
+
+    @property
+    def infra_dir(self) -> Path:
+        """Where the local per-site Kafka brokers and MirrorMaker keep their files (``infra.local_dir``)."""
+        return self.resolve(self.infra.local_dir) if self.infra.local_dir else self.root
 
     @property
     def audit_signing_key_file(self) -> Path:
