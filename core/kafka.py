@@ -6,17 +6,18 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import tenacity
-from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from dicomgrid import schemas
-from dicomgrid.core.config import KafkaConfig
+from dicomgrid.core.config import GridConfig, KafkaConfig
 from dicomgrid.core.logging import get_logger
 
 log = get_logger(__name__)
@@ -206,9 +207,24 @@ class EventPublisher:
         producer.close()
 
 
-def ensure_topics(config: KafkaConfig, timeout: float = 30.0) -> list[str]:
+def mirrored_topic(alias: str, physical: str) -> str:
+    """The name MirrorMaker 2 (DefaultReplicationPolicy) gives topic ``physical`` of the cluster
+    ``alias`` in the clusters it is mirrored to."""
+    return f"{alias}.{physical}"
+
+
+def _physical_names(config: KafkaConfig, name: str, mirrored_from: Sequence[str]) -> list[str]:
+    own = config.topic(name)
+    return [own, *(mirrored_topic(alias, own) for alias in mirrored_from)]
+
+
+def ensure_topics(config: KafkaConfig, timeout: float = 30.0, mirrored_from: Sequence[str] = ()) -> list[str]:
     """Create every topic of the contract (under the grid's prefix) that does not exist yet; return the
     physical names created.
+
+    ``mirrored_from``: MirrorMaker 2 aliases of the other sites' clusters whose topics are mirrored
+    into this one; their topics (``<alias>.<topic>``) are created too, with the same layout, so the
+    site's processors subscribe to them from the start instead of waiting for MirrorMaker to make them.
 
     Returns only once every partition of every topic of the contract answers a request, so a grid
     started right after can use them at once; raises :class:`TopicsNotServing` if some partition
@@ -218,15 +234,16 @@ def ensure_topics(config: KafkaConfig, timeout: float = 30.0) -> list[str]:
     admin = AdminClient(config.client_config())
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = []
-    for spec in schemas.topics().values():
-        if config.topic(spec.name) in existing:
+    for spec, physical in ((spec, physical) for spec in schemas.topics().values()
+                           for physical in _physical_names(config, spec.name, mirrored_from)):
+        if physical in existing:
             continue
         topic_config = {
             k: v.replace("{min_insync_replicas}", str(config.min_insync_replicas)) for k, v in spec.config.items()
         }
         wanted.append(
             NewTopic(
-                config.topic(spec.name),
+                physical,
                 num_partitions=spec.partitions or config.partitions,
                 replication_factor=spec.replication_factor or config.replication_factor,
                 config=topic_config,
@@ -236,14 +253,35 @@ def ensure_topics(config: KafkaConfig, timeout: float = 30.0) -> list[str]:
     created = _settled(futures, KafkaError.TOPIC_ALREADY_EXISTS, timeout)
     # Every topic, not only those created here: one made by a concurrent or interrupted call may not
     # serve yet either, and asking costs one request.
-    wait_until_serving(admin, [config.topic(name) for name in schemas.topics()], max(deadline - time.monotonic(), 1.0))
+    wait_until_serving(admin, [p for name in schemas.topics() for p in _physical_names(config, name, mirrored_from)],
+                       max(deadline - time.monotonic(), 1.0))
     return created
 
 
-def wait_for_topics(config: KafkaConfig, timeout: float = 30.0) -> None:
+def ensure_grid_topics(config: GridConfig, timeout: float = 30.0) -> list[str]:
+    """:func:`ensure_topics` on the grid's shared cluster, or on every site's own cluster (with the other
+    sites' mirrored topics) when each site has one; the physical names created (``site:topic`` then)."""
+    if not config.kafka_per_site:
+        return ensure_topics(config.kafka, timeout)
+    created = []
+    for site in config.sites:
+        others = [config.mirror_alias(s.name) for s in config.sites if s.name != site.name]
+        created += [f"{site.name}:{t}" for t in ensure_topics(config.site_kafka(site.name), timeout, others)]
+    return created
+
+
+def mirrored_from(config: GridConfig, site: str) -> list[str]:
+    """The aliases of the clusters mirrored into site ``site``'s (none with one shared cluster)."""
+    if not config.kafka_per_site:
+        return []
+    return [config.mirror_alias(s.name) for s in config.sites if s.name != site]
+
+
+def wait_for_topics(config: KafkaConfig, timeout: float = 30.0, mirrored_from: Sequence[str] = ()) -> None:
     """Wait until every partition of the grid's topics answers a request (after a broker restart, say)."""
     admin = AdminClient(config.client_config())
-    wait_until_serving(admin, [config.topic(name) for name in schemas.topics()], timeout)
+    wait_until_serving(admin, [p for name in schemas.topics() for p in _physical_names(config, name, mirrored_from)],
+                       timeout)
 
 
 class _Unserved(Exception):
@@ -324,14 +362,14 @@ def _settled(futures: dict[str, Any], harmless: int, timeout: float) -> list[str
     return done
 
 
-def missing_topics(config: KafkaConfig, timeout: float = 10.0) -> list[str]:
+def missing_topics(config: KafkaConfig, timeout: float = 10.0, mirrored_from: Sequence[str] = ()) -> list[str]:
     """The grid's topics (physical names) that do not exist; raises KafkaException if Kafka cannot answer."""
     admin = AdminClient(config.client_config())
     existing = set(admin.list_topics(timeout=timeout).topics)
-    return [config.topic(name) for name in schemas.topics() if config.topic(name) not in existing]
+    return [p for name in schemas.topics() for p in _physical_names(config, name, mirrored_from) if p not in existing]
 
 
-def wait_until_created(config: KafkaConfig, *, interval: float = 2.0) -> None:
+def wait_until_created(config: KafkaConfig, *, interval: float = 2.0, mirrored_from: Sequence[str] = ()) -> None:
     """Block until every topic of the grid exists and serves (however long that takes).
 
     A stream processor started before ``dicomgrid schema apply`` would otherwise subscribe to nothing
@@ -340,11 +378,11 @@ def wait_until_created(config: KafkaConfig, *, interval: float = 2.0) -> None:
     reported = 0.0
     while True:
         try:
-            missing = missing_topics(config)
+            missing = missing_topics(config, mirrored_from=mirrored_from)
         except KafkaException as exc:
             missing = [f"(Kafka unreachable: {exc})"]
         if not missing:
-            wait_for_topics(config, timeout=60.0)
+            wait_for_topics(config, timeout=60.0, mirrored_from=mirrored_from)
             return
         if time.monotonic() - reported > 30.0:
             log.warning("waiting for the grid's topics; run `dicomgrid schema apply`", missing=missing)
@@ -362,3 +400,36 @@ def delete_topics(config: KafkaConfig, timeout: float = 30.0) -> list[str]:
     names = [config.topic(name) for name in schemas.topics() if config.topic(name) in existing]
     futures = admin.delete_topics(names, request_timeout=timeout) if names else {}
     return _settled(futures, KafkaError.UNKNOWN_TOPIC_OR_PART, timeout)
+
+
+def last_record_age_s(config: KafkaConfig, topic: str, timeout: float = 5.0) -> float | None:
+    """Seconds since the newest record of ``topic`` (any partition) was written, by its timestamp; None
+    when the topic does not exist, is empty, or the cluster does not answer within ``timeout``.
+
+    MirrorMaker 2 writes a heartbeat a second into every cluster it mirrors into (``heartbeats``) and
+    mirrors those onwards (``<alias>.heartbeats``), so this tells whether a flow is alive.
+    """
+    consumer = Consumer({**config.client_config(), "group.id": f"dicomgrid-probe-{uuid.uuid4()}",
+                         "enable.auto.commit": False, "log_level": 0,
+                         "socket.connection.setup.timeout.ms": max(int(timeout * 1000), 1000)})
+    try:
+        meta = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            return None
+        newest: float | None = None
+        for partition in meta.partitions:
+            tp = TopicPartition(topic, partition)
+            low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
+            if high <= low:
+                continue
+            consumer.assign([TopicPartition(topic, partition, high - 1)])
+            msg = consumer.poll(timeout)
+            if msg is not None and msg.error() is None:
+                kind, stamp = msg.timestamp()
+                if kind != TIMESTAMP_NOT_AVAILABLE:
+                    newest = max(newest or 0.0, stamp / 1000.0)
+        return None if newest is None else max(time.time() - newest, 0.0)
+    except KafkaException:
+        return None
+    finally:
+        consumer.close()

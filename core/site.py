@@ -51,6 +51,8 @@ def open_site(config: GridConfig, site_name: str, role: str, db: Cassandra | Non
     down. Audit records get a publisher of their own that batches them (``linger.ms``); the event
     publisher does not wait, so whoever waits for an event's confirmation (ingest) pays no batching delay.
     """
+    # Its producers use the site's own Kafka cluster (the grid's shared one unless the site names one).
+    config = config.for_site(site_name)
     site = config.site(site_name)
     blobs = BlobStore(config.site_storage(site.name), site.name)
     # Every process of a site starts by clearing what crashed writers left (only files idle long enough

@@ -92,13 +92,17 @@ def infra_up(ctx: Context, dcs: int | None) -> None:
 @infra.command("fetch")
 @pass_ctx
 def infra_fetch(ctx: Context) -> None:
-    """Download the Kafka and Cassandra jars from Maven Central (cached; a no-op once done)."""
+    """Download the Kafka and Cassandra jars from Maven Central (cached; a no-op once done), and
+    MirrorMaker 2's when every site has a Kafka cluster of its own."""
     from dicomgrid.deploy.local import InfraError
     from dicomgrid.deploy.local.jars import resolve
 
     infra_config = ctx.config.infra
+    kinds = [("kafka", infra_config.kafka_version), ("cassandra", infra_config.cassandra_version)]
+    if ctx.config.kafka_per_site:
+        kinds.append(("mirrormaker", infra_config.kafka_version))
     try:
-        for kind, version in (("kafka", infra_config.kafka_version), ("cassandra", infra_config.cassandra_version)):
+        for kind, version in kinds:
             click.echo(f"{kind} {version}: {resolve(ctx.config.root, kind, version)}")
     except InfraError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -134,12 +138,12 @@ def schema() -> None:
 def schema_apply(ctx: Context) -> None:
     """Create the keyspace, tables, indexes and topics that do not exist yet (idempotent)."""
     from dicomgrid.core.cassandra import apply_schema
-    from dicomgrid.core.kafka import TopicsNotServing, ensure_topics
+    from dicomgrid.core.kafka import TopicsNotServing, ensure_grid_topics
 
     _logging(ctx)
     statements = apply_schema(ctx.config)
     try:
-        created = ensure_topics(ctx.config.kafka)
+        created = ensure_grid_topics(ctx.config)
     except TopicsNotServing as exc:
         raise click.ClickException(f"kafka: {exc}") from exc
     click.echo(f"cassandra: {statements} statements applied to keyspace {ctx.config.cassandra.keyspace}")
@@ -169,12 +173,20 @@ def _require_schema(config: GridConfig) -> None:
     from confluent_kafka import KafkaException
 
     from dicomgrid.core.cassandra import missing_tables
-    from dicomgrid.core.kafka import missing_topics
+    from dicomgrid.core.kafka import mirrored_from, missing_topics
 
+    kafka = config.kafka
     try:
-        missing = missing_topics(config.kafka) + missing_tables(config)
+        missing = []
+        for site in config.sites if config.kafka_per_site else []:
+            kafka = config.site_kafka(site.name)
+            missing += missing_topics(kafka, mirrored_from=mirrored_from(config, site.name))
+        kafka = config.kafka
+        if not config.kafka_per_site:
+            missing += missing_topics(kafka)
+        missing += missing_tables(config)
     except KafkaException as exc:
-        raise click.ClickException(f"Kafka at {config.kafka.bootstrap_servers} is not answering: {exc}") from exc
+        raise click.ClickException(f"Kafka at {kafka.bootstrap_servers} is not answering: {exc}") from exc
     except Exception as exc:  # the driver's NoHostAvailable and friends
         raise click.ClickException(f"Cassandra is not answering: {exc}") from exc
     if missing:
@@ -301,6 +313,10 @@ def _degraded(config: GridConfig, infra_state: Any) -> list[str]:
     lines = []
     if kafka_down:
         lines.append("DEGRADED: Kafka is down: every site refuses C-STORE/STOW-RS (0xA701) until it is back")
+    for site in config.sites if config.kafka_per_site else []:
+        if any(c.name == f"kafka-{site.name}" and not c.healthy for c in infra_state.components):
+            lines.append(f"DEGRADED: site {site.name}'s Kafka cluster is down: site {site.name} refuses "
+                         f"C-STORE/STOW-RS (0xA701) until it is back; the other sites go on")
     for site in config.sites:
         if site.cassandra_dc in down:
             serving = [s.name for s in config.sites if s.cassandra_dc not in down]
@@ -383,10 +399,11 @@ def _serving(ctx: Context, site: str) -> None:
 def _run_faust(ctx: Context, create: Callable[[GridConfig, str], Any], site: str) -> None:
     import faust
 
-    from dicomgrid.core.kafka import wait_until_created
+    from dicomgrid.core.kafka import mirrored_from, wait_until_created
 
     _serving(ctx, site)
-    wait_until_created(ctx.config.kafka)
+    # The site's own Kafka cluster (the shared one unless it names one), its topics and mirrored ones.
+    wait_until_created(ctx.config.site_kafka(site), mirrored_from=mirrored_from(ctx.config, site))
     # The grid's logging stays (structured, to the service's rotating log file); faust would replace it.
     worker = faust.Worker(create(ctx.config, site), loglevel=ctx.config.log_level.lower(), quiet=True,
                           override_logging=False)
@@ -628,12 +645,12 @@ def serve_sink(ctx: Context, site: str) -> None:
     from dicomgrid.core.kafka import wait_until_created
 
     _serving(ctx, site)
-    wait_until_created(ctx.config.kafka)
+    wait_until_created(ctx.config.site_kafka(site))
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(now=True))
     signal.signal(signal.SIGINT, lambda signum, frame: stop.update(now=True))
     analytics = ctx.config.analytics
-    ParquetSink(ctx.config, analytics_root(ctx.config), flush_rows=analytics.flush_rows,
+    ParquetSink(ctx.config.for_site(site), analytics_root(ctx.config), flush_rows=analytics.flush_rows,
                 flush_s=analytics.flush_s).run(lambda: stop["now"])
 
 

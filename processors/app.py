@@ -66,8 +66,12 @@ def _credentials(config: GridConfig) -> Any:
     return None
 
 
-def consumer_group(config: GridConfig) -> str:
-    """The consumer group of a grid's processors: one per grid, shared by the workers of all its sites."""
+def consumer_group(config: GridConfig, site: str | None = None) -> str:
+    """The consumer group of a grid's processors: one per grid, shared by the workers of all its sites
+    on the one shared Kafka cluster; with a cluster per site, one per site (``<grid>-processors-<site>``),
+    on that site's cluster."""
+    if config.kafka_per_site and site is not None:
+        return f"{config.name}-processors-{config.site(site).name}"
     return f"{config.name}-processors"
 
 
@@ -93,10 +97,14 @@ def faust_app(config: GridConfig, group: str, datadir: Path) -> faust.App:
     )
 
 
-def raw_topic(app: faust.App, config: GridConfig, logical: str) -> Any:
-    """One of the grid's topics, its messages as raw bytes (each processor validates them itself)."""
-    return app.topic(config.kafka.topic(logical), key_type=bytes, value_type=bytes, value_serializer="raw",
-                     key_serializer="raw")
+def raw_topic(app: faust.App, config: GridConfig, logical: str, *, site: str | None = None) -> Any:
+    """One of the grid's topics, its messages as raw bytes (each processor validates them itself).
+
+    Given ``site``: every physical topic that site reads for ``logical`` (its own, and with a Kafka
+    cluster per site the other sites' as mirrored into its cluster: :meth:`GridConfig.consumed_topics`).
+    """
+    names = config.consumed_topics(site, logical) if site is not None else [config.kafka.topic(logical)]
+    return app.topic(*names, key_type=bytes, value_type=bytes, value_serializer="raw", key_serializer="raw")
 
 
 async def connect_cassandra(config: GridConfig, local_dc: str) -> Cassandra:
@@ -168,16 +176,29 @@ class _IndexingAgent:
 
 
 def create_app(config: GridConfig, site: str) -> faust.App:
+    """The processors of site ``site``.
+
+    With one shared Kafka cluster the workers of every site are one consumer group and share the
+    partitions. With a cluster per site each site's worker is a group of its own on its own cluster:
+    its indexer reads the site's instance events and the other sites' mirrored ones (each datacenter
+    indexes every instance, LOCAL_QUORUM, so no site waits on another's processors), while the
+    replication fan-out and the audit chain read the site's own events only (each request and each
+    chain record is made once, where the event was made).
+    """
+    config = config.for_site(site)
     site_config = config.site(site)
-    app = faust_app(config, consumer_group(config), config.root / "processors" / config.name / site_config.name)
+    group = consumer_group(config, site_config.name)
+    app = faust_app(config, group, config.root / "processors" / config.name / site_config.name)
     instance_stored = raw_topic(app, config, schemas.TOPIC_INSTANCE_STORED)
+    indexed = raw_topic(app, config, schemas.TOPIC_INSTANCE_STORED, site=site_config.name) \
+        if config.kafka_per_site else instance_stored
     publisher = EventPublisher(config.kafka, client_id=f"dicomgrid-processors-{site_config.name}")
 
-    @app.agent(instance_stored, name="indexer")
+    @app.agent(indexed, name="indexer")
     async def index(stream: faust.Stream) -> None:
         db = await connect_cassandra(config, site_config.cassandra_dc)
         agent = _IndexingAgent(Indexer(IndexWriter(db)), DeadLetters(publisher, "indexer"), site_config.name)
-        log.info("indexer running", site=site_config.name, group=consumer_group(config))
+        log.info("indexer running", site=site_config.name, group=group)
         async for events in stream.take_events(BATCH_SIZE, within=BATCH_WITHIN_S):
             await agent.batch(events)
 

@@ -198,10 +198,13 @@ class _Healing:
 
 
 def create_replicator_app(config: GridConfig, site: str) -> faust.App:
+    # With a Kafka cluster per site: the site's own cluster, its own requests and the mirrored ones of
+    # the other sites (a request is made where its instance arrived).
+    config = config.for_site(site)
     site_config = config.site(site)
     app = faust_app(config, replication_group(config, site_config.name),
                     config.root / "processors" / config.name / f"replication-{site_config.name}")
-    requests = raw_topic(app, config, schemas.TOPIC_REPLICATION_REQUESTED)
+    requests = raw_topic(app, config, schemas.TOPIC_REPLICATION_REQUESTED, site=site_config.name)
     concurrency = config.replication.concurrency
     threads = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="replication")
     state: dict[str, Any] = {}
