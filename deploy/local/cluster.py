@@ -19,6 +19,7 @@ from . import jars
 from .cassandra import CassandraNode, probe_nodes
 from .errors import InfraError
 from .kafka import KafkaNode
+from .mirrormaker import MirrorMakerNode
 from .processes import Component, ensure_ports_free, java_binary, listener_pid, locked
 
 PROBE_TIMEOUT_S = 3.0
@@ -96,7 +97,14 @@ class LocalCluster:
             for component in to_start:
                 ensure_ports_free(component)
             since = time.time()
-            started = self._start(to_start)
+            # MirrorMaker connects to the sites' brokers as it starts: it starts once they serve.
+            later = [c for c in to_start if isinstance(c, MirrorMakerNode)]
+            first = [c for c in to_start if c not in later]
+            started = self._start(first)
+            if later:
+                brokers = [c for c in pending if isinstance(c, KafkaNode)]
+                self._wait_healthy(brokers, started, since, deadline, timeout, only=brokers)
+                started |= self._start(later)
             return self._wait_healthy(pending, started, since, deadline, timeout)
 
     def down(self) -> None:
@@ -117,7 +125,7 @@ class LocalCluster:
         """Stop one component ("kafka", "cassandra-dc2", ...) the way ``down`` does."""
         target = self._component(component)
         with locked(self._lock):
-            if target.daemon.pid() is None:
+            if target.daemon.pid() is None and target.listen_addresses():
                 owner = listener_pid(*target.listen_addresses()[0])
                 if owner is not None:
                     raise InfraError(
@@ -128,13 +136,16 @@ class LocalCluster:
 
     def status(self) -> ClusterStatus:
         """Health of every expected component, checked over the network."""
-        components = self._components()
-        kafka = next(c for c in components if isinstance(c, KafkaNode))
+        return self._status(self._components())
+
+    def _status(self, components: list[Component]) -> ClusterStatus:
+        kafka = [c for c in components if isinstance(c, (KafkaNode, MirrorMakerNode))]
         nodes = [c for c in components if isinstance(c, CassandraNode)]
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            kafka_probe = pool.submit(kafka.probe, PROBE_TIMEOUT_S)
-            cassandra_probe = pool.submit(probe_nodes, nodes, PROBE_TIMEOUT_S)
-            results = {kafka.name: kafka_probe.result(), **cassandra_probe.result()}
+        with ThreadPoolExecutor(max_workers=1 + len(kafka)) as pool:
+            kafka_probes = {c.name: pool.submit(c.probe, PROBE_TIMEOUT_S) for c in kafka}
+            cassandra_probe = pool.submit(probe_nodes, nodes, PROBE_TIMEOUT_S) if nodes else None
+            results = {name: probe.result() for name, probe in kafka_probes.items()}
+            results |= cassandra_probe.result() if cassandra_probe is not None else {}
         return ClusterStatus([self._describe(c, *results[c.name]) for c in components])
 
     # -- internals ----------------------------------------------------------------------------
@@ -149,26 +160,46 @@ class LocalCluster:
             and CassandraNode(self.config, int(m.group(1))).daemon.pid() is not None
         ]
         count = max([self.dcs, *running])
-        return [KafkaNode(self.config), *(CassandraNode(self.config, i) for i in range(1, count + 1))]
+        return [*self._kafka_components(), *(CassandraNode(self.config, i) for i in range(1, count + 1))]
+
+    def _kafka_components(self) -> list[Component]:
+        """The shared broker; or, when every site has a Kafka cluster of its own, a broker per site
+        and the MirrorMaker 2 process between them."""
+        if not self.config.kafka_per_site:
+            return [KafkaNode(self.config)]
+        return [*(KafkaNode(self.config, s.name) for s in self.config.sites), MirrorMakerNode(self.config)]
 
     def _component(self, name: str) -> Component:
-        if name == KafkaNode.name:
-            return KafkaNode(self.config)
+        for component in self._kafka_components():
+            if component.name == name:
+                return component
         if match := _CASSANDRA_NAME.match(name):
             return CassandraNode(self.config, int(match.group(1)))
-        raise InfraError(f"unknown component {name!r}: expected 'kafka' or 'cassandra-dc<N>'")
+        known = [c.name for c in self._kafka_components()]
+        raise InfraError(f"unknown component {name!r}: expected {', '.join(map(repr, known))} or 'cassandra-dc<N>'")
+
+    def start_node(self, component: str, timeout: float | None = None) -> ComponentStatus:
+        """Start one component (e.g. "mirrormaker" after ``stop_node``) and wait until it is healthy."""
+        target = self._component(component)
+        timeout = self.config.infra.start_timeout_s if timeout is None else timeout
+        with locked(self._lock):
+            since = time.time()
+            started = self._start([target]) if target.daemon.pid() is None else {}
+            self._wait_healthy([target], started, since, time.monotonic() + timeout, timeout, only=[target])
+            return self._status([target]).component(target.name)
 
     def _describe(self, component: Component, healthy: bool, detail: str) -> ComponentStatus:
         """Combine the network verdict with what we know of the process."""
         daemon = component.daemon
         pid = daemon.pid()
+        addresses = component.listen_addresses()
         if healthy and pid is None:
-            pid = listener_pid(*component.listen_addresses()[0]) or None
+            pid = (listener_pid(*addresses[0]) if addresses else None) or None
             detail += f"; not started from {self.config.root}"
         elif not healthy and pid is not None:
             detail = f"process up but {detail}"
         elif not healthy:
-            owner = listener_pid(*component.listen_addresses()[0])
+            owner = listener_pid(*addresses[0]) if addresses else None
             if owner is not None:
                 detail = f"port held by pid {owner or '?'} (not ours); {detail}"
             else:
@@ -195,9 +226,10 @@ class LocalCluster:
         since: float,
         deadline: float,
         timeout: float,
+        only: list[Component] | None = None,
     ) -> ClusterStatus:
         while True:
-            status = self.status()
+            status = self._status(only) if only is not None else self.status()
             if status.healthy:
                 return status
             for component in pending:

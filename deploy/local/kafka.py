@@ -22,28 +22,51 @@ _MAIN = "kafka.Kafka"
 _STORAGE_TOOL = "kafka.tools.StorageTool"
 
 
+def site_broker_port(config: GridConfig, site: str) -> int:
+    """The client port of site ``site``'s local broker, from its ``kafka_bootstrap_servers``
+    (which must name one address on 127.0.0.1 for the local launcher to run it)."""
+    servers = config.site(site).kafka_bootstrap_servers or ""
+    host, _, port = servers.strip().rpartition(":")
+    if "," in servers or host != HOST or not port.isdigit():
+        raise InfraError(
+            f"site {site}'s kafka_bootstrap_servers = {servers!r}: the local launcher runs a site's broker "
+            f"only on one {HOST}:PORT address"
+        )
+    return int(port)
+
+
 class KafkaNode:
-    """Config files, storage, command line and health probe of the local broker."""
+    """Config files, storage, command line and health probe of a local broker: the grid's shared one,
+    or (``site`` given) the broker of one site's own cluster."""
 
     name = "kafka"
     kind = "kafka"
 
-    def __init__(self, config: GridConfig) -> None:
+    def __init__(self, config: GridConfig, site: str | None = None) -> None:
         infra = config.infra
         self.version = infra.kafka_version
-        self.heap = infra.kafka_heap
-        self.port = infra.kafka_port
-        self.controller_port = infra.kafka_controller_port
+        if site is None:
+            self.heap = infra.kafka_heap
+            self.port = infra.kafka_port
+            self.controller_port = infra.kafka_controller_port
+            base = config.root
+        else:
+            self.name = f"kafka-{site}"
+            self.heap = infra.kafka_site_heap
+            self.port = site_broker_port(config, site)
+            self.controller_port = self.port + 1
+            base = config.infra_dir
+        self.site = site
         self.address = f"{HOST}:{self.port}"
-        self.home = config.root / "kafka"
+        self.home = base / self.name
         self.data_dir = self.home / "data"
         self.properties = self.home / "conf" / "server.properties"
         self.log_config = self.home / "conf" / "log4j2.properties"
         self.daemon = Daemon(
             name=self.name,
-            pid_file=config.root / "run" / "kafka.pid",
-            log_file=config.root / "logs" / "kafka.log",
-            out_file=config.root / "logs" / "kafka.out",
+            pid_file=base / "run" / f"{self.name}.pid",
+            log_file=base / "logs" / f"{self.name}.log",
+            out_file=base / "logs" / f"{self.name}.out",
         )
         # The probe talks to this broker with the grid's client settings.
         self._client_config = {**config.kafka.client_config(), "bootstrap.servers": self.address}
