@@ -273,18 +273,22 @@ def status(ctx: Context, as_json: bool) -> None:
     from dicomgrid.core.audit_log import AuditLog
     from dicomgrid.core.cassandra import Cassandra
     from dicomgrid.core.ledger import ReplicaLedger
+    from dicomgrid.core.links import partition_lines
 
     supervisor = _supervisor(ctx)
     supervisor_pid = supervisor.supervisor_pid()
     services = service_states(supervisor.status())
     infra_state = _cluster(ctx).status()
-    degraded = _degraded(ctx.config, infra_state)
+    # With a Kafka cluster per site: links between sites that are down (MirrorMaker, payload endpoints).
+    partitions = partition_lines(ctx.config)
+    degraded = _degraded(ctx.config, infra_state) + partitions
     db = Cassandra(ctx.config, local_dc=ctx.config.sites[0].cassandra_dc if ctx.config.sites else None)
     try:
         grid = collect(ctx.config, ReplicaLedger(db), AuditLog(db), services)
     finally:
         db.close()
-    all_ok = supervisor_pid is not None and all(s.state == "UP" for s in services) and infra_state.healthy
+    all_ok = supervisor_pid is not None and all(s.state == "UP" for s in services) and infra_state.healthy \
+        and not partitions
     if as_json:
         out = grid.as_dict()
         out.pop("recent_audit")
