@@ -17,7 +17,7 @@ from dicomgrid.core.config import GridConfig
 from dicomgrid.core.kafka import last_record_age_s
 
 # MirrorMaker emits a heartbeat a second; one older than this means the flow is not mirroring.
-STALE_HEARTBEAT_S = 15.0
+STALE_HEARTBEAT_S = 6.0
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from .kafka import HOST, site_broker_port
 MAIN = "org.apache.kafka.connect.mirror.MirrorMaker"
 HEARTBEATS_TOPIC = "heartbeats"
 # Heartbeats are emitted every second; a flow whose newest one is older than this is not mirroring.
-HEALTHY_HEARTBEAT_AGE_S = 15.0
+HEALTHY_HEARTBEAT_AGE_S = 6.0
 
 
 def topic_filter(config: GridConfig) -> str:
