@@ -546,7 +546,7 @@ def reindex_command(ctx: Context, dc: str | None, as_json: bool) -> None:
 
     _logging(ctx)
     dc = dc or ctx.config.sites[0].cassandra_dc
-    with tqdm(total=total_events(ctx.config), unit="event", desc=f"reindex via {dc}", disable=as_json) as bar:
+    with tqdm(total=total_events(ctx.config, dc), unit="event", desc=f"reindex via {dc}", disable=as_json) as bar:
         report = reindex(ctx.config, dc, on_progress=bar.update)
     click.echo(json_module.dumps(report.as_dict(), indent=2) if as_json else report.render())
 

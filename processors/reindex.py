@@ -53,16 +53,28 @@ def _consumer(config: GridConfig) -> Consumer:
                      "enable.auto.commit": False, "auto.offset.reset": "earliest"})
 
 
-def _extent(config: GridConfig, logical: str) -> dict[TopicPartition, int]:
-    """Each non-empty partition of a topic, at its first offset, with its end offset as of now."""
-    topic = config.kafka.topic(logical)
+def _log_of(config: GridConfig, dc: str | None) -> tuple[GridConfig, str | None]:
+    """Where the event log is read: the shared cluster; or, with a Kafka cluster per site, the cluster
+    of the site in datacenter ``dc`` (else the first site), whose own and mirrored topics hold every
+    site's events."""
+    if not config.kafka_per_site:
+        return config, None
+    site = next((s.name for s in config.sites if s.cassandra_dc == dc), config.sites[0].name)
+    return config.for_site(site), site
+
+
+def _extent(config: GridConfig, logical: str, site: str | None = None) -> dict[TopicPartition, int]:
+    """Each non-empty partition of a topic (and, given ``site``, of the topics mirrored into its
+    cluster), at its first offset, with its end offset as of now."""
+    topics = config.consumed_topics(site, logical) if site is not None else [config.kafka.topic(logical)]
     consumer = _consumer(config)
     try:
         extent = {}
-        for p in consumer.list_topics(topic, timeout=10).topics[topic].partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high > low:
-                extent[TopicPartition(topic, p, low)] = high
+        for topic in topics:
+            for p in consumer.list_topics(topic, timeout=10).topics[topic].partitions:
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                if high > low:
+                    extent[TopicPartition(topic, p, low)] = high
         return extent
     finally:
         consumer.close()
@@ -75,15 +87,16 @@ def _values(config: GridConfig, extent: dict[TopicPartition, int]) -> Iterator[b
     consumer = _consumer(config)
     try:
         consumer.assign(list(extent))
-        ends = {tp.partition: high for tp, high in extent.items()}
+        ends = {(tp.topic, tp.partition): high for tp, high in extent.items()}
         remaining = dict(ends)
         while remaining:
             for msg in consumer.consume(1000, timeout=5.0):
-                if msg.error() is not None or msg.partition() not in remaining:
+                where = (msg.topic(), msg.partition())
+                if msg.error() is not None or where not in remaining:
                     continue
-                if msg.offset() >= remaining[msg.partition()] - 1:
-                    del remaining[msg.partition()]
-                if msg.offset() < ends[msg.partition()]:
+                if msg.offset() >= remaining[where] - 1:
+                    del remaining[where]
+                if msg.offset() < ends[where]:
                     yield msg.value()
     finally:
         consumer.close()
@@ -106,9 +119,10 @@ def reindex(config: GridConfig, dc: str, on_progress: Callable[[int], None] = la
     started = time.monotonic()
     apply_schema(config)
     db = Cassandra(config, local_dc=dc)
+    config, site = _log_of(config, dc)
     try:
         indexer = Indexer(IndexWriter(db))
-        values = _values(config, _extent(config, schemas.TOPIC_INSTANCE_STORED))
+        values = _values(config, _extent(config, schemas.TOPIC_INSTANCE_STORED, site))
         batch: list[dict] = []
         for event in _decoded(values, schemas.TOPIC_INSTANCE_STORED, report):
             batch.append(event)
@@ -121,7 +135,7 @@ def reindex(config: GridConfig, dc: str, on_progress: Callable[[int], None] = la
             indexer.apply(batch)
             report.instances += len(batch)
             on_progress(len(batch))
-        values = _values(config, _extent(config, schemas.TOPIC_REPLICA_STORED))
+        values = _values(config, _extent(config, schemas.TOPIC_REPLICA_STORED, site))
         for event in _decoded(values, schemas.TOPIC_REPLICA_STORED, report):
             replica = event["replica"]
             at = dt.datetime.fromisoformat(event["occurred_at"].replace("Z", "+00:00"))
@@ -136,7 +150,8 @@ def reindex(config: GridConfig, dc: str, on_progress: Callable[[int], None] = la
     return report
 
 
-def total_events(config: GridConfig) -> int:
-    """Messages a replay reads (for a progress bar)."""
+def total_events(config: GridConfig, dc: str | None = None) -> int:
+    """Messages a replay via ``dc`` reads (for a progress bar)."""
+    config, site = _log_of(config, dc)
     return sum(high - tp.offset for topic in (schemas.TOPIC_INSTANCE_STORED, schemas.TOPIC_REPLICA_STORED)
-               for tp, high in _extent(config, topic).items())
+               for tp, high in _extent(config, topic, site).items())
