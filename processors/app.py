@@ -1,6 +1,7 @@
 """The grid's stream-processing apps (faust-streaming).
 
-``create_app``: the processors of the grid, one worker per site in one consumer group, on
+``create_app``: the processors of the grid, one worker per site in one consumer group (with a Kafka
+cluster per site: a group per site on its own cluster, reading its own and the mirrored topics), on
 ``dicom.instance.stored`` (under the grid's ``kafka.topic_prefix``): the **indexer** (events -> Cassandra)
 and the **replication fan-out** (events -> ``dicom.replication.requested``, one per target site). The
 workers of every site share the partitions; when a site goes down its partitions move to the others.
