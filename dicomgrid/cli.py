@@ -92,15 +92,15 @@ def infra_up(ctx: Context, dcs: int | None) -> None:
 @infra.command("fetch")
 @pass_ctx
 def infra_fetch(ctx: Context) -> None:
-    """Download the Kafka and Cassandra jars from Maven Central (cached; a no-op once done), and
-    MirrorMaker 2's when every site has a Kafka cluster of its own."""
+    """Download the Kafka, Cassandra and MirrorMaker 2 jars from Maven Central (cached; a no-op once done).
+
+    MirrorMaker runs only with a Kafka cluster per site, but the test suite runs that layout too."""
     from dicomgrid.deploy.local import InfraError
     from dicomgrid.deploy.local.jars import resolve
 
     infra_config = ctx.config.infra
-    kinds = [("kafka", infra_config.kafka_version), ("cassandra", infra_config.cassandra_version)]
-    if ctx.config.kafka_per_site:
-        kinds.append(("mirrormaker", infra_config.kafka_version))
+    kinds = [("kafka", infra_config.kafka_version), ("cassandra", infra_config.cassandra_version),
+             ("mirrormaker", infra_config.kafka_version)]
     try:
         for kind, version in kinds:
             click.echo(f"{kind} {version}: {resolve(ctx.config.root, kind, version)}")

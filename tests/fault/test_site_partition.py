@@ -9,8 +9,8 @@ site B is stopped, so site A reaches neither B's events nor B's payload endpoint
 is the shared cluster's and stays up (other sessions use it); site A never needs it anyway: it reads
 and writes at LOCAL_QUORUM in dc1. During the partition A answers every C-STORE with 0x0000, indexes
 and answers C-FIND for everything it received, keeps the new instances below min_copies (the ledger
-lists A only, so Storage Commitment would report them failed) and `dicomgrid status` names the
-partition. When the link is back, MirrorMaker catches up from its stored offsets, B indexes and
+lists A only, and a Storage Commitment request for some of them is reported failed, 0x0110) and
+`dicomgrid status` names the partition. When the link is back, MirrorMaker catches up from its stored offsets, B indexes and
 replicates what it missed, and the grid is whole (tests/fault/whole.py).
 """
 
@@ -41,6 +41,8 @@ from tests.grid import TEST_GRID_PREFIX, end_offsets, free_port, partitions_of, 
 from tests.grid_fixtures import Grid, drop_keyspace
 from tests.integration.test_ingest_grid import c_store
 from tests.integration.test_query import FindSCU
+from tests.integration.test_storage_commitment import Requestor, refs, sequence
+from tests.grid import COMMIT_SCU
 
 pytestmark = [pytest.mark.cluster, pytest.mark.fault]
 
@@ -149,6 +151,12 @@ def test_a_partitioned_site_keeps_working_and_the_grid_heals(site_grid, record_p
     ingest_s = time.monotonic() - started
     assert statuses == [0x0000] * INSTANCES, f"refused: {sorted({hex(s) for s in statuses if s})}"
 
+    # Storage Commitment for new instances: they cannot reach min_copies while B is cut off.
+    requestor = Requestor(COMMIT_SCU, config.remote_aes[COMMIT_SCU].port)
+    server = requestor.listen()
+    asked = requestor.request(grid.site("A"), refs(datasets[:3]))
+    assert asked.status == 0x0000
+
     # Indexed in A's own datacenter, answered by A's C-FIND; below min_copies (A holds the only copy).
     reader_a = grid.metadata("dc1")
     ledger_a = ReplicaLedger(reader_a.db)
@@ -180,6 +188,13 @@ def test_a_partitioned_site_keeps_working_and_the_grid_heals(site_grid, record_p
     assert status.returncode != 0
     assert "PARTITIONED: site A is cut off from site B" in status.stdout, status.stdout
     assert "PARTITIONED: site B is cut off from site A" in status.stdout, status.stdout
+
+    try:
+        report = requestor.report_for(asked.transaction_uid, timeout=config.storage_commitment.timeout_s + 30)
+    finally:
+        server.shutdown()  # type: ignore[attr-defined]
+    assert report.event_type == 2, "instances below min_copies were reported committed"
+    assert sequence(report, "FailedSOPSequence") == [(*ref, 0x0110) for ref in refs(datasets[:3])]
 
     remaining = PARTITION_S - (time.monotonic() - cut_at)
     if remaining > 0:
