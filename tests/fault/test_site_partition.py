@@ -1,7 +1,7 @@
 """A site cut off from the other keeps working: a Kafka cluster per site, events mirrored by MirrorMaker 2.
 
 The test runs a two-site grid of its own: one small KRaft broker per site and a dedicated MirrorMaker 2
-process (all three under the test's tmp dir, started by the local launcher), the shared Cassandra
+process (started by the local launcher, their files under ``<data dir>/run/site-clusters/<grid>``), the shared Cassandra
 cluster (dc1 for site A, dc2 for site B, in a keyspace of the test's own) and the grid's services.
 
 The partition: MirrorMaker is stopped (no event crosses between the clusters) and every service of
@@ -38,7 +38,7 @@ from dicomgrid.supervisor import Supervisor
 from tests.dicom_samples import make_instance
 from tests.fault.whole import assert_whole
 from tests.grid import TEST_GRID_PREFIX, end_offsets, free_port, partitions_of, wait_for, write_test_config
-from tests.grid_fixtures import Grid, drop_keyspace
+from tests.grid_fixtures import Grid, _orphaned, drop_keyspace
 from tests.integration.test_ingest_grid import c_store
 from tests.integration.test_query import FindSCU
 from tests.integration.test_storage_commitment import Requestor, refs, sequence
@@ -67,17 +67,30 @@ def _broker_port() -> int:
                 continue
 
 
-def _per_site_config(base: Path, name: str, data_dir: Path) -> Path:
+def _infra_root(cluster_root: Path) -> Path:
+    """Where the test grids' brokers and MirrorMaker live: beside the shared cluster's files, so a
+    later session finds (and stops) those of a session that died without cleaning up."""
+    return cluster_root / "run" / "site-clusters"
+
+
+def _stop_orphaned_site_clusters(cluster_root: Path) -> None:
+    for infra_dir in _infra_root(cluster_root).glob(f"{TEST_GRID_PREFIX}*"):
+        if _orphaned(infra_dir.name):
+            Supervisor.stop_pid_files(infra_dir / "run", grace=30)
+            shutil.rmtree(infra_dir, ignore_errors=True)
+
+
+def _per_site_config(base: Path, name: str, data_dir: Path, infra_dir: Path) -> Path:
     path = write_test_config(base / "grid.toml", name, data_dir, base / "sites")
     text = path.read_text()
     ports = {"A": _broker_port(), "B": _broker_port()}
     for site, dc in (("A", "dc1"), ("B", "dc2")):
         text = text.replace(f'cassandra_dc = "{dc}"\n',
                             f'cassandra_dc = "{dc}"\nkafka_bootstrap_servers = "127.0.0.1:{ports[site]}"\n')
-    # The brokers and MirrorMaker live in the test's tmp dir; no Parquet sink (not under test here).
+    # No Parquet sink (not under test here).
     head, sites = text.split("[[sites]]", 1)
     head = head.replace("[analytics]\n", "[analytics]\nsites = []\n")
-    path.write_text(head + f'[infra]\nlocal_dir = "{base / "infra"}"\n[[sites]]' + sites)
+    path.write_text(head + f'[infra]\nlocal_dir = "{infra_dir}"\n[[sites]]' + sites)
     return path
 
 
@@ -98,9 +111,11 @@ def _status(grid: Grid) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def site_grid(cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Grid, LocalCluster]]:
+    _stop_orphaned_site_clusters(cluster.root)
     base = tmp_path_factory.mktemp("partition")
     name = f"{TEST_GRID_PREFIX}{os.getpid()}-sites"
-    config_file = _per_site_config(base, name, cluster.root)
+    infra_dir = _infra_root(cluster.root) / name
+    config_file = _per_site_config(base, name, cluster.root, infra_dir)
     from tests.grid import load_test_config
 
     config = load_test_config(config_file)
@@ -121,7 +136,7 @@ def site_grid(cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
         for component in ("mirrormaker", "kafka-A", "kafka-B"):
             infra.stop_node(component)
         shutil.rmtree(supervisor.run_dir, ignore_errors=True)
-        shutil.rmtree(base / "infra", ignore_errors=True)
+        shutil.rmtree(infra_dir, ignore_errors=True)
         drop_keyspace(cluster, config.cassandra.keyspace)
 
 
