@@ -116,7 +116,9 @@ class LocalCluster:
         """
         components = self._components()
         nodes = [c for c in components if isinstance(c, CassandraNode)]
-        others = [c for c in components if not isinstance(c, CassandraNode)]
+        # MirrorMaker first: it would otherwise spend its grace period retrying brokers already gone.
+        others = sorted((c for c in components if not isinstance(c, CassandraNode)),
+                        key=lambda c: not isinstance(c, MirrorMakerNode))
         with locked(self._lock):
             for component in [*others, *reversed(nodes)]:
                 component.daemon.stop(STOP_GRACE_S)
