@@ -21,17 +21,17 @@ class Indexer:
 
     def apply(self, events: list[dict[str, Any]]) -> int:
         """Index a batch of events; returns how many studies were refreshed."""
-        self.writer.index_instances(events)
+        numbered = self.writer.index_instances(events)
         # Per study: the SOP classes the batch adds, or None when a version replaced an instance (its
         # class may have gone from the study, so the set is read again from the rows).
         studies: dict[str, set[str] | None] = {}
-        for event in events:
-            uid = event["study"]["uid"]
+        for item in numbered:
+            uid = item.event["study"]["uid"]
             seen = studies.setdefault(uid, set())
-            if event.get("replaces") is not None:
+            if item.replaced:
                 studies[uid] = None
             elif seen is not None:
-                seen.add(event["instance"]["sop_class_uid"])
+                seen.add(item.event["instance"]["sop_class_uid"])
         for uid, sop_classes in studies.items():
             self.writer.refresh_study(uid, sop_classes)
         if events:
