@@ -315,13 +315,19 @@ class IndexWriter:
              study_bucket(patient["id"]), patient["id"]),
         )]
 
-    def refresh_study(self, study_uid: str, new_sop_classes: Iterable[str] | None = None) -> None:
-        """Recompute a study's and its series' aggregates from the instance rows.
+    def empty_studies(self, study_uids: Iterable[str]) -> set[str]:
+        """Those of the studies that have no ``instances`` row (one single-row read each, in parallel)."""
+        stmt = self.db.prepare("SELECT sop_instance_uid FROM instances WHERE study_uid = ? LIMIT 1")
+        futures = {uid: self.db.session.execute_async(stmt, (uid,)) for uid in study_uids}
+        return {uid for uid, future in futures.items() if future.result().one() is None}
 
-        Instance counts are counted by Cassandra per series (``GROUP BY``), so a batch costs one small
-        answer however large the study has grown. The study's SOP classes only grow while instances
-        are added: with ``new_sop_classes`` (the classes of the batch) they are the stored set plus
-        those; without it (a batch that replaced a version) they are read again from every row.
+    def read_study(self, study_uid: str, new_sop_classes: Iterable[str] | None = None) -> "StudyAggregates":
+        """A study's aggregates recounted from its rows (a full read of its ``instances`` partition).
+
+        Instance counts are counted by Cassandra per series (``GROUP BY``). The study's SOP classes only
+        grow while instances are added: with ``new_sop_classes`` (the classes of the batch) they are the
+        stored set plus those; without it (a batch that replaced a version) they are read again from
+        every row.
         """
         per_series = {
             row.series_uid: row.n
@@ -331,26 +337,16 @@ class IndexWriter:
                 timeout=30.0,
             )
         }
-        modalities = {
-            r.modality
-            for r in self.db.execute("SELECT modality FROM series WHERE study_uid = ?", (study_uid,))
-            if r.modality
+        modality = {
+            r.series_uid: (_EPOCH, r.modality)
+            for r in self.db.execute("SELECT series_uid, modality FROM series WHERE study_uid = ?", (study_uid,))
         }
-        now = dt.datetime.now(dt.timezone.utc)
-        for series_uid, count in per_series.items():
-            self.db.execute(
-                "UPDATE series SET number_of_instances = ?, updated_at = ? WHERE study_uid = ? AND series_uid = ?",
-                (count, now, study_uid, series_uid),
-            )
-        # Overwriting a set column writes a tombstone, and every study listing of C-FIND/QIDO-RS reads
-        # past them: rewrite the sets only when they changed (usually the first batch of a study). They
-        # are written before the counts, so whoever sees the final counts sees the final sets.
         current = self.db.execute(
             "SELECT modalities_in_study, sop_classes_in_study FROM studies WHERE study_uid = ?", (study_uid,)
         ).one()
-        known = (set(current.modalities_in_study or ()), set(current.sop_classes_in_study or ())) if current else None
+        known = (frozenset(current.modalities_in_study or ()), frozenset(current.sop_classes_in_study or ())) if current else None
         if new_sop_classes is not None and known is not None:
-            sop_classes = known[1] | set(new_sop_classes)
+            sop_classes = set(known[1]) | set(new_sop_classes)
         else:
             sop_classes = {
                 row.sop_class_uid
@@ -358,13 +354,90 @@ class IndexWriter:
                     "SELECT sop_class_uid FROM instances WHERE study_uid = ?", (study_uid,), timeout=30.0
                 )
             }
-        if known != (modalities, sop_classes):
-            self.db.execute(
-                "UPDATE studies SET modalities_in_study = ?, sop_classes_in_study = ? WHERE study_uid = ?",
-                (modalities, sop_classes, study_uid),
+        return StudyAggregates(per_series, modality, sop_classes, stored_sets=known)
+
+    def aggregate_writes(self, study_uid: str, state: "StudyAggregates", all_series: bool = False) -> list[tuple[Any, Any]]:
+        """The writes that store a study's aggregates: one per partition.
+
+        The series counts that changed (every one with ``all_series``) go in one unlogged batch (one
+        partition of ``series``); the study's counts, and its sets when they changed, in one statement.
+        Overwriting a set column writes a tombstone, and every study listing of C-FIND/QIDO-RS reads
+        past them: the sets are rewritten only when they changed (usually the first batch of a study).
+        """
+        now = dt.datetime.now(dt.timezone.utc)
+        series_rows = [
+            self.db.write(
+                "UPDATE series SET number_of_instances = ?, updated_at = ? WHERE study_uid = ? AND series_uid = ?",
+                (count, now, study_uid, series_uid),
             )
-        self.db.execute(
-            "UPDATE studies SET number_of_series = ?, number_of_instances = ?, updated_at = ? WHERE study_uid = ?",
-            (len(per_series), sum(per_series.values()), now, study_uid),
+            for series_uid, count in state.series.items()
+            if all_series or state.stored_series.get(series_uid) != count
+        ]
+        writes: list[tuple[Any, Any]] = []
+        if len(series_rows) == 1:
+            writes.append(series_rows[0])
+        elif series_rows:
+            writes.append((_unlogged(series_rows), None))
+        modalities, sop_classes = state.sets()
+        counts = (len([n for n in state.series.values() if n]), sum(state.series.values()), now, study_uid)
+        if (modalities, sop_classes) != state.stored_sets:
+            writes.append(self.db.write(
+                "UPDATE studies SET modalities_in_study = ?, sop_classes_in_study = ?, number_of_series = ?,"
+                " number_of_instances = ?, updated_at = ? WHERE study_uid = ?",
+                (set(modalities), set(sop_classes), *counts),
+            ))
+        else:
+            writes.append(self.db.write(
+                "UPDATE studies SET number_of_series = ?, number_of_instances = ?, updated_at = ? WHERE study_uid = ?",
+                counts,
+            ))
+        return writes
+
+    def execute(self, writes: list[tuple[Any, Any]], concurrency: int = 64) -> None:
+        if writes:
+            execute_concurrent(self.db.session, writes, concurrency=concurrency, raise_on_first_error=True)
+
+
+@dataclass
+class StudyAggregates:
+    """A study's aggregates as the indexer keeps them between batches."""
+
+    series: dict[str, int] = field(default_factory=dict)  # series UID -> instances
+    modality: dict[str, tuple[dt.datetime, str | None]] = field(default_factory=dict)  # newest per series
+    sop_classes: set[str] = field(default_factory=set)
+    # What Cassandra holds since the last write: the studies row's sets, the series rows' counts.
+    stored_sets: tuple[frozenset[str], frozenset[str]] | None = None
+    stored_series: dict[str, int] = field(default_factory=dict)
+
+    def copy(self) -> "StudyAggregates":
+        return StudyAggregates(dict(self.series), dict(self.modality), set(self.sop_classes), self.stored_sets,
+                               dict(self.stored_series))
+
+    def sets(self) -> tuple[frozenset[str], frozenset[str]]:
+        return frozenset(m for _, m in self.modality.values() if m), frozenset(self.sop_classes)
+
+    def covers(self, items: Iterable[Numbered]) -> bool:
+        """Whether the batch's events can move these aggregates on: every instance either new or one
+        already counted in its series (anything else: recount from the rows)."""
+        return all(
+            not (i.replaced or i.moved) and (i.new_instance or self.series.get(i.event["series"]["uid"], 0) > 0)
+            for i in items
         )
 
+    def add(self, items: Iterable[Numbered]) -> bool:
+        """Count the batch's new instances in; whether anything Cassandra holds changed."""
+        for item in items:
+            event = item.event
+            series = event["series"]["uid"]
+            if item.new_instance:
+                self.series[series] = self.series.get(series, 0) + 1
+            self.sop_classes.add(event["instance"]["sop_class_uid"])
+            at = _ts(event["occurred_at"])
+            held = self.modality.get(series)
+            if held is None or at >= held[0]:
+                self.modality[series] = (at, event["series"].get("modality"))
+        return self.series != self.stored_series or self.sets() != self.stored_sets
+
+    def written(self) -> None:
+        self.stored_sets = self.sets()
+        self.stored_series = dict(self.series)
