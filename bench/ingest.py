@@ -263,9 +263,8 @@ def _render(session: Session, rows: list[Row], goal_rows: list[dict[str, Any]]) 
         "*machine CPU*: both cores together over the sending window (100% = both busy; storescu included). "
         "*peak RSS*: the target's own processes (grid: sum of its receiver processes). *index lag*: from the "
         "last C-STORE response until the last instance of every association is in the indexer's `instances` "
-        "table (what C-FIND and QIDO-RS read). The receiver writes `instance_locations` itself as it "
-        "answers, so polling that table (`location_lag_s` in the JSON) shows ~0 and does not measure the "
-        "indexer.\n\n"
+        "table (what C-FIND and QIDO-RS read). The receiver makes no Cassandra round trip; the indexer writes "
+        "`instance_locations` with the rest of the index (`location_lag_s` in the JSON).\n\n"
         f"### Goals\n\n{goal_table}\n"
         "### Grid pipeline: peak RSS and CPU per instance by process group\n\n"
         "CPU time counts from the first C-STORE until the run's last instance is indexed. The Cassandra "
@@ -279,8 +278,8 @@ def _render(session: Session, rows: list[Row], goal_rows: list[dict[str, Any]]) 
         f"- Orthanc: SQLite index, file storage, `SyncStorageArea: true` (fsync), `MaximumPduLength: {MAX_PDU}`, "
         "Debian's DICOMweb plugin loaded (for the WADO-RS rows), `TCP_NODELAY=1`.\n"
         "- dicomgrid: one site; before each C-STORE response: blob atomic rename + fsync + directory fsync, "
-        "Kafka `acks=all` (idempotent producer); the `instance_locations` row is written to Cassandra without "
-        "waiting, then the faust indexer writes the index (LOCAL_QUORUM, RF 1). Max PDU 256 KiB.\n"
+        "Kafka `acks=all` (idempotent producer); no Cassandra round trip on the receive path; the faust indexer "
+        "numbers versions and writes the index (LOCAL_QUORUM, RF 1). Max PDU 256 KiB.\n"
     )
 
 

@@ -33,6 +33,8 @@ log = get_logger(__name__)
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1024 * 1024
+# Extended attribute of a blob whose dicom.instance.stored event the brokers acknowledged (ingest).
+_ANNOUNCED = "user.dicomgrid.announced"
 
 
 class BlobStoreError(OSError):
@@ -102,6 +104,8 @@ class BlobWriter:
         self._hash = hashlib.sha256()
         self._size = 0
         self.resumable = resume is not None
+        # After commit: whether the same bytes were already stored under their digest.
+        self.existed = False
         if resume is None:
             self._tmp = store.root / "tmp" / f"{uuid.uuid4().hex}.part"
             self._fh: BinaryIO | None = self._tmp.open("xb")
@@ -175,6 +179,7 @@ class BlobWriter:
                 _fsync_path(final)
                 self._close()
                 self._tmp.unlink()
+                self.existed = True
             else:
                 if final.exists():
                     self._store.quarantine(digest)
@@ -335,6 +340,25 @@ class BlobStore:
 
     def ref(self, digest: str) -> BlobRef:
         return BlobRef(self.site, digest, self.size(digest))
+
+    def mark_announced(self, digest: str) -> None:
+        """Note on the payload that its ``dicom.instance.stored`` event is acknowledged by the brokers.
+
+        An extended attribute of the blob, not fsynced: a crash may lose it, and then a resend of the
+        same bytes is announced once more (the indexer recognises the digest), never the other way round.
+        It is set only after the acknowledgement, so a marked payload always has its event in Kafka.
+        """
+        try:
+            os.setxattr(self.path(digest), _ANNOUNCED, b"1")
+        except OSError as exc:  # no xattr support, or the file went (quarantined): resends are re-announced
+            log.debug("announced mark not set", sha256=digest, error=str(exc))
+
+    def is_announced(self, digest: str) -> bool:
+        """Whether :meth:`mark_announced` was called for the stored payload (False if unknown)."""
+        try:
+            return os.getxattr(self.path(digest), _ANNOUNCED) == b"1"
+        except OSError:
+            return False
 
     def verify(self, digest: str) -> bool:
         """Re-hash a stored payload; False if it is missing or its bytes no longer match its name."""

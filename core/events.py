@@ -21,18 +21,26 @@ def utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+# The major version of each topic's events (docs/events.md, Compatibility); 1 unless listed.
+SCHEMA_VERSIONS = {
+    # 2: ``version`` and ``replaces`` left the event; the indexer numbers versions (schemas/events/
+    # instance-stored.schema.json).
+    schemas.TOPIC_INSTANCE_STORED: 2,
+}
+
+
 def envelope(event_type: str) -> dict[str, Any]:
     return {
         "event_id": str(uuid.uuid4()),
         "event_type": event_type,
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSIONS.get(event_type, 1),
         "occurred_at": utc_now(),
     }
 
 
 @dataclass(frozen=True)
 class StoredVersion:
-    """The payload currently indexed for a SOP Instance UID."""
+    """A payload of a SOP Instance UID and the version number the indexer gave it."""
 
     sha256: str
     version: int
@@ -62,9 +70,11 @@ def instance_stored(
     attrs: IndexAttributes,
     transfer_syntax_uid: str,
     blob: BlobRef,
-    previous: StoredVersion | None,
 ) -> dict[str, Any]:
-    """The ``dicom.instance.stored`` event for a payload that is durable in ``site``'s blob store."""
+    """The ``dicom.instance.stored`` event for a payload that is durable in ``site``'s blob store.
+
+    It names no version: the indexer numbers the payloads of a SOP Instance UID (schema version 2).
+    """
     a = attrs.get
     return {
         **envelope(schemas.TOPIC_INSTANCE_STORED),
@@ -106,8 +116,6 @@ def instance_stored(
             "number_of_frames": a("NumberOfFrames"),
         },
         "payload": blob.as_payload(),
-        "version": previous.version + 1 if previous else 1,
-        "replaces": {"sha256": previous.sha256, "version": previous.version} if previous else None,
     }
 
 

@@ -2,14 +2,16 @@
 
 Every write is an idempotent upsert. Instance-level rows are written ``USING TIMESTAMP`` of the time
 the payload was received, so the newest version of an instance wins whatever order events are
-replayed in; study and series aggregates are recomputed from the rows, never incremented.
+replayed in. The indexer numbers versions (:meth:`IndexWriter.number_versions`): a payload's version is
+its rank, by receive time, among the distinct payloads of its SOP Instance UID.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from cassandra.concurrent import execute_concurrent
@@ -25,6 +27,11 @@ log = get_logger(__name__)
 
 # instances rows per unlogged batch: a few KB, under Cassandra's batch size warning (5 KiB).
 INSTANCE_ROWS_PER_BATCH = 6
+# SOP Instance UIDs per look-up of their known versions (one request, partition-key IN).
+VERSION_LOOKUP_SLICE = 100
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
 def _ts(iso: str) -> dt.datetime:
@@ -35,11 +42,47 @@ def _micros(moment: dt.datetime) -> int:
     return int(moment.timestamp() * 1_000_000)
 
 
+def _millis(moment: dt.datetime) -> int:
+    return int(moment.timestamp() * 1_000)
+
+
 def _unlogged(writes: list[Write]) -> BatchStatement:
     batch = BatchStatement(batch_type=BatchType.UNLOGGED)
     for stmt, params in writes:
         batch.add(stmt, params)
     return batch
+
+
+@dataclass
+class Numbered:
+    """One event of a batch with what the indexer decided about it."""
+
+    event: dict[str, Any]
+    version: int
+    # The payload's receive time: when it was first indexed (a resend or replay keeps it).
+    received: dt.datetime
+    # No payload of this SOP Instance UID was indexed before, nor earlier in the batch.
+    new_instance: bool
+    # Another payload of this SOP Instance UID was indexed before, or earlier in the batch.
+    replaced: bool
+    # An earlier payload of this SOP Instance UID was indexed under another study or series.
+    moved: bool
+
+
+@dataclass
+class _Payload:
+    sha256: str
+    received: dt.datetime
+    study_uid: str
+    series_uid: str
+    stored_version: int | None = None  # as instance_versions has it (None: not written yet)
+
+
+@dataclass
+class Numbering:
+    numbered: list[Numbered] = field(default_factory=list)
+    # Versions of already indexed payloads that a late, older payload moved up by one.
+    fixes: list[Write] = field(default_factory=list)
 
 
 class IndexWriter:
@@ -48,8 +91,9 @@ class IndexWriter:
     def __init__(self, db: Cassandra) -> None:
         self.db = db
 
-    def index_instances(self, events: Iterable[dict[str, Any]], concurrency: int = 64) -> None:
-        """Upsert the rows of ``dicom.instance.stored`` events (aggregates: :meth:`refresh_study`).
+    def index_instances(self, events: Iterable[dict[str, Any]], concurrency: int = 64) -> list[Numbered]:
+        """Upsert the rows of ``dicom.instance.stored`` events, numbering their versions; returns the
+        events as numbered (the indexer keeps the study and series aggregates from them).
 
         Writes travel in unlogged batches, which Cassandra applies as one request each: a study's
         ``instances`` rows (one partition) a few at a time, and each instance's rows keyed by UID or
@@ -57,47 +101,123 @@ class IndexWriter:
         fails half-way is simply replayed.
         """
         events = list(events)
+        numbering = self.number_versions(events)
         writes: list[tuple[Any, Any]] = []
         by_study: dict[str, list[Write]] = {}
-        for event in events:
-            instance_row, *keyed_rows = self._instance_writes(event)
-            by_study.setdefault(event["study"]["uid"], []).append(instance_row)
+        for item in numbering.numbered:
+            instance_row, *keyed_rows = self._instance_writes(item)
+            by_study.setdefault(item.event["study"]["uid"], []).append(instance_row)
             writes.append((_unlogged(keyed_rows), None))
         for rows in by_study.values():
             for start in range(0, len(rows), INSTANCE_ROWS_PER_BATCH):
                 writes.append((_unlogged(rows[start:start + INSTANCE_ROWS_PER_BATCH]), None))
+        writes += numbering.fixes
         writes += self._level_writes(events)
         execute_concurrent(self.db.session, writes, concurrency=concurrency, raise_on_first_error=True)
+        return numbering.numbered
 
-    def record_location(self, event: dict[str, Any], timeout: float = 2.0) -> Any:
-        """Start writing the instance's location row, as the indexer will (same row, same timestamp).
+    def _known_payloads(self, sop_instance_uids: Sequence[str]) -> dict[str, dict[str, _Payload]]:
+        """The indexed payloads of these SOP Instance UIDs (``instance_versions``), by UID and digest."""
+        known: dict[str, dict[str, _Payload]] = {}
+        stmt = self.db.prepare(
+            "SELECT sop_instance_uid, sha256, version, study_uid, series_uid, received_at FROM instance_versions"
+            " WHERE sop_instance_uid IN ?"
+        )
+        futures = [
+            self.db.session.execute_async(stmt, (list(sop_instance_uids[start:start + VERSION_LOOKUP_SLICE]),))
+            for start in range(0, len(sop_instance_uids), VERSION_LOOKUP_SLICE)
+        ]
+        for future in futures:
+            for row in future.result():
+                received = row.received_at.replace(tzinfo=dt.timezone.utc) if row.received_at else _EPOCH
+                known.setdefault(row.sop_instance_uid, {})[row.sha256] = _Payload(
+                    row.sha256, received, row.study_uid, row.series_uid, row.version)
+        return known
 
-        Ingest calls this once the event is in Kafka, so that a resend of the same SOP Instance UID is
-        recognised (identical: no new event; different: the next version) instead of depending on how
-        far the indexer has got. It does not wait: the row is a hint (the indexer writes it too), and the
-        receiving process remembers its recent versions itself. Returns the driver's future.
+    def number_versions(self, events: Sequence[dict[str, Any]]) -> Numbering:
+        """Number the payloads of the batch's SOP Instance UIDs.
+
+        The rule (docs/events.md): the distinct payloads (digests) of a SOP Instance UID are numbered
+        1, 2, ... in the order they were received (the ``occurred_at`` of the first event that named
+        each; ties by digest). A payload already indexed keeps its receive time, so a resend or a replay
+        changes nothing; a payload received earlier than one already indexed (a late event) moves the
+        later ones up by one. One look-up per batch (``instance_versions``, partition-key IN).
         """
-        stmt, params = self._location_write(event)
-        future = self.db.session.execute_async(stmt, params, timeout=timeout)
-        future.add_errback(
-            lambda exc: log.warning("location not recorded at ingest; the indexer will write it", error=str(exc))
-        )
-        return future
+        uids = list(dict.fromkeys(e["instance"]["sop_instance_uid"] for e in events))
+        known = self._known_payloads(uids) if uids else {}
+        before = {uid: dict(payloads) for uid, payloads in known.items()}
+        # Every payload of each UID: the indexed ones and the batch's.
+        for event in events:
+            uid, sha = event["instance"]["sop_instance_uid"], event["payload"]["sha256"]
+            at = _ts(event["occurred_at"])
+            payloads = known.setdefault(uid, {})
+            held = payloads.get(sha)
+            if held is None:
+                payloads[sha] = _Payload(sha, at, event["study"]["uid"], event["series"]["uid"])
+            elif held.stored_version is None and at < held.received:
+                held.received = at
+        ranks = {
+            uid: {p.sha256: n for n, p in enumerate(sorted(payloads.values(), key=lambda p: (p.received, p.sha256)), 1)}
+            for uid, payloads in known.items()
+        }
+        out = Numbering()
+        in_batch: set[tuple[str, str]] = set()
+        seen: dict[str, set[str]] = {}
+        for event in events:
+            uid, sha = event["instance"]["sop_instance_uid"], event["payload"]["sha256"]
+            in_batch.add((uid, sha))
+            earlier = before.get(uid, {})
+            shas = seen.setdefault(uid, set())
+            payload = known[uid][sha]
+            at = _ts(event["occurred_at"])
+            # Cassandra keeps milliseconds: the event that made an indexed payload's row keeps its own
+            # microseconds (its rows' write timestamps), any later one the indexed receive time.
+            received = at if payload.stored_version is None or _millis(at) == _millis(payload.received) else payload.received
+            out.numbered.append(Numbered(
+                event,
+                ranks[uid][sha],
+                received,
+                new_instance=not earlier and not shas,
+                replaced=bool(set(earlier) - {sha}) or bool(shas - {sha}),
+                moved=any((p.study_uid, p.series_uid) != (event["study"]["uid"], event["series"]["uid"])
+                          for p in earlier.values()),
+            ))
+            shas.add(sha)
+        # Indexed payloads the batch does not rewrite, whose rank a late older payload changed.
+        for uid, payloads in before.items():
+            newest = max(payloads.values(), key=lambda p: (p.received, p.sha256))
+            for payload in payloads.values():
+                rank = ranks[uid][payload.sha256]
+                if payload.stored_version == rank or (uid, payload.sha256) in in_batch:
+                    continue
+                out.fixes.append(self.db.write(
+                    "UPDATE instance_versions SET version = ? WHERE sop_instance_uid = ? AND sha256 = ?",
+                    (rank, uid, payload.sha256),
+                ))
+                if payload is newest:
+                    # Its rows are current: their version column follows, at their own write timestamp
+                    # (a tie of timestamps is settled by value, and the higher number is the later one).
+                    row = self.db.execute(
+                        "SELECT WRITETIME(version) AS at FROM instance_locations WHERE sop_instance_uid = ?", (uid,)
+                    ).one()
+                    at = row.at if row is not None and row.at is not None else _micros(payload.received)
+                    out.fixes.append(self.db.write(
+                        "UPDATE instance_locations USING TIMESTAMP ? SET version = ? WHERE sop_instance_uid = ?",
+                        (at, rank, uid),
+                    ))
+                    out.fixes.append(self.db.write(
+                        "UPDATE instances USING TIMESTAMP ? SET version = ? WHERE study_uid = ? AND series_uid = ?"
+                        " AND sop_instance_uid = ?",
+                        (at, rank, payload.study_uid, payload.series_uid, uid),
+                    ))
+        return out
 
-    def _location_write(self, event: dict[str, Any]) -> Write:
-        study, series, payload = event["study"], event["series"], event["payload"]
-        received = _ts(event["occurred_at"])
-        return self.db.write(
-            "INSERT INTO instance_locations (sop_instance_uid, study_uid, series_uid, sha256, version, received_at)"
-            " VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?",
-            (event["instance"]["sop_instance_uid"], study["uid"], series["uid"], payload["sha256"], event["version"],
-             received, _micros(received)),
-        )
-
-    def _instance_writes(self, event: dict[str, Any]) -> list[Write]:
-        """The instance-level upserts of one event, as (statement, parameters); ``instances`` first."""
+    def _instance_writes(self, item: Numbered) -> list[Write]:
+        """The instance-level upserts of one numbered event, as (statement, parameters); ``instances``
+        first. ``instance_locations`` (by UID alone: retrieve by UID, storage commitment) is written
+        here only: the receive path no longer touches Cassandra."""
+        event, version, received = item.event, item.version, item.received
         study, series, inst, payload = event["study"], event["series"], event["instance"], event["payload"]
-        received = _ts(event["occurred_at"])
         at = _micros(received)
         event_id = uuid.UUID(event["event_id"])
         sop_uid = inst["sop_instance_uid"]
@@ -110,16 +230,20 @@ class IndexWriter:
                 " USING TIMESTAMP ?",
                 (study["uid"], series["uid"], sop_uid, inst["sop_class_uid"], inst.get("number"),
                  inst["transfer_syntax_uid"], inst.get("rows"), inst.get("columns"), inst.get("number_of_frames"),
-                 payload["size"], payload["sha256"], payload["uri"], event["version"], event["site"], received,
+                 payload["size"], payload["sha256"], payload["uri"], version, event["site"], received,
                  event_id, at),
             ),
             w(
                 "INSERT INTO instance_versions (sop_instance_uid, sha256, version, study_uid, series_uid, size,"
                 " received_site, received_at, event_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (sop_uid, payload["sha256"], event["version"], study["uid"], series["uid"], payload["size"],
+                (sop_uid, payload["sha256"], version, study["uid"], series["uid"], payload["size"],
                  event["site"], received, event_id),
             ),
-            self._location_write(event),
+            w(
+                "INSERT INTO instance_locations (sop_instance_uid, study_uid, series_uid, sha256, version, received_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?",
+                (sop_uid, study["uid"], series["uid"], payload["sha256"], version, received, at),
+            ),
             # The receiving site hashed the bytes as it wrote them: its copy is verified on arrival.
             replica_write(self.db, BlobRef(payload["site"], payload["sha256"], payload["size"]), received, received),
         ]
@@ -191,13 +315,19 @@ class IndexWriter:
              study_bucket(patient["id"]), patient["id"]),
         )]
 
-    def refresh_study(self, study_uid: str, new_sop_classes: Iterable[str] | None = None) -> None:
-        """Recompute a study's and its series' aggregates from the instance rows.
+    def empty_studies(self, study_uids: Iterable[str]) -> set[str]:
+        """Those of the studies that have no ``instances`` row (one single-row read each, in parallel)."""
+        stmt = self.db.prepare("SELECT sop_instance_uid FROM instances WHERE study_uid = ? LIMIT 1")
+        futures = {uid: self.db.session.execute_async(stmt, (uid,)) for uid in study_uids}
+        return {uid for uid, future in futures.items() if future.result().one() is None}
 
-        Instance counts are counted by Cassandra per series (``GROUP BY``), so a batch costs one small
-        answer however large the study has grown. The study's SOP classes only grow while instances
-        are added: with ``new_sop_classes`` (the classes of the batch) they are the stored set plus
-        those; without it (a batch that replaced a version) they are read again from every row.
+    def read_study(self, study_uid: str, new_sop_classes: Iterable[str] | None = None) -> "StudyAggregates":
+        """A study's aggregates recounted from its rows (a full read of its ``instances`` partition).
+
+        Instance counts are counted by Cassandra per series (``GROUP BY``). The study's SOP classes only
+        grow while instances are added: with ``new_sop_classes`` (the classes of the batch) they are the
+        stored set plus those; without it (a batch that replaced a version) they are read again from
+        every row.
         """
         per_series = {
             row.series_uid: row.n
@@ -207,26 +337,16 @@ class IndexWriter:
                 timeout=30.0,
             )
         }
-        modalities = {
-            r.modality
-            for r in self.db.execute("SELECT modality FROM series WHERE study_uid = ?", (study_uid,))
-            if r.modality
+        modality = {
+            r.series_uid: (_EPOCH, r.modality)
+            for r in self.db.execute("SELECT series_uid, modality FROM series WHERE study_uid = ?", (study_uid,))
         }
-        now = dt.datetime.now(dt.timezone.utc)
-        for series_uid, count in per_series.items():
-            self.db.execute(
-                "UPDATE series SET number_of_instances = ?, updated_at = ? WHERE study_uid = ? AND series_uid = ?",
-                (count, now, study_uid, series_uid),
-            )
-        # Overwriting a set column writes a tombstone, and every study listing of C-FIND/QIDO-RS reads
-        # past them: rewrite the sets only when they changed (usually the first batch of a study). They
-        # are written before the counts, so whoever sees the final counts sees the final sets.
         current = self.db.execute(
             "SELECT modalities_in_study, sop_classes_in_study FROM studies WHERE study_uid = ?", (study_uid,)
         ).one()
-        known = (set(current.modalities_in_study or ()), set(current.sop_classes_in_study or ())) if current else None
+        known = (frozenset(current.modalities_in_study or ()), frozenset(current.sop_classes_in_study or ())) if current else None
         if new_sop_classes is not None and known is not None:
-            sop_classes = known[1] | set(new_sop_classes)
+            sop_classes = set(known[1]) | set(new_sop_classes)
         else:
             sop_classes = {
                 row.sop_class_uid
@@ -234,13 +354,90 @@ class IndexWriter:
                     "SELECT sop_class_uid FROM instances WHERE study_uid = ?", (study_uid,), timeout=30.0
                 )
             }
-        if known != (modalities, sop_classes):
-            self.db.execute(
-                "UPDATE studies SET modalities_in_study = ?, sop_classes_in_study = ? WHERE study_uid = ?",
-                (modalities, sop_classes, study_uid),
+        return StudyAggregates(per_series, modality, sop_classes, stored_sets=known)
+
+    def aggregate_writes(self, study_uid: str, state: "StudyAggregates", all_series: bool = False) -> list[tuple[Any, Any]]:
+        """The writes that store a study's aggregates: one per partition.
+
+        The series counts that changed (every one with ``all_series``) go in one unlogged batch (one
+        partition of ``series``); the study's counts, and its sets when they changed, in one statement.
+        Overwriting a set column writes a tombstone, and every study listing of C-FIND/QIDO-RS reads
+        past them: the sets are rewritten only when they changed (usually the first batch of a study).
+        """
+        now = dt.datetime.now(dt.timezone.utc)
+        series_rows = [
+            self.db.write(
+                "UPDATE series SET number_of_instances = ?, updated_at = ? WHERE study_uid = ? AND series_uid = ?",
+                (count, now, study_uid, series_uid),
             )
-        self.db.execute(
-            "UPDATE studies SET number_of_series = ?, number_of_instances = ?, updated_at = ? WHERE study_uid = ?",
-            (len(per_series), sum(per_series.values()), now, study_uid),
+            for series_uid, count in state.series.items()
+            if all_series or state.stored_series.get(series_uid) != count
+        ]
+        writes: list[tuple[Any, Any]] = []
+        if len(series_rows) == 1:
+            writes.append(series_rows[0])
+        elif series_rows:
+            writes.append((_unlogged(series_rows), None))
+        modalities, sop_classes = state.sets()
+        counts = (len([n for n in state.series.values() if n]), sum(state.series.values()), now, study_uid)
+        if (modalities, sop_classes) != state.stored_sets:
+            writes.append(self.db.write(
+                "UPDATE studies SET modalities_in_study = ?, sop_classes_in_study = ?, number_of_series = ?,"
+                " number_of_instances = ?, updated_at = ? WHERE study_uid = ?",
+                (set(modalities), set(sop_classes), *counts),
+            ))
+        else:
+            writes.append(self.db.write(
+                "UPDATE studies SET number_of_series = ?, number_of_instances = ?, updated_at = ? WHERE study_uid = ?",
+                counts,
+            ))
+        return writes
+
+    def execute(self, writes: list[tuple[Any, Any]], concurrency: int = 64) -> None:
+        if writes:
+            execute_concurrent(self.db.session, writes, concurrency=concurrency, raise_on_first_error=True)
+
+
+@dataclass
+class StudyAggregates:
+    """A study's aggregates as the indexer keeps them between batches."""
+
+    series: dict[str, int] = field(default_factory=dict)  # series UID -> instances
+    modality: dict[str, tuple[dt.datetime, str | None]] = field(default_factory=dict)  # newest per series
+    sop_classes: set[str] = field(default_factory=set)
+    # What Cassandra holds since the last write: the studies row's sets, the series rows' counts.
+    stored_sets: tuple[frozenset[str], frozenset[str]] | None = None
+    stored_series: dict[str, int] = field(default_factory=dict)
+
+    def copy(self) -> "StudyAggregates":
+        return StudyAggregates(dict(self.series), dict(self.modality), set(self.sop_classes), self.stored_sets,
+                               dict(self.stored_series))
+
+    def sets(self) -> tuple[frozenset[str], frozenset[str]]:
+        return frozenset(m for _, m in self.modality.values() if m), frozenset(self.sop_classes)
+
+    def covers(self, items: Iterable[Numbered]) -> bool:
+        """Whether the batch's events can move these aggregates on: every instance either new or one
+        already counted in its series (anything else: recount from the rows)."""
+        return all(
+            not (i.replaced or i.moved) and (i.new_instance or self.series.get(i.event["series"]["uid"], 0) > 0)
+            for i in items
         )
 
+    def add(self, items: Iterable[Numbered]) -> bool:
+        """Count the batch's new instances in; whether anything Cassandra holds changed."""
+        for item in items:
+            event = item.event
+            series = event["series"]["uid"]
+            if item.new_instance:
+                self.series[series] = self.series.get(series, 0) + 1
+            self.sop_classes.add(event["instance"]["sop_class_uid"])
+            at = _ts(event["occurred_at"])
+            held = self.modality.get(series)
+            if held is None or at >= held[0]:
+                self.modality[series] = (at, event["series"].get("modality"))
+        return self.series != self.stored_series or self.sets() != self.stored_sets
+
+    def written(self) -> None:
+        self.stored_sets = self.sets()
+        self.stored_series = dict(self.series)

@@ -195,10 +195,14 @@ def create_app(config: GridConfig, site: str) -> faust.App:
         if config.kafka_per_site else instance_stored
     publisher = EventPublisher(config.kafka, client_id=f"dicomgrid-processors-{site_config.name}")
 
+    indexers: list[Indexer] = []
+
     @app.agent(indexed, name="indexer")
     async def index(stream: faust.Stream) -> None:
         db = await connect_cassandra(config, site_config.cassandra_dc)
-        agent = _IndexingAgent(Indexer(IndexWriter(db)), DeadLetters(publisher, "indexer"), site_config.name)
+        indexer = Indexer(IndexWriter(db))
+        indexers.append(indexer)
+        agent = _IndexingAgent(indexer, DeadLetters(publisher, "indexer"), site_config.name)
         log.info("indexer running", site=site_config.name, group=group)
         async for events in stream.take_events(BATCH_SIZE, within=BATCH_WITHIN_S):
             await agent.batch(events)
@@ -243,6 +247,9 @@ def create_app(config: GridConfig, site: str) -> faust.App:
     async def _reassigned(app: faust.App, assigned: Any, **kwargs: Any) -> None:
         if "builder" in chain:
             chain["builder"].forget()
+        # Studies of partitions this worker did not hold may have been indexed by another one.
+        for indexer in indexers:
+            indexer.forget()
 
     @app.on_before_shutdown.connect
     async def _flush(app: faust.App, **kwargs: Any) -> None:

@@ -8,17 +8,18 @@ Order matters and is the grid's durability promise:
 3. publish ``dicom.instance.stored`` with acks=all and wait for the delivery report;
 4. only then report success to the sender.
 
-A payload identical to the one already indexed for its SOP Instance UID is an idempotent success with
-no new event. A different payload for a known UID is stored as a new version (the earlier one is kept)
-and its event names the version it replaces.
+The receive path makes no Cassandra round trip. A payload that is already stored under its digest and
+whose event the brokers acknowledged (the blob carries that mark, see
+:meth:`~dicomgrid.core.blobstore.BlobStore.mark_announced`) is an identical resend: an idempotent success
+with no new event. Any other payload gets its event, without a version number: the indexer numbers the
+payloads of a SOP Instance UID (a different payload for a known UID becomes its next version, the
+earlier one is kept; the rule is in docs/events.md). The digest covers the canonical file meta, which
+names the SOP Instance UID, so a digest is never shared by two instances.
 """
 
 from __future__ import annotations
 
 import enum
-import threading
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -38,10 +39,6 @@ from dicomgrid.core.events import Source, instance_stored
 from dicomgrid.core.kafka import EventPublisher, PublishError
 from dicomgrid.core import metrics
 from dicomgrid.core.logging import get_logger
-from dicomgrid.core.cassandra import Cassandra
-from dicomgrid.core.events import StoredVersion
-from dicomgrid.core.index_reader import IndexReader
-from dicomgrid.core.index_writer import IndexWriter
 from dicomgrid.core.uids import is_valid_uid
 
 log = get_logger(__name__)
@@ -123,35 +120,6 @@ class Expected:
     study_uid: str | None = None
 
 
-class RecentVersions:
-    """The versions this process stored last, by SOP Instance UID (bounded, thread-safe).
-
-    A PACS that resends at once must get "identical" or "next version" even before the location row
-    written at ingest is readable in Cassandra, so the process answers from its own memory first.
-    """
-
-    def __init__(self, capacity: int = 4096) -> None:
-        self._capacity = capacity
-        self._items: OrderedDict[str, StoredVersion] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, sop_instance_uid: str) -> StoredVersion | None:
-        with self._lock:
-            return self._items.get(sop_instance_uid)
-
-    def put(self, sop_instance_uid: str, version: StoredVersion) -> None:
-        with self._lock:
-            self._items[sop_instance_uid] = version
-            self._items.move_to_end(sop_instance_uid)
-            while len(self._items) > self._capacity:
-                self._items.popitem(last=False)
-
-
-def newest(*versions: StoredVersion | None) -> StoredVersion | None:
-    known = [v for v in versions if v is not None]
-    return max(known, key=lambda v: v.version) if known else None
-
-
 class Ingestor:
     """Ingest for one site; thread-safe, shared by every association and HTTP request of a process."""
 
@@ -160,7 +128,7 @@ class Ingestor:
         site: str,
         blobs: BlobStore,
         publisher: EventPublisher,
-        db: Cassandra | None,
+        db: Any,
         audit: AuditTrail,
         *,
         max_instance_bytes: int | None = None,
@@ -169,15 +137,12 @@ class Ingestor:
         self.site = site
         self.blobs = blobs
         self.publisher = publisher
+        # Not used on the receive path (no Cassandra round trip per instance); kept for the services
+        # that share the site context.
         self.db = db
-        # The index is only read to recognise re-sent instances, and written to make a new version's
-        # location visible before the indexer gets to it.
-        self.index = IndexReader(db) if db is not None else None
-        self.writer = IndexWriter(db) if db is not None else None
         self.audit = audit
         self.max_instance_bytes = max_instance_bytes
         self.delivery_timeout_s = delivery_timeout_s
-        self.recent = RecentVersions()
 
     def flush(self, timeout: float = 5.0) -> None:
         """Deliver what is still queued (audit records) before the process exits."""
@@ -244,25 +209,26 @@ class Ingestor:
         if self.max_instance_bytes is not None and size > self.max_instance_bytes:
             return IngestResult(Outcome.TOO_LARGE, f"{size} bytes > limit {self.max_instance_bytes}", **ids)
 
-        lookup = self._current_version(sop_instance)
-
         # 2. Durable payload.
         try:
             with self.blobs.writer(max_bytes=self.max_instance_bytes) as writer:
                 writer.write(canonical_file_meta(sop_class, sop_instance, transfer_syntax))
                 writer.copy_from(fp, offset)
                 blob = writer.commit()
+                existed = writer.existed
         except PayloadTooLarge as exc:
             return IngestResult(Outcome.TOO_LARGE, str(exc), **ids)
         except BlobStoreError as exc:
             return IngestResult(Outcome.NO_STORAGE, str(exc), **ids)
 
-        previous = newest(lookup(), self.recent.get(sop_instance))
-        if previous is not None and previous.sha256 == blob.sha256:
-            return IngestResult(Outcome.DUPLICATE, f"payload {blob.sha256[:12]} already indexed", **ids)
+        # An identical resend: the same bytes are stored and their event is in Kafka. (Stored but not
+        # marked: an earlier attempt failed before the brokers confirmed, or the copy came by
+        # replication; announced again, which the indexer recognises by the digest.)
+        if existed and self.blobs.is_announced(blob.sha256):
+            return IngestResult(Outcome.DUPLICATE, f"payload {blob.sha256[:12]} already stored", **ids)
 
         # 3. Durable event; 4. success only after the brokers confirm it.
-        event = instance_stored(self.site, source, attrs, transfer_syntax, blob, previous)
+        event = instance_stored(self.site, source, attrs, transfer_syntax, blob)
         try:
             self.publisher.publish_and_wait(schemas.TOPIC_INSTANCE_STORED, study, event, self.delivery_timeout_s)
         except schemas.InvalidEvent as exc:
@@ -272,44 +238,8 @@ class Ingestor:
         except PublishError as exc:
             # The payload stays in the blob store (content-addressed, harmless); the sender retries.
             return IngestResult(Outcome.NO_EVENT_LOG, str(exc), **ids)
-        self.recent.put(sop_instance, StoredVersion(blob.sha256, event["version"]))
-        self._record_location(event)
-        return IngestResult(Outcome.STORED, f"payload {blob.sha256[:12]} version {event['version']}", event=event, **ids)
-
-    def _current_version(self, sop_instance_uid: str) -> Callable[[], StoredVersion | None]:
-        """Start looking up the indexed payload for this UID; the result is None if unknown.
-
-        Ingest must not depend on Cassandra being up: Kafka is the durability boundary, and the indexer
-        orders versions by receive time whatever this lookup said. So a failed lookup means "unknown".
-        """
-
-        def unknown(exc: Exception) -> None:
-            log.warning("version lookup failed; treating instance as new", error=str(exc))
-
-        if self.index is None:
-            return lambda: None
-        try:
-            pending = self.index.current_version(sop_instance_uid)
-        except Exception as exc:  # driver errors: NoHostAvailable, timeouts, ...
-            unknown(exc)
-            return lambda: None
-
-        def result() -> StoredVersion | None:
-            try:
-                return pending()
-            except Exception as exc:
-                return unknown(exc)
-
-        return result
-
-    def _record_location(self, event: dict[str, Any]) -> None:
-        """Make this version visible to other processes' lookups soon (a hint: the indexer writes it too)."""
-        if self.writer is None:
-            return
-        try:
-            self.writer.record_location(event)
-        except Exception as exc:  # Cassandra down: the event is durable, the indexer catches up later
-            log.warning("location not recorded at ingest; a quick resend may repeat its event", error=str(exc))
+        self.blobs.mark_announced(blob.sha256)
+        return IngestResult(Outcome.STORED, f"payload {blob.sha256[:12]}", event=event, **ids)
 
     def _audit(self, result: IngestResult, source: Source) -> None:
         outcome = _AUDIT_OUTCOME[result.outcome]

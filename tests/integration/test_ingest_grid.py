@@ -54,6 +54,12 @@ def receiver_threads(grid, site: str) -> int:
     return sum(psutil.Process(pid).num_threads() for pid in pids if pid is not None)
 
 
+
+def indexed_versions(store, sop_instance_uid: str) -> dict[str, int]:
+    """Every payload the index holds for a UID, with the version the indexer gave it."""
+    rows = store.db.execute("SELECT sha256, version FROM instance_versions WHERE sop_instance_uid = ?", (sop_instance_uid,))
+    return {row.sha256: row.version for row in rows}
+
 def test_c_echo(grid):
     assoc = associate(grid.site("A"))
     assert assoc.is_established
@@ -108,9 +114,12 @@ def test_changed_payload_becomes_version_two(grid, taps, metadata_dc1):
     ds.PatientName = "Corrected^Name"
     assert c_store(grid.site("A"), [ds]) == [0]
     events = events_for(tap, [ds.SOPInstanceUID], n=2)
-    assert events[1]["version"] == 2
-    assert events[1]["replaces"]["sha256"] == first["payload"]["sha256"]
+    # The event names the new payload; the indexer numbers it (schema version 2), replacing version 1.
+    assert events[1]["payload"]["sha256"] != first["payload"]["sha256"]
     wait_for(lambda: (loc := metadata_dc1.instance_location(ds.SOPInstanceUID)) and loc.version == 2)
+    assert metadata_dc1.instance_location(ds.SOPInstanceUID).sha256 == events[1]["payload"]["sha256"]
+    assert indexed_versions(metadata_dc1, ds.SOPInstanceUID) == {first["payload"]["sha256"]: 1,
+                                                                 events[1]["payload"]["sha256"]: 2}
 
 
 @pytest.mark.parametrize(
@@ -261,7 +270,7 @@ def test_stow_rs_rejects_bad_requests(grid):
 
 
 
-def test_back_to_back_resends_are_versioned_without_waiting_for_the_indexer(grid, taps):
+def test_back_to_back_resends_are_versioned_without_waiting_for_the_indexer(grid, taps, metadata_dc1):
     """Original, changed, changed again on one association: v1, v2 replacing v1, then no event."""
     tap = taps()
     ds = make_instance()
@@ -271,5 +280,9 @@ def test_back_to_back_resends_are_versioned_without_waiting_for_the_indexer(grid
     events = events_for(tap, [ds.SOPInstanceUID], n=2)
     tap.catch_up()
     mine = [e for e in tap.seen if e["instance"]["sop_instance_uid"] == ds.SOPInstanceUID]
-    assert [e["version"] for e in mine] == [1, 2]
-    assert mine[1]["replaces"] == {"sha256": events[0]["payload"]["sha256"], "version": 1}
+    assert len(mine) == 2 and mine[0]["payload"]["sha256"] != mine[1]["payload"]["sha256"]
+    # The indexer numbers them in the order received: v1, then v2 replacing it.
+    wait_for(lambda: (loc := metadata_dc1.instance_location(ds.SOPInstanceUID)) and loc.version == 2)
+    assert metadata_dc1.instance_location(ds.SOPInstanceUID).sha256 == mine[1]["payload"]["sha256"]
+    assert indexed_versions(metadata_dc1, ds.SOPInstanceUID) == {mine[0]["payload"]["sha256"]: 1,
+                                                                 mine[1]["payload"]["sha256"]: 2}

@@ -77,7 +77,7 @@ def test_orthanc_pushes_a_study_to_the_grid(grid, taps, orthanc, indexer_caught_
     for event in events:
         schemas.validate_event(schemas.TOPIC_INSTANCE_STORED, event)
         assert event["source"]["protocol"] == "DIMSE" and event["source"]["calling_ae"] == orthanc.aet
-        assert event["study"]["uid"] == study_uid and event["version"] == 1
+        assert event["study"]["uid"] == study_uid and event["schema_version"] == 2  # the indexer numbers it
         # What Orthanc was given is what the grid keeps: the data set byte for byte.
         stored = blobs.path(event["payload"]["sha256"]).read_bytes()
         assert _data_set(stored) == _data_set(files[event["instance"]["sop_instance_uid"]])
@@ -89,3 +89,4 @@ def test_orthanc_pushes_a_study_to_the_grid(grid, taps, orthanc, indexer_caught_
         for event in events:
             location = store.instance_location(event["instance"]["sop_instance_uid"])
             assert location.sha256 == event["payload"]["sha256"] and location.study_uid == study_uid
+            assert location.version == 1

@@ -303,29 +303,35 @@ class ExpectedEvent:
 class VersionLedger:
     """The versions the grid should assign, replayed from the index as it was before the test.
 
-    An identical payload for an indexed SOP Instance UID is an idempotent success without an event; a
-    different one becomes the next version and names the one it replaces.
+    A payload the site already holds for a SOP Instance UID (and announced) is an idempotent success
+    without an event; a different one gets an event, and the indexer makes it the next version,
+    replacing the current one (event schema version 2: the event itself names no version).
     """
 
-    def __init__(self, current: dict[str, StoredVersion | None]) -> None:
+    def __init__(self, current: dict[str, StoredVersion | None], held: dict[str, set[str]] | None = None) -> None:
         self.current = dict(current)
+        self.held = {uid: set(shas) for uid, shas in (held or {}).items()}
         self.events: list[ExpectedEvent] = []
+        self.versions: dict[tuple[str, str], int] = {}
 
     def record(self, sop_instance_uid: str, sha256: str) -> None:
         previous = self.current.get(sop_instance_uid)
-        if previous is not None and previous.sha256 == sha256:
+        held = self.held.setdefault(sop_instance_uid, set())
+        if sha256 in held or (previous is not None and previous.sha256 == sha256):
             return
+        held.add(sha256)
         version = StoredVersion(sha256, previous.version + 1 if previous else 1)
         self.current[sop_instance_uid] = version
+        self.versions[(sop_instance_uid, sha256)] = version.version
         self.events.append(ExpectedEvent(sop_instance_uid, sha256, version.version, previous))
 
 
 def rounds(samples: list[Sample]) -> list[list[Sample]]:
     """Split the corpus so that no SOP Instance UID occurs twice in one round.
 
-    The grid tells a new version from an identical resend by asking its index, which the indexer fills
-    asynchronously. Files sharing a UID go out one round apart, with the index caught up in between,
-    so that the version each one gets is determined.
+    The indexer numbers the payloads of a UID in the order they were received, asynchronously. Files
+    sharing a UID go out one round apart, with the index caught up in between, so that the version
+    each one gets is determined.
     """
     occurrences: Counter[str] = Counter()
     split: defaultdict[int, list[Sample]] = defaultdict(list)
@@ -386,7 +392,8 @@ def send_in_rounds(
 ) -> tuple[list[Attempt], VersionLedger]:
     """Send every sample with storescu, one run per round and storescu option; predict the versions."""
     uids = {s.sop_instance_uid for s in samples if s.sop_instance_uid}
-    ledger = VersionLedger({uid: indexed_version(index, uid) for uid in uids})
+    ledger = VersionLedger({uid: indexed_version(index, uid) for uid in uids},
+                           {uid: indexed_shas(index, uid) for uid in uids})
     attempts: list[Attempt] = []
     for number, round_ in enumerate(rounds(samples)):
         if number:
@@ -441,14 +448,10 @@ def test_storescu_sends_the_pydicom_corpus(grid, taps, indexer_caught_up, metada
         assert sample is not None, f"event for a payload that was not sent as such: {event['payload']}"
         assert event["instance"]["transfer_syntax_uid"] == sample.transfer_syntax, sample.label
         assert event["site"] == "A" and event["source"]["calling_ae"] == "STORESCU"
-    got = Counter(
-        (e["instance"]["sop_instance_uid"], e["payload"]["sha256"], e["version"],
-         StoredVersion(e["replaces"]["sha256"], e["replaces"]["version"]) if e["replaces"] else None)
-        for e in events
-    )
-    want = Counter((e.sop_instance_uid, e.sha256, e.version, e.replaces) for e in ledger.events)
+    got = Counter((e["instance"]["sop_instance_uid"], e["payload"]["sha256"]) for e in events)
+    want = Counter((e.sop_instance_uid, e.sha256) for e in ledger.events)
     assert got == want, f"unexpected events: {got - want}; missing events: {want - got}"
-    print(f"  {len(events)} events ({sum(1 for e in events if e['replaces'])} of them new versions), "
+    print(f"  {len(events)} events ({sum(1 for e in ledger.events if e.replaces)} of them new versions), "
           f"{len(accepted) - len(events)} identical resends")
 
     # Payloads: the data set exactly as it came over the wire.
@@ -465,3 +468,8 @@ def test_storescu_sends_the_pydicom_corpus(grid, taps, indexer_caught_up, metada
             assert store.instance_location(uid).version == version.version, uid
     for uid, sha256 in sent:
         assert sha256 in indexed_shas(metadata_dc2, uid), sent[(uid, sha256)].label
+    # The version the indexer gave each new payload (and the one it replaced) is the ledger's.
+    for (uid, sha256), version in ledger.versions.items():
+        rows = metadata_dc1.db.execute(
+            "SELECT version FROM instance_versions WHERE sop_instance_uid = ? AND sha256 = ?", (uid, sha256))
+        assert [r.version for r in rows] == [version], sent[(uid, sha256)].label

@@ -21,7 +21,7 @@ from tests.dicom_samples import make_instance, to_part10
 def stored_event() -> dict:
     found = inspect(io.BytesIO(to_part10(make_instance())))
     return instance_stored("A", Source("DIMSE", "STORESCU", "GRID_A"), found.attributes, found.transfer_syntax_uid,
-                           BlobRef("A", "ab" * 32, 100), None)
+                           BlobRef("A", "ab" * 32, 100))
 
 
 def test_a_valid_event_is_decoded():

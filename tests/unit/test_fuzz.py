@@ -42,7 +42,6 @@ from dicomgrid.core.config import LimitsConfig
 from dicomgrid.core.dicomfile import MalformedDicom, canonical_file_meta, inspect
 from dicomgrid.core.events import Source
 from dicomgrid.producers.ingest import Ingestor
-from tests.unit.test_ingest import FakeIndex as FakeVersions
 from tests.unit.test_ingest import FakePublisher
 from tests.unit.test_query_matching import CancellingEvent, FakeIndex, site_context
 
@@ -131,7 +130,6 @@ def ingestor(tmp_path_factory: pytest.TempPathFactory) -> Ingestor:
     root = tmp_path_factory.mktemp("fuzz-blobs")
     ingestor = Ingestor("A", BlobStore(root, "A"), publisher, None, AuditTrail("A", publisher),
                         max_instance_bytes=1 << 20)
-    ingestor.index = ingestor.writer = FakeVersions()  # type: ignore[assignment]
     return ingestor
 
 

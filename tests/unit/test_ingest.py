@@ -1,6 +1,7 @@
 """The ingest path with a real blob store and an in-memory stand-in for the brokers."""
 
 import io
+import os
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,6 @@ from dicomgrid.core.blobstore import BlobStore
 from dicomgrid.core.dicomfile import IMPLEMENTATION_CLASS_UID, split_file_meta
 from dicomgrid.core.events import Source
 from dicomgrid.core.kafka import PublishError
-from dicomgrid.core.events import StoredVersion
 from dicomgrid.producers.ingest import Expected, Ingestor, Outcome
 from tests.dicom_samples import make_instance, to_part10
 
@@ -41,15 +41,11 @@ class FakePublisher:
         return [e for t, _, e in self.events if t == topic]
 
 
-class FakeIndex:
-    def __init__(self) -> None:
-        self.versions: dict[str, StoredVersion] = {}
+class NoCassandra:
+    """The receive path makes no Cassandra round trip: any use of the session fails the test."""
 
-    def current_version(self, sop_uid: str):
-        return lambda: self.versions.get(sop_uid)
-
-    def record_location(self, event) -> None:
-        self.versions[event["instance"]["sop_instance_uid"]] = StoredVersion(event["payload"]["sha256"], event["version"])
+    def __getattr__(self, name: str):
+        raise AssertionError(f"ingest used Cassandra ({name})")
 
 
 @pytest.fixture
@@ -58,17 +54,9 @@ def publisher() -> FakePublisher:
 
 
 @pytest.fixture
-def index() -> FakeIndex:
-    return FakeIndex()
-
-
-@pytest.fixture
-def ingestor(tmp_path: Path, publisher: FakePublisher, index: FakeIndex) -> Ingestor:
-    ingestor = Ingestor("A", BlobStore(tmp_path / "blobs", "A"), publisher, None, AuditTrail("A", publisher),
-                        max_instance_bytes=1 << 20)
-    # The location row, as ingest reads and writes it.
-    ingestor.index = ingestor.writer = index  # type: ignore[assignment]
-    return ingestor
+def ingestor(tmp_path: Path, publisher: FakePublisher) -> Ingestor:
+    return Ingestor("A", BlobStore(tmp_path / "blobs", "A"), publisher, NoCassandra(), AuditTrail("A", publisher),
+                    max_instance_bytes=1 << 20)
 
 
 def ingest(ingestor: Ingestor, data: bytes, expected: Expected = Expected()):
@@ -84,7 +72,8 @@ def test_stored_instance_is_durable_canonical_and_announced(ingestor, publisher)
     schemas.validate_event(schemas.TOPIC_INSTANCE_STORED, event)
     assert event["study"]["uid"] == ds.StudyInstanceUID
     assert event["patient"]["name"] == "Doe^Jane"
-    assert event["version"] == 1 and event["replaces"] is None
+    # Schema version 2: the indexer numbers versions (tests/integration/test_indexer.py).
+    assert event["schema_version"] == 2 and "version" not in event and "replaces" not in event
     stored = ingestor.blobs.path(event["payload"]["sha256"]).read_bytes()
     # The data set bytes are exactly those received; only the file meta is the grid's own.
     _, in_offset = split_file_meta(io.BytesIO(data))
@@ -96,7 +85,7 @@ def test_stored_instance_is_durable_canonical_and_announced(ingestor, publisher)
     assert audit["outcome"] == 0
 
 
-def test_identical_resend_is_idempotent(ingestor, publisher, index):
+def test_identical_resend_is_idempotent(ingestor, publisher):
     data = to_part10(make_instance())
     ingest(ingestor, data)
     again = ingest(ingestor, data)
@@ -104,15 +93,38 @@ def test_identical_resend_is_idempotent(ingestor, publisher, index):
     assert len(publisher.of(schemas.TOPIC_INSTANCE_STORED)) == 1
 
 
-def test_different_bytes_for_known_uid_become_a_new_version(ingestor, publisher, index):
+def test_different_bytes_for_known_uid_become_a_new_version(ingestor, publisher):
     ds = make_instance()
     first = ingest(ingestor, to_part10(ds)).event
     ds.PatientName = "Doe^John"
     second = ingest(ingestor, to_part10(ds)).event
-    assert second["version"] == 2
-    assert second["replaces"] == {"sha256": first["payload"]["sha256"], "version": 1}
+    # Announced as a payload of its own for the same UID; the indexer makes it version 2.
+    assert second is not None and second["payload"]["sha256"] != first["payload"]["sha256"]
+    assert second["instance"]["sop_instance_uid"] == first["instance"]["sop_instance_uid"]
+    assert len(publisher.of(schemas.TOPIC_INSTANCE_STORED)) == 2
     assert ingestor.blobs.exists(first["payload"]["sha256"])  # the earlier version is kept
     schemas.validate_event(schemas.TOPIC_INSTANCE_STORED, second)
+
+
+def test_resend_after_a_failed_publish_is_announced(ingestor, publisher):
+    # The payload was made durable but its event never confirmed: the stored bytes alone are no
+    # identical resend, the retry must publish.
+    data = to_part10(make_instance())
+    publisher.down = True
+    assert ingest(ingestor, data).outcome is Outcome.NO_EVENT_LOG
+    publisher.down = False
+    assert ingest(ingestor, data).outcome is Outcome.STORED
+    assert ingest(ingestor, data).outcome is Outcome.DUPLICATE
+    assert len(publisher.of(schemas.TOPIC_INSTANCE_STORED)) == 1
+
+
+def test_payload_held_without_its_event_is_announced(ingestor, publisher):
+    # E.g. a replica fetched from another site, then the same bytes sent to this one: announced here.
+    data = to_part10(make_instance())
+    first = ingest(ingestor, data).event
+    os.removexattr(ingestor.blobs.path(first["payload"]["sha256"]), "user.dicomgrid.announced")
+    assert ingest(ingestor, data).outcome is Outcome.STORED
+    assert len(publisher.of(schemas.TOPIC_INSTANCE_STORED)) == 2
 
 
 @pytest.mark.parametrize(
@@ -194,21 +206,9 @@ def test_broker_down_means_failure_status_and_no_event(ingestor, publisher):
 
 
 def test_index_unreachable_does_not_block_ingest(ingestor, publisher):
-    class Broken:
-        def current_version(self, uid):
-            def fail():
-                raise RuntimeError("timed out")
-
-            return fail
-
-    ingestor.index = Broken()  # type: ignore[assignment]
+    # Nothing on the receive path asks Cassandra (the fixture's session fails on any use).
     assert ingest(ingestor, to_part10(make_instance())).outcome is Outcome.STORED
-
-    class Unreachable:
-        def current_version(self, uid):
-            raise RuntimeError("NoHostAvailable")
-
-    ingestor.index = Unreachable()  # type: ignore[assignment]
+    ingestor.db = None
     assert ingest(ingestor, to_part10(make_instance())).outcome is Outcome.STORED
 
 

@@ -16,7 +16,7 @@ from dicomgrid.core.config import LimitsConfig
 from dicomgrid.producers.ingest import Ingestor
 from dicomgrid.producers.stow import stow
 from tests.dicom_samples import make_instance, to_part10
-from tests.unit.test_ingest import FakeIndex, FakePublisher
+from tests.unit.test_ingest import FakePublisher
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 CONTENT_TYPE = 'multipart/related; type="application/dicom"; boundary=B'
@@ -31,7 +31,6 @@ def site(tmp_path: Path):
     publisher = FakePublisher()
     blobs = BlobStore(tmp_path / "blobs", "A")
     ingestor = Ingestor("A", blobs, publisher, None, AuditTrail("A", publisher), max_instance_bytes=1 << 20)
-    ingestor.index = ingestor.writer = FakeIndex()  # type: ignore[assignment]
     spool = tmp_path / "incoming"
     spool.mkdir()
 
