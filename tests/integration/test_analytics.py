@@ -110,7 +110,9 @@ def test_the_documented_examples_run(grid):
     root = analytics_root(grid.config)
     wait_for(lambda: rows_of(root, "instances", "sop_instance_uid", {stored[0].SOPInstanceUID}), timeout=60)
     subscriber, query = _code_blocks(DOCS.read_text())
-    subscriber = subscriber.replace('"dicom.instance.stored"', f'"{grid.config.kafka.topic(schemas.TOPIC_INSTANCE_STORED)}"')
+    # The session's grid has a topic prefix; the event_type header stays the logical topic name.
+    subscriber = subscriber.replace('subscribe(["dicom.instance.stored"])',
+                                    f'subscribe(["{grid.config.kafka.topic(schemas.TOPIC_INSTANCE_STORED)}"])')
     subscriber = subscriber.replace("research-modality-counts", f"docs-example-{os.getpid()}")
     query = query.replace(".dicomgrid/analytics/dicomgrid-local", str(root))
     for code in (subscriber, query):
