@@ -976,5 +976,9 @@ class Listeners:
             except ValueError:  # already removed from the AE's servers
                 pass
 
+    def server_close(self) -> None:
+        for server in self.servers:
+            server.server_close()
+
     def pending_connections(self) -> int:
         return self.servers[0].pending_connections() if self.servers else 0
