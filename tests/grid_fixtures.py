@@ -95,6 +95,9 @@ def grid(cluster: GridConfig, tmp_path_factory: pytest.TempPathFactory) -> Itera
     config_file = write_test_config(base / "grid.toml", name, cluster.root, base / "sites")
     config = load_test_config(config_file)
     ensure_material(config)  # what `dicomgrid up` makes in development: a local CA, certificates, token keys
+    # A keyspace under this session's name was left by a dead session that had the same pid (pids
+    # wrap): its audit chain was signed with that session's key (each session makes its own now).
+    drop_keyspace(cluster, config.cassandra.keyspace)
     apply_schema(config)
     ensure_topics(config.kafka)
     supervisor = Supervisor(config, str(config_file))
