@@ -28,6 +28,7 @@ jars: venv
 run: setup
 	$(DICOMGRID) infra up
 	$(DICOMGRID) schema apply
+	$(DICOMGRID) secrets init
 	$(DICOMGRID) up --detach
 	$(DICOMGRID) seed
 	$(DICOMGRID) up

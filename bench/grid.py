@@ -40,6 +40,7 @@ from confluent_kafka.admin import AdminClient
 from dicomgrid.core.kafka import delete_topics, ensure_topics
 from dicomgrid.core.cassandra import Cassandra, apply_schema
 from dicomgrid.core.index_reader import IndexReader
+from dicomgrid.core.pki import ensure_material
 from dicomgrid.deploy.local import LocalCluster
 from dicomgrid.supervisor import Service, Supervisor
 
@@ -145,7 +146,10 @@ class BenchGrid:
                 f'name = "{self.layout.name}"\ndata_dir = "{self.cluster_config.root}"\nlog_level = "INFO"\n'
                 f'[kafka]\ntopic_prefix = "{self.topic_prefix}"\n'
                 f'[cassandra]\nkeyspace = "{self.layout.keyspace}"\nreplication = {{ {replication} }}\n'
-                f"[security]\nallowed_calling_aes = {json.dumps(list(CLIENT_AES))}\n{sites}"
+                f"[security]\nallowed_calling_aes = {json.dumps(list(CLIENT_AES))}\n"
+                f'secrets_dir = "{self.dir / "secrets"}"\n'
+                # Plain HTTP, as Orthanc is measured; DICOMweb still wants a token (bench.retrieve).
+                f"[tls]\nhttp = false\n{sites}"
             )
             self._configs[receivers] = load_config(path)
         return path
@@ -163,6 +167,7 @@ class BenchGrid:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         config = self.config()
+        ensure_material(config)  # what `dicomgrid up` makes in development: CA, certificates, token keys
         status = LocalCluster(config).up()
         for component in status.components:
             if component.pid:

@@ -30,6 +30,7 @@ from bench.refstudy import ARCHIVES, ReferenceStudy, reference_study
 from bench.sections import Section
 from bench.session import Session
 from bench.targets import MAX_PDU, Orthanc
+from dicomgrid.core.tokens import issue
 
 MB = 1e6
 GRID_DICOMWEB = "/dicomweb"
@@ -76,7 +77,11 @@ class _WadoRS:
 
     def __call__(self, session: Session, target_key: str, study: ReferenceStudy) -> Retrieval:
         url = f"{dicomweb_root(session, target_key)}/studies/{study.study_uid}"
-        result = wado.retrieve(self.clients[target_key], url)
+        http = self.clients[target_key]
+        if not isinstance(session.target(target_key), Orthanc) and "authorization" not in http.headers:
+            token = issue(session.grid.config(), ["read"], subject="bench", ttl_s=12 * 3600)
+            http.headers["Authorization"] = f"Bearer {token}"
+        result = wado.retrieve(http, url)
         if result.status != 200 or result.parts != study.instances:
             raise RuntimeError(f"WADO-RS from {session.target(target_key).label}: HTTP {result.status}, "
                                f"{result.parts}/{study.instances} instances")

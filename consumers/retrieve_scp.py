@@ -45,6 +45,7 @@ from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, Partic
 from dicomgrid.core.index_reader import StoredInstance
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.site import SiteContext
+from dicomgrid.core.tls import remote_ae_tls
 from dicomgrid.core.transfer import PayloadUnavailable
 from dicomgrid.core.uids import is_valid_uid
 from dicomgrid.core.dimse import Context, peer_of, set_nodelay, storage_sop_classes
@@ -328,6 +329,13 @@ class RetrieveService:
             self._refused("C-MOVE", f"unknown move destination {title[:16]!r}", [requestor])
             yield None, None  # pynetdicom answers 0xA801 (move destination unknown)
             return
+        if peer.move_requestors is not None and (calling_ae or "") not in peer.move_requestors:
+            # As for an unknown destination: to this requestor, the destination does not exist.
+            self._refused("C-MOVE", f"calling AE may not move instances to {title!r}", [requestor])
+            log.warning("c-move refused: destination not allowed for the calling AE", calling_ae=calling_ae,
+                        destination=title)
+            yield None, None
+            return
         destination = Participant(title, False, title, f"{peer.host}:{peer.port}", "Destination")
         try:
             instances = self._match(event)
@@ -335,10 +343,14 @@ class RetrieveService:
             self._refused("C-MOVE", str(exc), [requestor, destination])
             log.warning("c-move refused", reason=str(exc), calling_ae=calling_ae)
             raise
-        yield peer.host, peer.port, {
+        options: dict[str, Any] = {
             "contexts": storage_contexts(instances),
             "evt_handlers": [(evt.EVT_CONN_OPEN, self._on_destination_open)],
         }
+        tls = remote_ae_tls(self.site.config, self.site.site.name, title)
+        if tls is not None:
+            options["tls_args"] = tls
+        yield peer.host, peer.port, options
         yield len(instances)
         participants = [requestor, destination, self._source()]
         yield from self._sub_operations(event, self._transfer(f"C-MOVE to {title}", participants, instances, calling_ae))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import queue
+import ssl
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -74,6 +75,7 @@ from dicomgrid.core.config import DicomPeer, StorageCommitmentConfig
 from dicomgrid.core.dimse import Context, peer_of, set_nodelay
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.site import SiteContext
+from dicomgrid.core.tls import remote_ae_tls
 from dicomgrid.core.uids import is_valid_uid
 
 log = get_logger(__name__)
@@ -90,6 +92,7 @@ INVALID_ARGUMENT_VALUE = 0x0115
 CLASS_INSTANCE_CONFLICT = 0x0119
 NO_SUCH_ACTION = 0x0123
 RESOURCE_LIMITATION = 0x0213
+NOT_AUTHORIZED = 0x0124
 
 REASON_TEXT = {
     PROCESSING_FAILURE: "not at the required number of verified copies in time",
@@ -231,9 +234,12 @@ class ReportNotDelivered(Exception):
 class ReportSender:
     """Sends an N-EVENT-REPORT on a new association from the site's AE to the requestor."""
 
-    def __init__(self, calling_ae: str, timeout_s: float) -> None:
+    def __init__(self, calling_ae: str, timeout_s: float,
+                 tls: Callable[[str], tuple[ssl.SSLContext, str] | None] = lambda title: None) -> None:
         self.calling_ae = calling_ae
         self.timeout_s = timeout_s
+        # pynetdicom's tls_args for a requestor AE title (None: plain DICOM).
+        self.tls = tls
 
     def send(self, peer: DicomPeer, called_ae: str, event_type: int, info: Dataset) -> None:
         ae = AE(ae_title=self.calling_ae)
@@ -243,7 +249,8 @@ class ReportSender:
         # class (PS3.4 J.3.3.1.2); without the role selection item strict peers refuse the context.
         role = build_role(StorageCommitmentPushModel, scp_role=True)
         assoc = ae.associate(
-            peer.host, peer.port, ae_title=called_ae, ext_neg=[role], evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)]
+            peer.host, peer.port, ae_title=called_ae, ext_neg=[role], evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+            tls_args=self.tls(called_ae),
         )
         if assoc.is_rejected:
             raise ReportNotDelivered(f"association rejected by {called_ae}")
@@ -657,7 +664,10 @@ class StorageCommitmentService:
             ae_title=site.site.ae_title,
             store=self.store,
             states=InstanceStates(site.db),
-            sender=sender or ReportSender(site.site.ae_title, self.settings.report_timeout_s),
+            sender=sender or ReportSender(
+                site.site.ae_title, self.settings.report_timeout_s,
+                lambda title: remote_ae_tls(site.config, site.site.name, title),
+            ),
             audit=site.audit,
             settings=self.settings,
             min_copies=site.config.min_copies,
@@ -693,6 +703,8 @@ class StorageCommitmentService:
             items = parsed.items
             if not calling_ae or calling_ae not in self.site.config.remote_aes:
                 raise Refused(PROCESSING_FAILURE, "calling AE not in remote_aes: no address for the report")
+            if not self.site.config.remote_aes[calling_ae].commitment:
+                raise Refused(NOT_AUTHORIZED, "calling AE may not request storage commitment")
             tx = self.store.new_transaction(
                 parsed.transaction_uid, calling_ae, address, parsed.items, utcnow(), self.settings.timeout_s
             )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+import ssl
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -21,7 +22,7 @@ from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import PreparedStatement, named_tuple_factory
 
 from dicomgrid import schemas
-from dicomgrid.core.config import GridConfig
+from dicomgrid.core.config import CassandraConfig, GridConfig
 
 Write = tuple[PreparedStatement, tuple[Any, ...]]
 # A table named after FROM / INTO / UPDATE without a keyspace in front of it.
@@ -44,6 +45,21 @@ def cached_named_tuple_factory(colnames: list[str], rows: list[Any]) -> list[Any
     return [make(row) for row in rows]
 
 
+def security_options(cass: CassandraConfig) -> dict[str, Any]:
+    """The driver's ``auth_provider`` (PasswordAuthenticator) and ``ssl_context`` (client encryption) as
+    the config says; the password is read only here, from the config or its file."""
+    options: dict[str, Any] = {}
+    if cass.username:
+        options["auth_provider"] = PlainTextAuthProvider(cass.username, cass.secret_password() or "")
+    if cass.ssl:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cass.ssl_ca_file) if cass.ssl_ca_file else None)
+        context.check_hostname = cass.ssl_check_hostname
+        if cass.ssl_cert_file is not None:
+            context.load_cert_chain(cass.ssl_cert_file, cass.ssl_key_file)
+        options["ssl_context"] = context
+    return options
+
+
 def connect(config: GridConfig, local_dc: str | None = None, *, keyspace: bool = True) -> tuple[Cluster, Session]:
     """A driver session that prefers ``local_dc`` and reads/writes at LOCAL_QUORUM."""
     cass = config.cassandra
@@ -56,11 +72,10 @@ def connect(config: GridConfig, local_dc: str | None = None, *, keyspace: bool =
         request_timeout=cass.request_timeout_s,
         row_factory=cached_named_tuple_factory,
     )
-    auth = PlainTextAuthProvider(cass.username, cass.password) if cass.username else None
     cluster = Cluster(
         contact_points=cass.contact_points,
         port=cass.port,
-        auth_provider=auth,
+        **security_options(cass),
         execution_profiles={EXEC_PROFILE_DEFAULT: profile},
         connect_timeout=cass.connect_timeout_s,
         protocol_version=5,

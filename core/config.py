@@ -20,13 +20,40 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULTS_FILE = Path(__file__).with_name("defaults.toml")
 CONFIG_ENV = "DICOMGRID_CONFIG"
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no controls
+
+
+# Shipped for local development only; a production config that still has it refuses to start.
+DEV_TRIAL_KEY_SECRET = "dicomgrid-dev-trial-key-secret"
+
+
+class SecretUnavailable(RuntimeError):
+    """A secret the config names (by value or by file) cannot be read."""
+
+
+def read_secret(name: str, value: SecretStr | None, file: Path | None) -> str | None:
+    """A secret given inline (``value``) or in a file (``file``; one line, trailing newline dropped).
+
+    Secrets are kept as :class:`~pydantic.SecretStr` in the config, so its dumps, reprs and logs show
+    ``**********``; only the code that hands one to a client library reads it, through here.
+    """
+    if file is not None:
+        try:
+            return file.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise SecretUnavailable(f"{name}: cannot read {file}: {exc.strerror}") from exc
+    return value.get_secret_value() if value is not None else None
+
+
+def _one_of(name: str, value: object, file: object) -> None:
+    if value is not None and file is not None:
+        raise ValueError(f"give {name} or {name}_file, not both")
 
 
 def _check_ae_title(value: str) -> str:
@@ -45,10 +72,20 @@ class KafkaConfig(_Section):
 
     bootstrap_servers: str = "127.0.0.1:9092"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: str | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
-    sasl_password: str | None = None
-    ssl_ca_location: str | None = None
+    # The password inline (better from the environment: DICOMGRID_KAFKA__SASL_PASSWORD) or in a file.
+    sasl_password: SecretStr | None = None
+    sasl_password_file: Path | None = None
+    # TLS to the brokers (SSL, SASL_SSL): the CA that signed their certificates and, for brokers that
+    # want client certificates, this grid's certificate and key (PEM). Paths relative to data_dir.
+    ssl_ca_location: Path | None = None
+    ssl_certificate_location: Path | None = None
+    ssl_key_location: Path | None = None
+    ssl_key_password: SecretStr | None = None
+    ssl_key_password_file: Path | None = None
+    # Check that a broker's certificate names the host connected to.
+    ssl_check_hostname: bool = True
     # Prepended to every topic name of the contract (schemas/topics.toml), so several grids can share one
     # Kafka cluster without seeing each other's events: "" -> "dicom.audit", "lab." -> "lab.dicom.audit".
     topic_prefix: str = Field(default="", max_length=200, pattern=r"^[A-Za-z0-9._-]*$")
@@ -63,19 +100,49 @@ class KafkaConfig(_Section):
         """The physical Kafka topic of a logical topic name of the contract (e.g. ``dicom.instance.stored``)."""
         return self.topic_prefix + logical
 
+    @model_validator(mode="after")
+    def _secrets_given_once(self) -> "KafkaConfig":
+        _one_of("kafka.sasl_password", self.sasl_password, self.sasl_password_file)
+        _one_of("kafka.ssl_key_password", self.ssl_key_password, self.ssl_key_password_file)
+        if self.security_protocol.startswith("SASL") and not (self.sasl_username and self.sasl_mechanism):
+            raise ValueError(f"kafka.security_protocol {self.security_protocol} needs sasl_mechanism and sasl_username")
+        return self
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    def password(self) -> str | None:
+        return read_secret("kafka.sasl_password", self.sasl_password, self.sasl_password_file)
+
+    def key_password(self) -> str | None:
+        return read_secret("kafka.ssl_key_password", self.ssl_key_password, self.ssl_key_password_file)
+
+    def resolved(self, root: Path) -> "KafkaConfig":
+        """This section with its relative file paths resolved against ``root`` (the data directory)."""
+        return self.model_copy(update=_resolved_paths(self, root, (
+            "sasl_password_file", "ssl_ca_location", "ssl_certificate_location", "ssl_key_location",
+            "ssl_key_password_file")))
+
     def client_config(self) -> dict[str, Any]:
-        """librdkafka settings shared by producers, consumers and the admin client."""
+        """librdkafka settings shared by producers, consumers and the admin client (secrets included:
+        never log the result)."""
         conf: dict[str, Any] = {
             "bootstrap.servers": self.bootstrap_servers,
             "security.protocol": self.security_protocol,
         }
-        optional = {
-            "sasl.mechanism": self.sasl_mechanism,
-            "sasl.username": self.sasl_username,
-            "sasl.password": self.sasl_password,
-            "ssl.ca.location": self.ssl_ca_location,
-        }
-        conf.update({k: v for k, v in optional.items() if v is not None})
+        if self.security_protocol.startswith("SASL"):
+            conf.update({"sasl.mechanism": self.sasl_mechanism, "sasl.username": self.sasl_username,
+                         "sasl.password": self.password() or ""})
+        if self.uses_tls:
+            optional = {
+                "ssl.ca.location": self.ssl_ca_location,
+                "ssl.certificate.location": self.ssl_certificate_location,
+                "ssl.key.location": self.ssl_key_location,
+                "ssl.key.password": self.key_password(),
+            }
+            conf.update({k: str(v) for k, v in optional.items() if v is not None})
+            conf["ssl.endpoint.identification.algorithm"] = "https" if self.ssl_check_hostname else "none"
         return conf
 
 
@@ -85,8 +152,19 @@ class CassandraConfig(_Section):
     contact_points: list[str] = ["127.0.0.1", "127.0.0.2"]
     port: int = 9042
     keyspace: str = "dicomgrid"
+    # Authentication (PasswordAuthenticator): the password inline (better from the environment:
+    # DICOMGRID_CASSANDRA__PASSWORD) or in a file.
     username: str | None = None
-    password: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    # TLS to the nodes (client_encryption_options): the CA of their certificates and, for nodes that
+    # require client certificates, this grid's certificate and key (PEM). Paths relative to data_dir.
+    ssl: bool = False
+    ssl_ca_file: Path | None = None
+    ssl_cert_file: Path | None = None
+    ssl_key_file: Path | None = None
+    # Check that a node's certificate names the address connected to.
+    ssl_check_hostname: bool = True
     # NetworkTopologyStrategy replication factor per datacenter.
     replication: dict[str, int] = {"dc1": 1, "dc2": 1}
     connect_timeout_s: float = 10.0
@@ -103,6 +181,29 @@ class CassandraConfig(_Section):
             raise ValueError(f"invalid keyspace name {value!r}")
         return value
 
+    @model_validator(mode="after")
+    def _secrets_given_once(self) -> "CassandraConfig":
+        _one_of("cassandra.password", self.password, self.password_file)
+        if (self.password is not None or self.password_file is not None) and not self.username:
+            raise ValueError("cassandra.password needs cassandra.username")
+        return self
+
+    def secret_password(self) -> str | None:
+        return read_secret("cassandra.password", self.password, self.password_file)
+
+    def resolved(self, root: Path) -> "CassandraConfig":
+        return self.model_copy(update=_resolved_paths(self, root, (
+            "password_file", "ssl_ca_file", "ssl_cert_file", "ssl_key_file")))
+
+
+def _resolved_paths(section: BaseModel, root: Path, fields: tuple[str, ...]) -> dict[str, Path]:
+    out = {}
+    for name in fields:
+        value = getattr(section, name)
+        if value is not None and not Path(value).expanduser().is_absolute():
+            out[name] = root / Path(value).expanduser()
+    return out
+
 
 class SiteConfig(_Section):
     """One hospital site: its DICOM and HTTP endpoints, its blob store and its Cassandra datacenter."""
@@ -111,6 +212,9 @@ class SiteConfig(_Section):
     ae_title: str
     dicom_host: str = "127.0.0.1"
     dicom_port: int
+    # The site AE's DICOM TLS port (PS3.15 B.1), beside the plain one (tls.plain_dicom); with tls.dicom
+    # on, the site listens with TLS here.
+    dicom_tls_port: int | None = Field(default=None, ge=1, le=65535)
     http_host: str = "127.0.0.1"
     http_port: int
     storage_root: Path
@@ -125,6 +229,15 @@ class SiteConfig(_Section):
     # sites by MirrorMaker 2 and each site consumes its own topics plus the others' mirrored ones
     # (docs/events.md, docs/deploy.md). Every other ``[kafka]`` setting is the grid's.
     kafka_bootstrap_servers: str | None = None
+    # The site's TLS certificate (its DICOM TLS port and HTTPS; also presented when it calls out) and
+    # its key, PEM. Unset: secrets/tls/<grid>-site-<name>.pem and -key.pem (made by `secrets init`).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # The Ed25519 key the site signs its requests to other sites' payload endpoints with (its own
+    # credential: a site's key cannot speak for another site), and its public half, which every other
+    # site verifies them with. Unset: secrets/<grid>-site-<name>-token.pem and .pub.pem.
+    token_key_file: Path | None = None
+    token_public_key_file: Path | None = None
 
     @field_validator("ae_title")
     @classmethod
@@ -145,6 +258,59 @@ class DicomPeer(_Section):
 
     host: str
     port: int = Field(ge=1, le=65535)
+    # Associations to this AE use TLS, verifying its certificate against ca_file (default: tls.ca_file)
+    # and, with verify_hostname, that it names `host`; the site presents its own certificate.
+    tls: bool = False
+    ca_file: Path | None = None
+    verify_hostname: bool = True
+    # Calling AE titles that may C-MOVE instances to this AE (unset: every AE allowed to retrieve).
+    move_requestors: list[str] | None = None
+    # Whether this AE may request Storage Commitment (its reports are sent to the address above).
+    commitment: bool = True
+
+    @field_validator("move_requestors")
+    @classmethod
+    def _valid_requestors(cls, values: list[str] | None) -> list[str] | None:
+        return None if values is None else [_check_ae_title(v) for v in values]
+
+
+# The services of a site AE, for per-service allow-lists ([security.service_aes]).
+DimseServiceName = Literal["storage", "query", "retrieve", "commitment"]
+ClientCertificates = Literal["none", "optional", "required"]
+
+
+class TlsConfig(_Section):
+    """TLS on the sites' DICOM and HTTP ports, and on the associations and requests they make.
+
+    Certificates are PEM files. Unset paths are the files ``dicomgrid secrets init`` makes (and ``make
+    run`` and, in development, ``dicomgrid up``): a development CA under secrets/tls/ and a certificate
+    per site issued by it. Production brings its own (the development CA's key lives beside the grid,
+    so a production config that still uses a certificate it issued refuses to start).
+    """
+
+    # The CA (one or more PEM certificates) that certificates of the grid's sites and of TLS peers
+    # chain to. Default: secrets/tls/<grid>-ca.pem.
+    ca_file: Path | None = None
+    # Each site AE that has a dicom_tls_port listens with TLS there ...
+    dicom: bool = True
+    # ... and plainly on its dicom_port (DCMTK's storescu without --tls; turn off in production).
+    plain_dicom: bool = True
+    # Each site's HTTP service (DICOMweb, payload transfer, /health) speaks HTTPS on its http_port
+    # (the shipped defaults turn it on; off here so a config built in code asks for it explicitly).
+    http: bool = False
+    # Client certificates on the DICOM TLS port: "none" (not asked for), "optional" (a client may
+    # present one; it must then chain to ca_file and speak for the calling AE title), "required".
+    client_certificates: ClientCertificates = "optional"
+    # Which calling AE titles a client certificate speaks for, by the certificate's identity (its
+    # subject CN or a DNS name of its subjectAltName): identity -> AE titles. A certificate whose
+    # identity is not listed speaks for the AE title equal to that identity only.
+    ae_identities: dict[str, list[str]] = {}
+    minimum_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
+    @field_validator("ae_identities")
+    @classmethod
+    def _valid_identities(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        return {k: [_check_ae_title(t) for t in v] for k, v in value.items()}
 
 
 class SecurityConfig(_Section):
@@ -153,21 +319,63 @@ class SecurityConfig(_Section):
     allowed_calling_aes: list[str] = []
     # When true, an empty allow-list admits everyone (development only).
     allow_any_calling_ae: bool = False
-    # Bearer token sites present to each other's payload endpoint (GET /internal/payloads/{sha256}).
-    # The default is for local development only; production configs set their own secret.
-    peer_token: str = Field(default="dicomgrid-dev-peer-token", min_length=16)
+    # Per service of the site AE, the calling AE titles that may use it (a subset of the above);
+    # a service not listed is open to every allowed calling AE. The presentation contexts of a service
+    # a caller may not use are rejected, and requests for it refused (0x0124), both audited.
+    service_aes: dict[DimseServiceName, list[str]] = {}
+    # Bearer tokens (JWT, EdDSA) on DICOMweb, the payload endpoint and the audit endpoint; false lets
+    # anyone in (development only: a production config refuses to start with it).
+    require_tokens: bool = True
+    # The grid's token signing key (Ed25519, PEM), which `dicomgrid token issue` signs with, and its
+    # public half, which every site verifies tokens with. Default: secrets/<grid>-token-signing.pem and
+    # .pub.pem. Only the public half needs to be on the sites' hosts.
+    token_signing_key_file: Path | None = None
+    token_public_key_file: Path | None = None
+    # Lifetime of the tokens a site signs for its requests to another site's payload endpoint.
+    peer_token_ttl_s: float = Field(default=300.0, ge=10)
+    # Longest lifetime `dicomgrid token issue` grants.
+    max_token_ttl_s: float = Field(default=366 * 86400.0, gt=0)
+    # Where `dicomgrid secrets init` keeps what it makes (relative to data_dir).
+    secrets_dir: Path = Path("secrets")
     # The Ed25519 key that signs the audit chain's checkpoints (PEM, PKCS8); created if it does not
     # exist. Relative to data_dir. Default: secrets/<grid name>-audit-signing.pem.
     audit_signing_key_file: Path | None = None
     # Trial pseudonym keys are stored in Cassandra wrapped under a key derived from this secret, so the
     # keyspace alone does not reveal them. Every process of the grid needs the same value. The default is
     # for local development only.
-    trial_key_secret: str = Field(default="dicomgrid-dev-trial-key-secret", min_length=16)
+    trial_key_secret: SecretStr | None = SecretStr(DEV_TRIAL_KEY_SECRET)
+    trial_key_secret_file: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_shared_peer_token(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "peer_token" in data:
+            raise ValueError("security.peer_token is gone: each site signs its requests to other sites with its "
+                             "own key (sites[].token_key_file); remove peer_token")
+        return data
+
+    @model_validator(mode="after")
+    def _trial_secret(self) -> "SecurityConfig":
+        if self.trial_key_secret_file is None and self.trial_key_secret is not None and len(self.trial_key_secret.get_secret_value()) < 16:
+            raise ValueError("security.trial_key_secret must be at least 16 characters")
+        return self
+
+    def trial_key(self) -> str:
+        """The trial key secret (from the config, the environment or trial_key_secret_file)."""
+        value = read_secret("security.trial_key_secret", self.trial_key_secret, self.trial_key_secret_file)
+        if value is None or len(value) < 16:
+            raise SecretUnavailable("security.trial_key_secret must be at least 16 characters")
+        return value
 
     @field_validator("allowed_calling_aes")
     @classmethod
     def _valid_titles(cls, values: list[str]) -> list[str]:
         return [_check_ae_title(v) for v in values]
+
+    @field_validator("service_aes")
+    @classmethod
+    def _valid_service_titles(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        return {k: [_check_ae_title(t) for t in v] for k, v in value.items()}
 
 
 class ReplicationConfig(_Section):
@@ -348,12 +556,15 @@ class GridConfig(BaseSettings):
     )
 
     name: str = "dicomgrid"
+    # "production" refuses to start with development material (see dicomgrid.core.production).
+    environment: Literal["development", "production"] = "development"
     data_dir: Path = Path(".dicomgrid")
     log_level: str = "INFO"
     kafka: KafkaConfig = KafkaConfig()
     cassandra: CassandraConfig = CassandraConfig()
     sites: list[SiteConfig] = []
     security: SecurityConfig = SecurityConfig()
+    tls: TlsConfig = TlsConfig()
     # Remote AEs the grid connects to, by AE title: C-MOVE destinations and Storage Commitment
     # requestors (their N-EVENT-REPORT goes to the address listed here).
     remote_aes: dict[str, DicomPeer] = {}
@@ -423,6 +634,15 @@ class GridConfig(BaseSettings):
                     f"site {site.name} uses Cassandra DC {site.cassandra_dc!r}, "
                     f"which is not in cassandra.replication"
                 )
+            if not self.tls.plain_dicom and not (self.tls.dicom and site.dicom_tls_port):
+                raise ValueError(f"site {site.name} would not listen for DICOM: tls.plain_dicom is off and "
+                                 f"it has no dicom_tls_port (with tls.dicom on)")
+            if site.dicom_tls_port is not None and site.dicom_tls_port in (site.dicom_port, site.http_port):
+                raise ValueError(f"site {site.name}: dicom_tls_port must differ from its other ports")
+        listed = {t for titles in self.security.service_aes.values() for t in titles}
+        unknown = listed - set(self.security.allowed_calling_aes) if self.security.allowed_calling_aes else set()
+        if unknown:
+            raise ValueError(f"security.service_aes names AE titles not in allowed_calling_aes: {sorted(unknown)}")
         return self
 
     # -- derived values ---------------------------------------------------------------------------
@@ -486,9 +706,64 @@ class GridConfig(BaseSettings):
         return self.resolve(self.infra.local_dir) if self.infra.local_dir else self.root
 
     @property
+    def secrets_dir(self) -> Path:
+        return self.resolve(self.security.secrets_dir)
+
+    @property
     def audit_signing_key_file(self) -> Path:
         configured = self.security.audit_signing_key_file
-        return self.resolve(configured) if configured else self.root / "secrets" / f"{self.name}-audit-signing.pem"
+        return self.resolve(configured) if configured else self.secrets_dir / f"{self.name}-audit-signing.pem"
+
+    # TLS material and token keys (defaults: what `dicomgrid secrets init` makes) ------------------
+
+    @property
+    def tls_ca_file(self) -> Path:
+        configured = self.tls.ca_file
+        return self.resolve(configured) if configured else self.secrets_dir / "tls" / f"{self.name}-ca.pem"
+
+    def site_tls_files(self, name: str) -> tuple[Path, Path]:
+        """(certificate, key) of a site's TLS identity."""
+        site = self.site(name)
+        base = self.secrets_dir / "tls" / f"{self.name}-site-{site.name}"
+        cert = self.resolve(site.tls_cert_file) if site.tls_cert_file else base.with_name(base.name + ".pem")
+        key = self.resolve(site.tls_key_file) if site.tls_key_file else base.with_name(base.name + "-key.pem")
+        return cert, key
+
+    def site_token_key_files(self, name: str) -> tuple[Path, Path]:
+        """(private, public) key a site signs its requests to other sites with."""
+        site = self.site(name)
+        base = f"{self.name}-site-{site.name}-token"
+        private = self.resolve(site.token_key_file) if site.token_key_file else self.secrets_dir / f"{base}.pem"
+        public = (self.resolve(site.token_public_key_file) if site.token_public_key_file
+                  else self.secrets_dir / f"{base}.pub.pem")
+        return private, public
+
+    @property
+    def token_key_files(self) -> tuple[Path, Path]:
+        """(private, public) key of the grid's token issuer."""
+        sec = self.security
+        private = (self.resolve(sec.token_signing_key_file) if sec.token_signing_key_file
+                   else self.secrets_dir / f"{self.name}-token-signing.pem")
+        public = (self.resolve(sec.token_public_key_file) if sec.token_public_key_file
+                  else self.secrets_dir / f"{self.name}-token-signing.pub.pem")
+        return private, public
+
+    def dicom_tls_port(self, name: str) -> int | None:
+        """The port a site AE listens on with TLS (None: none)."""
+        return self.site(name).dicom_tls_port if self.tls.dicom else None
+
+    def http_scheme(self) -> str:
+        return "https" if self.tls.http else "http"
+
+    def http_url(self, name: str) -> str:
+        """The base URL of a site's HTTP service (no trailing slash)."""
+        site = self.site(name)
+        return f"{self.http_scheme()}://{site.http_host}:{site.http_port}"
+
+    def ae_may_use(self, ae_title: str | None, service: str) -> bool:
+        """Whether a calling AE title (already admitted by the allow-list) may use a service of the site AE."""
+        allowed = self.security.service_aes.get(service)  # type: ignore[call-overload]
+        return allowed is None or (ae_title or "").strip() in allowed
 
     def site_storage(self, name: str) -> Path:
         return self.resolve(self.site(name).storage_root)
@@ -528,5 +803,9 @@ def load_config(path: str | os.PathLike[str] | None = None) -> GridConfig:
             user = tomllib.load(fh)
         data = _merge(GridConfig, data, user)
     config = GridConfig(**data)
-    # Pin the data directory now, so a later chdir cannot change where this grid keeps its files.
-    return config.model_copy(update={"data_dir": config.root})
+    # Pin the data directory now, so a later chdir cannot change where this grid keeps its files; the
+    # file paths of the Kafka and Cassandra sections are resolved against it too.
+    root = config.root
+    security = config.security.model_copy(update=_resolved_paths(config.security, root, ("trial_key_secret_file",)))
+    return config.model_copy(update={"data_dir": root, "kafka": config.kafka.resolved(root),
+                                     "cassandra": config.cassandra.resolved(root), "security": security})

@@ -10,11 +10,12 @@ import copy
 import enum
 import os
 import socket
+import ssl
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,7 +30,16 @@ from pynetdicom.dimse_primitives import C_CANCEL, C_ECHO, C_FIND, C_GET, C_MOVE,
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StorageCommitmentPushModel,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
@@ -37,6 +47,7 @@ from dicomgrid.core.audit import MINOR_FAILURE, AuditTrail, Participant
 from dicomgrid.core.config import ConnectionLimits, GridConfig, LimitsConfig
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.spool import ReceiveSpool
+from dicomgrid.core.tls import certificate_identities, certificate_speaks_for, dicom_server_context
 
 log = get_logger(__name__)
 
@@ -76,6 +87,31 @@ UNLISTED_STORAGE_CLASSES = _register_unlisted_storage_classes()
 def storage_sop_classes() -> list[str]:
     """Every storage SOP class a site stores and sends (C-STORE, and C-GET/C-MOVE sub-operations)."""
     return [cx.abstract_syntax for cx in AllStoragePresentationContexts] + UNLISTED_STORAGE_CLASSES
+
+
+# Which service of the site AE an abstract syntax belongs to, for per-service allow-lists; storage SOP
+# classes are "storage" (see service_of). Verification and anything else are open to every allowed AE.
+_SERVICE_OF = {
+    PatientRootQueryRetrieveInformationModelFind: "query",
+    StudyRootQueryRetrieveInformationModelFind: "query",
+    PatientRootQueryRetrieveInformationModelGet: "retrieve",
+    StudyRootQueryRetrieveInformationModelGet: "retrieve",
+    PatientRootQueryRetrieveInformationModelMove: "retrieve",
+    StudyRootQueryRetrieveInformationModelMove: "retrieve",
+    StorageCommitmentPushModel: "commitment",
+}
+# The DIMSE requests of each service (the primitive's class name).
+_SERVICE_OF_REQUEST = {"C_STORE": "storage", "C_FIND": "query", "C_GET": "retrieve", "C_MOVE": "retrieve",
+                       "N_ACTION": "commitment"}
+# PS3.7 C.5: "Refused: Not Authorized".
+NOT_AUTHORIZED = 0x0124
+
+
+def service_of(abstract_syntax: str) -> str | None:
+    """The site AE service an abstract syntax belongs to (None: open to every allowed calling AE)."""
+    if abstract_syntax in _SERVICE_OF:
+        return _SERVICE_OF[abstract_syntax]
+    return "storage" if abstract_syntax.startswith(_STORAGE_BRANCH) else None
 
 
 @dataclass(frozen=True)
@@ -142,6 +178,14 @@ def prefer_requested_syntaxes(event: evt.Event) -> None:
                 rank.setdefault(ts, position)
             context.transfer_syntax = sorted(context.transfer_syntax, key=lambda ts: rank.get(ts, len(order)))
     event.assoc.acceptor.supported_contexts = contexts
+
+
+def requested_calling_ae(assoc: Association) -> str:
+    """The calling AE title of an association request; at EVT_REQUESTED pynetdicom has not copied it to
+    ``assoc.requestor.ae_title`` yet."""
+    primitive = assoc.requestor.primitive
+    title = getattr(primitive, "calling_ae_title", None) or assoc.requestor.ae_title or ""
+    return title.strip()
 
 
 def peer_of(event: evt.Event) -> tuple[str | None, str]:
@@ -233,9 +277,11 @@ class _SiteDIMSE(DIMSEServiceProvider):
       deleted when the association ends (pynetdicom deletes a file only after its handler ran).
     """
 
-    def __init__(self, assoc: Association, refused: Callable[[Association, Refusal], None]) -> None:
+    def __init__(self, assoc: Association, refused: Callable[[Association, Refusal], None],
+                 may_use: Callable[[Association, str], bool] = lambda assoc, service: True) -> None:
         super().__init__(assoc)
         self._refused = refused
+        self._may_use = may_use
         self.spool_files: list[Path] = []
 
     def receive_primitive(self, primitive: Any) -> None:
@@ -261,6 +307,13 @@ class _SiteDIMSE(DIMSEServiceProvider):
         except Exception:
             self._discard(message)
             self._answer_undecodable(message, context_id)
+            return
+
+        service = _SERVICE_OF_REQUEST.get(type(request).__name__)
+        if service is not None and not self._may_use(self.assoc, service):
+            # Its contexts were rejected at negotiation; this catches storage requests on a C-GET
+            # association (whose storage contexts a retrieve-only AE needs for the sub-operations).
+            self._answer_not_authorized(message, request, context_id, service)
             return
 
         # From here on as in pynetdicom.
@@ -300,6 +353,20 @@ class _SiteDIMSE(DIMSEServiceProvider):
                 except Exception:
                     pass
         self._refused(self.assoc, Refusal(name, keyword, wrong, status))
+        self.send_msg(response, context_id)
+
+    def _answer_not_authorized(self, message: DIMSEMessage, request: Any, context_id: int | None,
+                               service: str) -> None:
+        command = type(request).__name__.replace("_", "-")
+        self._discard(message)
+        response = type(request)()
+        response.MessageIDBeingRespondedTo = request.MessageID
+        response.Status = NOT_AUTHORIZED
+        response.ErrorComment = f"calling AE may not use {service}"[:64]
+        for echoed in ("AffectedSOPClassUID", "AffectedSOPInstanceUID"):
+            if hasattr(response, echoed) and getattr(request, echoed, None):
+                setattr(response, echoed, getattr(request, echoed))
+        self._refused(self.assoc, Refusal(command, None, f"calling AE may not use {service}", NOT_AUTHORIZED))
         self.send_msg(response, context_id)
 
     def _claim_spool_file(self, message: DIMSEMessage) -> None:
@@ -355,7 +422,26 @@ class _Connection:
     state: _State = _State.WAITING
 
 
+@dataclass(eq=False)
+class _Registry:
+    """The connections of a receiver process, shared by its plain and TLS listeners, so the limits
+    count them together."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    connections: dict[socket.socket, _Connection] = field(default_factory=dict)
+    by_assoc: dict[Association, _Connection] = field(default_factory=dict)
+
+
+# Why an association is rejected, for its audit record (set before the rejection is sent).
+_REJECTION_NOTE = "_dicomgrid_rejection"
+
+
 class _SiteRequestHandler(RequestHandler):
+    def handle(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket) and not self.server.handshake(self.request):  # type: ignore[attr-defined]
+            return
+        super().handle()
+
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         self.server.attach(self.request, assoc)  # type: ignore[attr-defined]
@@ -375,9 +461,13 @@ class SiteServer(ThreadedAssociationServer):
       down (which also unblocks a DUL thread stuck reading);
     * at most ``max_pending_per_peer`` such connections per IP address and ``max_pending`` in all: a
       new one closes the oldest, so a real PACS at an attacker's address still gets its turn;
-    * ``max_associations`` counts negotiated associations only, and ``[limits]
+    * ``max_associations`` counts negotiated associations only (the plain and TLS ports together), and ``[limits]
       max_associations_per_calling_ae`` caps those of one calling AE title, so one PACS opening
       associations without end cannot take every slot from the others;
+    * on a TLS port the handshake runs in the connection's own thread, within the same deadline (the
+      accept loop would otherwise wait on a client that never sends its hello), and ``admit`` decides
+      about each association request before negotiation (the site AE checks that a client
+      certificate speaks for the calling AE title);
     * every spool file of an association is deleted when it ends, for whatever reason, and a periodic
       sweep (:class:`~dicomgrid.core.spool.ReceiveSpool`) removes anything left over.
     """
@@ -388,15 +478,23 @@ class SiteServer(ThreadedAssociationServer):
 
     def __init__(self, *args: Any, limits: ConnectionLimits, spool: ReceiveSpool | None,
                  refused: Callable[[Association, Refusal], None], reuse_port: bool = False,
+                 registry: _Registry | None = None,
+                 admit: Callable[[Association], tuple[tuple[int, int, int], str] | None] | None = None,
+                 may_use: Callable[[Association, str], bool] | None = None,
+                 handshake_failed: Callable[[str, str], None] | None = None,
                  request_limits: LimitsConfig | None = None, **kwargs: Any) -> None:
         self.limits = limits
         self.request_limits = request_limits or LimitsConfig()
         self.spool = spool
         self.refused = refused
         self.reuse_port = reuse_port
-        self._lock = threading.Lock()
-        self._connections: dict[socket.socket, _Connection] = {}
-        self._by_assoc: dict[Association, _Connection] = {}
+        self.admit = admit
+        self.may_use = may_use or (lambda assoc, service: True)
+        self.handshake_failed = handshake_failed
+        self.registry = registry or _Registry()
+        self._lock = self.registry.lock
+        self._connections = self.registry.connections
+        self._by_assoc = self.registry.by_assoc
         self._next_sweep = time.monotonic() + SPOOL_SWEEP_INTERVAL_S
         super().__init__(*args, request_handler=_SiteRequestHandler, **kwargs)
         self.bind(evt.EVT_REQUESTED, self._on_requested)
@@ -410,6 +508,36 @@ class SiteServer(ThreadedAssociationServer):
         super().server_bind()
 
     # accept loop ---------------------------------------------------------------------------------
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        client, address = self.socket.accept()  # type: ignore[union-attr]
+        if self.ssl_context is not None:
+            # The handshake waits for the client: it runs in the connection's thread (handshake()).
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    def handshake(self, sock: ssl.SSLSocket) -> bool:
+        """TLS handshake of an accepted connection, within the time it has left to associate."""
+        with self._lock:
+            connection = self._connections.get(sock)
+        left = self.limits.request_timeout_s - (time.monotonic() - connection.accepted) if connection else 0.0
+        peer = connection.peer if connection else "unknown"
+        try:
+            if left <= 0:
+                raise TimeoutError("closed for a newer connection")
+            sock.settimeout(left)
+            sock.do_handshake()
+            sock.settimeout(None)
+            return True
+        except (OSError, ValueError) as exc:
+            reason = _handshake_failure(exc)
+            log.info("dicom tls handshake failed", peer=peer, reason=reason)
+            # Idle connections are the pending limits' business (logged, as on the plain port); a
+            # handshake that failed on its merits (a certificate refused, a protocol error) is audited.
+            if self.handshake_failed is not None and isinstance(exc, ssl.SSLError):
+                self.handshake_failed(peer, reason)
+            self.shutdown_request(sock)
+            return False
 
     def process_request(self, request: Any, client_address: Any) -> None:
         connection = _Connection(request, str(client_address[0]), time.monotonic())
@@ -458,7 +586,7 @@ class SiteServer(ThreadedAssociationServer):
 
     def attach(self, request: Any, assoc: Association) -> None:
         """Called as pynetdicom creates the association for an accepted socket, before it starts."""
-        assoc.dimse = _SiteDIMSE(assoc, self.refused)
+        assoc.dimse = _SiteDIMSE(assoc, self.refused, self.may_use)
         with self._lock:
             connection = self._connections.get(request)
             if connection is not None:
@@ -473,26 +601,33 @@ class SiteServer(ThreadedAssociationServer):
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
-        calling_ae = _calling_ae(assoc)
-        with self._lock:
-            connection = self._by_assoc.get(assoc)
-            admitted = [c for c in self._by_assoc.values()
-                        if c.state is _State.ADMITTED and c.assoc is not None and c.assoc.is_alive()]
-            same_ae = sum(1 for c in admitted if c.assoc is not None and _calling_ae(c.assoc) == calling_ae)
-            per_ae = self.request_limits.max_associations_per_calling_ae
-            if len(admitted) >= self.limits.max_associations:
-                full: str | None = f"local limit of {self.limits.max_associations} associations reached"
-            elif same_ae >= per_ae:
-                full = f"local limit of {per_ae} associations per calling AE reached (calling AE {calling_ae!r})"
-            else:
-                full = None
-            if connection is not None and full is None:
-                # Taken now, before negotiation ends, so two requests at once cannot both get the last slot.
-                connection.state = _State.ADMITTED
-        if full is not None:
-            # As pynetdicom rejects: rejected transient, service provider (presentation), local limit exceeded.
-            assoc.limit_reached = full  # type: ignore[attr-defined]  # read by the rejection's audit record
-            assoc.acse.send_reject(0x02, 0x03, 0x02)
+        refusal = self.admit(assoc) if self.admit is not None else None
+        if refusal is None:
+            calling_ae = _calling_ae(assoc)
+            with self._lock:
+                connection = self._by_assoc.get(assoc)
+                admitted = [c for c in self._by_assoc.values()
+                            if c.state is _State.ADMITTED and c.assoc is not None and c.assoc.is_alive()]
+                same_ae = sum(1 for c in admitted if c.assoc is not None and _calling_ae(c.assoc) == calling_ae)
+                per_ae = self.request_limits.max_associations_per_calling_ae
+                if len(admitted) >= self.limits.max_associations:
+                    full: str | None = f"local limit of {self.limits.max_associations} associations reached"
+                elif same_ae >= per_ae:
+                    full = f"local limit of {per_ae} associations per calling AE reached (calling AE {calling_ae!r})"
+                else:
+                    full = None
+                if connection is not None and full is None:
+                    # Taken now, before negotiation ends, so two requests at once cannot both get the last slot.
+                    connection.state = _State.ADMITTED
+            if full is not None:
+                # As pynetdicom rejects: rejected transient, service provider (presentation), local limit exceeded.
+                assoc.limit_reached = full  # type: ignore[attr-defined]  # read by the rejection's audit record
+                refusal = (0x02, 0x03, 0x02), full
+        if refusal is not None:
+            # (result, source, diagnostic), and why (for the rejection's audit record).
+            (result, source, diagnostic), why = refusal
+            setattr(assoc, _REJECTION_NOTE, why)
+            assoc.acse.send_reject(result, source, diagnostic)
             evt.trigger(assoc, evt.EVT_REJECTED, {})
             assoc.kill()
 
@@ -564,7 +699,21 @@ def _calling_ae(assoc: Association) -> str:
     return (getattr(primitive, "calling_ae_title", None) or assoc.requestor.ae_title or "").strip()
 
 
+def _handshake_failure(exc: BaseException) -> str:
+    """Why a TLS handshake failed, as a log and audit line can say it (no peer input)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"client certificate not accepted: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc.reason or type(exc).__name__}"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "no TLS handshake within the request timeout"
+    return f"connection lost during the TLS handshake ({type(exc).__name__})"
+
+
 def _rejection_reason(assoc: Association, limits: ConnectionLimits) -> str:
+    noted = getattr(assoc, _REJECTION_NOTE, None)
+    if noted:
+        return noted
     primitive = assoc.acceptor.primitive
     source, diagnostic = getattr(primitive, "result_source", None), getattr(primitive, "diagnostic", None)
     if (source, diagnostic) == (0x03, 0x02):
@@ -617,6 +766,7 @@ class SiteAE:
         out: list[tuple[Any, Callable[..., Any]]] = [
             (evt.EVT_CONN_OPEN, set_nodelay),
             (evt.EVT_REQUESTED, prefer_requested_syntaxes),
+            (evt.EVT_REQUESTED, self._offer_allowed_services),
             (evt.EVT_C_ECHO, lambda event: 0x0000),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
@@ -658,6 +808,64 @@ class SiteAE:
 
     # -- end of other called AE titles --
 
+    # -- who may do what -----------------------------------------------------------------------------
+
+    def _admit(self, assoc: Association) -> tuple[tuple[int, int, int], str] | None:
+        """Before negotiation: a client certificate must speak for the calling AE title it is used with."""
+        sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+        if not isinstance(sock, ssl.SSLSocket):
+            return None
+        calling_ae = requested_calling_ae(assoc)
+        cert = sock.getpeercert()
+        if not cert:
+            return None  # no certificate (tls.client_certificates = "optional" or "none")
+        if certificate_speaks_for(self.config, cert, calling_ae):
+            return None
+        names = ", ".join(repr(n) for n in certificate_identities(cert)[:3]) or "no identity"
+        # Rejected permanent, service user, calling AE title not recognised.
+        return (0x01, 0x01, 0x03), f"TLS client certificate of {names} does not speak for calling AE {calling_ae!r}"
+
+    def _may_use(self, assoc: Association, service: str) -> bool:
+        return self.config.ae_may_use(assoc.requestor.ae_title, service)
+
+    def _offer_allowed_services(self, event: evt.Event) -> None:
+        """Reject the presentation contexts of the services the calling AE may not use.
+
+        Storage contexts stay for an AE that may retrieve: C-GET sends on them (the requestor's C-STORE
+        requests on them are refused by the DIMSE provider).
+        """
+        assoc = event.assoc
+        calling_ae = requested_calling_ae(assoc)
+        if (not self.config.security.service_aes or assoc.is_rejected or assoc.is_aborted
+                or not self.config.is_calling_ae_allowed(calling_ae)):
+            return  # refused as a whole, or open to everything
+        allowed = {name: self.config.ae_may_use(calling_ae, name) for name in ("storage", "query", "retrieve", "commitment")}
+        allowed["storage"] = allowed["storage"] or allowed["retrieve"]
+        proposed = {cx.abstract_syntax for cx in assoc.requestor.primitive.presentation_context_definition_list}
+        denied = sorted({service_of(uid) for uid in proposed if service_of(uid) and not allowed[service_of(uid)]})  # type: ignore[index]
+        if not denied:
+            return
+        assoc.acceptor.supported_contexts = [
+            cx for cx in assoc.acceptor.supported_contexts
+            if service_of(cx.abstract_syntax) is None or allowed[service_of(cx.abstract_syntax)]  # type: ignore[index]
+        ]
+        peer = f"{assoc.requestor.address}:{assoc.requestor.port}"
+        log.warning("presentation contexts rejected: service not allowed", calling_ae=calling_ae, peer=peer,
+                    services=denied)
+        self.audit.record(
+            "E", "Security Alert", MINOR_FAILURE,
+            f"calling AE {calling_ae!r} may not use {', '.join(denied)}: its presentation contexts were rejected",
+            [Participant(calling_ae or "unknown", True, calling_ae or None, peer, "Source"),
+             Participant(self.site.name, False, self.site.ae_title, None, "Destination")],
+        )
+
+    def _on_handshake_failed(self, peer: str, reason: str) -> None:
+        self.audit.record(
+            "E", "Security Alert", MINOR_FAILURE, f"DICOM TLS connection refused: {reason}",
+            [Participant(peer, True, None, peer, "Source"),
+             Participant(self.site.name, False, self.site.ae_title, None, "Destination")],
+        )
+
     def _on_rejected(self, event: evt.Event) -> None:
         calling_ae, peer = peer_of(event)
         reason = _rejection_reason(event.assoc, self.config.connections)
@@ -692,8 +900,9 @@ class SiteAE:
             ],
         )
 
-    def serve(self, *, spool_dir: Path, reuse_port: bool = False, block: bool = True) -> SiteServer:
-        """Listen on the site's DICOM address; blocks unless ``block`` is false.
+    def serve(self, *, spool_dir: Path, reuse_port: bool = False, block: bool = True) -> "Listeners":
+        """Listen on the site's DICOM port and DICOM TLS port (as ``tls`` says); blocks unless ``block``
+        is false.
 
         ``spool_dir`` (the site's ``incoming/``) receives the data sets pynetdicom streams to temporary
         files, in a folder of this process's own: keep it on the site's volume. These settings are
@@ -707,30 +916,69 @@ class SiteAE:
         spool = ReceiveSpool(Path(spool_dir))
         tempfile.tempdir = str(spool.create())
         spool.sweep(grace_s=0)
-        server = self.ae.make_server(
-            (self.site.dicom_host, self.site.dicom_port),
-            contexts=[_CheapCopyContext.of(cx) for cx in self.ae.supported_contexts],
-            evt_handlers=self.handlers(),
-            server_class=SiteServer,
-            limits=self.config.connections,
-            request_limits=self.config.limits,
-            spool=spool,
-            refused=self._on_refused,
-            reuse_port=reuse_port,
-        )
-        self.ae._servers.append(server)
+        ports: list[tuple[int, ssl.SSLContext | None]] = []
+        if self.config.tls.plain_dicom:
+            ports.append((self.site.dicom_port, None))
+        tls_port = self.config.dicom_tls_port(self.site.name)
+        if tls_port is not None:
+            ports.append((tls_port, dicom_server_context(self.config, self.site.name)))
+        registry = _Registry()
+        servers = []
+        for number, (port, context) in enumerate(ports):
+            server = self.ae.make_server(
+                (self.site.dicom_host, port),
+                contexts=[_CheapCopyContext.of(cx) for cx in self.ae.supported_contexts],
+                ssl_context=context,
+                evt_handlers=self.handlers(),
+                server_class=SiteServer,
+                limits=self.config.connections,
+                request_limits=self.config.limits,
+                spool=spool if number == 0 else None,  # one sweeper per process
+                refused=self._on_refused,
+                reuse_port=reuse_port,
+                registry=registry,
+                admit=self._admit,
+                may_use=self._may_use,
+                handshake_failed=self._on_handshake_failed,
+            )
+            self.ae._servers.append(server)
+            servers.append(server)
         log.info(
             "dicom services listening",
             site=self.site.name,
             ae_title=self.site.ae_title,
-            address=f"{self.site.dicom_host}:{self.site.dicom_port}",
+            address=f"{self.site.dicom_host}:{self.site.dicom_port}" if self.config.tls.plain_dicom else None,
+            tls_address=f"{self.site.dicom_host}:{tls_port}" if tls_port else None,
+            client_certificates=self.config.tls.client_certificates if tls_port else None,
             services=[type(s).__name__ for s in self.services],
         )
+        listeners = Listeners(servers)
+        for server in servers[1:] if block else servers:
+            threading.Thread(target=server.serve_forever, name=f"dimse-{self.site.name}", daemon=True).start()
         if block:
             try:
-                server.serve_forever()
+                servers[0].serve_forever()
             finally:
+                listeners.shutdown()
+        return listeners
+
+
+@dataclass
+class Listeners:
+    """The listening servers of one receiver process (plain and TLS), which share its limits."""
+
+    servers: list[SiteServer]
+
+    def shutdown(self) -> None:
+        for server in self.servers:
+            try:
                 server.shutdown()
-        else:
-            threading.Thread(target=server.serve_forever, name=f"dimse-{self.site.name}", daemon=True).start()
-        return server
+            except ValueError:  # already removed from the AE's servers
+                pass
+
+    def server_close(self) -> None:
+        for server in self.servers:
+            server.server_close()
+
+    def pending_connections(self) -> int:
+        return self.servers[0].pending_connections() if self.servers else 0

@@ -4,8 +4,10 @@ Every movement of payload bytes from one site to another goes through here: a re
 missing or corrupt local copy (:mod:`dicomgrid.consumers.payloads`) and the replication worker
 (:mod:`dicomgrid.processors.replicator`).
 
-The endpoint is ``GET /internal/payloads/{sha256}`` on each site's HTTP port, guarded by the grid's
-peer bearer token. A site only ever serves its own local copy, checked as it streams, so a fetch never
+The endpoint is ``GET /internal/payloads/{sha256}`` on each site's HTTP port (HTTPS when ``tls.http``),
+behind the site's token check: a request carries a token the asking site signed with its own key,
+addressed to the site asked, scope ``replicate`` (:class:`~dicomgrid.core.tokens.PeerTokens`). A site
+only ever serves its own local copy, checked as it streams, so a fetch never
 cascades from site to site. The client writes what it receives straight into the local blob store while
 hashing it, and a copy is named (committed) only when its SHA-256 matches.
 
@@ -16,7 +18,6 @@ retrieve, or a replication still in flight).
 
 from __future__ import annotations
 
-import hmac
 import re
 import threading
 import time
@@ -36,12 +37,13 @@ from dicomgrid.core.events import CopyCause, InstanceRef, replica_stored
 from dicomgrid.core.kafka import PublishError
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.site import SiteContext
+from dicomgrid.core.tls import http_verify
+from dicomgrid.core.tokens import PeerTokens, Principal
 
 log = get_logger(__name__)
 
 DIGEST = re.compile(r"[0-9a-f]{64}")
 PEER_PATH = "/internal/payloads/{sha256}"
-SITE_HEADER = "X-Dicomgrid-Site"
 # Resumes of one cut transfer before the peer counts as failed.
 MAX_RESUMES = 3
 # What a cut connection looks like to the client: the response ended early or the peer went quiet.
@@ -90,7 +92,9 @@ class PayloadTransfer:
         self.site = site
         # One pooled client for every fetch (httpx clients may be shared between threads). Peer traffic
         # stays inside the grid: proxy settings from the environment are not applied to it.
-        self._http = httpx.Client(timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s), trust_env=False)
+        self._http = httpx.Client(timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s), trust_env=False,
+                                  verify=http_verify(site.config))
+        self._tokens = PeerTokens(site.config, site.site.name)
         self._throttle = Throttle(bandwidth_bytes_s) if bandwidth_bytes_s else None
 
     def close(self) -> None:
@@ -169,8 +173,8 @@ class PayloadTransfer:
             return writer.commit()
 
     def _stream_into(self, peer: SiteConfig, digest: str, writer: BlobWriter) -> None:
-        url = f"http://{peer.http_host}:{peer.http_port}{PEER_PATH.format(sha256=digest)}"
-        headers = {"Authorization": f"Bearer {self.site.config.security.peer_token}", SITE_HEADER: self.site.site.name}
+        url = self.site.config.http_url(peer.name) + PEER_PATH.format(sha256=digest)
+        headers = {"Authorization": f"Bearer {self._tokens.for_site(peer.name)}"}
         if writer.size:
             headers["Range"] = f"bytes={writer.size}-"
         with self._http.stream("GET", url, headers=headers) as response:
@@ -233,9 +237,6 @@ class TransferEndpoint:
         ``Range: bytes=N-`` (or ``N-M``) resumes a cut transfer: 206 with those bytes. The whole copy
         is hashed either way, and the last bytes are held back until it matches its digest.
         """
-        if not self._authorized(request):
-            return JSONResponse({"error": "missing or invalid bearer token"}, status_code=401,
-                                headers={"WWW-Authenticate": "Bearer"})
         digest = request.path_params["sha256"]
         if not DIGEST.fullmatch(digest):
             return JSONResponse({"error": "not a lowercase hex SHA-256 digest"}, status_code=400)
@@ -267,7 +268,8 @@ class TransferEndpoint:
 
     def _sent(self, request: Request, reader: PayloadReader, start: int, end: int) -> Iterator[bytes]:
         """The bytes of the response; the transfer is audited once they have all gone (or failed)."""
-        peer_site = request.headers.get(SITE_HEADER, "unknown")[:64]
+        principal: Principal | None = request.state.principal if hasattr(request.state, "principal") else None
+        peer_site = principal.site or principal.subject if principal is not None else "unknown"
         address = f"{request.client.host}:{request.client.port}" if request.client else None
         sent, outcome, description = 0, MINOR_FAILURE, "peer left before the payload was sent"
         try:
@@ -289,8 +291,3 @@ class TransferEndpoint:
                  Participant(me.name, False, me.ae_title, None, "Source")],
                 [AuditObject("payload", reader.digest, {"size": reader.size, "bytes_sent": sent, "offset": start})],
             )
-
-    def _authorized(self, request: Request) -> bool:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        expected = self.site.config.security.peer_token
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode())

@@ -2,7 +2,7 @@
 # Entrypoint of the dicomgrid image: `dicomgrid "$@"`, with secrets read from files first.
 #
 # For every environment variable DICOMGRID_<NAME>_FILE=<path> (e.g.
-# DICOMGRID_SECURITY__PEER_TOKEN_FILE=/run/secrets/peer_token) the file's contents, trailing newlines
+# DICOMGRID_SECURITY__TRIAL_KEY_SECRET_FILE=/run/secrets/trial_key_secret) the file's contents, trailing newlines
 # removed, are exported as DICOMGRID_<NAME> and the _FILE variable is removed, so Docker/Compose
 # secrets and Kubernetes Secret volumes reach the config loader as its ordinary environment overrides
 # without a secret value ever being in the environment of the orchestrator or in a committed file.

@@ -48,6 +48,26 @@ def main(ctx: click.Context, config_file: str | None, log_level: str | None, log
     ctx.obj = Context(config_file, log_level, log_file)
 
 
+def _startable(ctx: Context) -> None:
+    """Refuse to start services with a production config that still carries development material; in
+    development, make the key material that is missing (a local CA, certificates, token keys)."""
+    from dicomgrid.core import pki
+    from dicomgrid.core.production import refusal
+
+    message = refusal(ctx.config)
+    if message:
+        raise click.ClickException(message)
+    missing = pki.missing_material(ctx.config)
+    if missing and ctx.config.environment == "development":
+        try:
+            pki.ensure_material(ctx.config)
+        except pki.KeyMaterialError as exc:
+            raise click.ClickException(str(exc)) from exc
+    elif missing:
+        raise click.ClickException(f"key material missing: {missing[0]}" + (
+            f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+
+
 def _logging(ctx: Context) -> None:
     logs = ctx.config.logs
     configure_logging(
@@ -161,11 +181,18 @@ def _supervisor(ctx: Context):  # noqa: ANN202
 
 def _print_sites(config: GridConfig) -> None:
     for site in config.sites:
+        ports = [f"{site.dicom_host}:{site.dicom_port}"] if config.tls.plain_dicom else []
+        if config.dicom_tls_port(site.name):
+            ports.append(f"{site.dicom_host}:{site.dicom_tls_port} (TLS)")
         click.echo(
-            f"site {site.name}: AE {site.ae_title} at {site.dicom_host}:{site.dicom_port}, "
-            f"DICOMweb http://{site.http_host}:{site.http_port}/dicomweb, Cassandra {site.cassandra_dc}, "
+            f"site {site.name}: AE {site.ae_title} at {', '.join(ports)}, "
+            f"DICOMweb {config.http_url(site.name)}/dicomweb, Cassandra {site.cassandra_dc}, "
             f"blobs {config.site_storage(site.name)}"
         )
+    if config.tls.dicom or config.tls.http:
+        click.echo(f"TLS: certificates chain to {config.tls_ca_file}")
+    if config.security.require_tokens:
+        click.echo("DICOMweb wants a bearer token: `dicomgrid token issue --scope read`")
 
 
 def _require_schema(config: GridConfig) -> None:
@@ -212,6 +239,7 @@ def _stop_on_signals() -> threading.Event:
 def up(ctx: Context, detach: bool) -> None:
     """Start every site's services (receivers, DICOMweb, stream processors, replication workers) and
     restart any that exits."""
+    _startable(ctx)
     _require_schema(ctx.config)
     supervisor = _supervisor(ctx)
     if detach:
@@ -249,6 +277,7 @@ def up(ctx: Context, detach: bool) -> None:
 @pass_ctx
 def supervise(ctx: Context) -> None:
     """The supervisor loop alone, in the foreground (what `up --detach` runs in the background)."""
+    _startable(ctx)
     _logging(ctx)
     stop = _stop_on_signals()
     _supervisor(ctx).supervise(stop)
@@ -334,8 +363,14 @@ def _degraded(config: GridConfig, infra_state: Any) -> list[str]:
 
 
 @main.group()
-def serve() -> None:
+@pass_ctx
+def serve(ctx: Context) -> None:
     """Run one service of one site in the foreground."""
+    from dicomgrid.core.production import refusal
+
+    message = refusal(ctx.config)
+    if message:
+        raise click.ClickException(message)
 
 
 @serve.command("receiver")
@@ -381,13 +416,14 @@ def serve_http(ctx: Context, site: str) -> None:
     import uvicorn
 
     from dicomgrid.core.site import open_site
+    from dicomgrid.core.tls import uvicorn_ssl
     from dicomgrid.http import create_http_app, guarded_protocol
 
     _serving(ctx, site)
     site_config = ctx.config.site(site)
     app = create_http_app(open_site(ctx.config, site, "http"))
     uvicorn.run(app, host=site_config.http_host, port=site_config.http_port, log_config=None, access_log=False,
-                http=guarded_protocol(ctx.config.connections))
+                http=guarded_protocol(ctx.config.connections), **uvicorn_ssl(ctx.config, site))
 
 
 def _serving(ctx: Context, site: str) -> None:
@@ -716,6 +752,109 @@ def export_parquet(ctx: Context, directory: str, since: str | None, as_json: boo
     click.echo(json_module.dumps(summary) if as_json else f"{rows} instance(s) written to {summary['directory']}")
 
 
+# -- secrets and tokens ------------------------------------------------------------------------------
+
+
+@main.group()
+def secrets() -> None:
+    """Key material: the development CA and certificates, token signing keys."""
+
+
+@secrets.command("init")
+@pass_ctx
+def secrets_init(ctx: Context) -> None:
+    """Make the key material the config names and that is missing (idempotent; never overwrites).
+
+    In development that is a local CA, a certificate per site issued by it, the grid's token signing
+    key and each site's own token key, all under the data directory's secrets/.
+    """
+    from dicomgrid.core import pki
+
+    try:
+        made = pki.ensure_material(ctx.config)
+    except pki.KeyMaterialError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(made.render())
+    if pki.needs_tls(ctx.config):
+        click.echo(f"CA certificate (give it to storescu +cf, curl --cacert): {ctx.config.tls_ca_file}")
+
+
+@secrets.command("cert")
+@click.argument("ae_title")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Folder to write <AE>.pem and <AE>-key.pem to.")
+@pass_ctx
+def secrets_cert(ctx: Context, ae_title: str, out_dir: str) -> None:
+    """Issue a client certificate for AE_TITLE from the development CA (e.g. for storescu +tls)."""
+    from dicomgrid.core import pki
+
+    if not pki.is_development_certificate(ctx.config.tls_ca_file):
+        raise click.ClickException("only the development CA of `dicomgrid secrets init` issues certificates here")
+    out = Path(out_dir)
+    cert, key = out / f"{ae_title}.pem", out / f"{ae_title}-key.pem"
+    if cert.exists() or key.exists():
+        raise click.ClickException(f"{cert} or {key} exists already")
+    try:
+        pki.issue_certificate(ctx.config.tls_ca_file, cert, key, ae_title)
+    except pki.KeyMaterialError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{cert}\n{key}")
+
+
+@main.group()
+def token() -> None:
+    """Bearer tokens for the sites' HTTP services."""
+
+
+@token.command("issue")
+@click.option("--scope", "scopes", multiple=True, required=True,
+              help="read, write, replicate or audit (repeatable, or comma-separated).")
+@click.option("--site", default=None, help="Only this site accepts the token (default: every site).")
+@click.option("--ttl", default="1h", show_default=True, help="Lifetime: seconds, or 15m, 12h, 30d.")
+@click.option("--subject", default=None, help="Who the token is for (audit records name it; default: $USER).")
+@pass_ctx
+def token_issue(ctx: Context, scopes: tuple[str, ...], site: str | None, ttl: str, subject: str | None) -> None:
+    """Print a token (JWT) signed with the grid's token signing key."""
+    import getpass
+
+    from dicomgrid.core import pki
+    from dicomgrid.core.tokens import issue, parse_duration
+
+    wanted = [part.strip() for value in scopes for part in value.split(",") if part.strip()]
+    try:
+        minted = issue(ctx.config, wanted, subject=subject or getpass.getuser(), ttl_s=parse_duration(ttl),
+                       site=site)
+    except (ValueError, KeyError, pki.KeyMaterialError) as exc:
+        raise click.ClickException(str(exc.args[0]) if exc.args else str(exc)) from exc
+    click.echo(minted)
+
+
+@main.group("config")
+def config_group() -> None:
+    """The effective configuration."""
+
+
+@config_group.command("show")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+def config_show(ctx: Context, as_json: bool) -> None:
+    """The configuration after defaults, file and environment (secrets shown as **********)."""
+    import json as json_module
+
+    dumped = ctx.config.model_dump(mode="json")
+    if as_json:
+        click.echo(json_module.dumps(dumped, indent=2))
+        return
+    for section, value in dumped.items():
+        if isinstance(value, dict):
+            for key, item in value.items():
+                click.echo(f"{section}.{key} = {json_module.dumps(item)}")
+        elif isinstance(value, list):
+            click.echo(f"{section} = {json_module.dumps(value)}")
+        else:
+            click.echo(f"{section} = {json_module.dumps(value)}")
+
+
 # -- replication -------------------------------------------------------------------------------------
 
 
@@ -791,7 +930,12 @@ def seed(ctx: Context, site: str | None, wait_s: float, paths: tuple[str, ...]) 
     _logging(ctx)
     site_config = ctx.config.site(site) if site else ctx.config.sites[0]
     files = [Path(p) for p in paths] if paths else sample_files()
-    report = send_files(site_config, files)
+    tls = None
+    if not ctx.config.tls.plain_dicom:  # then over the site's TLS port, as a PACS would
+        from dicomgrid.core.tls import client_context
+
+        tls = client_context(ctx.config)
+    report = send_files(site_config, files, tls=tls)
     click.echo(report.render())
     if wait_s and report.stored:
         _wait_replicated(ctx.config, site_config.cassandra_dc, list(dict.fromkeys(report.stored)), wait_s)

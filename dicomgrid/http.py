@@ -1,6 +1,12 @@
 """A site's HTTP service: DICOMweb under ``/dicomweb``, the payload transfer endpoint peers fetch from
 (``/internal/payloads``), and the operator's endpoints: ``/health`` (the process's dependencies),
-``/health/live``, ``/metrics`` (the whole site's Prometheus metrics) and the ``/status`` page."""
+``/health/live``, ``/metrics`` (the whole site's Prometheus metrics) and the ``/status`` page.
+
+Every DICOMweb and payload path wants a bearer token with the scope :func:`required_scope` names
+(:class:`TokenGuard`); a missing or bad token is answered 401 (audited as User Authentication), a
+token without the scope 403 (audited as a Security Alert). The operator's endpoints stay open to
+probes, scrapers and the status page's browser (they carry no patient data).
+"""
 
 from __future__ import annotations
 
@@ -11,27 +17,119 @@ from typing import Any
 
 import h11
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from dicomgrid.consumers import http_routes
 from dicomgrid.consumers.status_page import StatusPage
 from dicomgrid.core import metrics
+from dicomgrid.core.audit import MINOR_FAILURE, Participant
 from dicomgrid.core.config import ConnectionLimits
 from dicomgrid.core.health import HealthChecks
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.site import SiteContext
+from dicomgrid.core.tokens import InvalidToken, TokenVerifier
 from dicomgrid.core.transfer import TransferEndpoint
 from dicomgrid.producers.site import build_ingestor
 from dicomgrid.producers.stow import stow
 
 log = get_logger(__name__)
 
+MISSING_TOKEN = "missing bearer token"
+# The operator's endpoints: probes (Kubernetes, the supervisor), Prometheus scrapers and the status
+# page's browser reach them without a token; none of them shows patient data.
+OPEN_PATHS = frozenset({"/health", "/health/live", "/metrics", "/status", "/status.json"})
 
-def create_http_app(context: SiteContext) -> Starlette:
+
+def required_scope(method: str, path: str) -> str | None:
+    """The token scope a request needs (None: none, for the health probe)."""
+    if path in OPEN_PATHS:
+        return None
+    if path.startswith("/internal/payloads/"):
+        return "replicate"
+    if path == "/audit" or path.startswith("/audit/"):
+        return "audit"
+    if method == "POST" and (path == "/dicomweb/studies" or path.startswith("/dicomweb/studies/")):
+        return "write"
+    return "read"
+
+
+class TokenGuard:
+    """ASGI middleware: a bearer token with the scope :func:`required_scope` names, or 401 / 403.
+
+    A verified token's :class:`~dicomgrid.core.tokens.Principal` is left in the request's state
+    (``request.state.principal``), so audit records can name who asked.
+    """
+
+    def __init__(self, app: ASGIApp, site: SiteContext, verifier: TokenVerifier | None) -> None:
+        self.app = app
+        self.site = site
+        self.verifier = verifier
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.verifier is None:
+            await self.app(scope, receive, send)
+            return
+        needed = required_scope(scope["method"], scope["path"])
+        if needed is None:
+            await self.app(scope, receive, send)
+            return
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            await self._refuse(scope, receive, send, 401, needed, MISSING_TOKEN, None)
+            return
+        try:
+            principal = self.verifier.verify(token.strip())
+        except InvalidToken as exc:
+            await self._refuse(scope, receive, send, 401, needed, exc.reason, None)
+            return
+        if needed not in principal.scopes:
+            await self._refuse(scope, receive, send, 403, needed, f"token lacks the {needed} scope", principal.user_id)
+            return
+        scope.setdefault("state", {})["principal"] = principal
+        await self.app(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, needed: str, reason: str,
+                      user: str | None) -> None:
+        client = scope.get("client")
+        address = f"{client[0]}:{client[1]}" if client else None
+        what = f"{scope['method']} {_path_kind(scope['path'])}"
+        log.warning("http request refused", status=status, reason=reason, request=what, peer=address, user=user)
+        me = self.site.site
+        participants = [Participant(user or address or "unknown", True, None, address, "Source"),
+                        Participant(me.name, False, me.ae_title, None, "Destination")]
+        if status == 401:
+            self.site.audit.record("E", "User Authentication", MINOR_FAILURE,
+                                   f"bearer token refused for {what}: {reason}", participants)
+            # RFC 6750 3.1: no error code when the request had no credentials at all.
+            challenge = ('Bearer realm="dicomgrid"' if user is None and reason == MISSING_TOKEN
+                         else 'Bearer realm="dicomgrid", error="invalid_token"')
+        else:
+            self.site.audit.record("E", "Security Alert", MINOR_FAILURE,
+                                   f"request for {what} refused: {reason}", participants)
+            challenge = f'Bearer realm="dicomgrid", error="insufficient_scope", scope="{needed}"'
+        response = JSONResponse({"error": reason}, status_code=status, headers={"WWW-Authenticate": challenge})
+        await response(scope, receive, send)
+
+
+def _path_kind(path: str) -> str:
+    """A request path without the UIDs and digests in it (those stay out of logs)."""
+    parts = path.split("/")
+    return "/".join(p if not p or p.isalpha() or p in ("dicomweb", "internal") else "{id}" for p in parts)[:128]
+
+
+def protect(app: ASGIApp, context: SiteContext) -> ASGIApp:
+    """The app behind the site's token check (when ``security.require_tokens``)."""
+    verifier = TokenVerifier(context.config, context.site.name) if context.config.security.require_tokens else None
+    return TokenGuard(app, context, verifier)
+
+
+def create_http_app(context: SiteContext) -> ASGIApp:
     """STOW-RS through the ingest path, QIDO-RS and WADO-RS from the consumers, payloads to peers."""
     site_config = context.site
     ingestor = build_ingestor(context)
@@ -75,7 +173,7 @@ def create_http_app(context: SiteContext) -> Starlette:
         lifespan=_lifespan(context),
     )
     app.add_middleware(RequestTimer, site=site_config.name)
-    return app
+    return protect(app, context)
 
 
 def operation_of(method: str, path: str) -> str | None:
@@ -188,6 +286,14 @@ class GuardedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_pending()
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        idle = self.cycle is None or self.cycle.response_complete
+        super().shutdown()
+        if idle and self.transport.get_extra_info("sslcontext") is not None:
+            # A TLS connection closes only once the peer answers the close_notify, which an idle
+            # kept-alive client does not read: the service would wait for it to stop (30 s).
+            self.transport.abort()
 
     def drop(self, why: str, per_peer_cap: bool = False) -> None:
         log.info("pending http connection closed", reason=why, peer=self.peer, per_peer_cap=per_peer_cap)

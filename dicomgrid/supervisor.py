@@ -20,6 +20,7 @@ import http.client
 import json
 import logging
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -52,11 +53,13 @@ RESTARTS_FILE = "restarts.json"
 
 @dataclass(frozen=True)
 class DimseProbe:
-    """A site AE to probe with C-ECHO."""
+    """A site AE to probe with C-ECHO: on its TLS port when it has one (the probe then checks the
+    certificate too), else on its plain port; every port it has must be listening."""
 
     host: str
-    port: int
+    port: int | None  # the plain port, None when tls.plain_dicom is off
     called_ae: str
+    tls_port: int | None = None  # None when tls.dicom is off
 
 
 Probe = DimseProbe | str | None  # C-ECHO, HTTP URL, or None (process liveness only)
@@ -79,7 +82,7 @@ SERVICE_KINDS: tuple[ServiceKind, ...] = (
         "receiver",
         lambda site, grid: site.receiver_processes,
         lambda site: ["--site", site.name] + (["--reuse-port"] if site.receiver_processes > 1 else []),
-        lambda site: DimseProbe(site.dicom_host, site.dicom_port, site.ae_title),
+        lambda site: DimseProbe(site.dicom_host, site.dicom_port, site.ae_title, site.dicom_tls_port),
         numbered=True,
     ),
     ServiceKind(
@@ -163,14 +166,19 @@ def _listening(pid: int, port: int) -> bool:
     return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in connections)
 
 
-def c_echo(probe: DimseProbe, calling_ae: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
-    """C-ECHO the AE; None on success, else why it failed. The association is released, not left open."""
+def c_echo(probe: DimseProbe, calling_ae: str, timeout: float = PROBE_TIMEOUT_S,
+           tls: ssl.SSLContext | None = None) -> str | None:
+    """C-ECHO the AE (with ``tls`` on its TLS port); None on success, else why it failed. The association
+    is released, not left open."""
     ae = _ProbeAE(ae_title=calling_ae)
     ae.add_requested_context(Verification)
     ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    port = probe.tls_port if tls is not None else probe.port
+    assert port is not None
     _QUIET.probing.active = True
     try:
-        assoc = ae.associate(probe.host, probe.port, ae_title=probe.called_ae)
+        assoc = ae.associate(probe.host, port, ae_title=probe.called_ae,
+                             tls_args=(tls, probe.host) if tls is not None else None)
         if assoc.is_rejected:
             return f"association rejected (calling AE {calling_ae}, called AE {probe.called_ae})"
         if not assoc.is_established:
@@ -186,10 +194,13 @@ def c_echo(probe: DimseProbe, calling_ae: str, timeout: float = PROBE_TIMEOUT_S)
         _QUIET.probing.active = False
 
 
-def _http_ok(url: str) -> bool:
+def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
     """GET ``url`` answers 200 (plain http.client: no proxy settings apply, nothing is logged)."""
     parts = urllib.parse.urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=1.0)
+    connection: http.client.HTTPConnection = (
+        http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=1.0, context=context)
+        if parts.scheme == "https" else http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=1.0)
+    )
     try:
         connection.request("GET", parts.path or "/")
         return connection.getresponse().status == 200
@@ -243,8 +254,44 @@ class Supervisor:
             for kind in SERVICE_KINDS:
                 for i in range(1, kind.processes(site, self.config) + 1):
                     out.append(Service(site.name, kind.kind, i, ["serve", kind.kind, *kind.arguments(site)],
-                                       kind.probe(site), kind.numbered))
+                                       self._probe(site, kind.probe(site)), kind.numbered))
         return out
+
+    def _probe(self, site: SiteConfig, probe: Probe) -> Probe:
+        """A probe as this grid's TLS settings say: the ports that listen, the HTTP scheme."""
+        if isinstance(probe, DimseProbe):
+            tls = self.config.tls
+            return DimseProbe(probe.host, probe.port if tls.plain_dicom else None, probe.called_ae,
+                              probe.tls_port if tls.dicom else None)
+        if isinstance(probe, str) and self.config.tls.http:
+            return probe.replace("http://", "https://", 1)
+        return probe
+
+    def _tls_probe(self, site: str) -> tuple[ssl.SSLContext, str]:
+        """The context and calling AE of a TLS C-ECHO probe: as the site itself, with its certificate,
+        when its AE title may call (so it passes required client certificates too); else anonymous."""
+        from dicomgrid.core.tls import client_context
+
+        me = self.config.site(site)
+        if self.config.is_calling_ae_allowed(me.ae_title):
+            return client_context(self.config, site), me.ae_title
+        return client_context(self.config), probe_calling_ae(self.config.security)
+
+    def _dimse_health(self, service: Service, probe: DimseProbe, pid: int) -> tuple[bool, str]:
+        ports = [p for p in (probe.port, probe.tls_port) if p is not None]
+        detail = f"dicom://{probe.called_ae}@{probe.host}:" + "+".join(str(p) for p in ports)
+        silent = [p for p in ports if not _listening(pid, p)]
+        if silent:
+            return False, f"{detail} not listening on {', '.join(map(str, silent))}"
+        try:
+            if probe.tls_port is not None:
+                context, calling_ae = self._tls_probe(service.site)
+                failure = c_echo(probe, calling_ae, tls=context)
+            else:
+                failure = c_echo(probe, probe_calling_ae(self.config.security))
+        except (OSError, ssl.SSLError, RuntimeError) as exc:  # certificates that cannot be loaded
+            failure = f"TLS probe cannot start: {exc}"
+        return failure is None, detail + (f" {failure}" if failure else "")
 
     def _daemon(self, slug: str, name: str) -> Daemon:
         logs = self.config.logs
@@ -295,18 +342,22 @@ class Supervisor:
             if probe is None:
                 healthy, detail = True, "running"
             elif isinstance(probe, str):
-                healthy = _http_ok(probe)
+                healthy = _http_ok(probe, self._https_context())
                 detail = probe if healthy else f"{probe} not answering"
             else:
-                failure = (
-                    c_echo(probe, probe_calling_ae(self.config.security))
-                    if _listening(pid, probe.port)
-                    else "not listening"
-                )
-                healthy = failure is None
-                detail = f"dicom://{probe.called_ae}@{probe.host}:{probe.port}" + (f" {failure}" if failure else "")
+                healthy, detail = self._dimse_health(service, probe, pid)
             out.append(ServiceStatus(service, pid, True, healthy, detail, restarts))
         return out
+
+    def _https_context(self) -> ssl.SSLContext | None:
+        if not self.config.tls.http:
+            return None
+        from dicomgrid.core.tls import client_context
+
+        try:
+            return client_context(self.config)
+        except RuntimeError:
+            return None  # no CA yet: the probe fails, and says so
 
     def supervisor_pid(self) -> int | None:
         return self.supervisor_daemon().pid()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from dicomgrid import schemas
 from dicomgrid.core import metrics
 from dicomgrid.core.audit_log import AuditLog, load_signing_key
 from dicomgrid.core.cassandra import Cassandra
-from dicomgrid.core.config import GridConfig
+from dicomgrid.core.config import GridConfig, KafkaConfig
 from dicomgrid.core.index_writer import IndexWriter
 from dicomgrid.core.kafka import EventPublisher
 from dicomgrid.core.logging import get_logger
@@ -58,12 +59,25 @@ def faust_broker(config: GridConfig) -> list[str]:
     return [f"kafka://{server.strip()}" for server in config.kafka.bootstrap_servers.split(",")]
 
 
+def kafka_ssl_context(k: KafkaConfig) -> ssl.SSLContext:
+    """The TLS context faust's client (aiokafka) reaches the brokers with, as librdkafka's settings say."""
+    context = ssl.create_default_context(cafile=str(k.ssl_ca_location) if k.ssl_ca_location else None)
+    context.check_hostname = k.ssl_check_hostname
+    if k.ssl_certificate_location is not None:
+        context.load_cert_chain(k.ssl_certificate_location, k.ssl_key_location, password=k.key_password())
+    return context
+
+
 def _credentials(config: GridConfig) -> Any:
     k = config.kafka
+    context = kafka_ssl_context(k) if k.uses_tls else None
     if k.security_protocol.startswith("SASL"):
         return faust.SASLCredentials(
-            username=k.sasl_username, password=k.sasl_password, mechanism=k.sasl_mechanism or "PLAIN"
+            username=k.sasl_username, password=k.password(), mechanism=k.sasl_mechanism or "PLAIN",
+            ssl_context=context,
         )
+    if context is not None:
+        return faust.SSLCredentials(context)
     return None
 
 

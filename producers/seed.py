@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,8 +93,12 @@ def sample_files() -> list[Path]:
     return sorted(p for p in folder.rglob("*.dcm") if isinstance(_storable(p), tuple) and _well_formed(p))
 
 
-def send_files(site: SiteConfig, files: list[Path], calling_ae: str = CALLING_AE, progress: bool = True) -> SendReport:
-    """C-STORE every file to ``site``; one association per batch of up to 128 presentation contexts."""
+def send_files(site: SiteConfig, files: list[Path], calling_ae: str = CALLING_AE, progress: bool = True,
+               tls: ssl.SSLContext | None = None) -> SendReport:
+    """C-STORE every file to ``site`` (to its TLS port with ``tls``); one association per batch of up to
+    128 presentation contexts."""
+    port = site.dicom_tls_port if tls is not None else site.dicom_port
+    tls_args = (tls, site.dicom_host) if tls is not None else None
     # Send each file's data set bytes as they are on disk, never decoded and re-encoded.
     _config.STORE_SEND_CHUNKED_DATASET = True
     report = SendReport()
@@ -111,9 +116,9 @@ def send_files(site: SiteConfig, files: list[Path], calling_ae: str = CALLING_AE
             batch = keys[start : start + MAX_CONTEXTS]
             ae = AE(ae_title=calling_ae)
             ae.requested_contexts = [build_context(sop, ts) for sop, ts in batch]
-            assoc = ae.associate(site.dicom_host, site.dicom_port, ae_title=site.ae_title)
+            assoc = ae.associate(site.dicom_host, port, ae_title=site.ae_title, tls_args=tls_args)
             if not assoc.is_established:
-                raise ConnectionError(f"association with {site.ae_title} at {site.dicom_host}:{site.dicom_port} failed")
+                raise ConnectionError(f"association with {site.ae_title} at {site.dicom_host}:{port} failed")
             try:
                 for key in batch:
                     for path in plan[key]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from cassandra import DriverException
 from cassandra.cluster import NoHostAvailable
 from confluent_kafka import Consumer, ConsumerGroupState, KafkaError, KafkaException, TopicPartition
@@ -25,6 +26,7 @@ from dicomgrid import schemas
 from dicomgrid.core.config import DEFAULTS_FILE, GridConfig, load_config
 from dicomgrid.core.cassandra import Cassandra
 from dicomgrid.core.index_reader import IndexReader
+from dicomgrid.core.tokens import issue
 from dicomgrid.core.kafka import kafka_retry
 from dicomgrid.processors.app import consumer_group
 
@@ -36,6 +38,8 @@ KAFKA_LOOKUP_TIMEOUT_S = 30.0
 # Storage Commitment requestors of the tests (tests/integration/test_storage_commitment.py): one that
 # listens for its reports, and one listed at an address where nothing listens.
 COMMIT_SCU, UNREACHABLE_SCU = "COMMITSCU", "DEADSCU"
+# The identity (certificate CN) of a modality's TLS client certificate mapped to the STORESCU AE title.
+MAPPED_CERT_IDENTITY = "modality-1.example.test"
 
 
 def free_port() -> int:
@@ -55,9 +59,10 @@ def write_test_config(path: Path, name: str, data_dir: Path, storage: Path) -> P
     blob stores hold, which the healing jobs rely on."""
     sites = []
     for site, dc, peer in (("A", "dc1", "B"), ("B", "dc2", "A")):
-        dicom_port, http_port = free_port(), free_port()
+        dicom_port, dicom_tls_port, http_port = free_port(), free_port(), free_port()
         sites.append(
             f'[[sites]]\nname = "{site}"\nae_title = "GRID_{site}"\ndicom_port = {dicom_port}\n'
+            f'dicom_tls_port = {dicom_tls_port}\n'
             f'http_port = {http_port}\nstorage_root = "{storage / site}"\ncassandra_dc = "{dc}"\n'
             f'replicate_to = ["{peer}"]\n'
         )
@@ -68,6 +73,14 @@ def write_test_config(path: Path, name: str, data_dir: Path, storage: Path) -> P
         f'[cassandra]\nkeyspace = "{test_keyspace(name)}"\n'
         f'[kafka]\ndelivery_timeout_s = 6.0\ntopic_prefix = "{name}."\n'
         f'[security]\nallowed_calling_aes = {json.dumps(allowed)}\n'
+        # The session's own development CA, certificates and token keys (made by the grid fixture).
+        f'secrets_dir = "{storage.parent / "secrets"}"\n'
+        # DICOM TLS as shipped (plain port beside it, for DCMTK and Orthanc); DICOMweb and the payload
+        # endpoint over plain HTTP, with bearer tokens required as shipped (see bearer()). HTTPS itself
+        # is tested on the payload endpoint (tests/unit/peer_sites.py) and in test_security.py.
+        '[tls]\nhttp = false\n'
+        # A client certificate whose CN is not an AE title, speaking for one (tests/integration/test_security.py).
+        f'[tls.ae_identities]\n"{MAPPED_CERT_IDENTITY}" = ["STORESCU"]\n'
         # Orthanc's DICOM port is free rather than the shipped 4242, so parallel sessions do not collide;
         # the interop fixtures start Orthanc where this says.
         f'[remote_aes]\nORTHANC = {{ host = "127.0.0.1", port = {free_port()} }}\n'
@@ -264,3 +277,35 @@ def dc_serves(config: GridConfig, dc: str) -> bool:
 
 def load_test_config(path: Path) -> GridConfig:
     return load_config(path)
+
+
+_TOKENS: dict[tuple[str, tuple[str, ...]], str] = {}
+
+
+def bearer(config: GridConfig, *scopes: str) -> dict[str, str]:
+    """The Authorization header of a token of the test grid, with ``scopes`` (default: read and write),
+    as a DICOMweb client of the grid sends it (``dicomgrid token issue``)."""
+    key = (config.name, scopes or ("read", "write"))
+    if key not in _TOKENS:
+        _TOKENS[key] = issue(config, list(key[1]), subject="test-suite", ttl_s=6 * 3600)
+    return {"Authorization": f"Bearer {_TOKENS[key]}"}
+
+
+class GridWeb:
+    """httpx's request functions, sending a token of the session's test grid (read and write scopes)
+    as every DICOMweb client of the grid must; the ``grid`` fixture sets ``config``."""
+
+    config: GridConfig | None = None
+
+    def request(self, method: str, url: str, *, headers: dict[str, str] | None = None, **kwargs: Any) -> httpx.Response:
+        assert self.config is not None, "the grid fixture is not set up"
+        return httpx.request(method, url, headers={**bearer(self.config), **(headers or {})}, **kwargs)
+
+    def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        return self.request("POST", url, **kwargs)
+
+
+web = GridWeb()

@@ -16,6 +16,7 @@ from dicomgrid.core.cassandra import apply_schema, connect
 from dicomgrid.core.config import GridConfig, KafkaConfig, SiteConfig
 from dicomgrid.core.index_reader import IndexReader
 from dicomgrid.core.kafka import EventPublisher, delete_topics, ensure_topics
+from dicomgrid.core.pki import ensure_material
 from dicomgrid.supervisor import Supervisor
 from tests.grid import (
     TEST_GRID_PREFIX,
@@ -25,6 +26,7 @@ from tests.grid import (
     processors_joined,
     test_keyspace,
     wait_for,
+    web,
     write_test_config,
 )
 
@@ -92,9 +94,14 @@ def grid(cluster: GridConfig, tmp_path_factory: pytest.TempPathFactory) -> Itera
     name = f"{TEST_GRID_PREFIX}{os.getpid()}"
     config_file = write_test_config(base / "grid.toml", name, cluster.root, base / "sites")
     config = load_test_config(config_file)
+    ensure_material(config)  # what `dicomgrid up` makes in development: a local CA, certificates, token keys
+    # A keyspace under this session's name was left by a dead session that had the same pid (pids
+    # wrap): its audit chain was signed with that session's key (each session makes its own now).
+    drop_keyspace(cluster, config.cassandra.keyspace)
     apply_schema(config)
     ensure_topics(config.kafka)
     supervisor = Supervisor(config, str(config_file))
+    web.config = config
     try:
         supervisor.up(timeout=90)
         # The processors are "up" once their processes run; they index only once the group has

@@ -129,7 +129,7 @@ class TrialStore:
     def __init__(self, db: Cassandra, config: GridConfig) -> None:
         self.db = db
         self.config = config
-        self._wrap = KeyWrap(config.security.trial_key_secret)
+        self._wrap = KeyWrap(config.security.trial_key())
 
     # -- writes -------------------------------------------------------------------------------------
 

@@ -95,7 +95,7 @@ def test_disk_full_fails_the_store_and_keeps_what_was_stored(grid, taps, publish
     monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
     monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", _config.STORE_RECV_CHUNKED_DATASET)
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", _config.STORE_SEND_CHUNKED_DATASET)
-    site = grid.site("A").model_copy(update={"dicom_port": free_port()})
+    site = grid.site("A").model_copy(update={"dicom_port": free_port(), "dicom_tls_port": free_port()})
     config = grid.config.model_copy(update={"sites": [site, grid.site("B")]})
     publisher = publishers(config.kafka, "test-disk-full")
     blobs = BlobStore(tiny_volume, "A")

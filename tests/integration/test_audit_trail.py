@@ -18,7 +18,7 @@ from dicomgrid.core.audit import to_xml
 from dicomgrid.core.audit_log import AuditLog
 from dicomgrid.core.cassandra import Cassandra
 from tests.dicom_samples import make_instance
-from tests.grid import wait_for
+from tests.grid import wait_for, web
 from tests.integration.test_ingest_grid import c_store, events_for
 
 pytestmark = [pytest.mark.cluster]
@@ -70,7 +70,7 @@ def test_every_audit_record_is_a_valid_audit_message(grid, taps):
     intruder = associate(grid.site("A"), calling_ae="INTRUDER")  # a refused association
     assert intruder.is_rejected
     base = f"http://127.0.0.1:{grid.site('B').http_port}/dicomweb"
-    assert httpx.get(f"{base}/studies", params={"PatientID": "AUDIT-PAT-1"}).status_code == 200  # QIDO-RS
+    assert web.get(f"{base}/studies", params={"PatientID": "AUDIT-PAT-1"}).status_code == 200  # QIDO-RS
     _find(grid.site("A"), "AUDIT-PAT-1")  # C-FIND
     wait_for(lambda: wado_study(grid.site("B"), ds.StudyInstanceUID).status_code == 200, timeout=60)  # WADO-RS
     result = c_get(grid.site("A"), study_identifier(ds.StudyInstanceUID), {(CTImageStorage, ImplicitVRLittleEndian)})
@@ -147,7 +147,7 @@ def test_audit_query_answers_who_accessed_a_patient(grid, taps):
     assert c_store(grid.site("A"), [ds]) == [0]
     events_for(taps(), [ds.SOPInstanceUID])
     wado = f"http://127.0.0.1:{grid.site('B').http_port}/dicomweb/studies/{ds.StudyInstanceUID}"
-    wait_for(lambda: httpx.get(wado).status_code == 200, timeout=60)
+    wait_for(lambda: web.get(wado).status_code == 200, timeout=60)
 
     def lines():
         done = _cli(grid, "audit", "query", "--patient", "AUDIT-PAT-3", "--json")

@@ -38,7 +38,7 @@ from dicomgrid import schemas
 from dicomgrid.core.audit import AuditTrail
 from dicomgrid.core.dimse import SiteAE
 from tests.dicom_samples import make_instance, to_part10
-from tests.grid import free_port, wait_for
+from tests.grid import free_port, wait_for, bearer, web
 
 pytestmark = [pytest.mark.cluster]
 
@@ -160,7 +160,7 @@ def test_idle_and_slow_sockets_cannot_starve_the_http_port(grid):
         dribbler.start()
         time.sleep(0.5)
         started = time.monotonic()
-        with httpx.Client(timeout=10) as client:
+        with httpx.Client(timeout=10, headers=bearer(grid.config)) as client:
             assert client.get(f"{base}/dicomweb/studies", params={"PatientID": "NOBODY-HERE"}).status_code == 200
             body = (b"--B\r\nContent-Type: application/dicom\r\n\r\n" + to_part10(make_instance()) + b"\r\n--B--\r\n")
             stow = client.post(f"{base}/dicomweb/studies", content=body,
@@ -182,7 +182,7 @@ def test_the_association_limit_counts_negotiated_associations_only(grid, taps, p
     monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
     monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", _config.STORE_RECV_CHUNKED_DATASET)
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", _config.STORE_SEND_CHUNKED_DATASET)
-    site = grid.site("A").model_copy(update={"dicom_port": free_port()})
+    site = grid.site("A").model_copy(update={"dicom_port": free_port(), "dicom_tls_port": free_port()})
     limits = grid.config.connections.model_copy(update={"max_associations": 2, "max_pending_per_peer": 64})
     config = grid.config.model_copy(update={"sites": [site, grid.site("B")], "connections": limits})
     publisher = publishers(config.kafka, "test-association-limit")
@@ -349,7 +349,7 @@ def test_a_command_set_that_cannot_be_decoded_is_aborted_and_audited(grid, taps)
 
 def stow(site, *instances: bytes) -> httpx.Response:
     body = b"".join(b"--B\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n" for part in instances)
-    return httpx.post(f"http://{site.http_host}:{site.http_port}/dicomweb/studies", content=body + b"--B--\r\n",
+    return web.post(f"http://{site.http_host}:{site.http_port}/dicomweb/studies", content=body + b"--B--\r\n",
                       headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=B'}, timeout=30)
 
 
@@ -385,7 +385,7 @@ def test_indexed_text_over_1024_characters_is_refused_and_up_to_1024_served_whol
     assert {e["instance"]["sop_instance_uid"] for e in events} & {over.SOPInstanceUID, huge.SOPInstanceUID} == set()
 
     def served() -> list[dict]:
-        found = httpx.get(f"http://{site_a.http_host}:{site_a.http_port}/dicomweb/studies",
+        found = web.get(f"http://{site_a.http_host}:{site_a.http_port}/dicomweb/studies",
                           params={"StudyInstanceUID": study}, timeout=10)
         return found.json() if found.status_code == 200 else []
 

@@ -18,7 +18,7 @@ from dicomgrid import schemas
 from dicomgrid.core.blobstore import BlobStore
 from dicomgrid.core.dicomfile import split_file_meta
 from tests.dicom_samples import make_instance, to_part10
-from tests.grid import wait_for
+from tests.grid import wait_for, web
 
 pytestmark = [pytest.mark.cluster]
 
@@ -231,7 +231,7 @@ def test_stow_rs_stores_and_reports(grid, taps, metadata_dc2):
     bad.SOPInstanceUID = "1.2.bad"
     body, content_type = _multipart([to_part10(ds) for ds in good] + [to_part10(bad)])
     url = f"http://{site.http_host}:{site.http_port}/dicomweb/studies/{study}"
-    response = httpx.post(url, content=body, headers={"Content-Type": content_type}, timeout=30)
+    response = web.post(url, content=body, headers={"Content-Type": content_type}, timeout=30)
     assert response.status_code == 202, response.text
     assert response.headers["content-type"].startswith("application/dicom+json")
     payload = response.json()
@@ -257,14 +257,14 @@ def test_stow_rs_stores_and_reports(grid, taps, metadata_dc2):
 def test_stow_rs_rejects_bad_requests(grid):
     site = grid.site("B")
     base = f"http://{site.http_host}:{site.http_port}/dicomweb/studies"
-    assert httpx.post(base, content=b"x", headers={"Content-Type": "application/json"}).status_code == 415
+    assert web.post(base, content=b"x", headers={"Content-Type": "application/json"}).status_code == 415
     body, content_type = _multipart([to_part10(make_instance())])
-    assert httpx.post(f"{base}/not-a-uid", content=body, headers={"Content-Type": content_type}).status_code == 400
-    response = httpx.post(base, content=b"--nope\r\n", headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=zzz'})
+    assert web.post(f"{base}/not-a-uid", content=body, headers={"Content-Type": content_type}).status_code == 400
+    response = web.post(base, content=b"--nope\r\n", headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=zzz'})
     assert response.status_code == 400
     # A study UID in the path that the instance does not belong to: 409 (nothing stored).
     body, content_type = _multipart([to_part10(make_instance())])
-    response = httpx.post(f"{base}/{generate_uid()}", content=body, headers={"Content-Type": content_type})
+    response = web.post(f"{base}/{generate_uid()}", content=body, headers={"Content-Type": content_type})
     assert response.status_code == 409
     assert response.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
 

@@ -28,7 +28,7 @@ from dicomgrid.core.dimse import SiteAE
 from dicomgrid.core.site import open_site
 from dicomgrid.http import create_http_app, guarded_protocol
 from tests.dicom_samples import make_instance, to_part10
-from tests.grid import free_port, wait_for
+from tests.grid import bearer, free_port, wait_for, web
 
 pytestmark = [pytest.mark.cluster]
 
@@ -56,7 +56,7 @@ def test_a_c_find_and_a_qido_rs_with_a_patient_name_leave_no_name_in_the_logs(gr
          "-k", "StudyInstanceUID", site_a.dicom_host, str(site_a.dicom_port)],
         capture_output=True, text=True, env=DCMTK_ENV, timeout=30)
     assert found.returncode == 0, found.stdout + found.stderr
-    response = httpx.get(f"http://{site_b.http_host}:{site_b.http_port}/dicomweb/studies",
+    response = web.get(f"http://{site_b.http_host}:{site_b.http_port}/dicomweb/studies",
                          params={"PatientName": name, "PatientID": patient_id}, timeout=10)
     assert response.status_code == 200
     # Both queries are audited, with the keys they asked for: the audit trail is where identities live.
@@ -87,7 +87,8 @@ def limited_site(grid, monkeypatch: pytest.MonkeyPatch) -> Iterator:
     limits = grid.config.limits.model_copy(update={
         "stow_max_request_bytes": 256 * 1024, "stow_max_parts": 2, "qido_max_results": 3, "qido_max_offset": 10,
         "query_scan_budget_rows": 3})
-    site = grid.site("A").model_copy(update={"dicom_port": free_port(), "http_port": free_port()})
+    site = grid.site("A").model_copy(update={"dicom_port": free_port(), "dicom_tls_port": free_port(),
+                                             "http_port": free_port()})
     config = grid.config.model_copy(update={"sites": [site, grid.site("B")], "limits": limits})
     context = open_site(config, "A", "test-limits")
     server = uvicorn.Server(uvicorn.Config(create_http_app(context), host=site.http_host, port=site.http_port,
@@ -113,7 +114,7 @@ def test_stow_rs_beyond_its_limits_gets_413_stores_nothing_and_the_site_keeps_se
     audit_tap, stored_tap = taps(schemas.TOPIC_AUDIT), taps()
     study = generate_uid()
     three = [make_instance(study_uid=study) for _ in range(3)]
-    with httpx.Client(timeout=30) as client:
+    with httpx.Client(timeout=30, headers=bearer(grid.config)) as client:
         too_many = client.post(f"{base}/studies", content=multipart(*(to_part10(ds) for ds in three)),
                                headers={"Content-Type": CONTENT_TYPE})
         big = make_instance(study_uid=study, pixel_bytes=300 * 1024)  # over the 256 KiB body limit
@@ -129,7 +130,7 @@ def test_stow_rs_beyond_its_limits_gets_413_stores_nothing_and_the_site_keeps_se
     assert too_big.status_code == 413 and "larger than 262144 bytes" in too_big.json()["error"]
     assert too_big_chunked.status_code == 413
     # The site still stores what is within the limits, on a new connection.
-    fits = httpx.post(f"{base}/studies", content=multipart(*(to_part10(ds) for ds in three[:2])),
+    fits = web.post(f"{base}/studies", content=multipart(*(to_part10(ds) for ds in three[:2])),
                       headers={"Content-Type": CONTENT_TYPE}, timeout=30)
     assert fits.status_code == 200, fits.text
     # Events are published before a STOW-RS answers: everything announced so far is on the topic.
@@ -153,24 +154,24 @@ def test_qido_rs_caps_and_scan_budget_on_a_real_index(grid, limited_site, taps):
     # then holds more study rows than the scan budget of 3, the patient no more.
     for patients in ((patient, patient), (patient, f"OTHER-{study[-8:]}")):
         parts = [to_part10(make_instance(study_uid=generate_uid(), patient_id=p)) for p in patients]
-        response = httpx.post(f"{base}/studies", content=multipart(*parts), headers={"Content-Type": CONTENT_TYPE},
+        response = web.post(f"{base}/studies", content=multipart(*parts), headers={"Content-Type": CONTENT_TYPE},
                               timeout=30)
         assert response.status_code == 200, response.text
 
     def indexed():
-        found = httpx.get(f"{base}/studies", params={"PatientID": patient, "limit": "3"}, timeout=10)
+        found = web.get(f"{base}/studies", params={"PatientID": patient, "limit": "3"}, timeout=10)
         return found if found.status_code == 200 and len(found.json()) == 3 else None
 
     wait_for(indexed, timeout=30)
-    clamped = httpx.get(f"{base}/studies", params={"PatientID": patient, "limit": "1000"}, timeout=10)
+    clamped = web.get(f"{base}/studies", params={"PatientID": patient, "limit": "1000"}, timeout=10)
     assert clamped.status_code == 200 and len(clamped.json()) == 3
     assert re.search(r'299 dicomgrid: "The limit exceeds the maximum of 3 results', clamped.headers["Warning"])
-    deep = httpx.get(f"{base}/studies", params={"PatientID": patient, "offset": "1000000000"}, timeout=10)
+    deep = web.get(f"{base}/studies", params={"PatientID": patient, "offset": "1000000000"}, timeout=10)
     assert deep.status_code == 400 and "offset is limited to 10" in deep.text
     # A wildcard no index can narrow reads every study row of the grid: past the budget of 3, refused.
-    broad = httpx.get(f"{base}/studies", params={"PatientName": "NOBODY-AT-ALL*"}, timeout=30)
+    broad = web.get(f"{base}/studies", params={"PatientName": "NOBODY-AT-ALL*"}, timeout=30)
     assert broad.status_code == 413 and "too broad" in broad.text
-    assert httpx.get(f"{base}/studies", params={"PatientID": patient}, timeout=10).status_code == 200
+    assert web.get(f"{base}/studies", params={"PatientID": patient}, timeout=10).status_code == 200
     audits = audit_tap.collect(lambda seen: sum("query too broad" in a["outcome_description"] for a in seen) >= 1)
     assert any(a["event"] == "Query" and "query too broad" in a["outcome_description"] for a in audits)
 

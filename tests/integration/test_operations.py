@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 
 from tests.dicom_samples import make_instance, to_part10
-from tests.grid import wait_for
+from tests.grid import wait_for, web
 from tests.integration.test_ingest_grid import c_store
 
 pytestmark = [pytest.mark.cluster]
@@ -55,8 +55,8 @@ def test_metrics_add_up_the_site_processes(grid):
     before, before_b = samples(grid), samples(grid, "B")
     instances = [make_instance(), make_instance()]
     assert c_store(grid.site("A"), instances) == [0, 0]
-    assert httpx.get(url(grid, "A", f"/dicomweb/studies?StudyInstanceUID={instances[0].StudyInstanceUID}"),
-                     timeout=10).status_code == 200
+    assert web.get(url(grid, "A", f"/dicomweb/studies?StudyInstanceUID={instances[0].StudyInstanceUID}"),
+                   timeout=10).status_code == 200
 
     def grew(name: str, by: float, **labels: str):
         return lambda: (now := samples(grid)) and value(now, name, **labels) - value(before, name, **labels) >= by

@@ -38,7 +38,7 @@ from dicomgrid import schemas
 from dicomgrid.core.config import SiteConfig
 from dicomgrid.core.dimse import set_nodelay
 from tests.dicom_samples import make_instance, to_part10
-from tests.grid import wait_for
+from tests.grid import bearer, wait_for
 
 # Hostile identifiers are built on purpose; pydicom warns about each invalid value.
 pytestmark = [pytest.mark.cluster, pytest.mark.filterwarnings(
@@ -474,7 +474,7 @@ def test_study_level_latency(grid, corpus):
 def web(request, grid, corpus) -> Iterator[tuple[httpx.Client, str]]:
     site = grid.site(request.param)
     base = f"http://{site.http_host}:{site.http_port}/dicomweb"
-    with httpx.Client(base_url=base, timeout=30) as client:
+    with httpx.Client(base_url=base, timeout=30, headers=bearer(grid.config, "read")) as client:
         yield client, base
 
 
@@ -583,9 +583,9 @@ def test_qido_injection_attempts(web, corpus):
         "S1", "S2", "S3")
 
 
-def test_dicomweb_client_round_trip(web, corpus):
+def test_dicomweb_client_round_trip(grid, web, corpus):
     _, base = web
-    client = DICOMwebClient(url=base)
+    client = DICOMwebClient(url=base, headers=bearer(grid.config, "read"))
     studies = client.search_for_studies(search_filters={"PatientID": corpus.pid("P2")})
     assert {s["0020000D"]["Value"][0] for s in studies} == corpus.uids("S4", "S5")
     series = client.search_for_series(study_instance_uid=corpus.uid("S5"))

@@ -35,7 +35,7 @@ from dicomgrid.core.blobstore import BlobStore
 from dicomgrid.core.dicomfile import split_file_meta
 from dicomgrid.core.dimse import set_nodelay
 from tests.dicom_samples import make_instance, to_part10
-from tests.grid import wait_for
+from tests.grid import wait_for, bearer, web
 
 pytestmark = [pytest.mark.cluster]
 
@@ -116,7 +116,7 @@ def stow(site, parts: list[bytes]) -> None:
     boundary = uuid.uuid4().hex
     body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n" for p in parts)
     body += f"--{boundary}--\r\n".encode()
-    response = httpx.post(
+    response = web.post(
         f"{base_url(site)}/dicomweb/studies",
         content=body,
         headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'},
@@ -224,7 +224,7 @@ def parse_multipart(response: httpx.Response) -> list[tuple[dict[str, str], byte
 
 
 def wado_study(site, study_uid: str, **headers: str) -> httpx.Response:
-    return httpx.get(f"{base_url(site)}/dicomweb/studies/{study_uid}", headers=headers, timeout=60)
+    return web.get(f"{base_url(site)}/dicomweb/studies/{study_uid}", headers=headers, timeout=60)
 
 
 def audits_for(tap, study_uid: str, event: str, site: str, timeout: float = 15.0) -> list[dict]:
@@ -341,10 +341,10 @@ def test_wado_rs_round_trip_is_byte_identical(grid, mixed):
 
     one = mixed.instances[1]
     url = f"{base_url(site)}/dicomweb/studies/{mixed.uid}/series/{one.series_uid}/instances/{one.sop_uid}"
-    (part,) = parse_multipart(httpx.get(url, timeout=30))
+    (part,) = parse_multipart(web.get(url, timeout=30))
     assert data_set_bytes(part[1]) == one.data_set
 
-    wado_uri = httpx.get(f"{base_url(site)}/wado", params={
+    wado_uri = web.get(f"{base_url(site)}/wado", params={
         "requestType": "WADO", "studyUID": mixed.uid, "seriesUID": one.series_uid, "objectUID": one.sop_uid,
         "contentType": "application/dicom"}, timeout=30)
     assert wado_uri.status_code == 200 and wado_uri.headers["content-type"] == "application/dicom"
@@ -352,7 +352,7 @@ def test_wado_rs_round_trip_is_byte_identical(grid, mixed):
 
 
 def test_wado_rs_metadata_and_dicomweb_client(grid, mixed):
-    client = DICOMwebClient(f"{base_url(grid.site('A'))}/dicomweb")
+    client = DICOMwebClient(f"{base_url(grid.site('A'))}/dicomweb", headers=bearer(grid.config, "read"))
     retrieved = client.retrieve_study(mixed.uid)
     assert {ds.SOPInstanceUID for ds in retrieved} == set(mixed.by_uid())
     for ds in retrieved:
@@ -371,19 +371,19 @@ def test_wado_rs_metadata_and_dicomweb_client(grid, mixed):
 
 def test_wado_rs_refuses_bad_requests_cleanly(grid, mixed):
     base = f"{base_url(grid.site('A'))}/dicomweb/studies"
-    assert httpx.get(f"{base}/not.a.uid").status_code == 400
-    assert httpx.get(f"{base}/1.{'9' * 80}").status_code == 400
-    assert httpx.get(f"{base}/{mixed.uid}/series/1.02").status_code == 400
-    assert httpx.get(f"{base}/{generate_uid()}").status_code == 404
-    assert httpx.get(f"{base}/{generate_uid()}/metadata").status_code == 404
-    assert httpx.get(f"{base}/{mixed.uid}/series/{generate_uid()}/instances/{generate_uid()}").status_code == 404
+    assert web.get(f"{base}/not.a.uid").status_code == 400
+    assert web.get(f"{base}/1.{'9' * 80}").status_code == 400
+    assert web.get(f"{base}/{mixed.uid}/series/1.02").status_code == 400
+    assert web.get(f"{base}/{generate_uid()}").status_code == 404
+    assert web.get(f"{base}/{generate_uid()}/metadata").status_code == 404
+    assert web.get(f"{base}/{mixed.uid}/series/{generate_uid()}/instances/{generate_uid()}").status_code == 404
     assert wado_study(grid.site("A"), mixed.uid, Accept="image/jpeg").status_code == 406
     jpeg_only = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50'
     assert wado_study(grid.site("A"), mixed.uid, Accept=jpeg_only).status_code == 406
-    assert httpx.get(f"{base}/{mixed.uid}/metadata", headers={"Accept": "application/dicom+xml"}).status_code == 406
+    assert web.get(f"{base}/{mixed.uid}/metadata", headers={"Accept": "application/dicom+xml"}).status_code == 406
     wado = f"{base_url(grid.site('A'))}/wado"
-    assert httpx.get(wado, params={"requestType": "WADO", "studyUID": "x"}).status_code == 400
-    assert httpx.get(wado, params={"requestType": "WADO", "studyUID": mixed.uid, "seriesUID": generate_uid(),
+    assert web.get(wado, params={"requestType": "WADO", "studyUID": "x"}).status_code == 400
+    assert web.get(wado, params={"requestType": "WADO", "studyUID": mixed.uid, "seriesUID": generate_uid(),
                                    "objectUID": generate_uid(), "contentType": "image/jpeg"}).status_code == 406
     # Nothing else is affected.
     assert wado_study(grid.site("A"), mixed.uid).status_code == 200

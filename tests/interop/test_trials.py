@@ -29,7 +29,7 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from dicomgrid import schemas
 from dicomgrid.trials.pseudonyms import Pseudonyms
 from tests.dicom_samples import make_instance, to_part10
-from tests.grid import wait_for
+from tests.grid import wait_for, bearer, web
 from tests.integration.test_retrieve import Sent, Study, c_get, store_and_index, study_identifier
 from tests.interop.test_retrieve_dcmtk import _require, _run, storescp  # noqa: F401 - storescp is a fixture
 
@@ -240,7 +240,7 @@ def test_nothing_can_be_stored_through_a_trial(grid, trial):
 def test_dicomweb_client_sees_the_same_pseudonyms_at_both_sites(grid, trial):
     results = {}
     for site_name in ("A", "B"):
-        client = DICOMwebClient(trial.base(grid, site_name))
+        client = DICOMwebClient(trial.base(grid, site_name), headers=bearer(grid.config, "read"))
         studies = wait_for(lambda: client.search_for_studies(), timeout=30)
         uids = {s["0020000D"]["Value"][0] for s in studies}
         assert uids == {trial.pseudonyms.uid(s.uid) for s in trial.member}
@@ -250,11 +250,11 @@ def test_dicomweb_client_sees_the_same_pseudonyms_at_both_sites(grid, trial):
         # The non-member study cannot be reached by either UID.
         for uid in (trial.other.uid, trial.pseudonyms.uid(trial.other.uid)):
             assert client.search_for_series(uid) == []
-            assert httpx.get(f"{trial.base(grid, site_name)}/studies/{uid}", timeout=30).status_code == 404
+            assert web.get(f"{trial.base(grid, site_name)}/studies/{uid}", timeout=30).status_code == 404
     assert results["A"] == results["B"]
     # The withheld secondary capture is left out of instance searches, and the response says so.
     pseudo = trial.pseudonyms.uid(trial.member[0].uid)
-    response = httpx.get(f"{trial.base(grid, 'A')}/studies/{pseudo}/instances", timeout=30)
+    response = web.get(f"{trial.base(grid, 'A')}/studies/{pseudo}/instances", timeout=30)
     assert response.status_code == 200 and len(response.json()) == 3
     assert "withheld" in response.headers["warning"]
 

@@ -1,6 +1,7 @@
-"""Two sites' blob stores and a real HTTP payload endpoint for site B, for the payload unit tests.
+"""Two sites' blob stores and a real HTTPS payload endpoint for site B, for the payload unit tests.
 
-The ledger and the audit trail are stand-ins; the endpoint runs in uvicorn on a free port.
+The ledger and the audit trail are stand-ins; the endpoint runs in uvicorn on a free port, with the
+development TLS certificates and token keys made for the test's own grid, behind the site's token check.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from starlette.applications import Starlette
@@ -21,11 +23,13 @@ from starlette.applications import Starlette
 from dicomgrid.core.blobstore import BlobRef, BlobStore
 from dicomgrid.core.config import GridConfig, load_config
 from dicomgrid.core.index_reader import StoredInstance
+from dicomgrid.core.pki import ensure_material
 from dicomgrid.core.site import SiteContext
+from dicomgrid.core.tls import http_verify, uvicorn_ssl
+from dicomgrid.core.tokens import PeerTokens
 from dicomgrid.core.transfer import TransferEndpoint
+from dicomgrid.http import guarded_protocol, protect
 from tests.grid import free_port
-
-TOKEN = "unit-test-peer-token-0123456789"
 
 
 @dataclass
@@ -70,8 +74,20 @@ def site_config(tmp_path: Path, ports: dict[str, int]) -> GridConfig:
         for name, port in ports.items()
     )
     path = tmp_path / "grid.toml"
-    path.write_text(f'data_dir = "{tmp_path}"\n[security]\npeer_token = "{TOKEN}"\n{sites}')
-    return load_config(path)
+    path.write_text(f'name = "unit"\ndata_dir = "{tmp_path}"\n{sites}')
+    config = load_config(path)
+    ensure_material(config)
+    return config
+
+
+def peer_auth(config: GridConfig, caller: str = "A", callee: str = "B") -> dict[str, str]:
+    """The Authorization header of site ``caller``'s request to site ``callee``'s payload endpoint."""
+    return {"Authorization": f"Bearer {PeerTokens(config, caller).for_site(callee)}"}
+
+
+def https(config: GridConfig) -> httpx.Client:
+    """An HTTP client that trusts the test grid's CA."""
+    return httpx.Client(verify=http_verify(config), timeout=30)
 
 
 def site_context(config: GridConfig, name: str, ledger: FakeLedger) -> SiteContext:
@@ -87,7 +103,8 @@ class PeerServer:
     def __init__(self, site: SiteContext, routes: list[Any] | None = None) -> None:
         app = Starlette(routes=routes if routes is not None else TransferEndpoint(site).routes())
         self.server = uvicorn.Server(uvicorn.Config(
-            app, host="127.0.0.1", port=site.site.http_port, log_config=None, access_log=False
+            protect(app, site), host="127.0.0.1", port=site.site.http_port, log_config=None, access_log=False,
+            http=guarded_protocol(site.config.connections), **uvicorn_ssl(site.config, site.site.name),
         ))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -109,6 +126,15 @@ class TwoSites:
     a: SiteContext
     b: SiteContext
     ledger: FakeLedger
+    http: httpx.Client
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """What site A presents to site B's payload endpoint."""
+        return peer_auth(self.a.config)
+
+    def url(self, digest: str) -> str:
+        return f"{self.b.config.http_url('B')}/internal/payloads/{digest}"
 
     def put(self, site: SiteContext, data: bytes) -> str:
         digest = site.blobs.put_bytes(data).sha256
@@ -121,8 +147,8 @@ def sites(tmp_path: Path) -> Iterator[TwoSites]:
     ledger = FakeLedger()
     config = site_config(tmp_path, {"A": free_port(), "B": free_port()})
     a, b = site_context(config, "A", ledger), site_context(config, "B", ledger)
-    with PeerServer(b):
-        yield TwoSites(a, b, ledger)
+    with PeerServer(b), https(config) as client:
+        yield TwoSites(a, b, ledger, client)
 
 
 def corrupt(path: Path) -> None:

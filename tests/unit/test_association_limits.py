@@ -28,7 +28,8 @@ def site_ae(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", _config.STORE_RECV_CHUNKED_DATASET)
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", _config.STORE_SEND_CHUNKED_DATASET)
     base = load_config()
-    site = base.site("A").model_copy(update={"dicom_port": free_port()})
+    # The plain DICOM port only: no DICOM TLS listener (and so no certificates) in this unit test.
+    site = base.site("A").model_copy(update={"dicom_port": free_port(), "dicom_tls_port": None})
     limits = base.limits.model_copy(update={"max_associations_per_calling_ae": 2})
     config = base.model_copy(update={"sites": [site, base.site("B")], "limits": limits})
     publisher = FakePublisher()

@@ -49,7 +49,6 @@ NAMESPACE = "dicomgrid"
 CLUSTER_DOMAIN = "cluster.local"
 SITE_SERVICES = ("receiver", "http", "processors", "replicator")
 SECRET_ENV = {
-    "DICOMGRID_SECURITY__PEER_TOKEN": "a-peer-token-of-the-test-0123456789",
     "DICOMGRID_SECURITY__TRIAL_KEY_SECRET": "a-trial-key-secret-of-the-test-0123456789",
 }
 
@@ -186,8 +185,13 @@ def test_configs_load_and_are_production_like(grid: GridConfig):
     assert {s.name: s.replicate_to for s in grid.sites} == {"A": ["B"], "B": ["A"]}
     assert {s.cassandra_dc for s in grid.sites} == set(grid.cassandra.replication)
     # The secrets come from the environment (the entrypoint's *_FILE variables), not from a file.
-    assert grid.security.peer_token == SECRET_ENV["DICOMGRID_SECURITY__PEER_TOKEN"]
-    assert grid.security.trial_key_secret == SECRET_ENV["DICOMGRID_SECURITY__TRIAL_KEY_SECRET"]
+    assert grid.security.trial_key() == SECRET_ENV["DICOMGRID_SECURITY__TRIAL_KEY_SECRET"]
+    # The token keys (the grid's public one, each site's own pair) are files of the Secret, too.
+    assert grid.token_key_files[1].is_relative_to("/run/secrets")
+    for site in grid.sites:
+        assert all(path.is_relative_to("/run/secrets") for path in grid.site_token_key_files(site.name))
+    # TLS is terminated in front of the sites: no development CA is looked for.
+    assert not grid.tls.http and not grid.tls.dicom
     assert grid.audit_signing_key_file.is_relative_to("/run/secrets")
     # No DCMTK defaults, no development grid leftovers, no loopback anywhere.
     assert not {"STORESCU", "FINDSCU", "MOVESCU", "GETSCU", "ECHOSCU"} & set(grid.security.allowed_calling_aes)
@@ -206,7 +210,7 @@ def test_configs_load_and_are_production_like(grid: GridConfig):
 
 @pytest.mark.parametrize("which", sorted(CONFIGS))
 def test_configs_refuse_to_start_without_the_secrets(which: str, tmp_path: Path, clean_env: pytest.MonkeyPatch):
-    with pytest.raises(ValueError, match="peer_token"):
+    with pytest.raises(ValueError, match="trial_key_secret"):
         _load(CONFIGS[which](), tmp_path, clean_env, secrets=False)
 
 
@@ -222,10 +226,14 @@ def test_compose_and_kubernetes_configs_differ_only_in_host_names(tmp_path: Path
         data = config.model_dump(mode="json")
         data["kafka"].pop("bootstrap_servers")
         data["cassandra"].pop("contact_points")
+        # Secret files are mounted at /run/secrets/ (compose) and /run/secrets/dicomgrid/ (Kubernetes).
         data["security"].pop("audit_signing_key_file")
+        data["security"].pop("token_public_key_file")
         for site in data["sites"]:
             site.pop("dicom_host")
             site.pop("http_host")
+            site.pop("token_key_file")
+            site.pop("token_public_key_file")
         return data
 
     (tmp_path / "c").mkdir()
@@ -354,7 +362,7 @@ def test_compose_secrets_are_files_the_operator_creates():
     for name, service in compose["services"].items():
         if service.get("image", "").startswith("dicomgrid:"):
             env = service["environment"]
-            assert not any(k.endswith(("PEER_TOKEN", "TRIAL_KEY_SECRET", "PASSWORD")) for k in env), name
+            assert not any(k.endswith(("TOKEN", "TRIAL_KEY_SECRET", "PASSWORD")) for k in env), name
             for key, value in env.items():
                 if key.endswith("_FILE"):
                     assert value.startswith("/run/secrets/") and value.removeprefix("/run/secrets/") in secrets
@@ -401,7 +409,8 @@ def test_kustomize_build_renders_valid_manifests(tmp_path: Path):
     """What `kubectl apply -k` would send: namespace, generated Secret and image names filled in."""
     tree = tmp_path / "kubernetes"
     shutil.copytree(KUBE_DIR, tree)
-    for name in ("peer_token", "trial_key_secret", "audit_signing_key"):
+    for name in ("trial_key_secret", "audit_signing_key", "token_public_key", "site_a_token_key",
+                 "site_a_token_public_key", "site_b_token_key", "site_b_token_public_key"):
         (tree / "secrets" / name).write_text(f"test-only-{name}-0123456789\n")
     run = subprocess.run([*_kustomize(), str(tree)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
@@ -500,22 +509,22 @@ def _entrypoint(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProc
 
 
 def test_entrypoint_exports_secrets_from_files(tmp_path: Path):
-    token = tmp_path / "peer_token"
+    token = tmp_path / "trial_key_secret"
     token.write_text("s3cret-token-value-with a space\n")
-    run = _entrypoint(tmp_path, {"DICOMGRID_SECURITY__PEER_TOKEN_FILE": str(token),
+    run = _entrypoint(tmp_path, {"DICOMGRID_SECURITY__TRIAL_KEY_SECRET_FILE": str(token),
                                  "DICOMGRID_KAFKA__BOOTSTRAP_SERVERS": "k:9092"})
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert lines[0] == "args:serve http --site A"
-    assert "DICOMGRID_SECURITY__PEER_TOKEN=s3cret-token-value-with a space" in lines
+    assert "DICOMGRID_SECURITY__TRIAL_KEY_SECRET=s3cret-token-value-with a space" in lines
     assert "DICOMGRID_KAFKA__BOOTSTRAP_SERVERS=k:9092" in lines
-    assert not [line for line in lines if line.startswith("DICOMGRID_SECURITY__PEER_TOKEN_FILE")]
+    assert not [line for line in lines if line.startswith("DICOMGRID_SECURITY__TRIAL_KEY_SECRET_FILE")]
 
 
 def test_entrypoint_refuses_a_missing_secret_file(tmp_path: Path):
-    run = _entrypoint(tmp_path, {"DICOMGRID_SECURITY__PEER_TOKEN_FILE": str(tmp_path / "absent")})
+    run = _entrypoint(tmp_path, {"DICOMGRID_SECURITY__TRIAL_KEY_SECRET_FILE": str(tmp_path / "absent")})
     assert run.returncode == 64
-    assert "DICOMGRID_SECURITY__PEER_TOKEN_FILE" in run.stderr and "args:" not in run.stdout
+    assert "DICOMGRID_SECURITY__TRIAL_KEY_SECRET_FILE" in run.stderr and "args:" not in run.stdout
 
 
 def test_dockerfile_builds_the_package_on_python_312_slim():

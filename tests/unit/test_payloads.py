@@ -31,7 +31,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from tests.grid import free_port
 from tests.unit.peer_sites import (
-    TOKEN,
     FakeLedger,
     instance,
     PeerServer,
@@ -118,16 +117,16 @@ def test_peers_are_the_ledger_first_then_every_other_site(sites: TwoSites):
 
 def test_payload_endpoint_checks_token_digest_and_presence(sites: TwoSites):
     digest = sites.put(sites.b, b"payload bytes")
-    base = f"http://127.0.0.1:{sites.b.site.http_port}/internal/payloads/"
-    auth = {"Authorization": f"Bearer {TOKEN}"}
-    assert httpx.get(base + digest).status_code == 401
-    assert httpx.get(base + digest, headers={"Authorization": "Bearer wrong-token-wrong-token"}).status_code == 401
-    assert httpx.get(base + "G" * 64, headers=auth).status_code == 400
-    assert httpx.get(base + "not-a-digest", headers=auth).status_code == 400
+    base = sites.url("")
+    auth, get = sites.auth, sites.http.get
+    assert get(base + digest).status_code == 401
+    assert get(base + digest, headers={"Authorization": "Bearer wrong-token-wrong-token"}).status_code == 401
+    assert get(base + "G" * 64, headers=auth).status_code == 400
+    assert get(base + "not-a-digest", headers=auth).status_code == 400
     # An encoded path never reaches the handler: the route takes a single segment.
-    assert httpx.get(base + "..%2F..%2Fetc%2Fpasswd", headers=auth).status_code == 404
-    assert httpx.get(base + "0" * 64, headers=auth).status_code == 404
-    response = httpx.get(base + digest, headers=auth)
+    assert get(base + "..%2F..%2Fetc%2Fpasswd", headers=auth).status_code == 404
+    assert get(base + "0" * 64, headers=auth).status_code == 404
+    response = get(base + digest, headers=auth)
     assert response.status_code == 200 and response.content == b"payload bytes"
 
 

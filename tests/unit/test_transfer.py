@@ -18,26 +18,20 @@ from starlette.routing import Route
 from dicomgrid.core import transfer as transfer_module
 from dicomgrid.core.blobstore import BlobBusy, PayloadCorrupt
 from dicomgrid.core.transfer import PayloadTransfer, Throttle
-from tests.unit.peer_sites import TOKEN, FakeLedger, PeerServer, TwoSites, corrupt, site_config, site_context
+from tests.unit.peer_sites import FakeLedger, PeerServer, TwoSites, corrupt, site_config, site_context
 from tests.grid import free_port
-
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def _url(sites: TwoSites, digest: str) -> str:
-    return f"http://127.0.0.1:{sites.b.site.http_port}/internal/payloads/{digest}"
 
 
 def test_byte_ranges_are_served_as_206_and_bad_ones_as_416(sites: TwoSites):
     data = os.urandom(3_000_000)
     digest = sites.put(sites.b, data)
-    response = httpx.get(_url(sites, digest), headers={**AUTH, "Range": "bytes=1000000-"})
+    response = sites.http.get(sites.url(digest), headers={**sites.auth, "Range": "bytes=1000000-"})
     assert response.status_code == 206 and response.content == data[1_000_000:]
     assert response.headers["content-range"] == f"bytes 1000000-{len(data) - 1}/{len(data)}"
-    response = httpx.get(_url(sites, digest), headers={**AUTH, "Range": "bytes=10-19"})
+    response = sites.http.get(sites.url(digest), headers={**sites.auth, "Range": "bytes=10-19"})
     assert response.status_code == 206 and response.content == data[10:20]
     for bad in (f"bytes={len(data)}-", "bytes=5-2", "bytes=0-1,5-6", "items=0-"):
-        response = httpx.get(_url(sites, digest), headers={**AUTH, "Range": bad})
+        response = sites.http.get(sites.url(digest), headers={**sites.auth, "Range": bad})
         assert response.status_code == 416 and response.headers["content-range"] == f"bytes */{len(data)}"
     # Every successful response was audited once its bytes had gone.
     sent = [r for r in sites.b.audit.records if r["outcome"] == 0]
@@ -55,7 +49,7 @@ def test_a_corrupt_copy_never_goes_out_whole(sites: TwoSites, where: int):
     path.write_bytes(bytes(damaged))
     received = bytearray()
     with pytest.raises(httpx.RemoteProtocolError):
-        with httpx.stream("GET", _url(sites, digest), headers=AUTH) as response:
+        with sites.http.stream("GET", sites.url(digest), headers=sites.auth) as response:
             assert response.headers["content-length"] == str(len(data))
             for chunk in response.iter_bytes():
                 received += chunk
