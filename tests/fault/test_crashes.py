@@ -24,7 +24,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from tests.dicom_samples import make_instance, to_part10
-from tests.grid import wait_for
+from tests.grid import bearer, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.fault]
 
@@ -106,7 +106,9 @@ def test_a_stow_rs_client_gone_mid_body_leaves_nothing_open_or_on_disk(grid):
         return [t for t in targets if t.startswith(str(incoming))]
 
     part = to_part10(make_instance(pixel_bytes=64))
-    head = (f"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\nContent-Length: {50 * 2**20}\r\n"
+    token = bearer(grid.config)["Authorization"]
+    head = (f"POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\nAuthorization: {token}\r\n"
+            f"Content-Length: {50 * 2**20}\r\n"
             'Content-Type: multipart/related; type="application/dicom"; boundary=B\r\n\r\n'
             "--B\r\nContent-Type: application/dicom\r\n\r\n").encode()
     with socket.create_connection((site.http_host, site.http_port)) as sock:

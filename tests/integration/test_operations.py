@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 
 from tests.dicom_samples import make_instance, to_part10
-from tests.grid import wait_for, web
+from tests.grid import bearer, wait_for, web
 from tests.integration.test_ingest_grid import c_store
 
 pytestmark = [pytest.mark.cluster]
@@ -127,6 +127,13 @@ def test_the_status_page_shows_no_patient_data(grid):
     wait_for(lambda: httpx.get(url(grid, "A", "/status.json"), timeout=30).json()["recent_audit"], timeout=60)
     body = httpx.get(url(grid, "A", "/status.json"), timeout=30).text
     assert str(instance.PatientID) not in body and str(instance.PatientName) not in body
+    # A viewer holding the audit scope sees whom the events name; a read token does not.
+    assert str(instance.PatientID) not in httpx.get(url(grid, "A", "/status.json"), headers=bearer(grid.config, "read"),
+                                                    timeout=30).text
+    audited = wait_for(lambda: (text := httpx.get(url(grid, "A", "/status.json"), headers=bearer(grid.config, "audit"),
+                                                  timeout=30).text) and str(instance.PatientID) in text and text,
+                       timeout=30)
+    assert str(instance.PatientID) in audited
 
 
 def test_import_a_folder_and_export_the_study(grid, tmp_path):

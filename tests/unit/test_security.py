@@ -147,6 +147,13 @@ def test_401_and_403_are_answered_and_audited(grid):
 # -- secrets in the config ----------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _data_dir_from_the_file(monkeypatch):
+    # The environment's data_dir would win over the one these configs name (and a developer's shell
+    # or a CI job may set it).
+    monkeypatch.delenv("DICOMGRID_DATA_DIR", raising=False)
+
+
 def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "grid.toml"
     path.write_text(f'data_dir = "{tmp_path}"\n' + text)
