@@ -158,6 +158,12 @@ class BlobWriter:
         while chunk := src.read(_CHUNK):
             self.write(chunk)
 
+    def reopen(self) -> BinaryIO:
+        """What was written so far, for reading (before :meth:`commit`)."""
+        assert self._fh is not None, "writer already closed"
+        self._fh.flush()
+        return self._tmp.open("rb")
+
     def commit(self) -> BlobRef:
         """Make the payload durable under its digest and return its ref.
 

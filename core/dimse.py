@@ -40,9 +40,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
+from dicomgrid.core import ul
 from dicomgrid.core.audit import MINOR_FAILURE, AuditTrail, Participant
 from dicomgrid.core.config import ConnectionLimits, GridConfig, LimitsConfig
 from dicomgrid.core.logging import get_logger
@@ -57,6 +58,9 @@ MAX_PDU_BYTES = 256 * 1024
 # idle sockets would exhaust it; the site's server applies ``connections.max_associations`` to
 # negotiated associations instead and leaves pynetdicom's limit out of reach.
 _PYNETDICOM_ASSOCIATION_LIMIT = 1_000_000
+# An A-ASSOCIATE-RQ longer than this is left to pynetdicom to read (128 contexts of 40 transfer
+# syntaxes each come to ~120 KiB).
+_MAX_REQUEST_BYTES = 1024 * 1024
 # How often the server looks for pending connections past their deadline and for spool leftovers.
 SPOOL_SWEEP_INTERVAL_S = 30.0
 
@@ -420,6 +424,17 @@ class _Connection:
     accepted: float  # time.monotonic()
     assoc: Association | None = None
     state: _State = _State.WAITING
+    # Served by the storage path (no pynetdicom association): its calling AE title.
+    direct_ae: str | None = None
+
+    def holds_slot(self) -> bool:
+        """Whether the connection counts against the association limits."""
+        if self.state is not _State.ADMITTED:
+            return False
+        return self.direct_ae is not None or (self.assoc is not None and self.assoc.is_alive())
+
+    def calling_ae(self) -> str:
+        return self.direct_ae if self.direct_ae is not None else _calling_ae(self.assoc) if self.assoc else ""
 
 
 @dataclass(eq=False)
@@ -436,14 +451,56 @@ class _Registry:
 _REJECTION_NOTE = "_dicomgrid_rejection"
 
 
+class DirectPath(Protocol):
+    """Associations a service serves itself, without pynetdicom (the site's storage path)."""
+
+    def takes(self, request: ul.AssociateRequest) -> bool: ...
+
+    def serve(self, sock: socket.socket, request: ul.AssociateRequest, peer: str) -> None: ...
+
+
+class _ReplaySocket(AssociationSocket):
+    """An association socket whose first bytes were read already (the A-ASSOCIATE-RQ, read by the
+    server to choose between the direct path and pynetdicom): they are read again from memory."""
+
+    prefix: bytearray
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.prefix) or super().ready
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if not self.prefix:
+            return super().recv(nr_bytes)
+        head = self.prefix[:nr_bytes]
+        del self.prefix[:nr_bytes]
+        return head + super().recv(nr_bytes - len(head)) if len(head) < nr_bytes else head
+
+
 class _SiteRequestHandler(RequestHandler):
+    prefix = b""
+
     def handle(self) -> None:
-        if isinstance(self.request, ssl.SSLSocket) and not self.server.handshake(self.request):  # type: ignore[attr-defined]
+        server: SiteServer = self.server  # type: ignore[assignment]
+        if isinstance(self.request, ssl.SSLSocket) and not server.handshake(self.request):
             return
+        if server.direct is not None:
+            prefix = server.read_request(self.request)
+            if prefix is None:
+                server.shutdown_request(self.request)
+                return
+            if server.serve_direct(self.request, prefix, self.client_address):
+                server.shutdown_request(self.request)
+                return
+            self.prefix = prefix
         super().handle()
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
+        if self.prefix:
+            sock = assoc.dul.socket
+            sock.__class__ = _ReplaySocket
+            sock.prefix = bytearray(self.prefix)  # type: ignore[attr-defined]
         self.server.attach(self.request, assoc)  # type: ignore[attr-defined]
         return assoc
 
@@ -482,8 +539,13 @@ class SiteServer(ThreadedAssociationServer):
                  admit: Callable[[Association], tuple[tuple[int, int, int], str] | None] | None = None,
                  may_use: Callable[[Association, str], bool] | None = None,
                  handshake_failed: Callable[[str, str], None] | None = None,
-                 request_limits: LimitsConfig | None = None, **kwargs: Any) -> None:
+                 request_limits: LimitsConfig | None = None,
+                 direct: DirectPath | None = None,
+                 admit_direct: Callable[[socket.socket, ul.AssociateRequest], bool] | None = None,
+                 **kwargs: Any) -> None:
         self.limits = limits
+        self.direct = direct
+        self.admit_direct = admit_direct or (lambda sock, request: True)
         self.request_limits = request_limits or LimitsConfig()
         self.spool = spool
         self.refused = refused
@@ -606,16 +668,7 @@ class SiteServer(ThreadedAssociationServer):
             calling_ae = _calling_ae(assoc)
             with self._lock:
                 connection = self._by_assoc.get(assoc)
-                admitted = [c for c in self._by_assoc.values()
-                            if c.state is _State.ADMITTED and c.assoc is not None and c.assoc.is_alive()]
-                same_ae = sum(1 for c in admitted if c.assoc is not None and _calling_ae(c.assoc) == calling_ae)
-                per_ae = self.request_limits.max_associations_per_calling_ae
-                if len(admitted) >= self.limits.max_associations:
-                    full: str | None = f"local limit of {self.limits.max_associations} associations reached"
-                elif same_ae >= per_ae:
-                    full = f"local limit of {per_ae} associations per calling AE reached (calling AE {calling_ae!r})"
-                else:
-                    full = None
+                full = self._full_locked(calling_ae)
                 if connection is not None and full is None:
                     # Taken now, before negotiation ends, so two requests at once cannot both get the last slot.
                     connection.state = _State.ADMITTED
@@ -633,6 +686,69 @@ class SiteServer(ThreadedAssociationServer):
 
     def _on_ended(self, event: evt.Event) -> None:
         self._finish(event.assoc)
+
+    def _full_locked(self, calling_ae: str) -> str | None:
+        """Why one more association of ``calling_ae`` is over the limits (None: it is not)."""
+        admitted = [c for c in self._connections.values() if c.holds_slot()]
+        same_ae = sum(1 for c in admitted if c.calling_ae() == calling_ae)
+        per_ae = self.request_limits.max_associations_per_calling_ae
+        if len(admitted) >= self.limits.max_associations:
+            return f"local limit of {self.limits.max_associations} associations reached"
+        if same_ae >= per_ae:
+            return f"local limit of {per_ae} associations per calling AE reached (calling AE {calling_ae!r})"
+        return None
+
+    # the direct path (in the connection's thread) ------------------------------------------------------
+
+    def read_request(self, sock: socket.socket) -> bytes | None:
+        """The connection's first PDU, whole if it is an A-ASSOCIATE-RQ (None: the connection went, or
+        was closed at its deadline by :meth:`service_actions`)."""
+        with self._lock:
+            connection = self._connections.get(sock)
+        if connection is None:
+            return None
+        left = self.limits.request_timeout_s - (time.monotonic() - connection.accepted)
+        data = bytearray()
+        try:
+            # The deadline's own sweep also shuts the socket down; the timeout is the backstop.
+            sock.settimeout(max(left, 0.0) + 1.0)
+            while len(data) < 6:
+                if not _recv_more(sock, data, 6 - len(data)):
+                    return None
+            kind, length = ul.pdu_header(data)
+            if kind != ul.ASSOCIATE_RQ or length > _MAX_REQUEST_BYTES:
+                return bytes(data)  # pynetdicom answers what is not a plausible request
+            while len(data) < 6 + length:
+                if not _recv_more(sock, data, 6 + length - len(data)):
+                    return None
+            return bytes(data)
+        except (OSError, ValueError):
+            self._close(connection, "no A-ASSOCIATE-RQ within the request timeout")
+            return None
+        finally:
+            try:
+                sock.settimeout(None)
+            except OSError:
+                pass
+
+    def serve_direct(self, sock: socket.socket, prefix: bytes, client_address: Any) -> bool:
+        """Serve the association on the direct path if it takes it and it is admissible as requested;
+        False leaves it to pynetdicom (whatever is to be rejected, or not the direct path's)."""
+        assert self.direct is not None
+        try:
+            request = ul.parse_associate_rq(prefix)
+        except ul.ULError:
+            return False
+        if not self.direct.takes(request) or not self.admit_direct(sock, request):
+            return False
+        with self._lock:
+            connection = self._connections.get(sock)
+            if connection is None or self._full_locked(request.calling_ae) is not None:
+                return False
+            connection.state = _State.ADMITTED
+            connection.direct_ae = request.calling_ae
+        self.direct.serve(sock, request, f"{client_address[0]}:{client_address[1]}")
+        return True
 
     # bookkeeping ---------------------------------------------------------------------------------
 
@@ -665,6 +781,10 @@ class SiteServer(ThreadedAssociationServer):
             if removed:
                 log.info("partial data set removed", files=removed, peer=f"{assoc.requestor.address}:{assoc.requestor.port}")
 
+    def direct_associations(self) -> int:
+        with self._lock:
+            return sum(1 for c in self._connections.values() if c.direct_ae is not None)
+
     def claimed_spool_files(self) -> set[Path]:
         with self._lock:
             associations = [c.assoc for c in self._by_assoc.values() if c.assoc is not None]
@@ -691,6 +811,12 @@ _REJECTIONS = {
     (0x01, 0x07): "called AE title is not this site's",
     (0x02, 0x02): "protocol version not supported",
 }
+
+
+def _recv_more(sock: socket.socket, data: bytearray, wanted: int) -> bool:
+    chunk = sock.recv(min(wanted, 65536))
+    data += chunk
+    return bool(chunk)
 
 
 def _calling_ae(assoc: Association) -> str:
@@ -825,6 +951,29 @@ class SiteAE:
         # Rejected permanent, service user, calling AE title not recognised.
         return (0x01, 0x01, 0x03), f"TLS client certificate of {names} does not speak for calling AE {calling_ae!r}"
 
+    def _admits_as_requested(self, sock: socket.socket, request: ul.AssociateRequest) -> bool:
+        """Whether the request would be accepted as it stands, every context offered: only such a
+        request may go to the direct path (every other one is pynetdicom's to refuse and audit)."""
+        config = self.config
+        if (request.called_ae != self.site.ae_title or request.protocol_version != 1
+                or request.application_context != ul.APPLICATION_CONTEXT
+                or not config.is_calling_ae_allowed(request.calling_ae)
+                or (config.security.service_aes and not config.ae_may_use(request.calling_ae, "storage"))):
+            return False
+        if isinstance(sock, ssl.SSLSocket):
+            cert = sock.getpeercert()
+            if cert and not certificate_speaks_for(config, cert, request.calling_ae):
+                return False
+        return True
+
+    def _direct_path(self) -> DirectPath | None:
+        """The storage path, from the service that offers one."""
+        for service in self.services:
+            make = getattr(service, "direct_path", None)
+            if make is not None:
+                return make(max_pdu=MAX_PDU_BYTES, network_timeout_s=self.ae.network_timeout or 60.0)  # type: ignore[no-any-return]
+        return None
+
     def _may_use(self, assoc: Association, service: str) -> bool:
         return self.config.ae_may_use(assoc.requestor.ae_title, service)
 
@@ -923,6 +1072,7 @@ class SiteAE:
         if tls_port is not None:
             ports.append((tls_port, dicom_server_context(self.config, self.site.name)))
         registry = _Registry()
+        direct = self._direct_path()
         servers = []
         for number, (port, context) in enumerate(ports):
             server = self.ae.make_server(
@@ -940,6 +1090,8 @@ class SiteAE:
                 admit=self._admit,
                 may_use=self._may_use,
                 handshake_failed=self._on_handshake_failed,
+                direct=direct,
+                admit_direct=self._admits_as_requested,
             )
             self.ae._servers.append(server)
             servers.append(server)

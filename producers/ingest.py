@@ -33,8 +33,8 @@ from dicomgrid.core.audit import (
     Participant,
     patient_object,
 )
-from dicomgrid.core.blobstore import BlobStore, BlobStoreError, PayloadTooLarge
-from dicomgrid.core.dicomfile import MAX_TEXT, MalformedDicom, canonical_file_meta, inspect
+from dicomgrid.core.blobstore import BlobRef, BlobStore, BlobStoreError, BlobWriter, PayloadTooLarge
+from dicomgrid.core.dicomfile import MAX_TEXT, Inspection, MalformedDicom, canonical_file_meta, inspect
 from dicomgrid.core.events import Source, instance_stored
 from dicomgrid.core.kafka import EventPublisher, PublishError
 from dicomgrid.core import metrics
@@ -172,13 +172,46 @@ class Ingestor:
             )
         return result
 
+    def receive(self, source: Source, expected: Expected, transfer_syntax_uid: str) -> "Reception":
+        """Ingest one data set as it arrives (a C-STORE's fragments), straight into the blob store.
+
+        The canonical file meta is known before the first byte (the request names the SOP Class and
+        Instance, the presentation context the transfer syntax), so the payload is written and hashed
+        in one pass, with no spool copy. :meth:`Reception.finish` then checks it as :meth:`ingest`
+        does before anything is made durable or announced.
+        """
+        return Reception(self, source, expected, transfer_syntax_uid)
+
     def _ingest(self, fp: BinaryIO, source: Source, expected: Expected) -> IngestResult:
-        # 1. Validate: nothing is written before this passes.
+        checked = self._check(fp, expected)
+        if isinstance(checked, IngestResult):
+            return checked
+        found, ids = checked
+        size = fp.seek(0, 2) - found.offset
+        if self.max_instance_bytes is not None and size > self.max_instance_bytes:
+            return IngestResult(Outcome.TOO_LARGE, f"{size} bytes > limit {self.max_instance_bytes}", **ids)
+
+        # 2. Durable payload.
+        attrs = found.attributes
+        try:
+            with self.blobs.writer(max_bytes=self.max_instance_bytes) as writer:
+                writer.write(canonical_file_meta(attrs.get("SOPClassUID"), attrs.get("SOPInstanceUID"), found.transfer_syntax_uid))
+                writer.copy_from(fp, found.offset)
+                blob = writer.commit()
+                existed = writer.existed
+        except PayloadTooLarge as exc:
+            return IngestResult(Outcome.TOO_LARGE, str(exc), **ids)
+        except BlobStoreError as exc:
+            return IngestResult(Outcome.NO_STORAGE, str(exc), **ids)
+        return self._announce(found, ids, blob, existed, source)
+
+    def _check(self, fp: BinaryIO, expected: Expected) -> IngestResult | tuple[Inspection, dict[str, Any]]:
+        """1. Validate: nothing is written or announced before this passes."""
         try:
             found = inspect(fp)
         except MalformedDicom as exc:
             return IngestResult(Outcome.MALFORMED, str(exc), expected.sop_class_uid, expected.sop_instance_uid)
-        transfer_syntax, attrs, offset = found.transfer_syntax_uid, found.attributes, found.offset
+        transfer_syntax, attrs = found.transfer_syntax_uid, found.attributes
         sop_class, sop_instance = attrs.get("SOPClassUID"), attrs.get("SOPInstanceUID")
         study, series = attrs.get("StudyInstanceUID"), attrs.get("SeriesInstanceUID")
         ids = dict(sop_class_uid=sop_class, sop_instance_uid=sop_instance, study_uid=study,
@@ -205,32 +238,19 @@ class Ingestor:
         ):
             if want is not None and want != got:
                 return IngestResult(Outcome.MISMATCH, f"{name} in data set ({_shorten(got)}) != request ({_shorten(want)})", **ids)
-        size = fp.seek(0, 2) - offset
-        if self.max_instance_bytes is not None and size > self.max_instance_bytes:
-            return IngestResult(Outcome.TOO_LARGE, f"{size} bytes > limit {self.max_instance_bytes}", **ids)
+        return found, ids
 
-        # 2. Durable payload.
-        try:
-            with self.blobs.writer(max_bytes=self.max_instance_bytes) as writer:
-                writer.write(canonical_file_meta(sop_class, sop_instance, transfer_syntax))
-                writer.copy_from(fp, offset)
-                blob = writer.commit()
-                existed = writer.existed
-        except PayloadTooLarge as exc:
-            return IngestResult(Outcome.TOO_LARGE, str(exc), **ids)
-        except BlobStoreError as exc:
-            return IngestResult(Outcome.NO_STORAGE, str(exc), **ids)
-
+    def _announce(self, found: Inspection, ids: dict[str, Any], blob: BlobRef, existed: bool,
+                  source: Source) -> IngestResult:
+        """3. Durable event; 4. success only after the brokers confirm it."""
         # An identical resend: the same bytes are stored and their event is in Kafka. (Stored but not
         # marked: an earlier attempt failed before the brokers confirmed, or the copy came by
         # replication; announced again, which the indexer recognises by the digest.)
         if existed and self.blobs.is_announced(blob.sha256):
             return IngestResult(Outcome.DUPLICATE, f"payload {blob.sha256[:12]} already stored", **ids)
-
-        # 3. Durable event; 4. success only after the brokers confirm it.
-        event = instance_stored(self.site, source, attrs, transfer_syntax, blob)
+        event = instance_stored(self.site, source, found.attributes, found.transfer_syntax_uid, blob)
         try:
-            self.publisher.publish_and_wait(schemas.TOPIC_INSTANCE_STORED, study, event, self.delivery_timeout_s)
+            self.publisher.publish_and_wait(schemas.TOPIC_INSTANCE_STORED, ids["study_uid"], event, self.delivery_timeout_s)
         except schemas.InvalidEvent as exc:
             # What the checks above let through but the event contract does not (the payload stays in
             # the blob store, content-addressed and unreferenced, like any refused resend).
@@ -260,6 +280,87 @@ class Ingestor:
             ],
             objects,
         )
+
+
+
+class Reception:
+    """One data set being received into the blob store; see :meth:`Ingestor.receive`.
+
+    :meth:`write` takes the fragments in order; :meth:`finish` checks, commits, announces and reports
+    (audit, metrics, log) once; :meth:`abort` drops what was written (the sender went away).
+    """
+
+    def __init__(self, ingestor: Ingestor, source: Source, expected: Expected, transfer_syntax_uid: str) -> None:
+        self._ingestor = ingestor
+        self._source = source
+        self._expected = expected
+        self._refused: IngestResult | None = None
+        self._writer: BlobWriter | None = None
+        ids = dict(sop_class_uid=expected.sop_class_uid, sop_instance_uid=expected.sop_instance_uid)
+        for name, value in (("AffectedSOPClassUID", expected.sop_class_uid),
+                            ("AffectedSOPInstanceUID", expected.sop_instance_uid)):
+            if not is_valid_uid(value):
+                shown = "missing" if not value else f"invalid ({_shorten(value)})"
+                self._refused = IngestResult(Outcome.BAD_UID, f"{name} of the request {shown}", **ids)
+                return
+        try:
+            self._writer = BlobWriter(ingestor.blobs, ingestor.max_instance_bytes)
+            self._writer.write(canonical_file_meta(expected.sop_class_uid, expected.sop_instance_uid,  # type: ignore[arg-type]
+                                                   transfer_syntax_uid))
+        except BlobStoreError as exc:
+            self._fail(IngestResult(Outcome.NO_STORAGE, str(exc), **ids))
+
+    def _fail(self, result: IngestResult) -> None:
+        self._refused = result
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self._writer is None:
+            return  # refused already: the rest of the data set is read and dropped
+        try:
+            self._writer.write(data)
+        except PayloadTooLarge as exc:
+            self._fail(IngestResult(Outcome.TOO_LARGE, str(exc), self._expected.sop_class_uid,
+                                    self._expected.sop_instance_uid))
+        except BlobStoreError as exc:
+            self._fail(IngestResult(Outcome.NO_STORAGE, str(exc), self._expected.sop_class_uid,
+                                    self._expected.sop_instance_uid))
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+
+    def finish(self) -> IngestResult:
+        ingestor = self._ingestor
+        return ingestor.report(self._finish(), self._source)
+
+    def _finish(self) -> IngestResult:
+        writer = self._writer
+        if writer is None:
+            assert self._refused is not None
+            return self._refused
+        self._writer = None
+        try:
+            try:
+                # The data set is checked as it lies in the temp file, in the page cache still.
+                with writer.reopen() as fp:
+                    checked = self._ingestor._check(fp, self._expected)
+            except OSError as exc:
+                return IngestResult(Outcome.NO_STORAGE, f"cannot read back the payload: {exc.strerror}",
+                                    self._expected.sop_class_uid, self._expected.sop_instance_uid)
+            if isinstance(checked, IngestResult):
+                return checked
+            found, ids = checked
+            try:
+                blob = writer.commit()
+            except BlobStoreError as exc:
+                return IngestResult(Outcome.NO_STORAGE, str(exc), **ids)
+            return self._ingestor._announce(found, ids, blob, writer.existed, self._source)
+        finally:
+            writer.abort()
 
 
 def _shorten(value: object, limit: int = 40) -> str:

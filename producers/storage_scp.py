@@ -1,6 +1,9 @@
 """The Storage SCP service of a site: every C-STORE goes through the shared ingest path.
 
-Handlers stay thin: the data set, as pynetdicom streamed it to a file, is handed to the
+Associations that only store are served by the storage path (:mod:`dicomgrid.producers.storage_path`),
+which the site AE asks this service for. C-STOREs that arrive on pynetdicom's associations (those that
+also query or retrieve) come to :meth:`on_store`: the
+data set, as pynetdicom streamed it to a file, is handed to the
 :class:`~dicomgrid.producers.ingest.Ingestor`, whose outcome becomes the DIMSE status.
 """
 
@@ -17,6 +20,7 @@ from dicomgrid.core import metrics
 from dicomgrid.core.events import Source
 from dicomgrid.core.dimse import Context, peer_of, storage_sop_classes
 from dicomgrid.producers.ingest import Expected, Ingestor
+from dicomgrid.producers.storage_path import StoragePath
 
 def _failure(status: int, comment: str) -> Dataset:
     ds = Dataset()
@@ -37,6 +41,10 @@ class StorageService:
 
     def contexts(self) -> list[Context]:
         return [Context(uid, scu_role=True, scp_role=True) for uid in storage_sop_classes()]
+
+    def direct_path(self, *, max_pdu: int, network_timeout_s: float) -> StoragePath:
+        return StoragePath(self.ingestor, self.called_ae, max_pdu=max_pdu, network_timeout_s=network_timeout_s,
+                           storage_classes=storage_sop_classes())
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
         return [(evt.EVT_C_STORE, metrics.timed_handler(self.ingestor.site, "C-STORE", self.on_store))]

@@ -1,0 +1,286 @@
+"""The site's storage path (associations that only store), served by a site AE in this process with a
+real blob store and an in-memory stand-in for the brokers, against DCMTK storescu, pynetdicom and
+hand-made PDUs."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind, Verification  # type: ignore[attr-defined]
+
+from dicomgrid import schemas
+from dicomgrid.core import ul
+from dicomgrid.core.audit import AuditTrail
+from dicomgrid.core.blobstore import BlobStore
+from dicomgrid.core.dicomfile import split_file_meta
+from dicomgrid.core.dimse import SiteAE
+from dicomgrid.producers.ingest import Ingestor
+from dicomgrid.producers.storage_path import StoragePath
+from dicomgrid.producers.storage_scp import StorageService
+from tests.dicom_samples import make_instance, to_part10
+from tests.unit.peer_sites import RecordingAudit
+from tests.unit.test_dicom_tls import _config
+from tests.unit.test_ingest import FakePublisher, NoCassandra
+from tests.unit.test_ul import _encoded_by_pynetdicom, _pynetdicom_request
+
+
+class Site:
+    def __init__(self, tmp_path: Path, extra: str, max_instance_bytes: int) -> None:
+        self.config = _config(tmp_path, extra)
+        self.publisher = FakePublisher()
+        self.blobs = BlobStore(self.config.site_storage("A"), "A")
+        self.ingestor = Ingestor("A", self.blobs, self.publisher, NoCassandra(), AuditTrail("A", self.publisher),
+                                 max_instance_bytes=max_instance_bytes)
+        self.audit = RecordingAudit()
+        self.site = self.config.site("A")
+
+    def stored(self) -> list[dict]:
+        return self.publisher.of(schemas.TOPIC_INSTANCE_STORED)
+
+    def audited(self, text: str) -> list[dict]:
+        return [r for r in self.publisher.of(schemas.TOPIC_AUDIT) if text in str(r)]
+
+
+@pytest.fixture
+def direct_serves(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The calling AE title of every association the storage path served."""
+    served: list[str] = []
+    original = StoragePath.serve
+
+    def serve(self, sock, request, peer):
+        served.append(request.calling_ae)
+        return original(self, sock, request, peer)
+
+    monkeypatch.setattr(StoragePath, "serve", serve)
+    return served
+
+
+@pytest.fixture
+def start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator:
+    # The site AE sets pynetdicom's process-wide storage settings and the temporary folder: put them back.
+    monkeypatch.setattr(pynetdicom_config, "STORE_RECV_CHUNKED_DATASET", pynetdicom_config.STORE_RECV_CHUNKED_DATASET)
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", pynetdicom_config.STORE_SEND_CHUNKED_DATASET)
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
+    running = []
+
+    def run(extra: str = "", max_instance_bytes: int = 1 << 20) -> Site:
+        site = Site(tmp_path, extra, max_instance_bytes)
+        storage = StorageService(site.ingestor, site.site.ae_title)
+        running.append(SiteAE(site.config, "A", [storage], site.audit).serve(spool_dir=storage.spool_dir, block=False))
+        return site
+
+    yield run
+    for listeners in running:
+        listeners.shutdown()
+        listeners.server_close()
+
+
+def _dataset_bytes(part10: bytes) -> bytes:
+    _, offset = split_file_meta(io.BytesIO(part10))
+    return part10[offset:]
+
+
+def _associate(site: Site, calling_ae: str = "STORESCU", *contexts: tuple[str, list[str]]):
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 5
+    for uid, syntaxes in contexts or ((CTImageStorage, [ExplicitVRLittleEndian]),):
+        ae.add_requested_context(uid, syntaxes)
+    return ae.associate(site.site.dicom_host, site.site.dicom_port, ae_title=site.site.ae_title)
+
+
+def _storescu() -> str:
+    # DCMTK's own tool, not a script of the same name earlier on PATH.
+    for folder in os.get_exec_path():
+        candidate = Path(folder) / "storescu"
+        if candidate.is_file() and not candidate.read_bytes()[:2] == b"#!":
+            return str(candidate)
+    pytest.skip("DCMTK storescu is not installed")
+
+
+def test_dcmtk_storescu_stores_byte_for_byte_on_the_storage_path(start, direct_serves, tmp_path: Path):
+    site = start()
+    files = []
+    for number in range(5):
+        path = tmp_path / f"ct{number}.dcm"
+        path.write_bytes(to_part10(make_instance(pixel_bytes=64 + 2048 * number)))
+        files.append(path)
+    done = subprocess.run([_storescu(), "-aet", "STORESCU", "-aec", site.site.ae_title, site.site.dicom_host,
+                           str(site.site.dicom_port), *map(str, files)],
+                          env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert direct_serves == ["STORESCU"]
+    events = site.stored()
+    assert len(events) == 5
+    by_instance = {e["instance"]["sop_instance_uid"]: e for e in events}
+    for path in files:
+        sent = path.read_bytes()
+        _, offset = split_file_meta(io.BytesIO(sent))
+        uid = dcmread(path).SOPInstanceUID
+        stored = site.blobs.path(by_instance[uid]["payload"]["sha256"]).read_bytes()
+        assert _dataset_bytes(stored) == sent[offset:]
+    assert not list((site.blobs.root / "tmp").iterdir())
+
+
+def test_pynetdicom_echo_and_stores_in_each_syntax_with_the_right_statuses(start, direct_serves):
+    site = start(max_instance_bytes=64 * 1024)
+    syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+    assoc = _associate(site, "STORESCU", (Verification, [ImplicitVRLittleEndian]),
+                       *((CTImageStorage, [ts]) for ts in syntaxes))
+    assert assoc.is_established
+    assert assoc.accepted_contexts and len(assoc.accepted_contexts) == 4
+    assert assoc.send_c_echo().Status == 0x0000
+    sent = {}
+    for ts in syntaxes:
+        ds = make_instance()
+        ds.file_meta.TransferSyntaxUID = ts
+        # The same data set in each syntax: the context of that syntax carries it.
+        sent[ds.SOPInstanceUID] = ds
+        assert assoc.send_c_store(ds).Status == 0x0000
+    # Data set and request disagree: refused, and the association goes on.
+    ds = make_instance()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    mismatched = make_instance()
+    status = _store_raw(assoc, ds.SOPInstanceUID, encode(mismatched, False, True))
+    assert status.Status == 0xA900
+    # Over the site's instance size limit: refused, nothing kept.
+    big = make_instance(pixel_bytes=128 * 1024)
+    big.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    response = assoc.send_c_store(big)
+    assert response.Status == 0xA702
+    # Kafka unavailable: out of resources, the payload stays harmless in the store.
+    site.publisher.down = True
+    assert assoc.send_c_store(make_instance()).Status == 0xA701
+    site.publisher.down = False
+    assoc.release()
+    assert direct_serves == ["STORESCU"]
+    stored = {e["instance"]["sop_instance_uid"]: e for e in site.stored()}
+    assert set(stored) == set(sent)
+    for uid, ds in sent.items():
+        event = stored[uid]
+        assert event["instance"]["transfer_syntax_uid"] == ds.file_meta.TransferSyntaxUID
+        meta, _ = split_file_meta(io.BytesIO(site.blobs.path(event["payload"]["sha256"]).read_bytes()))
+        assert meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+    assert site.audited("0xA900") or site.audited("does not match")
+    assert not list((site.blobs.root / "tmp").iterdir())
+
+
+def _store_raw(assoc, sop_instance_uid: str, data_set: bytes):
+    """A C-STORE whose request names ``sop_instance_uid`` whatever the data set says."""
+    request = C_STORE()
+    request.MessageID = 99
+    request.AffectedSOPClassUID = CTImageStorage
+    request.AffectedSOPInstanceUID = sop_instance_uid
+    request.Priority = 2
+    request.DataSet = io.BytesIO(data_set)
+    context = next(cx for cx in assoc.accepted_contexts if cx.abstract_syntax == CTImageStorage
+                   and cx.transfer_syntax[0] == ExplicitVRLittleEndian)
+    assoc.dimse.send_msg(request, context.context_id)
+    _, response = assoc.dimse.get_msg(block=True)
+    return response
+
+
+def test_associations_that_also_query_stay_with_pynetdicom(start, direct_serves):
+    site = start()
+    assoc = _associate(site, "STORESCU", (CTImageStorage, [ExplicitVRLittleEndian]),
+                       (StudyRootQueryRetrieveInformationModelFind, [ImplicitVRLittleEndian]))
+    assert assoc.is_established
+    ds = make_instance()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    assert assoc.send_c_store(ds).Status == 0x0000
+    assoc.release()
+    assert direct_serves == []
+    assert [e["instance"]["sop_instance_uid"] for e in site.stored()] == [ds.SOPInstanceUID]
+
+
+def test_refusals_stay_with_pynetdicom_and_are_audited(start, direct_serves):
+    site = start('[limits]\nmax_associations_per_calling_ae = 1\n[security]\nallowed_calling_aes = ["STORESCU"]\n'
+                 'allow_any_calling_ae = false\n')
+    first = _associate(site, "STORESCU")
+    assert first.is_established
+    second = _associate(site, "STORESCU")
+    assert second.is_rejected
+    stranger = _associate(site, "STRANGER")
+    assert stranger.is_rejected
+    first.release()
+    assert direct_serves == ["STORESCU"]
+    reasons = [r["description"] for r in site.audit.records if r["event"] == "Security Alert"]
+    assert any("per calling AE" in r for r in reasons)
+    assert any("calling AE title not allowed" in r for r in reasons)
+
+
+def _raw_association(site: Site) -> tuple[socket.socket, int]:
+    """A hand-made association of one CT context; returns the socket and the accepted context's ID."""
+    sock = socket.create_connection((site.site.dicom_host, site.site.dicom_port), timeout=5)
+    sock.sendall(_pynetdicom_request(roles=False))
+    kind, length = ul.pdu_header(_recv_exactly(sock, 6))
+    assert kind == ul.ASSOCIATE_AC
+    _recv_exactly(sock, length)
+    return sock, 1
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+def _store_command(sop_instance_uid: str) -> bytes:
+    return _encoded_by_pynetdicom(C_STORE_RQ, C_STORE, AffectedSOPClassUID=CTImageStorage, MessageID=1, Priority=0,
+                                  AffectedSOPInstanceUID=sop_instance_uid,
+                                  DataSet=io.BytesIO(b"\x08\x00\x16\x00\x00\x00\x00\x00"))
+
+
+def test_data_on_a_context_never_accepted_aborts_and_is_audited(start, direct_serves):
+    site = start()
+    sock, _ = _raw_association(site)
+    sock.sendall(ul.encode_p_data(99, _store_command("1.2.3"), command=True, max_pdu=0))
+    kind, length = ul.pdu_header(_recv_exactly(sock, 6))
+    assert kind == ul.ABORT
+    sock.close()
+    deadline = time.monotonic() + 5
+    while not site.audited("storage association aborted") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert site.audited("presentation context 99")
+    assert site.stored() == []
+
+
+def test_a_sender_gone_in_the_middle_of_a_data_set_leaves_nothing(start, direct_serves):
+    site = start()
+    sock, context_id = _raw_association(site)
+    ds = make_instance(pixel_bytes=4096)
+    data_set = encode(ds, False, True)
+    sock.sendall(ul.encode_p_data(context_id, _store_command(ds.SOPInstanceUID), command=True, max_pdu=0))
+    # Half the data set, in a PDV that is not the last.
+    half = data_set[: len(data_set) // 2]
+    sock.sendall(struct.pack(">BxL", ul.P_DATA_TF, len(half) + 6) + struct.pack(">LBB", len(half) + 2, context_id, 0) + half)
+    deadline = time.monotonic() + 5
+    while not list((site.blobs.root / "tmp").iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert list((site.blobs.root / "tmp").iterdir()), "the data set was not being received"
+    sock.close()
+    deadline = time.monotonic() + 5
+    while list((site.blobs.root / "tmp").iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not list((site.blobs.root / "tmp").iterdir())
+    assert site.stored() == []
+    assert not list((site.blobs.root / "sha256").rglob("*"))
