@@ -88,8 +88,8 @@ def tiny_volume(tmp_path: Path):
 def test_disk_full_fails_the_store_and_keeps_what_was_stored(grid, taps, publishers, tiny_volume, monkeypatch):
     """A receiver whose blob store fills up answers 0xA700; earlier instances stay intact.
 
-    The volume has room for the received data set (spooled by the receiver) but not for a second copy
-    in the blob store: the moment a nearly full disk runs out.
+    The volume has room for a small instance but not for the next one, which runs out of space while
+    its fragments are being written into the blob store: the moment a nearly full disk runs out.
     """
     # serve() points these process-wide settings at the receiver's needs; restore them afterwards.
     monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
@@ -108,7 +108,7 @@ def test_disk_full_fails_the_store_and_keeps_what_was_stored(grid, taps, publish
         small = make_instance()
         assert c_store(site, [small]) == [0]
         big = make_instance()
-        big.PixelData = os.urandom(400 * 1024)
+        big.PixelData = os.urandom(800 * 1024)
         assert c_store(site, [big]) == [0xA700]
         # What was acknowledged is still there, byte for byte.
         event = events_for(tap, [small.SOPInstanceUID])[0]
