@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 from bench.storescu import dcmtk_env
+from dicomgrid.deploy.local.dcmtk import require_dcmtk_tool
 
 
 @dataclass(frozen=True)
@@ -17,8 +18,11 @@ class ClientRun:
 
 
 def run_client(argv: list[str], timeout: float = 600.0) -> ClientRun:
+    """Run DCMTK's ``argv[0]`` (named bare in ``argv``, as the reports show it)."""
+    tool, *args = argv
     started = time.monotonic()
-    out = subprocess.run(argv, capture_output=True, text=True, env=dcmtk_env(), timeout=timeout)
+    out = subprocess.run([require_dcmtk_tool(tool), *args], capture_output=True, text=True, env=dcmtk_env(),
+                         timeout=timeout)
     seconds = time.monotonic() - started
     errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith(("E:", "F:"))]
     return ClientRun(seconds, out.returncode, errors)

@@ -42,6 +42,7 @@ from dicomgrid.core.cassandra import Cassandra, apply_schema
 from dicomgrid.core.index_reader import IndexReader
 from dicomgrid.core.pki import ensure_material
 from dicomgrid.deploy.local import LocalCluster
+from dicomgrid.deploy.local.dcmtk import require_dcmtk_tool
 from dicomgrid.supervisor import Service, Supervisor
 
 # How long after the last C-STORE response the index may take before the run counts as not indexed.
@@ -237,7 +238,7 @@ class BenchGrid:
     def _wait_echo(self, site: BenchSite, timeout: float = 60.0) -> None:
         """Wait for a C-ECHO to succeed: the supervisor's probe only shows that some process accepts."""
         port = self.ports[site.name].dicom
-        argv = ["echoscu", "-aet", "ECHOSCU", "-aec", site.ae_title, "127.0.0.1", str(port)]
+        argv = [require_dcmtk_tool("echoscu"), "-aet", "ECHOSCU", "-aec", site.ae_title, "127.0.0.1", str(port)]
         deadline = time.monotonic() + timeout
         while subprocess.run(argv, capture_output=True, env=dcmtk_env()).returncode != 0:
             if time.monotonic() > deadline:

@@ -17,6 +17,7 @@ import psutil
 from tqdm import tqdm
 
 from bench.paths import BENCH_ROOT
+from dicomgrid.deploy.local.dcmtk import dcmtk_tool
 
 
 def _cpu_model() -> str:
@@ -72,7 +73,7 @@ class Machine:
             os=os_release,
             python=platform.python_version(),
             java=_first_line(["java", "-version"]),
-            dcmtk=_first_line(["storescu", "--version"]),
+            dcmtk=_first_line([storescu, "--version"]) if (storescu := dcmtk_tool("storescu")) else "not found",
             storage=_storage(),
         )
 

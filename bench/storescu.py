@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dicomgrid.deploy.local.dcmtk import require_dcmtk_tool
+
 CALLING_AE = "STORESCU"
 # -R: propose only the presentation contexts the files need, as a PACS sending one study does.
 OPTIONS = ["-R"]
@@ -67,12 +69,13 @@ def send(parts: list[list[Path]], called_ae: str, port: int, log_dir: Path, host
     config = log_dir / "storescu-logger.cfg"
     config.write_text(_LOG_CONFIG)
     env = dcmtk_env()
+    storescu = require_dcmtk_tool("storescu")
     logs = [log_dir / f"storescu-{k}.log" for k in range(len(parts))]
     procs = []
     started = time.monotonic()
     for files, log in zip(parts, logs):
         with log.open("wb") as out:
-            argv = ["storescu", *OPTIONS, "-lc", str(config), "-aet", CALLING_AE, "-aec", called_ae, host, str(port),
+            argv = [storescu, *OPTIONS, "-lc", str(config), "-aet", CALLING_AE, "-aec", called_ae, host, str(port),
                     *map(str, files)]
             procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env))
     codes = [proc.wait() for proc in procs]

@@ -24,6 +24,7 @@ import psutil
 from bench.corpus import RunCorpus
 from bench.paths import LOGS, scratch_dir
 from bench.storescu import SendResult, dcmtk_env
+from dicomgrid.deploy.local.dcmtk import require_dcmtk_tool
 
 # The largest receive PDU both DCMTK's storescp and Orthanc accept (the grid's own is 256 KiB).
 MAX_PDU = 131072
@@ -124,7 +125,7 @@ class _Process:
 
 def dcmtk_version() -> str:
     """The DCMTK version ("3.6.7") that storescp reports."""
-    out = subprocess.run(["storescp", "--version"], capture_output=True, text=True)
+    out = subprocess.run([require_dcmtk_tool("storescp"), "--version"], capture_output=True, text=True)
     match = re.search(r"v(\d+\.\d+\.\d+)", out.stdout + out.stderr)
     return match.group(1) if match else "?"
 
@@ -172,8 +173,8 @@ class StoreSCP(_ReferenceTarget):
         self._dir = scratch_dir("storescp-")
         self._out.mkdir()
         self.argv = [
-            "storescp", "--fork", "--disable-host-lookup", "--bit-preserving", "--max-pdu", str(MAX_PDU),
-            "--aetitle", self.ae_title, "--output-directory", str(self._out), str(self.port),
+            require_dcmtk_tool("storescp"), "--fork", "--disable-host-lookup", "--bit-preserving",
+            "--max-pdu", str(MAX_PDU), "--aetitle", self.ae_title, "--output-directory", str(self._out), str(self.port),
         ]
         self._process.start(self.argv)
         wait_listening(self.port, self._process.proc, self._process.log)
@@ -188,7 +189,8 @@ class StoreSCP(_ReferenceTarget):
         return RunCheck(sum(1 for _ in self._out.iterdir()))
 
     def describe(self) -> dict[str, object]:
-        return {"version": dcmtk_version(), "argv": " ".join(self.argv[:-1])}
+        # The tool's name, not its path: results stay comparable across machines.
+        return {"version": dcmtk_version(), "argv": " ".join([Path(self.argv[0]).name, *self.argv[1:-1]])}
 
 
 class Orthanc(_ReferenceTarget):

@@ -17,7 +17,15 @@ java_ok || missing+=(openjdk-17-jre-headless)
 # `make` builds .venv with the python3 on PATH; Debian ships its venv module separately.
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
-command -v storescu >/dev/null 2>&1 || missing+=(dcmtk)
+# pynetdicom's venv scripts share DCMTK's tool names (storescu, ...): only DCMTK's banner counts.
+dcmtk_ok() {
+  local tool
+  for tool in $(type -ap storescu) /usr/bin/storescu; do
+    [ -x "$tool" ] && [[ "$("$tool" --version 2>/dev/null)" == '$dcmtk:'* ]] && return 0
+  done
+  return 1
+}
+dcmtk_ok || missing+=(dcmtk)
 [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)

@@ -23,6 +23,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
+from dicomgrid.deploy.local.dcmtk import require_dcmtk_tool
 from tests.dicom_samples import make_instance, to_part10
 from tests.grid import bearer, wait_for
 
@@ -51,7 +52,7 @@ def spool_files(incoming: Path) -> list[Path]:
 
 def start_storescu(site, path: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        ["storescu", "-aec", site.ae_title, site.dicom_host, str(site.dicom_port), str(path)],
+        [require_dcmtk_tool("storescu"), "-aec", site.ae_title, site.dicom_host, str(site.dicom_port), str(path)],
         env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 

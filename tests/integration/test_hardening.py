@@ -37,6 +37,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from dicomgrid import schemas
 from dicomgrid.core.audit import AuditTrail
 from dicomgrid.core.dimse import SiteAE
+from dicomgrid.deploy.local.dcmtk import require_dcmtk_tool
 from tests.dicom_samples import make_instance, to_part10
 from tests.grid import free_port, wait_for, bearer, web
 
@@ -106,8 +107,11 @@ class Dribbler(threading.Thread):
 
 
 def run_timed(argv: list[str], timeout: float = 60) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run DCMTK's ``argv[0]``; return how it ended and how long it took."""
+    tool, *args = argv
     started = time.monotonic()
-    done = subprocess.run(argv, capture_output=True, text=True, env=DCMTK_ENV, timeout=timeout)
+    done = subprocess.run([require_dcmtk_tool(tool), *args], capture_output=True, text=True, env=DCMTK_ENV,
+                          timeout=timeout)
     return done, time.monotonic() - started
 
 

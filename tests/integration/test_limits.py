@@ -26,6 +26,7 @@ from dicomgrid import schemas
 from dicomgrid.consumers import dimse_services
 from dicomgrid.core.dimse import SiteAE
 from dicomgrid.core.site import open_site
+from dicomgrid.deploy.local.dcmtk import require_dcmtk_tool
 from dicomgrid.http import create_http_app, guarded_protocol
 from tests.dicom_samples import make_instance, to_part10
 from tests.grid import bearer, free_port, wait_for, web
@@ -52,8 +53,8 @@ def test_a_c_find_and_a_qido_rs_with_a_patient_name_leave_no_name_in_the_logs(gr
     name, patient_id = "Quixotezebulon^Amaranth", "PHI-TEST-80417"
     audit_tap = taps(schemas.TOPIC_AUDIT)
     found = subprocess.run(
-        ["findscu", "-aec", site_a.ae_title, "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", f"PatientName={name}*",
-         "-k", "StudyInstanceUID", site_a.dicom_host, str(site_a.dicom_port)],
+        [require_dcmtk_tool("findscu"), "-aec", site_a.ae_title, "-S", "-k", "QueryRetrieveLevel=STUDY",
+         "-k", f"PatientName={name}*", "-k", "StudyInstanceUID", site_a.dicom_host, str(site_a.dicom_port)],
         capture_output=True, text=True, env=DCMTK_ENV, timeout=30)
     assert found.returncode == 0, found.stdout + found.stderr
     response = web.get(f"http://{site_b.http_host}:{site_b.http_port}/dicomweb/studies",
@@ -177,15 +178,15 @@ def test_qido_rs_caps_and_scan_budget_on_a_real_index(grid, limited_site, taps):
 
     # C-FIND: the same wildcard ends with 0xA700 (out of resources); the association carries on.
     done = subprocess.run(
-        ["findscu", "-d", "-aec", site.ae_title, "-S", "-k", "QueryRetrieveLevel=STUDY",
+        [require_dcmtk_tool("findscu"), "-d", "-aec", site.ae_title, "-S", "-k", "QueryRetrieveLevel=STUDY",
          "-k", "PatientName=NOBODY-AT-ALL*", "-k", "StudyInstanceUID", site.dicom_host, str(site.dicom_port)],
         capture_output=True, text=True, env=DCMTK_ENV, timeout=30)
     output = done.stdout + done.stderr
     assert re.search(r"Status\s*:\s*0xa700", output, re.IGNORECASE), output[-2000:]
     assert "query too broad" in output
     indexed_find = subprocess.run(
-        ["findscu", "-aec", site.ae_title, "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", f"PatientID={patient}",
-         "-k", "StudyInstanceUID", site.dicom_host, str(site.dicom_port)],
+        [require_dcmtk_tool("findscu"), "-aec", site.ae_title, "-S", "-k", "QueryRetrieveLevel=STUDY",
+         "-k", f"PatientID={patient}", "-k", "StudyInstanceUID", site.dicom_host, str(site.dicom_port)],
         capture_output=True, text=True, env=DCMTK_ENV, timeout=30)
     assert indexed_find.returncode == 0, indexed_find.stdout + indexed_find.stderr
     audits = audit_tap.collect(lambda seen: any("C-FIND refused" in a["outcome_description"]

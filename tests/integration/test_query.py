@@ -37,6 +37,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from dicomgrid import schemas
 from dicomgrid.core.config import SiteConfig
 from dicomgrid.core.dimse import set_nodelay
+from dicomgrid.deploy.local.dcmtk import require_dcmtk_tool
 from tests.dicom_samples import make_instance, to_part10
 from tests.grid import bearer, wait_for
 
@@ -381,8 +382,8 @@ def cancel_series(grid: Any) -> tuple[str, str]:
         # to its own reactor thread ("unexpected C-STORE service message") and waits out the timeout.
         site = grid.site("A")
         sent = subprocess.run(
-            ["storescu", "-aet", "STORESCU", "-aec", site.ae_title, site.dicom_host, str(site.dicom_port),
-             "+sd", str(folder)],
+            [require_dcmtk_tool("storescu"), "-aet", "STORESCU", "-aec", site.ae_title, site.dicom_host,
+             str(site.dicom_port), "+sd", str(folder)],
             env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, text=True, timeout=300,
         )
         shutil.rmtree(folder, ignore_errors=True)

@@ -25,6 +25,7 @@ from dicomgrid.core.cassandra import Cassandra
 from dicomgrid.core.events import InstanceRef, Source, replication_requested
 from dicomgrid.core.kafka import delete_topics, ensure_topics
 from dicomgrid.core.ledger import ReplicaLedger
+from dicomgrid.deploy.local.dcmtk import require_dcmtk_tool
 from dicomgrid.producers.ingest import Ingestor
 from tests.dicom_samples import make_instance, to_part10
 from dicomgrid.processors.replicator import replication_group
@@ -37,8 +38,8 @@ pytestmark = [pytest.mark.cluster]
 def storescu(site, files_dir: Path) -> None:
     """DCMTK storescu sends a folder to a site (TCP_NODELAY=1: no delayed-ACK stalls)."""
     done = subprocess.run(
-        ["storescu", "-aec", site.ae_title, "-aet", "STORESCU", "+sd", "+r", site.dicom_host, str(site.dicom_port),
-         str(files_dir)],
+        [require_dcmtk_tool("storescu"), "-aec", site.ae_title, "-aet", "STORESCU", "+sd", "+r", site.dicom_host,
+         str(site.dicom_port), str(files_dir)],
         env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr

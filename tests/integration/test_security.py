@@ -18,6 +18,7 @@ from dicomgrid import schemas
 from dicomgrid.core import pki
 from dicomgrid.core.audit import to_xml
 from dicomgrid.core.tokens import PeerTokens
+from dicomgrid.deploy.local.dcmtk import require_dcmtk_tool
 from tests.dicom_samples import make_instance, to_part10
 from tests.grid import MAPPED_CERT_IDENTITY, web
 
@@ -29,8 +30,8 @@ def _cli(grid, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
-def _dcmtk(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(args), capture_output=True, text=True, timeout=60)
+def _dcmtk(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([require_dcmtk_tool(tool), *args], capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ tests/integration/test_query.py, sent once to site A: the responses must be exac
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -15,12 +14,13 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicomgrid.core.config import SiteConfig
+from dicomgrid.deploy.local.dcmtk import dcmtk_tool
 from tests.integration.test_query import CANCEL_SERIES_SIZE, STUDY_CASES, Corpus, build_corpus, cancel_series, ingest
 
 pytestmark = [
     pytest.mark.interop,
     pytest.mark.cluster,
-    pytest.mark.skipif(shutil.which("findscu") is None, reason="DCMTK findscu is not installed"),
+    pytest.mark.skipif(dcmtk_tool("findscu") is None, reason="DCMTK findscu is not installed"),
 ]
 
 
@@ -39,8 +39,8 @@ def findscu(
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("rsp*.dcm"):
         old.unlink()
-    args = ["findscu", "-d" if debug else "-v", model, "-aet", "FINDSCU", "-aec", site.ae_title, "-X", "-od", str(out),
-            *extra]
+    args = [dcmtk_tool("findscu"), "-d" if debug else "-v", model, "-aet", "FINDSCU", "-aec", site.ae_title,
+            "-X", "-od", str(out), *extra]
     for keyword, value in keys.items():
         value = "\\".join(value) if isinstance(value, list) else value
         args += ["-k", keyword if value is None else f"{keyword}={value}"]

@@ -24,6 +24,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove  # type: ignore[attr-defined]
 
 from dicomgrid.core.dicomfile import split_file_meta
+from dicomgrid.deploy.local.dcmtk import dcmtk_tool
 from tests.grid import free_port, wait_for
 from tests.integration.test_retrieve import (
     Study,
@@ -40,11 +41,15 @@ DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
-def _require(tool: str) -> str:
-    path = shutil.which(tool)
+def _installed(tool: str, path: str | None) -> str:
     if path is None:
         pytest.skip(f"{tool} is not installed (make setup installs DCMTK and Orthanc)")
     return path
+
+
+def _require(tool: str) -> str:
+    """DCMTK's ``tool``, never pynetdicom's script of the same name ahead of it on PATH."""
+    return _installed(tool, dcmtk_tool(tool))
 
 
 def _port_free(host: str, port: int) -> None:
@@ -185,7 +190,7 @@ class Orthanc:
 @pytest.fixture(scope="module")
 def orthanc(grid, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     """Orthanc as the configured move destination ORTHANC, knowing site A as modality "grid"."""
-    tool = _require("Orthanc")
+    tool = _installed("Orthanc", shutil.which("Orthanc"))
     peer = grid.config.remote_aes["ORTHANC"]
     _port_free(peer.host, peer.port)
     base = tmp_path_factory.mktemp("orthanc")

@@ -33,6 +33,7 @@ from dicomgrid.core.config import SiteConfig
 from dicomgrid.core.dicomfile import canonical_file_meta, split_file_meta
 from dicomgrid.core.events import StoredVersion
 from dicomgrid.core.index_reader import IndexReader
+from dicomgrid.deploy.local.dcmtk import require_dcmtk_tool
 from tests.grid import EventTap
 from tests.interop.corpus import STORESCU_OPTIONS, Sample, load_corpus
 
@@ -259,7 +260,7 @@ def run_storescu(samples: list[Sample], option: str, site: SiteConfig) -> list[A
     attempts = {str(s.path): Attempt(s) for s in samples}
     with WireRecorder((site.dicom_host, site.dicom_port)) as wire:
         done = subprocess.run(
-            ["storescu", "-v", "-nh", "-R", option, "-aet", "STORESCU", "-aec", site.ae_title,
+            [require_dcmtk_tool("storescu"), "-v", "-nh", "-R", option, "-aet", "STORESCU", "-aec", site.ae_title,
              "127.0.0.1", str(wire.port), *attempts],
             env={**os.environ, "TCP_NODELAY": "1"},
             stdout=subprocess.PIPE,
