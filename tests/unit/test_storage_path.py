@@ -30,6 +30,7 @@ from dicomgrid.core.audit import AuditTrail
 from dicomgrid.core.blobstore import BlobStore
 from dicomgrid.core.dicomfile import split_file_meta
 from dicomgrid.core.dimse import SiteAE
+from dicomgrid.deploy.local.dcmtk import dcmtk_tool
 from dicomgrid.producers.ingest import Ingestor
 from dicomgrid.producers.storage_path import StoragePath
 from dicomgrid.producers.storage_scp import StorageService
@@ -105,12 +106,10 @@ def _associate(site: Site, calling_ae: str = "STORESCU", *contexts: tuple[str, l
 
 
 def _storescu() -> str:
-    # DCMTK's own tool, not a script of the same name earlier on PATH.
-    for folder in os.get_exec_path():
-        candidate = Path(folder) / "storescu"
-        if candidate.is_file() and not candidate.read_bytes()[:2] == b"#!":
-            return str(candidate)
-    pytest.skip("DCMTK storescu is not installed")
+    tool = dcmtk_tool("storescu")
+    if tool is None:
+        pytest.skip("DCMTK storescu is not installed")
+    return tool
 
 
 def test_dcmtk_storescu_stores_byte_for_byte_on_the_storage_path(start, direct_serves, tmp_path: Path):
