@@ -83,7 +83,8 @@ def _element(tag: int, value: bytes) -> bytes:
 
 
 def _uid(uid: str) -> bytes:
-    raw = uid.encode("ascii")
+    # A response echoes the request's UID even when it is invalid (and refused): never fail on it.
+    raw = uid.encode("ascii", "replace")
     return raw + b"\x00" if len(raw) % 2 else raw
 
 

@@ -25,11 +25,12 @@ from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind, Verification  # type: ignore[attr-defined]
 
 from dicomgrid import schemas
-from dicomgrid.core import ul
+from dicomgrid.core import pki, ul
 from dicomgrid.core.audit import AuditTrail
 from dicomgrid.core.blobstore import BlobStore
 from dicomgrid.core.dicomfile import split_file_meta
 from dicomgrid.core.dimse import SiteAE
+from dicomgrid.core.tls import client_context
 from dicomgrid.deploy.local.dcmtk import dcmtk_tool
 from dicomgrid.producers.ingest import Ingestor
 from dicomgrid.producers.storage_path import StoragePath
@@ -283,3 +284,33 @@ def test_a_sender_gone_in_the_middle_of_a_data_set_leaves_nothing(start, direct_
     assert not list((site.blobs.root / "tmp").iterdir())
     assert site.stored() == []
     assert not list((site.blobs.root / "sha256").rglob("*"))
+
+
+def test_dicom_tls_storage_on_the_storage_path_and_refusals_replayed_to_pynetdicom(start, direct_serves, tmp_path):
+    site = start()
+    config = site.config
+    cert, key = tmp_path / "storescu.pem", tmp_path / "storescu-key.pem"
+    pki.issue_certificate(config.tls_ca_file, cert, key, "STORESCU")
+    context = client_context(config)
+    context.load_cert_chain(cert, key)
+
+    def associate(calling_ae: str):
+        ae = AE(ae_title=calling_ae)
+        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 5
+        ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+        return ae.associate(site.site.dicom_host, site.site.dicom_tls_port, ae_title=site.site.ae_title,
+                            tls_args=(context, site.site.dicom_host))
+
+    assoc = associate("STORESCU")
+    assert assoc.is_established
+    ds = make_instance()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    assert assoc.send_c_store(ds).Status == 0x0000
+    assoc.release()
+    # The certificate does not speak for this calling AE title: the request, read already to choose
+    # the path, is replayed to pynetdicom, which rejects it.
+    other = associate("OTHER")
+    assert other.is_rejected
+    assert direct_serves == ["STORESCU"]
+    assert [e["instance"]["sop_instance_uid"] for e in site.stored()] == [ds.SOPInstanceUID]
+    assert "does not speak for calling AE 'OTHER'" in site.audit.records[-1]["description"]

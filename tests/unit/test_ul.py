@@ -197,3 +197,8 @@ def test_command_set_as_pydicom_encodes_it():
 def test_undecodable_command_set_is_refused(data):
     with pytest.raises(CommandError):
         parse_command(data)
+
+
+def test_response_echoes_an_undecodable_uid_without_failing():
+    data = c_store_rsp(CT, "1.2.\ufffd3", 1, 0xC001, "invalid")
+    assert parse_command(data).text(AFFECTED_SOP_INSTANCE_UID) == "1.2.?3"
