@@ -33,20 +33,24 @@ PY_SPY = Path(sys.executable).parent / "py-spy"
 
 # Thread roles, by the names pynetdicom, the grid and the Cassandra driver give their threads.
 _ROLES = [
+    (re.compile(r"\(process_request_thread\)$"), "association (storage path)"),
     (re.compile(r"^AcceptorThread@"), "association (C-STORE handler)"),
     (re.compile(r"\(run_reactor\)$"), "DUL (reads PDUs, spools the data set)"),
     (re.compile(r"^kafka-delivery$"), "Kafka delivery reports"),
     (re.compile(r"^(event_loop|Connection heartbeat|Task Scheduler|ThreadPoolExecutor-.*)$"), "Cassandra driver"),
 ]
-STORE_HANDLER = "StorageService.on_store ("
+# The frames of an association that stores: the storage path's, or pynetdicom's C-STORE handler.
+STORE_HANDLERS = ("StoragePath.serve (", "StorageService.on_store (")
 
 # Steps of the handler, matched on the innermost frame that names one (function, file suffix).
 _STEPS = [
     ("EventPublisher.publish_and_wait", "core/kafka.py", "wait for Kafka acks=all"),
     ("BlobWriter.commit", "core/blobstore.py", "blob: rename, fsync, fsync directory"),
     ("BlobWriter.copy_from", "core/blobstore.py", "blob: copy spooled data set + SHA-256"),
-    ("BlobWriter.write", "core/blobstore.py", "blob: copy spooled data set + SHA-256"),
+    ("BlobWriter.write", "core/blobstore.py", "blob: write data set fragment + SHA-256"),
+    ("BlobWriter.reopen", "core/blobstore.py", "blob: reopen temp file to check it"),
     ("BlobStore.writer", "core/blobstore.py", "blob: create/remove temp file"),
+    ("BlobWriter.__init__", "core/blobstore.py", "blob: create/remove temp file"),
     ("canonical_file_meta", "core/dicomfile.py", "build canonical file meta"),
     ("split_file_meta", "core/dicomfile.py", "parse file meta (pydicom)"),
     ("_attributes", "core/dicomfile.py", "decode index attributes (pydicom)"),
@@ -57,6 +61,9 @@ _STEPS = [
     ("Ingestor.report", "producers/ingest.py", "audit event + log line"),
     ("instance_stored", "core/events.py", "build event"),
     ("StorageService.on_store", "producers/storage_scp.py", "handler: other"),
+    ("_PDUReader._fill", "producers/storage_path.py", "waiting for the next PDU (network)"),
+    ("_Association._send", "producers/storage_path.py", "send C-STORE-RSP"),
+    ("_Association.run", "producers/storage_path.py", "storage path: PDU and command handling"),
     ("StorageServiceClass.SCP", "pynetdicom/service_class.py", "pynetdicom: C-STORE request/response"),
 ]
 WAITING = "waiting for the next data set (network + DUL thread)"
@@ -156,7 +163,7 @@ def summarize(wall: Path, gil: Path, instances: int, wall_seconds: float, gil_se
 
     stacks = read_raw(wall)
     # Only associations that stored something: a TCP health probe also gets an association thread.
-    storing = {thread for thread, frames, _ in stacks if any(f.startswith(STORE_HANDLER) for f in frames)}
+    storing = {thread for thread, frames, _ in stacks if any(f.startswith(STORE_HANDLERS) for f in frames)}
     steps: Counter[str] = Counter()
     for thread, frames, count in stacks:
         if thread in storing:

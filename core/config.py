@@ -507,6 +507,19 @@ class LimitsConfig(_Section):
     max_associations_per_calling_ae: int = Field(default=16, ge=1)
 
 
+class SchedulingConfig(_Section):
+    """How a site's processes share CPUs with each other.
+
+    Receivers and the event log are on the path a sender waits on; the stream processors (indexer,
+    replication fan-out and worker, Parquet sink) work from Kafka and catch up. On a saturated machine
+    the kernel gives the background processes only what the receive path leaves (their index lag is
+    what the benchmark reports); on a machine with idle cores the setting changes nothing.
+    """
+
+    # Nice increment (0-19) the background services apply to themselves at start; 0 turns it off.
+    background_nice: int = Field(default=5, ge=0, le=19)
+
+
 class SupervisorConfig(_Section):
     """How ``dicomgrid up`` restarts a service whose process exited."""
 
@@ -576,6 +589,7 @@ class GridConfig(BaseSettings):
     limits: LimitsConfig = LimitsConfig()
     logs: LogConfig = LogConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
+    scheduling: SchedulingConfig = SchedulingConfig()
     infra: InfraConfig = InfraConfig()
 
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -436,12 +437,19 @@ def _serving(ctx: Context, site: str) -> None:
     metrics.enable_multiprocess(metrics.metrics_dir(ctx.config.root, ctx.config.name, site))
 
 
+def _in_background(ctx: Context) -> None:
+    """A service that works from Kafka rather than for a waiting sender yields the CPU ([scheduling])."""
+    if ctx.config.scheduling.background_nice:
+        os.nice(ctx.config.scheduling.background_nice)
+
+
 def _run_faust(ctx: Context, create: Callable[[GridConfig, str], Any], site: str) -> None:
     import faust
 
     from dicomgrid.core.kafka import mirrored_from, wait_until_created
 
     _serving(ctx, site)
+    _in_background(ctx)
     # The site's own Kafka cluster (the shared one unless it names one), its topics and mirrored ones.
     wait_until_created(ctx.config.site_kafka(site), mirrored_from=mirrored_from(ctx.config, site))
     # The grid's logging stays (structured, to the service's rotating log file); faust would replace it.
@@ -685,6 +693,7 @@ def serve_sink(ctx: Context, site: str) -> None:
     from dicomgrid.core.kafka import wait_until_created
 
     _serving(ctx, site)
+    _in_background(ctx)
     wait_until_created(ctx.config.site_kafka(site))
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(now=True))

@@ -1,0 +1,38 @@
+"""Background services (stream processors, replication worker, sink) yield the CPU to the receive path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from dicomgrid.core.config import SchedulingConfig, load_config
+
+_PROBE = """
+import os, sys
+from dicomgrid.cli import Context, _in_background
+before = os.nice(0)
+_in_background(Context(sys.argv[1], None))
+print(before, os.nice(0))
+"""
+
+
+@pytest.mark.parametrize("nice", [0, 3])
+def test_a_background_service_applies_the_configured_nice_increment(tmp_path: Path, nice: int):
+    path = tmp_path / "grid.toml"
+    path.write_text(f'name = "nice"\ndata_dir = "{tmp_path}"\n[scheduling]\nbackground_nice = {nice}\n')
+    assert load_config(path).scheduling.background_nice == nice
+    # In a process of its own: a nice increment cannot be taken back without privileges.
+    done = subprocess.run([sys.executable, "-c", _PROBE, str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    before, after = map(int, done.stdout.split())
+    assert after == min(before + nice, 19)
+
+
+@pytest.mark.parametrize("nice", [-1, 20])
+def test_a_nice_increment_out_of_range_is_refused(nice: int):
+    with pytest.raises(ValidationError):
+        SchedulingConfig(background_nice=nice)
