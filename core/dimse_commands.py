@@ -25,6 +25,7 @@ MESSAGE_ID_BEING_RESPONDED_TO = 0x00000120
 PRIORITY = 0x00000700
 COMMAND_DATA_SET_TYPE = 0x00000800
 STATUS = 0x00000900
+OFFENDING_ELEMENT = 0x00000901
 ERROR_COMMENT = 0x00000902
 AFFECTED_SOP_INSTANCE_UID = 0x00001000
 MOVE_ORIGINATOR_AE_TITLE = 0x00001030
@@ -100,8 +101,8 @@ def _command_set(elements: list[bytes]) -> bytes:
 
 
 def c_store_rsp(sop_class_uid: str, sop_instance_uid: str, message_id: int, status: int,
-                error_comment: str | None = None) -> bytes:
-    """A C-STORE-RSP command set (PS3.7 9.3.1.2)."""
+                error_comment: str | None = None, offending_element: int | None = None) -> bytes:
+    """A C-STORE-RSP command set (PS3.7 9.3.1.2); ``offending_element`` is a tag such as 0x00001000."""
     elements = [
         _element(AFFECTED_SOP_CLASS_UID, _uid(sop_class_uid)),
         _element(COMMAND_FIELD, struct.pack("<H", C_STORE_RSP)),
@@ -109,6 +110,8 @@ def c_store_rsp(sop_class_uid: str, sop_instance_uid: str, message_id: int, stat
         _element(COMMAND_DATA_SET_TYPE, struct.pack("<H", NO_DATA_SET)),
         _element(STATUS, struct.pack("<H", status)),
     ]
+    if offending_element is not None:
+        elements.append(_element(OFFENDING_ELEMENT, struct.pack("<HH", offending_element >> 16, offending_element & 0xFFFF)))
     if error_comment:
         elements.append(_element(ERROR_COMMENT, _comment(error_comment)))
     elements.append(_element(AFFECTED_SOP_INSTANCE_UID, _uid(sop_instance_uid)))

@@ -99,6 +99,8 @@ class IngestResult:
     event: dict[str, Any] | None = None
     # (PatientID, PatientName) of the data set, for the audit trail only.
     patient: tuple[str | None, str | None] = (None, None)
+    # The request's own field at fault (a DIMSE tag such as 0x00001000), for the Offending Element.
+    offending_element: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -297,11 +299,12 @@ class Reception:
         self._refused: IngestResult | None = None
         self._writer: BlobWriter | None = None
         ids = dict(sop_class_uid=expected.sop_class_uid, sop_instance_uid=expected.sop_instance_uid)
-        for name, value in (("AffectedSOPClassUID", expected.sop_class_uid),
-                            ("AffectedSOPInstanceUID", expected.sop_instance_uid)):
+        for name, tag, value in (("AffectedSOPClassUID", 0x00000002, expected.sop_class_uid),
+                                 ("AffectedSOPInstanceUID", 0x00001000, expected.sop_instance_uid)):
             if not is_valid_uid(value):
                 shown = "missing" if not value else f"invalid ({_shorten(value)})"
-                self._refused = IngestResult(Outcome.BAD_UID, f"{name} of the request {shown}", **ids)
+                self._refused = IngestResult(Outcome.BAD_UID, f"{name} of the request {shown}", **ids,
+                                             offending_element=tag)
                 return
         try:
             self._writer = BlobWriter(ingestor.blobs, ingestor.max_instance_bytes)

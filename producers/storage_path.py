@@ -252,7 +252,7 @@ class _Association:
         result = store.reception.finish()
         comment = None if result.ok else result.error_comment
         self._send(store.context_id, c_store_rsp(store.sop_class_uid, store.sop_instance_uid, store.message_id,
-                                                 result.outcome.status, comment))
+                                                 result.outcome.status, comment, result.offending_element))
         metrics.REQUEST_SECONDS.labels(self.site, "C-STORE").observe(time.perf_counter() - store.started)
 
     def _send(self, context_id: int, command_set: bytes) -> None:

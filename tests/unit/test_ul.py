@@ -175,6 +175,13 @@ def test_c_store_response_equals_pydicoms_encoding(status, comment, instance):
     assert c_store_rsp(CT, instance, 7, status, comment) == expected
 
 
+def test_c_store_response_with_an_offending_element_equals_pydicoms_encoding():
+    fields = dict(AffectedSOPClassUID=CT, MessageIDBeingRespondedTo=3, Status=0xC001,
+                  AffectedSOPInstanceUID="1.2.3", OffendingElement=[0x00001000], ErrorComment="invalid UID")
+    expected = _encoded_by_pynetdicom(C_STORE_RSP, C_STORE, **fields)
+    assert c_store_rsp(CT, "1.2.3", 3, 0xC001, "invalid UID", 0x00001000) == expected
+
+
 def test_c_echo_response_equals_pydicoms_encoding():
     expected = _encoded_by_pynetdicom(C_ECHO_RSP, C_ECHO, AffectedSOPClassUID="1.2.840.10008.1.1",
                                       MessageIDBeingRespondedTo=65535, Status=0)
