@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from dicomgrid.core.logging import get_logger
+from dicomgrid.core.processes import own_tag, tag_alive
 
 log = get_logger(__name__)
 
@@ -107,7 +108,8 @@ class BlobWriter:
         # After commit: whether the same bytes were already stored under their digest.
         self.existed = False
         if resume is None:
-            self._tmp = store.root / "tmp" / f"{uuid.uuid4().hex}.part"
+            # Named by the writing process, so a crashed writer's leftovers can go at once (clear_tmp).
+            self._tmp = store.root / "tmp" / f"{own_tag()}.{uuid.uuid4().hex}.part"
             self._fh: BinaryIO | None = self._tmp.open("xb")
         else:
             self._tmp = store.root / "tmp" / f"{store.path(resume).name}.resume"
@@ -400,16 +402,18 @@ class BlobStore:
     def clear_tmp(self, *, idle_s: float = 600.0, resume_idle_s: float = 86_400.0) -> int:
         """Remove partial payloads left by a crash; returns how many.
 
-        Other processes of the site may be writing into ``tmp/`` right now, so only files nobody has
-        written to for ``idle_s`` go. A resumable transfer's file (``.resume``) is what lets a killed
-        replication worker continue; it is kept for ``resume_idle_s``.
+        Other processes of the site may be writing into ``tmp/`` right now: a partial payload goes at
+        once when the process named in it is gone, otherwise (and for files of older releases, which
+        name no process) once nobody has written to it for ``idle_s``. A resumable transfer's file
+        (``.resume``) is what lets a killed replication worker continue; it is kept for ``resume_idle_s``.
         """
         removed = 0
         now = time.time()
         for path in (self.root / "tmp").iterdir():
             limit = resume_idle_s if path.suffix == ".resume" else idle_s
+            owner = path.name.split(".", 1)[0] if path.suffix == ".part" and path.name.count(".") == 2 else None
             try:
-                if now - path.stat().st_mtime > limit:
+                if (owner is not None and not tag_alive(owner)) or now - path.stat().st_mtime > limit:
                     path.unlink()
                     removed += 1
             except FileNotFoundError:

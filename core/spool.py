@@ -21,29 +21,23 @@ from pathlib import Path
 import psutil
 
 from dicomgrid.core.logging import get_logger
+from dicomgrid.core.processes import tag_alive, tag_of
 
 log = get_logger(__name__)
 
 # A spooled file nobody claims is left alone this long: it may have been created an instant before the
 # association that owns it recorded it.
 UNCLAIMED_GRACE_S = 30.0
-# psutil derives process start times from the boot time, which /proc/stat gives in whole seconds.
-_CLOCK_SLACK_S = 1.5
 _PREFIX = "receiver-"
 
 
 def _process_folder_name(pid: int, started: float) -> str:
-    return f"{_PREFIX}{pid}-{int(started)}"
+    return f"{_PREFIX}{tag_of(pid, started)}"
 
 
 def _owner_alive(name: str) -> bool:
-    """Whether the receiver that named a spool folder is still running (not a later process that got
-    its recycled pid)."""
-    try:
-        pid, started = (int(part) for part in name.removeprefix(_PREFIX).split("-", 1))
-        return abs(psutil.Process(pid).create_time() - started) <= _CLOCK_SLACK_S
-    except (ValueError, psutil.Error):
-        return False
+    """Whether the receiver that named a spool folder is still running."""
+    return tag_alive(name.removeprefix(_PREFIX))
 
 
 class ReceiveSpool:

@@ -1,6 +1,6 @@
 """Processes killed mid-stream: senders, receivers and stream processors.
 
-Nothing is left in a receiver's spool, the supervisor restarts what died (and says so in ``status``),
+Nothing is left of a transfer a sender or receiver abandoned, the supervisor restarts what died (and says so in ``status``),
 every acknowledged instance gets indexed within seconds, and no service log loses what it said before.
 """
 
@@ -46,8 +46,10 @@ def write_big_instance(path: Path, pixel_bytes: int = 96 * 2**20) -> None:
             fh.write(block)
 
 
-def spool_files(incoming: Path) -> list[Path]:
-    return [p for p in incoming.rglob("*") if p.is_file()]
+def partial_files(store: Path) -> list[Path]:
+    """What a site holds of data sets still arriving: pynetdicom's receive spool (``incoming/``) and the
+    storage path's partial payloads (``tmp/*.part``)."""
+    return [p for p in (store / "incoming").rglob("*") if p.is_file()] + list((store / "tmp").glob("*.part"))
 
 
 def start_storescu(site, path: Path) -> subprocess.Popen[bytes]:
@@ -57,10 +59,17 @@ def start_storescu(site, path: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def wait_spooling(incoming: Path, min_bytes: int = 8 * 2**20) -> Path:
-    """The spool file of the transfer under way, once it holds ``min_bytes``."""
-    return wait_for(lambda: next((p for p in spool_files(incoming) if p.stat().st_size >= min_bytes), None),
-                    timeout=60, interval=0.05)
+def wait_receiving(store: Path, min_bytes: int = 8 * 2**20) -> Path:
+    """The partial file of the transfer under way, once it holds ``min_bytes``."""
+    def found() -> Path | None:
+        for path in partial_files(store):
+            try:
+                if path.stat().st_size >= min_bytes:
+                    return path
+            except FileNotFoundError:
+                pass
+        return None
+    return wait_for(found, timeout=60, interval=0.05)
 
 
 def service_status(grid, name: str):
@@ -74,19 +83,19 @@ def big_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_a_sender_killed_mid_transfer_leaves_nothing_in_the_spool(grid, big_file):
+def test_a_sender_killed_mid_transfer_leaves_no_partial_data(grid, big_file):
     site = grid.site("A")
-    incoming = grid.config.site_storage("A") / "incoming"
+    store = grid.config.site_storage("A")
     sender = start_storescu(site, big_file)
     try:
-        partial = wait_spooling(incoming)
+        partial = wait_receiving(store)
         size = partial.stat().st_size
     finally:
         sender.send_signal(signal.SIGKILL)
         sender.wait()
     killed = time.monotonic()
-    wait_for(lambda: not spool_files(incoming), timeout=10, interval=0.05)
-    print(f"partial spool file (at least {size} bytes) gone {time.monotonic() - killed:.2f}s after the sender "
+    wait_for(lambda: not partial_files(store), timeout=10, interval=0.05)
+    print(f"partial file (at least {size} bytes) gone {time.monotonic() - killed:.2f}s after the sender "
           f"was killed")
     assert not partial.exists()
 
@@ -116,16 +125,16 @@ def test_a_stow_rs_client_gone_mid_body_leaves_nothing_open_or_on_disk(grid):
         sock.sendall(head + part + b"\x00" * (4 * 2**20))  # then the client goes away mid-part
         wait_for(lambda: spooled(), timeout=10, interval=0.05)
     wait_for(lambda: not spooled(), timeout=10, interval=0.05)
-    assert not spool_files(incoming)
+    assert not partial_files(grid.config.site_storage("B"))
 
 
-def test_a_receiver_killed_mid_transfer_is_restarted_and_its_spool_swept(grid, big_file):
+def test_a_receiver_killed_mid_transfer_is_restarted_and_its_partial_data_removed(grid, big_file):
     site = grid.site("A")
-    incoming = grid.config.site_storage("A") / "incoming"
+    store = grid.config.site_storage("A")
     before = service_status(grid, "A/receiver-1")
     sender = start_storescu(site, big_file)
     try:
-        wait_spooling(incoming)
+        wait_receiving(store)
         os.kill(before.pid, signal.SIGKILL)
         killed = time.monotonic()
         sender.wait(timeout=30)
@@ -135,8 +144,8 @@ def test_a_receiver_killed_mid_transfer_is_restarted_and_its_spool_swept(grid, b
     after = wait_for(lambda: (s := service_status(grid, "A/receiver-1")).healthy and s.pid != before.pid and s,
                      timeout=60, interval=0.2)
     up_s = time.monotonic() - killed
-    wait_for(lambda: not spool_files(incoming), timeout=10, interval=0.1)
-    print(f"receiver back {up_s:.1f}s after kill -9, its dead spool folder removed")
+    wait_for(lambda: not partial_files(store), timeout=10, interval=0.1)
+    print(f"receiver back {up_s:.1f}s after kill -9, what it held of the transfer removed")
     assert after.restarts == before.restarts + 1
 
 

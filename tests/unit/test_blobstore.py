@@ -1,6 +1,8 @@
 import errno
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,26 @@ def test_failed_fsync_after_rename_leaves_no_payload_under_its_name(tmp_path: Pa
     assert renamed, "the failure was injected after the rename"
     assert list(store.digests()) == []
     assert not any((tmp_path / "tmp").iterdir())
+
+
+def test_a_dead_writers_partial_payload_goes_at_once_and_a_live_ones_stays(tmp_path: Path):
+    store = BlobStore(tmp_path, "A")
+    # A writer in a process of its own, killed before it commits.
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\nfrom pathlib import Path\nfrom dicomgrid.core.blobstore import BlobWriter, BlobStore\n"
+         "w = BlobWriter(BlobStore(Path(sys.argv[1]), 'A'), None)\nw.write(b'x' * 100)\nw._fh.flush()\n"
+         "print('ready', flush=True)\ntime.sleep(60)\n", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    with store.writer() as mine:
+        mine.write(b"y" * 100)
+        (theirs,) = [p for p in (tmp_path / "tmp").glob("*.part") if str(child.pid) in p.name.split(".")[0]]
+        assert store.clear_tmp(idle_s=600) == 0, "the writer is alive"
+        child.kill()
+        child.wait()
+        assert store.clear_tmp(idle_s=600) == 1
+        assert not theirs.exists()
+        # This process's own write in progress is left alone.
+        assert len(list((tmp_path / "tmp").glob("*.part"))) == 1
+        mine.commit()

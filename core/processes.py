@@ -1,0 +1,38 @@
+"""Names that tie a file to the process writing it, so any process can tell a dead writer's leftovers.
+
+A tag is ``<pid>-<start time>``: the start time tells the writer from a later process that was given
+its recycled pid.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import psutil
+
+# psutil derives process start times from the boot time, which /proc/stat gives in whole seconds.
+_CLOCK_SLACK_S = 1.5
+
+
+def tag_of(pid: int, started: float) -> str:
+    return f"{pid}-{int(started)}"
+
+
+def own_tag() -> str:
+    """This process's tag."""
+    return _tag(os.getpid())  # keyed by pid: a forked child gets its own
+
+
+@cache
+def _tag(pid: int) -> str:
+    return tag_of(pid, psutil.Process(pid).create_time())
+
+
+def tag_alive(tag: str) -> bool:
+    """Whether the process a tag names is still running."""
+    try:
+        pid, started = (int(part) for part in tag.split("-", 1))
+        return abs(psutil.Process(pid).create_time() - started) <= _CLOCK_SLACK_S
+    except (ValueError, psutil.Error):
+        return False
