@@ -46,6 +46,7 @@ from pynetdicom.utils import make_target
 from dicomgrid.core import ul
 from dicomgrid.core.audit import MINOR_FAILURE, AuditTrail, Participant
 from dicomgrid.core.config import ConnectionLimits, GridConfig, LimitsConfig
+from dicomgrid.core.dicomfile import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.spool import ReceiveSpool
 from dicomgrid.core.tls import certificate_identities, certificate_speaks_for, dicom_server_context
@@ -876,6 +877,9 @@ class SiteAE:
 
     def _build_ae(self) -> AE:
         ae = AE(ae_title=self.site.ae_title)
+        # One identity on both receive paths (the storage path answers with the grid's own).
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ae.maximum_pdu_size = MAX_PDU_BYTES
         ae.maximum_associations = _PYNETDICOM_ASSOCIATION_LIMIT
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
