@@ -100,8 +100,9 @@ class IndexWriter:
         """The upserts of a numbered batch, by partition: one request per partition of the batch.
 
         A study's ``instances`` rows travel with its ``series`` and ``studies`` upserts, a SOP Instance
-        UID's ``instance_versions`` row with its ``instance_locations`` row. Each write stays an
-        idempotent upsert with its own timestamp, so a batch that fails half-way is simply replayed.
+        UID's ``instance_versions`` row with its ``instance_locations`` row (and with the payload's
+        ``replicas`` row when the same replicas hold both). Each write stays an idempotent upsert with
+        its own timestamp, so a batch that fails half-way is simply replayed.
         """
         writes = PartitionWrites()
         for item in numbering.numbered:
