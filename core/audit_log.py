@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from cassandra import ConsistencyLevel
+from cassandra.concurrent import execute_concurrent
 from cassandra.query import BatchStatement, BatchType
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from dicomgrid.core.cassandra import Cassandra
+from dicomgrid.core.cassandra import Cassandra, PartitionWrites
 from dicomgrid.core.logging import get_logger
 
 log = get_logger(__name__)
@@ -38,6 +39,8 @@ log = get_logger(__name__)
 GENESIS = "0" * 64
 # A checkpoint is signed after this many records of a site (and when the builder stops).
 CHECKPOINT_EVERY = 100
+# Record ids per look-up of those already chained.
+SEEN_SLICE = 100
 
 
 def canonical(record: dict[str, Any]) -> str:
@@ -137,7 +140,11 @@ class AuditLog:
         return head
 
     def seen(self, event_ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:
-        rows = self.db.paged("SELECT event_id FROM audit_ids WHERE event_id = ?", [(e,) for e in event_ids], 100)
+        """Those of the records already chained: one request per slice of ids (partition-key IN), not
+        one per record, since every record of ingest is asked about."""
+        ids = list(dict.fromkeys(event_ids))
+        slices = [(ids[start:start + SEEN_SLICE],) for start in range(0, len(ids), SEEN_SLICE)]
+        rows = self.db.paged("SELECT event_id FROM audit_ids WHERE event_id IN ?", slices, SEEN_SLICE)
         return {row.event_id for row in rows}
 
     def append(self, site: str, head: Head, records: list[dict[str, Any]]) -> Head:
@@ -179,10 +186,13 @@ class AuditLog:
         return Head(last.seq, last.hash, last_month, head.since_checkpoint + len(entries))
 
     def _index(self, entries: list[tuple[str, Entry]]) -> None:
-        writes = []
+        """The look-up rows of a batch of records, one request per partition: the records of a batch
+        mostly share their users (AE titles) and studies, so those partitions get one mutation each."""
+        writes = PartitionWrites()
         for month, e in entries:
             record = json.loads(e.record)
-            writes.append(("INSERT INTO audit_ids (event_id, site, seq) VALUES (?, ?, ?)", (e.event_id, e.site, e.seq)))
+            writes.add(e.event_id, self.db.write("INSERT INTO audit_ids (event_id, site, seq) VALUES (?, ?, ?)",
+                                                 (e.event_id, e.site, e.seq)))
             keys = {("patient", o["id"]) for o in record["objects"] if o["type"] == "patient"}
             keys |= {("study", o["id"]) for o in record["objects"] if o["type"] == "study"}
             keys |= {("user", p["user_id"]) for p in record["participants"]}
@@ -190,11 +200,10 @@ class AuditLog:
             for kind, value in keys:
                 table, column = {"patient": ("audit_by_patient", "patient_id"), "study": ("audit_by_study", "study_uid"),
                                  "user": ("audit_by_user", "user_id")}[kind]
-                writes.append((f"INSERT INTO {table} ({column}, occurred_at, site, seq, month) VALUES (?, ?, ?, ?, ?)",
-                               (value, e.occurred_at, e.site, e.seq, month)))
-        futures = [self.db.execute_async(cql, params) for cql, params in writes]
-        for future in futures:
-            future.result()
+                writes.add(value, self.db.write(
+                    f"INSERT INTO {table} ({column}, occurred_at, site, seq, month) VALUES (?, ?, ?, ?, ?)",
+                    (value, e.occurred_at, e.site, e.seq, month)))
+        execute_concurrent(self.db.session, writes.statements(), concurrency=64, raise_on_first_error=True)
 
     def checkpoint(self, site: str, head: Head, key: Ed25519PrivateKey) -> Head:
         """Sign the chain's hash at ``head``."""

@@ -12,19 +12,20 @@ import functools
 import re
 import ssl
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 from cassandra import ConsistencyLevel
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, ResponseFuture, Session
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
-from cassandra.query import PreparedStatement, named_tuple_factory
+from cassandra.query import BatchStatement, BatchType, PreparedStatement, named_tuple_factory
 
 from dicomgrid import schemas
 from dicomgrid.core.config import CassandraConfig, GridConfig
 
 Write = tuple[PreparedStatement, tuple[Any, ...]]
+ReplicasOf = Callable[[Write], frozenset[Any]]
 # A table named after FROM / INTO / UPDATE without a keyspace in front of it.
 _TABLE = re.compile(r"\b(FROM|INTO|UPDATE)\s+([A-Za-z_][A-Za-z0-9_]*)\b(?!\.)", re.IGNORECASE)
 
@@ -154,6 +155,14 @@ class Cassandra:
             stmt = self._prepared[cql] = self.session.prepare(qualified)
         return stmt
 
+    def replicas(self, write: Write) -> frozenset[Any]:
+        """The hosts holding the partition a write updates (empty when the driver cannot tell)."""
+        stmt, params = write
+        key = stmt.bind(params).routing_key
+        if key is None:
+            return frozenset()
+        return frozenset(self.session.cluster.metadata.get_replicas(self.config.cassandra.keyspace, key))
+
     def write(self, cql: str, params: tuple[Any, ...]) -> Write:
         """A prepared statement and its parameters, for a batch or a concurrent execution."""
         return self.prepare(cql), params
@@ -179,3 +188,55 @@ class Cassandra:
             futures.append(self.session.execute_async(bound))
         for future in futures:
             yield from future.result()
+
+
+def unlogged(writes: Iterable[Write]) -> BatchStatement:
+    batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+    for stmt, params in writes:
+        batch.add(stmt, params)
+    return batch
+
+
+class PartitionWrites:
+    """Writes grouped by the partition they update, sent as one request per partition.
+
+    Cassandra applies one mutation per keyspace and partition key, whatever the tables: ``instances``,
+    ``series`` and ``studies`` are all keyed by the Study Instance UID, ``instance_versions`` and
+    ``instance_locations`` by the SOP Instance UID. So the group key is the partition key's value, and
+    an unlogged batch of one group is one mutation on each replica (one commit log entry, one memtable
+    update, atomic for that partition) where separate statements cost one each. Single-partition
+    batches are exempt from Cassandra's batch size warning and limit (CASSANDRA-10876).
+
+    A group added ``beside`` another travels in the same request when the same replicas hold both
+    (``replicas_of``): their coordinator then forwards nothing, and one request costs Cassandra less
+    than two. Any other multi-partition batch would make its coordinator split it and forward the
+    parts, so there is none.
+    """
+
+    def __init__(self) -> None:
+        self._groups: dict[Hashable, list[Write]] = {}
+        self._beside: dict[Hashable, Hashable] = {}
+
+    def add(self, partition_key: Hashable, *writes: Write, beside: Hashable | None = None) -> None:
+        self._groups.setdefault(partition_key, []).extend(writes)
+        if beside is not None:
+            self._beside.setdefault(partition_key, beside)
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def statements(self, replicas_of: ReplicasOf | None = None,
+                   batch: Callable[[list[Write]], Any] = unlogged) -> list[tuple[Any, Any]]:
+        requests: list[list[Write]] = []
+        joined: set[Hashable] = set()
+        for key, group in self._groups.items():
+            if key in joined:
+                continue
+            other = self._beside.get(key)
+            if (replicas_of is not None and other is not None and other in self._groups and other not in joined
+                    and other != key and replicas_of(group[0]) == replicas_of(self._groups[other][0])):
+                joined.add(other)
+                group = group + self._groups[other]
+            joined.add(key)
+            requests.append(group)
+        return [group[0] if len(group) == 1 else (batch(group), None) for group in requests]

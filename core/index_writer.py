@@ -15,18 +15,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cassandra.concurrent import execute_concurrent
-from cassandra.query import BatchStatement, BatchType
+from cassandra.query import BatchStatement
 
 from dicomgrid.core.blobstore import BlobRef
-from dicomgrid.core.cassandra import Cassandra, Write
+from dicomgrid.core.cassandra import Cassandra, PartitionWrites, Write, unlogged
 from dicomgrid.core.index_rows import parse_da, study_bucket
 from dicomgrid.core.ledger import replica_write
 from dicomgrid.core.logging import get_logger
 
 log = get_logger(__name__)
 
-# instances rows per unlogged batch: a few KB, under Cassandra's batch size warning (5 KiB).
-INSTANCE_ROWS_PER_BATCH = 6
 # SOP Instance UIDs per look-up of their known versions (one request, partition-key IN).
 VERSION_LOOKUP_SLICE = 100
 
@@ -47,10 +45,7 @@ def _millis(moment: dt.datetime) -> int:
 
 
 def _unlogged(writes: list[Write]) -> BatchStatement:
-    batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-    for stmt, params in writes:
-        batch.add(stmt, params)
-    return batch
+    return unlogged(writes)
 
 
 @dataclass
@@ -81,8 +76,9 @@ class _Payload:
 @dataclass
 class Numbering:
     numbered: list[Numbered] = field(default_factory=list)
-    # Versions of already indexed payloads that a late, older payload moved up by one.
-    fixes: list[Write] = field(default_factory=list)
+    # Versions of already indexed payloads that a late, older payload moved up by one, with the
+    # partition key each updates.
+    fixes: list[tuple[str, Write]] = field(default_factory=list)
 
 
 class IndexWriter:
@@ -93,28 +89,33 @@ class IndexWriter:
 
     def index_instances(self, events: Iterable[dict[str, Any]], concurrency: int = 64) -> list[Numbered]:
         """Upsert the rows of ``dicom.instance.stored`` events, numbering their versions; returns the
-        events as numbered (the indexer keeps the study and series aggregates from them).
-
-        Writes travel in unlogged batches, which Cassandra applies as one request each: a study's
-        ``instances`` rows (one partition) a few at a time, and each instance's rows keyed by UID or
-        digest together. Each write stays an idempotent upsert with its own timestamp, so a batch that
-        fails half-way is simply replayed.
-        """
+        events as numbered (for callers that keep no study aggregates; the indexer adds those to the
+        same requests, see :meth:`index_writes`)."""
         events = list(events)
         numbering = self.number_versions(events)
-        writes: list[tuple[Any, Any]] = []
-        by_study: dict[str, list[Write]] = {}
-        for item in numbering.numbered:
-            instance_row, *keyed_rows = self._instance_writes(item)
-            by_study.setdefault(item.event["study"]["uid"], []).append(instance_row)
-            writes.append((_unlogged(keyed_rows), None))
-        for rows in by_study.values():
-            for start in range(0, len(rows), INSTANCE_ROWS_PER_BATCH):
-                writes.append((_unlogged(rows[start:start + INSTANCE_ROWS_PER_BATCH]), None))
-        writes += numbering.fixes
-        writes += self._level_writes(events)
-        execute_concurrent(self.db.session, writes, concurrency=concurrency, raise_on_first_error=True)
+        self.execute(self.index_writes(events, numbering), concurrency=concurrency)
         return numbering.numbered
+
+    def index_writes(self, events: Sequence[dict[str, Any]], numbering: "Numbering") -> PartitionWrites:
+        """The upserts of a numbered batch, by partition: one request per partition of the batch.
+
+        A study's ``instances`` rows travel with its ``series`` and ``studies`` upserts, a SOP Instance
+        UID's ``instance_versions`` row with its ``instance_locations`` row (and with the payload's
+        ``replicas`` row when the same replicas hold both). Each write stays an idempotent upsert with
+        its own timestamp, so a batch that fails half-way is simply replayed.
+        """
+        writes = PartitionWrites()
+        for item in numbering.numbered:
+            event = item.event
+            instance_row, version_row, location_row, replica_row = self._instance_writes(item)
+            writes.add(event["study"]["uid"], instance_row)
+            writes.add(event["instance"]["sop_instance_uid"], version_row, location_row, beside=event["payload"]["sha256"])
+            writes.add(event["payload"]["sha256"], replica_row)
+        for key, write in numbering.fixes:
+            writes.add(key, write)
+        for key, write in self._level_writes(list(events)):
+            writes.add(key, write)
+        return writes
 
     def _known_payloads(self, sop_instance_uids: Sequence[str]) -> dict[str, dict[str, _Payload]]:
         """The indexed payloads of these SOP Instance UIDs (``instance_versions``), by UID and digest."""
@@ -190,10 +191,10 @@ class IndexWriter:
                 rank = ranks[uid][payload.sha256]
                 if payload.stored_version == rank or (uid, payload.sha256) in in_batch:
                     continue
-                out.fixes.append(self.db.write(
+                out.fixes.append((uid, self.db.write(
                     "UPDATE instance_versions SET version = ? WHERE sop_instance_uid = ? AND sha256 = ?",
                     (rank, uid, payload.sha256),
-                ))
+                )))
                 if payload is newest:
                     # Its rows are current: their version column follows, at their own write timestamp
                     # (a tie of timestamps is settled by value, and the higher number is the later one).
@@ -201,15 +202,15 @@ class IndexWriter:
                         "SELECT WRITETIME(version) AS at FROM instance_locations WHERE sop_instance_uid = ?", (uid,)
                     ).one()
                     at = row.at if row is not None and row.at is not None else _micros(payload.received)
-                    out.fixes.append(self.db.write(
+                    out.fixes.append((uid, self.db.write(
                         "UPDATE instance_locations USING TIMESTAMP ? SET version = ? WHERE sop_instance_uid = ?",
                         (at, rank, uid),
-                    ))
-                    out.fixes.append(self.db.write(
+                    )))
+                    out.fixes.append((payload.study_uid, self.db.write(
                         "UPDATE instances USING TIMESTAMP ? SET version = ? WHERE study_uid = ? AND series_uid = ?"
                         " AND sop_instance_uid = ?",
                         (at, rank, payload.study_uid, payload.series_uid, uid),
-                    ))
+                    )))
         return out
 
     def _instance_writes(self, item: Numbered) -> list[Write]:
@@ -249,8 +250,8 @@ class IndexWriter:
         ]
         return writes
 
-    def _level_writes(self, events: list[dict[str, Any]]) -> list[Write]:
-        """The series, study and patient upserts of a batch.
+    def _level_writes(self, events: list[dict[str, Any]]) -> list[tuple[str, Write]]:
+        """The series, study and patient upserts of a batch, with the partition key each updates.
 
         They are written ``USING TIMESTAMP`` of receive time, so of all the events of a batch that
         describe one series, study or patient only the newest can win (the oldest, for a study's
@@ -273,14 +274,15 @@ class IndexWriter:
         writes = []
         for (level, _), (_, tied) in newest.items():
             for event in tied:
-                writes.extend(self._level_write(level, event))
+                key = event["patient"]["id"] if level == "patient" else event["study"]["uid"]
+                writes.extend((key, write) for write in self._level_write(level, event))
         for study_uid, (received, _) in oldest.items():
             # first_received_at keeps the earliest time: a lower write timestamp never overrides a
             # higher one, so it is written with an inverted timestamp.
-            writes.append(self.db.write(
+            writes.append((study_uid, self.db.write(
                 "UPDATE studies USING TIMESTAMP ? SET first_received_at = ? WHERE study_uid = ?",
                 (2**62 - _micros(received), received, study_uid),
-            ))
+            )))
         return writes
 
     def _level_write(self, level: str, event: dict[str, Any]) -> list[Write]:
@@ -356,16 +358,17 @@ class IndexWriter:
             }
         return StudyAggregates(per_series, modality, sop_classes, stored_sets=known)
 
-    def aggregate_writes(self, study_uid: str, state: "StudyAggregates", all_series: bool = False) -> list[tuple[Any, Any]]:
-        """The writes that store a study's aggregates: one per partition.
+    def aggregate_writes(self, study_uid: str, state: "StudyAggregates", all_series: bool = False) -> list[Write]:
+        """The writes that store a study's aggregates, all in the study's partition (``series`` and
+        ``studies`` are keyed by its UID): the caller sends them with the batch's other writes there.
 
-        The series counts that changed (every one with ``all_series``) go in one unlogged batch (one
-        partition of ``series``); the study's counts, and its sets when they changed, in one statement.
-        Overwriting a set column writes a tombstone, and every study listing of C-FIND/QIDO-RS reads
-        past them: the sets are rewritten only when they changed (usually the first batch of a study).
+        Only the series counts that changed are written (every one with ``all_series``); the study's
+        counts always, and its sets only when they changed. Overwriting a set column writes a
+        tombstone, and every study listing of C-FIND/QIDO-RS reads past them: the sets are rewritten
+        only when they changed (usually the first batch of a study).
         """
         now = dt.datetime.now(dt.timezone.utc)
-        series_rows = [
+        writes = [
             self.db.write(
                 "UPDATE series SET number_of_instances = ?, updated_at = ? WHERE study_uid = ? AND series_uid = ?",
                 (count, now, study_uid, series_uid),
@@ -373,11 +376,6 @@ class IndexWriter:
             for series_uid, count in state.series.items()
             if all_series or state.stored_series.get(series_uid) != count
         ]
-        writes: list[tuple[Any, Any]] = []
-        if len(series_rows) == 1:
-            writes.append(series_rows[0])
-        elif series_rows:
-            writes.append((_unlogged(series_rows), None))
         modalities, sop_classes = state.sets()
         counts = (len([n for n in state.series.values() if n]), sum(state.series.values()), now, study_uid)
         if (modalities, sop_classes) != state.stored_sets:
@@ -393,7 +391,9 @@ class IndexWriter:
             ))
         return writes
 
-    def execute(self, writes: list[tuple[Any, Any]], concurrency: int = 64) -> None:
+    def execute(self, writes: "PartitionWrites | list[tuple[Any, Any]]", concurrency: int = 64) -> None:
+        if isinstance(writes, PartitionWrites):
+            writes = writes.statements(getattr(self.db, "replicas", None), _unlogged)
         if writes:
             execute_concurrent(self.db.session, writes, concurrency=concurrency, raise_on_first_error=True)
 

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
-from dicomgrid.core.index_writer import IndexWriter, Numbered, StudyAggregates
+from dicomgrid.core.index_writer import IndexWriter, Numbered, PartitionWrites, StudyAggregates
 from dicomgrid.core.logging import get_logger
 
 log = get_logger(__name__)
@@ -71,28 +71,35 @@ class Indexer:
         unknown = [uid for uid, state in held.items() if state is None]
         # Asked before the batch's rows are written: a study with no instance row yet starts empty.
         empty = self.writer.empty_studies(unknown) if unknown else set()
-        numbered = self.writer.index_instances(events)
+        numbering = self.writer.number_versions(events)
+        writes = self.writer.index_writes(events, numbering)
         by_study: dict[str, list[Numbered]] = {}
-        for item in numbered:
+        for item in numbering.numbered:
             by_study.setdefault(item.event["study"]["uid"], []).append(item)
         updated: dict[str, StudyAggregates] = {}
-        writes = []
+        recount: dict[str, list[Numbered]] = {}
         for uid, items in by_study.items():
             state = held.get(uid)
             if state is None and uid in empty:
                 state = StudyAggregates()
             if state is None or not state.covers(items):
-                # Recount from the rows (now written), as every batch did before.
-                replaced = any(i.replaced or i.moved for i in items)
-                state = self.writer.read_study(uid, None if replaced else {i.event["instance"]["sop_class_uid"] for i in items})
-                self.recounts += 1
-                writes += self.writer.aggregate_writes(uid, state, all_series=True)
-            else:
-                state = state.copy()
-                if state.add(items):
-                    writes += self.writer.aggregate_writes(uid, state)
+                recount[uid] = items
+                continue
+            state = state.copy()
+            if state.add(items):
+                # Moved on without a read: sent in the study's one request, with its instance rows.
+                writes.add(uid, *self.writer.aggregate_writes(uid, state))
             updated[uid] = state
         self.writer.execute(writes)
+        recounted = PartitionWrites()
+        for uid, items in recount.items():
+            # Recounted from the rows, so only once they are written, as every batch did before.
+            replaced = any(i.replaced or i.moved for i in items)
+            state = self.writer.read_study(uid, None if replaced else {i.event["instance"]["sop_class_uid"] for i in items})
+            self.recounts += 1
+            recounted.add(uid, *self.writer.aggregate_writes(uid, state, all_series=True))
+            updated[uid] = state
+        self.writer.execute(recounted)
         with self._lock:
             if generation == self._generation:
                 for uid, state in updated.items():
