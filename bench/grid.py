@@ -15,6 +15,7 @@ restarts the receivers and keeps the other services running.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -24,6 +25,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import tenacity
@@ -417,3 +419,41 @@ class GridTarget:
             "pynetdicom": importlib.metadata.version("pynetdicom"),
             "pydicom": importlib.metadata.version("pydicom"),
         }
+
+
+class SitesTarget(GridTarget):
+    """The two-site grid (:data:`TWO_SITES`) as a PACS at site A sees it, replication to B on: the
+    figure a user of the default layout gets. A run ends once B holds a verified copy of every instance,
+    so its CPU per instance includes the replication (B's worker, A's payload endpoint)."""
+
+    ae_title = TWO_SITES.sites[0].ae_title
+
+    def __init__(self, grid: BenchGrid) -> None:
+        super().__init__(grid, 1)
+        self.key = "grid-2sites"
+        self.label = "dicomgrid, 2 sites (replication on)"
+        self._ledger: Any = None
+
+    def start(self) -> None:
+        super().start()
+        from bench.availability import Ledger  # bench.availability imports this module
+
+        self._ledger = Ledger(self.grid, TWO_SITES.sites[1])
+
+    def stop(self) -> None:
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
+        super().stop()
+
+    def after_run(self, corpus: RunCorpus, sent: SendResult) -> RunCheck:
+        check = self.grid.wait_indexed(corpus, sent)
+        assert self.grid.metadata is not None and self._ledger is not None
+        digests = [row.sha256 for study in corpus.study_uids
+                   for row in self.grid.metadata.instances_of_study(study) if row.sha256]
+        while time.time() < sent.last_response + INDEX_TIMEOUT_S:
+            if len(self._ledger.verified_written_many(digests)) >= len(digests):
+                return dataclasses.replace(check, replication_lag_s=max(0.0, time.time() - sent.last_response))
+            time.sleep(POLL_S)
+        return dataclasses.replace(
+            check, note="; ".join(filter(None, [check.note, f"not all replicated within {INDEX_TIMEOUT_S:.0f}s"])))

@@ -52,6 +52,7 @@ class RunResult:
     location_lag_s: float | None
     failures: list[str] = field(default_factory=list)
     note: str = ""
+    replication_lag_s: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -90,7 +91,7 @@ def run_once(
             target.key, corpus.spec.name, associations, repetition, run.count, run.total_bytes, sent.seconds,
             round(load, 2), others, usage.cpu_machine_pct, usage.peak_rss,
             {k: round(v, 2) for k, v in usage.cpu_seconds.items()}, check.stored, _rounded(check.index_lag_s),
-            _rounded(check.location_lag_s), sent.failures, check.note,
+            _rounded(check.location_lag_s), sent.failures, check.note, _rounded(check.replication_lag_s),
         )
     finally:
         run.remove()
@@ -148,6 +149,7 @@ class Row:
     cpu_ms_per_instance: dict[str, float]
     index_lag_s: float | None
     location_lag_s: float | None
+    replication_lag_s: float | None = None
     ratios: dict[str, float] = field(default_factory=dict)  # instances/s over each reference's
 
 
@@ -160,6 +162,7 @@ def _row(target: Target, mine: list[RunResult]) -> Row:
     rates = [r.instances_per_s for r in mine]
     lags = [r.index_lag_s for r in mine if r.index_lag_s is not None]
     locations = [r.location_lag_s for r in mine if r.location_lag_s is not None]
+    replications = [r.replication_lag_s for r in mine if r.replication_lag_s is not None]
     groups = sorted({g for r in mine for g in r.peak_rss})
     return Row(
         corpus=first.corpus,
@@ -182,6 +185,7 @@ def _row(target: Target, mine: list[RunResult]) -> Row:
         },
         index_lag_s=round(_median(lags), 3) if lags else None,
         location_lag_s=round(_median(locations), 3) if locations else None,
+        replication_lag_s=round(_median(replications), 3) if replications else None,
     )
 
 
@@ -232,14 +236,15 @@ def _render(session: Session, rows: list[Row], goal_rows: list[dict[str, Any]]) 
     )
     main = report.table(
         ["corpus", "assoc.", "target", "inst/s", "spread", "MB/s", "machine CPU", "peak RSS (MiB)",
-         "index lag (s)", "vs Orthanc", "vs storescp"],
+         "index lag (s)", "replication lag (s)", "vs Orthanc", "vs storescp"],
         [[r.corpus, r.associations, r.label + ("" if r.ok else " (INCOMPLETE)"), f"{r.instances_per_s:.0f}",
           f"{r.spread_pct:.0f}%", f"{r.mb_per_s:.1f}", f"{r.cpu_machine_pct:.0f}%",
           f"{r.peak_rss_mib.get(r.primary, 0):.0f}", report.number(r.index_lag_s, 2),
+          report.number(r.replication_lag_s, 2),
           report.ratio(r.ratios.get("orthanc")), report.ratio(r.ratios.get("storescp"))] for r in rows],
     )
     grid_rows = [r for r in rows if r.target.startswith("grid")]
-    groups = [g for g in ("receivers", "processors", "http", "kafka", "cassandra-dc1", "cassandra-dc2")
+    groups = [g for g in ("receivers", "processors", "replicator", "http", "kafka", "cassandra-dc1", "cassandra-dc2")
               if any(g in r.peak_rss_mib for r in grid_rows)]
     pipeline = report.table(
         ["corpus", "assoc.", "grid", *[f"{g} RSS MiB / CPU ms per inst." for g in groups]],
@@ -264,7 +269,10 @@ def _render(session: Session, rows: list[Row], goal_rows: list[dict[str, Any]]) 
         "*peak RSS*: the target's own processes (grid: sum of its receiver processes). *index lag*: from the "
         "last C-STORE response until the last instance of every association is in the indexer's `instances` "
         "table (what C-FIND and QIDO-RS read). The receiver makes no Cassandra round trip; the indexer writes "
-        "`instance_locations` with the rest of the index (`location_lag_s` in the JSON).\n\n"
+        "`instance_locations` with the rest of the index (`location_lag_s` in the JSON). *replication lag*: "
+        "two-site grid (as `make run` starts it), from the last C-STORE response at A until B holds a verified "
+        "copy of every instance; that row's CPU counts until then, B's replication worker and A's payload "
+        "endpoint (http) included.\n\n"
         f"### Goals\n\n{goal_table}\n"
         "### Grid pipeline: peak RSS and CPU per instance by process group\n\n"
         "CPU time counts from the first C-STORE until the run's last instance is indexed. The Cassandra "

@@ -1,9 +1,9 @@
 """One benchmark session: its options, its corpora, and every target running for its whole duration.
 
 Targets are started once and stay up, idle while another is measured, so a run never pays a start-up;
-the grid's receiver-count variants share one grid (see :mod:`bench.grid`). The two-site grid of the
-replication sections is started by the first of them that asks for it (:meth:`Session.sites_grid`) and
-kept until the session ends.
+the grid's receiver-count variants share one grid (see :mod:`bench.grid`). The two-site grid is a target
+too (the ingest figure of the default layout, replication on) and the grid of the replication and
+healing sections (:meth:`Session.sites_grid`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.corpus import Corpus, CorpusSpec
-from bench.grid import TWO_SITES, BenchGrid, GridTarget
+from bench.grid import TWO_SITES, BenchGrid, GridTarget, SitesTarget
 from bench.paths import BENCH_ROOT, LOGS
 from bench.targets import Orthanc, StoreSCP, Target
 
@@ -99,17 +99,20 @@ class Session:
         self.options = options
         self.log_dir = LOGS
         self.grid = BenchGrid()
+        # The two-site grid: a target of the ingest section (the default layout's figure) and the grid of
+        # the replication and healing sections.
+        self._sites = BenchGrid(TWO_SITES)
         self.targets: list[Target] = [
             StoreSCP(),
             Orthanc(),
             *(GridTarget(self.grid, n) for n in options.grid_receivers),
+            SitesTarget(self._sites),
         ]
         self.corpora = [Corpus.load(spec) for spec in options.corpora]
         self._corpora = {c.spec: c for c in self.corpora}
         # State scenarios share within the session (e.g. the reference studies of query and retrieve).
         self.shared: dict[str, Any] = {}
         self._stack = ExitStack()
-        self._sites: BenchGrid | None = None
 
     def __enter__(self) -> "Session":
         with ExitStack() as stack:
@@ -138,11 +141,7 @@ class Session:
 
     def sites_grid(self) -> BenchGrid:
         """The two-site grid (:data:`bench.grid.TWO_SITES`), started on first use, stopped with the session."""
-        if self._sites is None:
-            grid = BenchGrid(TWO_SITES)
-            self._stack.callback(grid.stop)
-            grid.start()
-            self._sites = grid
+        self._sites.start()  # started with the session's targets; a no-op then
         return self._sites
 
     def target(self, key: str) -> Target:

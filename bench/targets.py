@@ -63,6 +63,8 @@ class RunCheck:
     index_lag_s: float | None = None
     location_lag_s: float | None = None
     note: str = ""
+    # Two-site grid: from the last response until the other site holds a verified copy of every instance.
+    replication_lag_s: float | None = None
 
 
 class Target(Protocol):
