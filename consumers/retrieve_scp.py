@@ -5,11 +5,13 @@ its Failed SOP Instance UID List, and, for C-MOVE, the association to the destin
 decide what matches and which payload each sub-operation sends.
 
 Instances go out exactly as stored: the data set bytes of the stored file, in its stored transfer syntax,
-streamed from the file by pynetdicom (``STORE_SEND_CHUNKED_DATASET``), never decoded and re-encoded.
-pynetdicom's retrieve loop only accepts a ``Dataset`` per sub-operation and hands it to the association's
-``send_c_store``, so the handlers yield a :class:`_SubOperation` placeholder and each association used for
-sub-operations gets a ``send_c_store`` that sends the placeholder's verified payload file instead
-(:func:`_send_stored_payloads`).
+never decoded and re-encoded. pynetdicom's retrieve loop only accepts a ``Dataset`` per sub-operation and
+hands it to the association's ``send_c_store``, so the handlers yield a :class:`_SubOperation` placeholder
+and each association used for sub-operations gets a ``send_c_store`` that sends the placeholder's verified
+payload instead (:func:`_send_stored_payloads`): read once into memory, hashed, and written to the socket
+with pre-encoded command sets (:class:`~dicomgrid.core.sub_operations.DirectLink`); payloads too large
+for memory, or an association the link cannot drive, are streamed from the verified file by pynetdicom
+(``STORE_SEND_CHUNKED_DATASET``).
 
 Failure statuses for bad identifiers: C-GET answers 0xA900 (identifier does not match SOP class) or
 0xA701 (index unavailable) with an Error Comment (pynetdicom's loop wants a sub-operation count first, so
@@ -41,6 +43,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from dicomgrid.consumers.payloads import Payloads
 from dicomgrid.core import metrics
+from dicomgrid.core.dicomfile import data_set_offset
 from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, Participant, audited_patients, transfer_objects
 from dicomgrid.core.index_reader import StoredInstance
 from dicomgrid.core.logging import get_logger
@@ -49,6 +52,7 @@ from dicomgrid.core.tls import remote_ae_tls
 from dicomgrid.core.transfer import PayloadUnavailable
 from dicomgrid.core.uids import is_valid_uid
 from dicomgrid.core.dimse import Context, peer_of, set_nodelay, storage_sop_classes
+from dicomgrid.core.sub_operations import DirectLink
 
 log = get_logger(__name__)
 
@@ -183,17 +187,29 @@ class _SubOperation(Dataset):
     def outcome(self) -> str:
         return self._outcome
 
-    def send(self, send_c_store: Callable[..., Dataset], payloads: Payloads, *args: Any, **kwargs: Any) -> Dataset:
+    def send(self, send_c_store: Callable[..., Dataset], payloads: Payloads, link: DirectLink | None,
+             msg_id: int = 1, priority: int = 2, originator_aet: str | None = None,
+             originator_id: int | None = None) -> Dataset:
         item = self._instance
+        if self._move_originator:
+            # PS3.7 9.3.1.1: the AE that invoked the C-MOVE (pynetdicom would name the site's own AE).
+            originator_aet = self._move_originator
         try:
-            path = payloads.local_path(item)
+            data = payloads.verified_bytes(item) if link is not None else None
+            path = payloads.local_path(item) if data is None else None
         except PayloadUnavailable as exc:
             log.error("sub-operation has no payload to send", sop_instance_uid=item.sop_instance_uid, error=str(exc))
             raise
-        if self._move_originator:
-            # PS3.7 9.3.1.1: the AE that invoked the C-MOVE (pynetdicom would name the site's own AE).
-            kwargs["originator_aet"] = self._move_originator
-        status = send_c_store(path, *args, **kwargs)
+        status = None
+        if data is not None and link is not None:
+            status = link.send_c_store(
+                memoryview(data)[data_set_offset(data):], item.sop_class_uid, item.sop_instance_uid,
+                item.transfer_syntax_uid, msg_id, priority=priority, move_originator_aet=originator_aet,
+                move_originator_id=originator_id,
+            )
+        if status is None:
+            status = send_c_store(path or payloads.blobs.path(item.sha256), msg_id=msg_id, priority=priority,
+                                  originator_aet=originator_aet, originator_id=originator_id)
         code = status.get("Status")
         self._outcome = "completed" if code == 0 else "warning" if code in _WARNINGS else "failed"
         return status
@@ -219,19 +235,22 @@ def _responsive(assoc: Association) -> Iterator[None]:
         dul._run_loop_delay = idle_delay
 
 
-def _send_stored_payloads(assoc: Association, payloads: Payloads) -> None:
-    """Make ``assoc.send_c_store`` send a :class:`_SubOperation`'s payload file as stored (once per association)."""
+def _send_stored_payloads(assoc: Association, payloads: Payloads) -> bool:
+    """Make ``assoc.send_c_store`` send a :class:`_SubOperation`'s payload as stored (once per association);
+    True when it sends over a :class:`DirectLink`."""
     if getattr(assoc, "_sends_stored_payloads", False):
-        return
+        return getattr(assoc, "_direct_link", None) is not None
     assoc._sends_stored_payloads = True  # type: ignore[attr-defined]
     send_c_store = assoc.send_c_store
+    link = DirectLink.of(assoc)
 
     def send(dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
         if isinstance(dataset, _SubOperation):
-            return dataset.send(send_c_store, payloads, *args, **kwargs)
+            return dataset.send(send_c_store, payloads, link, *args, **kwargs)
         return send_c_store(dataset, *args, **kwargs)
 
     assoc.send_c_store = send  # type: ignore[method-assign]
+    return link is not None
 
 
 @dataclass
@@ -357,9 +376,9 @@ class RetrieveService:
 
     def _on_destination_open(self, event: evt.Event) -> None:
         set_nodelay(event)
-        _send_stored_payloads(event.assoc, self.payloads)
-        # This association exists only for the sub-operations.
-        event.assoc.dul._run_loop_delay = SUB_OPERATION_LOOP_DELAY_S
+        if not _send_stored_payloads(event.assoc, self.payloads):
+            # This association exists only for the sub-operations, and they go through the DUL thread.
+            event.assoc.dul._run_loop_delay = SUB_OPERATION_LOOP_DELAY_S
 
     # -- shared ---------------------------------------------------------------------------------
 
@@ -378,7 +397,10 @@ class RetrieveService:
     def _sub_operations(self, event: evt.Event, transfer: _Transfer) -> Iterator[Any]:
         transfer.begin()
         # C-GET sends on the requestor's own association; C-MOVE's destination is set in its open handler.
-        responsive = _responsive(event.assoc) if transfer.operation == "C-GET" else nullcontext()
+        # Sub-operations sent over a direct link do not go through the DUL thread: its polling would
+        # only compete with them for the interpreter.
+        direct = getattr(event.assoc, "_direct_link", None) is not None
+        responsive = _responsive(event.assoc) if transfer.operation == "C-GET" and not direct else nullcontext()
         try:
             with responsive:
                 yield from self._each_sub_operation(event, transfer)
