@@ -10,7 +10,8 @@ so instances go out in their stored transfer syntax: an Accept without a ``trans
 left out. ``/wado?requestType=WADO&studyUID=..&seriesUID=..&objectUID=..&contentType=application/dicom``
 returns one stored file.
 
-Payloads come from :class:`~dicomgrid.consumers.payloads.Payloads` (local replica, else a peer's copy).
+Payloads come from :class:`~dicomgrid.consumers.payloads.Payloads` (local replica, else a peer's copy);
+those up to ``IN_MEMORY_MAX_BYTES`` are read once and verified in memory before any of their bytes goes out.
 The first one is resolved before the response starts, so a study that cannot be served at all gets a
 status code; a payload that turns out unavailable or corrupt later aborts the stream, so a client never
 mistakes a partial study for a complete one.
@@ -146,7 +147,7 @@ class Wado:
             if not stored <= syntaxes:
                 return _error(406, f"instances are stored in {sorted(stored)}; the grid does not transcode")
         try:
-            first = await run_in_threadpool(self.payloads.open, found[0])
+            first = await run_in_threadpool(self._payload, found[0])
         except PayloadUnavailable as exc:
             self._audit(request, "WADO-RS", found, SERIOUS_FAILURE, f"not served: {exc}")
             return _error(503, "an instance is not available at any site right now")
@@ -156,26 +157,40 @@ class Wado:
             media_type=f'multipart/related; type="{DICOM}"; boundary={boundary}',
         )
 
-    def _multipart(self, request: Request, instances: list[StoredInstance], first: PayloadReader,
+    def _payload(self, item: StoredInstance) -> bytes | PayloadReader:
+        """A verified payload in memory (one read), or open for streaming when it is large."""
+        data = self.payloads.verified_bytes(item)
+        return data if data is not None else self.payloads.open(item)
+
+    def _multipart(self, request: Request, instances: list[StoredInstance], first: bytes | PayloadReader,
                    boundary: str) -> Iterator[bytes]:
         # Starlette runs this generator in its thread pool, one hop per item it yields: small instances
-        # are gathered into pieces of about WRITE_BYTES instead of yielding three items each.
+        # are gathered into pieces of about WRITE_BYTES instead of yielding three items each, and joined
+        # once rather than appended to a growing buffer.
         sent, outcome = 0, None
-        pending = bytearray()
+        pending: list[bytes] = []
+        pending_bytes = 0
+        current: bytes | PayloadReader | None = first
         try:
             for index, item in enumerate(instances):
-                reader = first if index == 0 else self.payloads.open(item)
-                pending += (f"--{boundary}\r\nContent-Type: {DICOM}; transfer-syntax={item.transfer_syntax_uid}\r\n"
-                            f"Content-Length: {reader.size}\r\n\r\n").encode()
-                for chunk in reader:
-                    pending += chunk
-                    if len(pending) >= WRITE_BYTES:
-                        yield bytes(pending)
+                payload = current if index == 0 else self._payload(item)
+                current = payload
+                size = len(payload) if isinstance(payload, bytes) else payload.size
+                pending.append(f"--{boundary}\r\nContent-Type: {DICOM}; transfer-syntax={item.transfer_syntax_uid}\r\n"
+                               f"Content-Length: {size}\r\n\r\n".encode())
+                chunks = (payload,) if isinstance(payload, bytes) else payload
+                for chunk in chunks:
+                    pending.append(chunk)
+                    pending_bytes += len(chunk)
+                    if pending_bytes >= WRITE_BYTES:
+                        yield b"".join(pending)
                         pending.clear()
-                pending += b"\r\n"
+                        pending_bytes = 0
+                current = None
+                pending.append(b"\r\n")
                 sent += 1
-            pending += f"--{boundary}--\r\n".encode()
-            yield bytes(pending)
+            pending.append(f"--{boundary}--\r\n".encode())
+            yield b"".join(pending)
             outcome = SUCCESS, f"{sent} instance(s) sent"
         except Exception as exc:
             # The status line is gone: aborting the stream is the only way left to tell the client.
@@ -183,7 +198,10 @@ class Wado:
             outcome = SERIOUS_FAILURE, f"aborted after {sent} of {len(instances)} instance(s): {exc}"
             raise
         finally:
-            first.close()
+            if isinstance(current, PayloadReader):
+                current.close()
+            if isinstance(first, PayloadReader):
+                first.close()
             self._audit(request, "WADO-RS", instances,
                         *(outcome or (MINOR_FAILURE, f"client left after {sent} of {len(instances)} instance(s)")))
 
