@@ -53,6 +53,8 @@ _DUL_NEEDS = ("_is_transport_event", "_send", "_recv_pdu", "_decode_pdu", "_idle
               "to_provider_queue")
 # Writes are gathered into pieces of about this size: one send per small instance, bounded copies.
 WRITE_BYTES = 1024 * 1024
+# Size of one read from the socket (a C-STORE-RSP is about a hundred bytes).
+RECEIVE_BYTES = 64 * 1024
 # How long to wait for pynetdicom to write what it queued before a direct write goes after it.
 _DRAIN_S = 5.0
 _RESPONSES = {C_GET: C_GET_RSP, C_MOVE: C_MOVE_RSP}
@@ -74,6 +76,12 @@ class DirectLink:
         self.dul = assoc.dul
         self._lock = threading.Lock()
         self._contexts: dict[tuple[str, str], int] = {}
+        # Pending responses not written yet: they go out with the next write on the socket, whoever
+        # makes it, so the peer gets a response and the next request from one segment.
+        self._deferred: list[bytes | memoryview] = []
+        # Bytes read from the socket that are not a whole PDU yet.
+        self._inbox = bytearray()
+        self._buffer = bytearray(RECEIVE_BYTES)
         transport_event, send = self.dul._is_transport_event, self.dul._send
 
         def gated_transport_event() -> bool:
@@ -86,6 +94,11 @@ class DirectLink:
 
         def gated_send(pdu: Any) -> None:
             with self._lock:
+                if self._deferred:
+                    try:
+                        self._write([])
+                    except OSError:
+                        pass  # pynetdicom's own send reports the broken connection
                 send(pdu)
 
         self.dul._is_transport_event = gated_transport_event
@@ -175,9 +188,7 @@ class DirectLink:
         if not self._take():
             return False
         try:
-            self._write(p_data_pdus(context_id, command, None, self.assoc.dimse.maximum_pdu_size))
-        except OSError as exc:
-            self._lost(exc)
+            self._deferred.extend(p_data_pdus(context_id, command, None, self.assoc.dimse.maximum_pdu_size))
         finally:
             self._lock.release()
         return True
@@ -209,6 +220,9 @@ class DirectLink:
             raise OSError("association socket closed")
         piece: list[bytes | memoryview] = []
         size = 0
+        if self._deferred:
+            buffers = [*self._deferred, *buffers]
+            self._deferred.clear()
         for buffer in buffers:
             piece.append(buffer)
             size += len(buffer)
@@ -224,35 +238,42 @@ class DirectLink:
         ready, _, _ = select.select([sock], [], [], timeout)
         return bool(ready)
 
-    def _read_exactly(self, size: int, timeout: float | None) -> bytearray | None:
-        """``size`` bytes from the socket; None if nothing arrived within ``timeout``."""
-        sock = self._socket
-        if sock is None:
-            raise OSError("association socket closed")
-        buffer = bytearray(size)
-        view = memoryview(buffer)
-        got = 0
-        while got < size:
-            if not self._readable(sock, timeout):
-                if got == 0:
+    def _read_pdu(self) -> bytes | None:
+        """The next whole PDU from the socket; None if nothing arrived within the DIMSE timeout."""
+        inbox = self._inbox
+        while True:
+            if len(inbox) >= PDU_HEADER.size:
+                end = PDU_HEADER.size + PDU_HEADER.unpack_from(inbox)[2]
+                if len(inbox) >= end:
+                    pdu = bytes(inbox[:end])
+                    del inbox[:end]
+                    return pdu
+            sock = self._socket
+            if sock is None:
+                raise OSError("association socket closed")
+            if not self._readable(sock, self.assoc.dimse_timeout):
+                if not inbox:
                     return None
                 raise ValueError("PDU cut short by a timeout")
-            count = sock.recv_into(view[got:])
+            count = sock.recv_into(self._buffer)
             if count == 0:
                 raise OSError("connection closed by the peer")
-            got += count
-        return buffer
+            inbox += memoryview(self._buffer)[:count]
 
-    def _read_pdu(self) -> bytes | None:
-        timeout = self.assoc.dimse_timeout
-        header = self._read_exactly(PDU_HEADER.size, timeout)
-        if header is None:
-            return None
-        _, _, length = PDU_HEADER.unpack(header)
-        body = self._read_exactly(length, timeout) if length else bytearray()
-        if body is None:
-            raise ValueError("PDU cut short by a timeout")
-        return bytes(header + body)
+    def _pass_on_the_rest(self) -> None:
+        """Whatever followed the response (a C-CANCEL, an A-RELEASE-RQ) is pynetdicom's: read up to the
+        end of its PDU and queue it for the DUL thread."""
+        rest = []
+        while self._inbox:
+            pdu = self._read_pdu()
+            if pdu is None:
+                raise ValueError("PDU cut short by a timeout")
+            rest.append(pdu)
+        if rest:
+            try:
+                self._hand_over(rest)
+            except _HandOver:
+                pass
 
     def _await_success(self, message_id: int) -> Dataset:
         """Read PDUs until the C-STORE-RSP; a successful one is answered here, the rest handed over."""
@@ -284,6 +305,7 @@ class DirectLink:
                 self._hand_over(received)
             if (values.get(0x0100) == C_STORE_RSP and values.get(0x0120) == message_id
                     and values.get(0x0900) == 0x0000 and values.get(0x0800) == 0x0101):
+                self._pass_on_the_rest()
                 status = Dataset()
                 status.Status = 0x0000
                 return status
