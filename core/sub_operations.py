@@ -260,18 +260,21 @@ class DirectLink:
                 raise OSError("connection closed by the peer")
             inbox += memoryview(self._buffer)[:count]
 
-    def _pass_on_the_rest(self) -> None:
-        """Whatever followed the response (a C-CANCEL, an A-RELEASE-RQ) is pynetdicom's: read up to the
-        end of its PDU and queue it for the DUL thread."""
+    def _rest_of_inbox(self) -> list[bytes]:
+        """The PDUs received after the one being looked at, read up to the end of the last one."""
         rest = []
         while self._inbox:
             pdu = self._read_pdu()
             if pdu is None:
                 raise ValueError("PDU cut short by a timeout")
             rest.append(pdu)
-        if rest:
+        return rest
+
+    def _pass_on_the_rest(self) -> None:
+        """Whatever followed the response (a C-CANCEL, an A-RELEASE-RQ) is pynetdicom's."""
+        if self._inbox:
             try:
-                self._hand_over(rest)
+                self._hand_over([])
             except _HandOver:
                 pass
 
@@ -312,8 +315,9 @@ class DirectLink:
             self._hand_over(received)
 
     def _hand_over(self, received: list[bytes]) -> None:
-        """Queue PDUs for the DUL thread as if it had read them itself, then stop reading."""
-        for pdu in received:
+        """Queue PDUs for the DUL thread as if it had read them itself (with any received after
+        them), then stop reading."""
+        for pdu in [*received, *self._rest_of_inbox()]:
             try:
                 decoded, event = self.dul._decode_pdu(bytearray(pdu))
             except Exception:

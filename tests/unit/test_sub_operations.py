@@ -114,7 +114,7 @@ class Retrieved:
 
 
 def c_get(site: Site, statuses: dict[str, int] | None = None, cancel_after: int | None = None,
-          max_pdu: int = 16_384) -> Retrieved:
+          max_pdu: int = 16_384, cancel_before_response: int | None = None) -> Retrieved:
     received: dict[str, bytes] = {}
     got_enough = threading.Event()
 
@@ -123,6 +123,9 @@ def c_get(site: Site, statuses: dict[str, int] | None = None, cancel_after: int 
         received[uid] = bytes(event.request.DataSet.getvalue())
         if cancel_after is not None and len(received) >= cancel_after:
             got_enough.set()
+        if len(received) == cancel_before_response:
+            # Queued before this sub-operation's response: the site reads it while waiting for that.
+            event.assoc.send_c_cancel(7, query_model=StudyRootQueryRetrieveInformationModelGet)
         return (statuses or {}).get(uid, 0x0000)
 
     ae = AE(ae_title="GETSCU")
@@ -194,6 +197,16 @@ def test_c_cancel_between_sub_operations_stops_the_retrieve(site: Site):
     assert result.final.Status == 0xFE00
     assert 2 <= len(result.received) < len(site.stored)
     assert result.final.NumberOfRemainingSuboperations == len(site.stored) - len(result.received)
+
+
+def test_a_c_cancel_ahead_of_a_response_is_handed_to_pynetdicom_with_the_response(site: Site,
+                                                                                handed_back: list[int]):
+    result = c_get(site, cancel_before_response=2)
+    assert handed_back == [1]
+    assert result.final.Status == 0xFE00
+    assert len(result.received) == 2
+    assert result.final.NumberOfCompletedSuboperations == 2
+    assert result.final.NumberOfRemainingSuboperations == len(site.stored) - 2
 
 
 def test_a_corrupt_copy_is_never_sent_and_is_moved_aside(site: Site):
