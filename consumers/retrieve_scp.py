@@ -22,6 +22,8 @@ handler raises and pynetdicom answers 0xC514 (unable to process), leaving the de
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -64,6 +66,8 @@ LEVELS = {
     StudyRootQueryRetrieveInformationModelMove: ("STUDY", "SERIES", "IMAGE"),
 }
 MAX_CONTEXTS = 128  # presentation context IDs are odd numbers 1..255
+# Verified payloads read ahead of their sub-operation (each at most IN_MEMORY_MAX_BYTES).
+READ_AHEAD = 4
 MAX_UIDS_PER_KEY = 4096
 _UID_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 _UID_DEPTH = {"PATIENT": 0, "STUDY": 1, "SERIES": 2, "IMAGE": 3}
@@ -168,6 +172,54 @@ def storage_contexts(instances: list[StoredInstance]) -> list[PresentationContex
     return [build_context(sop_class, ts) for (sop_class, ts), _ in pairs.most_common(MAX_CONTEXTS)]
 
 
+class _ReadAhead:
+    """The verified payloads of the coming sub-operations, read by a worker thread while the current
+    one waits for its response (reading and hashing release the interpreter).
+
+    At most :data:`READ_AHEAD` payloads wait in memory. Results come back in the order of the
+    instances, failures included (:meth:`Payloads.verified_bytes` raises where the sub-operation would).
+    """
+
+    def __init__(self, payloads: Payloads, instances: list[StoredInstance]) -> None:
+        self._payloads = payloads
+        self._ready: queue.Queue[tuple[StoredInstance, bytes | None, Exception | None]] = queue.Queue(READ_AHEAD)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(instances,), name="retrieve-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self, instances: list[StoredInstance]) -> None:
+        for item in instances:
+            if self._stopped.is_set():
+                return
+            try:
+                result = (item, self._payloads.verified_bytes(item), None)
+            except Exception as exc:  # handed to the sub-operation, which fails as it would have itself
+                result = (item, None, exc)
+            while not self._stopped.is_set():
+                try:
+                    self._ready.put(result, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+
+    def take(self, item: StoredInstance) -> bytes | None:
+        """The verified bytes of ``item`` (None: too large for memory); raises what reading it raised."""
+        while self._thread.is_alive() or not self._ready.empty():
+            try:
+                got, data, error = self._ready.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if got is not item:
+                continue  # a sub-operation pynetdicom did not send (the association ended)
+            if error is not None:
+                raise error
+            return data
+        return self._payloads.verified_bytes(item)
+
+    def close(self) -> None:
+        self._stopped.set()
+
+
 class _SubOperation(Dataset):
     """The placeholder yielded for one C-STORE sub-operation (see the module docstring).
 
@@ -175,12 +227,14 @@ class _SubOperation(Dataset):
     attributes, the stored instance, the C-MOVE requestor's AE title and the sub-operation's outcome.
     """
 
-    def __init__(self, instance: StoredInstance, move_originator: str | None) -> None:
+    def __init__(self, instance: StoredInstance, move_originator: str | None,
+                 read_ahead: "_ReadAhead | None" = None) -> None:
         super().__init__()
         self.SOPClassUID = instance.sop_class_uid
         self.SOPInstanceUID = instance.sop_instance_uid
         self._instance = instance
         self._move_originator = move_originator
+        self._read_ahead = read_ahead
         self._outcome = "failed"
 
     @property
@@ -195,7 +249,12 @@ class _SubOperation(Dataset):
             # PS3.7 9.3.1.1: the AE that invoked the C-MOVE (pynetdicom would name the site's own AE).
             originator_aet = self._move_originator
         try:
-            data = payloads.verified_bytes(item) if link is not None else None
+            if self._read_ahead is not None:
+                data = self._read_ahead.take(item)
+            else:
+                data = payloads.verified_bytes(item) if link is not None else None
+            if link is None:
+                data = None
             path = payloads.local_path(item) if data is None else None
         except PayloadUnavailable as exc:
             log.error("sub-operation has no payload to send", sop_instance_uid=item.sop_instance_uid, error=str(exc))
@@ -401,19 +460,23 @@ class RetrieveService:
         # only compete with them for the interpreter.
         direct = getattr(event.assoc, "_direct_link", None) is not None
         responsive = _responsive(event.assoc) if transfer.operation == "C-GET" and not direct else nullcontext()
+        # C-MOVE's destination association (and its link) opens after this starts: read ahead for it too.
+        read_ahead = _ReadAhead(self.payloads, transfer.instances) if direct or transfer.operation != "C-GET" else None
         try:
             with responsive:
-                yield from self._each_sub_operation(event, transfer)
+                yield from self._each_sub_operation(event, transfer, read_ahead)
         finally:
+            if read_ahead is not None:
+                read_ahead.close()
             transfer.finish("aborted")
 
-    def _each_sub_operation(self, event: evt.Event, transfer: _Transfer) -> Iterator[Any]:
+    def _each_sub_operation(self, event: evt.Event, transfer: _Transfer, read_ahead: _ReadAhead | None) -> Iterator[Any]:
         for item in transfer.instances:
             if event.is_cancelled:
                 transfer.finish("cancelled")
                 yield CANCEL, None
                 return
-            sub = _SubOperation(item, transfer.move_originator)
+            sub = _SubOperation(item, transfer.move_originator, read_ahead)
             yield PENDING, sub
             transfer.tally[sub.outcome] += 1
         transfer.finish("completed")
