@@ -25,6 +25,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -152,10 +153,18 @@ class Wado:
             self._audit(request, "WADO-RS", found, SERIOUS_FAILURE, f"not served: {exc}")
             return _error(503, "an instance is not available at any site right now")
         boundary = uuid.uuid4().hex
+        sent = _Completion()
         return StreamingResponse(
-            self._multipart(request, found, first, boundary),
+            self._multipart(request, found, first, boundary, sent),
             media_type=f'multipart/related; type="{DICOM}"; boundary={boundary}',
+            background=BackgroundTask(self._audit_completed, request, found, sent),
         )
+
+    async def _audit_completed(self, request: Request, instances: list[StoredInstance], sent: "_Completion") -> None:
+        # After the response's last byte: the audit record (and the index read for its patients) is
+        # no longer part of the time the client waits for the study.
+        if sent.description is not None:
+            await run_in_threadpool(self._audit, request, "WADO-RS", instances, SUCCESS, sent.description)
 
     def _payload(self, item: StoredInstance) -> bytes | PayloadReader:
         """A verified payload in memory (one read), or open for streaming when it is large."""
@@ -163,7 +172,7 @@ class Wado:
         return data if data is not None else self.payloads.open(item)
 
     def _multipart(self, request: Request, instances: list[StoredInstance], first: bytes | PayloadReader,
-                   boundary: str) -> Iterator[bytes]:
+                   boundary: str, completion: "_Completion") -> Iterator[bytes]:
         # Starlette runs this generator in its thread pool, one hop per item it yields: small instances
         # are gathered into pieces of about WRITE_BYTES instead of yielding three items each, and joined
         # once rather than appended to a growing buffer.
@@ -192,6 +201,9 @@ class Wado:
             pending.append(f"--{boundary}--\r\n".encode())
             yield b"".join(pending)
             outcome = SUCCESS, f"{sent} instance(s) sent"
+            # Starlette asked for more, so the last piece went out: audited by the response's background
+            # task, which runs once the end of the body has been written.
+            completion.description = outcome[1]
         except Exception as exc:
             # The status line is gone: aborting the stream is the only way left to tell the client.
             log.error("wado-rs stream aborted", sent=sent, total=len(instances), error=str(exc))
@@ -202,8 +214,9 @@ class Wado:
                 current.close()
             if isinstance(first, PayloadReader):
                 first.close()
-            self._audit(request, "WADO-RS", instances,
-                        *(outcome or (MINOR_FAILURE, f"client left after {sent} of {len(instances)} instance(s)")))
+            if completion.description is None:
+                self._audit(request, "WADO-RS", instances,
+                            *(outcome or (MINOR_FAILURE, f"client left after {sent} of {len(instances)} instance(s)")))
 
     async def metadata(self, request: Request) -> Response:
         uids = _path_uids(request)
@@ -295,6 +308,12 @@ class Wado:
              Participant(me.name, False, me.ae_title, None, "Source")],
             transfer_objects(instances, audited_patients(self.site, instances)),
         )
+
+
+class _Completion:
+    """What a WADO-RS stream that sent everything reports to its response's background task."""
+
+    description: str | None = None
 
 
 def _path_uids(request: Request) -> tuple[str, str | None, str | None] | None:
