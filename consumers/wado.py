@@ -20,7 +20,7 @@ mistakes a partial study for a complete one.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from pydicom import dcmread
@@ -47,8 +47,9 @@ DICOM_JSON = "application/dicom+json"
 ANY_SYNTAX = "*"
 _BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 BULK_DATA_MIN_BYTES = 1024
-# Size of the pieces a WADO-RS response is written in (see Wado._multipart).
-WRITE_BYTES = 1024 * 1024
+# Size of the pieces a WADO-RS response is written in (see Wado._multipart): larger pieces made the
+# event loop's transport move more of its send buffer after every partial send.
+WRITE_BYTES = 256 * 1024
 
 
 def _media_ranges(accept: str | None) -> list[tuple[str, dict[str, str]]]:
@@ -171,30 +172,41 @@ class Wado:
         data = self.payloads.verified_bytes(item)
         return data if data is not None else self.payloads.open(item)
 
-    def _multipart(self, request: Request, instances: list[StoredInstance], first: bytes | PayloadReader,
-                   boundary: str, completion: "_Completion") -> Iterator[bytes]:
-        # Starlette runs this generator in its thread pool, one hop per item it yields: small instances
-        # are gathered into pieces of about WRITE_BYTES instead of yielding three items each, and joined
-        # once rather than appended to a growing buffer.
+    async def _multipart(self, request: Request, instances: list[StoredInstance], first: bytes | PayloadReader,
+                         boundary: str, completion: "_Completion") -> AsyncIterator[bytes]:
+        # Small intact local payloads are read and hashed right here, between writes: a thread pool hop
+        # per piece cost more than the read. Anything else (a large payload, a copy to repair from a peer)
+        # is read in the thread pool.
         sent, outcome = 0, None
         pending: list[bytes] = []
         pending_bytes = 0
         current: bytes | PayloadReader | None = first
         try:
             for index, item in enumerate(instances):
-                payload = current if index == 0 else self._payload(item)
+                if index == 0:
+                    payload = first
+                else:
+                    payload = self.payloads.local_verified_bytes(item) or await run_in_threadpool(self._payload, item)
                 current = payload
                 size = len(payload) if isinstance(payload, bytes) else payload.size
                 pending.append(f"--{boundary}\r\nContent-Type: {DICOM}; transfer-syntax={item.transfer_syntax_uid}\r\n"
                                f"Content-Length: {size}\r\n\r\n".encode())
-                chunks = (payload,) if isinstance(payload, bytes) else payload
-                for chunk in chunks:
-                    pending.append(chunk)
-                    pending_bytes += len(chunk)
-                    if pending_bytes >= WRITE_BYTES:
-                        yield b"".join(pending)
-                        pending.clear()
-                        pending_bytes = 0
+                if isinstance(payload, bytes):
+                    pending.append(payload)
+                    pending_bytes += len(payload)
+                else:
+                    chunks = iter(payload)
+                    while (chunk := await run_in_threadpool(next, chunks, None)) is not None:
+                        pending.append(chunk)
+                        pending_bytes += len(chunk)
+                        if pending_bytes >= WRITE_BYTES:
+                            yield b"".join(pending)
+                            pending.clear()
+                            pending_bytes = 0
+                if pending_bytes >= WRITE_BYTES:
+                    yield b"".join(pending)
+                    pending.clear()
+                    pending_bytes = 0
                 current = None
                 pending.append(b"\r\n")
                 sent += 1
@@ -215,8 +227,9 @@ class Wado:
             if isinstance(first, PayloadReader):
                 first.close()
             if completion.description is None:
-                self._audit(request, "WADO-RS", instances,
-                            *(outcome or (MINOR_FAILURE, f"client left after {sent} of {len(instances)} instance(s)")))
+                await run_in_threadpool(
+                    self._audit, request, "WADO-RS", instances,
+                    *(outcome or (MINOR_FAILURE, f"client left after {sent} of {len(instances)} instance(s)")))
 
     async def metadata(self, request: Request) -> Response:
         uids = _path_uids(request)
