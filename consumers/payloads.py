@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,9 +44,10 @@ IN_MEMORY_MAX_BYTES = 16 * 1024 * 1024
 
 
 _TOO_LARGE = object()
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
-def _read_whole(path: Path, max_bytes: int) -> bytes | object | None:
+def _read_whole(path: str, max_bytes: int) -> bytes | object | None:
     """A file's bytes from one open and one read (None if absent, ``_TOO_LARGE`` above ``max_bytes``)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -98,6 +100,13 @@ class Payloads:
         self.blobs = site.blobs
         self.transfer = transfer or PayloadTransfer(site)
         self._locks = _KeyedLocks()
+        # BlobStore.path's layout as a string join: pathlib's parsing cost more than reading a small file.
+        self._sha256_dir = os.fspath(self.blobs.path("0" * 64).parent.parent.parent)
+
+    def _blob_path(self, digest: str) -> str:
+        if not _DIGEST.fullmatch(digest):
+            raise ValueError(f"not a SHA-256 hex digest: {digest!r}")
+        return f"{self._sha256_dir}/{digest[:2]}/{digest[2:4]}/{digest}"
 
     def local_path(self, item: StoredInstance) -> Path:
         """The path of an intact local copy (fully verified; repaired from a peer first if needed).
@@ -111,7 +120,7 @@ class Payloads:
     def local_verified_bytes(self, item: StoredInstance, max_bytes: int = IN_MEMORY_MAX_BYTES) -> bytes | None:
         """The local copy's bytes when it is present, intact and at most ``max_bytes``; None otherwise
         (then :meth:`verified_bytes` or :meth:`open`, which repair). Never waits for a peer."""
-        data = _read_whole(self.blobs.path(item.sha256), max_bytes)
+        data = _read_whole(self._blob_path(item.sha256), max_bytes)
         if isinstance(data, bytes) and hashlib.sha256(data).digest() == bytes.fromhex(item.sha256):
             return data
         return None
@@ -124,7 +133,7 @@ class Payloads:
         from a peer); raises :class:`PayloadUnavailable` when no intact copy exists anywhere.
         """
         digest = item.sha256
-        data = _read_whole(self.blobs.path(digest), max_bytes)
+        data = _read_whole(self._blob_path(digest), max_bytes)
         if data is _TOO_LARGE:
             return None
         if data is not None and hashlib.sha256(data).digest() == bytes.fromhex(digest):

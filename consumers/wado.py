@@ -19,10 +19,12 @@ mistakes a partial study for a complete one.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import anyio
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from starlette.background import BackgroundTask
@@ -174,47 +176,53 @@ class Wado:
 
     async def _multipart(self, request: Request, instances: list[StoredInstance], first: bytes | PayloadReader,
                          boundary: str, completion: "_Completion") -> AsyncIterator[bytes]:
-        # Small intact local payloads are read and hashed right here, between writes: a thread pool hop
-        # per piece cost more than the read. Anything else (a large payload, a copy to repair from a peer)
-        # is read in the thread pool.
+        # The pieces are read and verified in the thread pool, one piece ahead: the next one is being
+        # prepared while the event loop writes the current one.
+        pieces = self._pieces(request, instances, first, boundary, completion)
+        ahead: asyncio.Future[bytes | None] | None = None
+        try:
+            ahead = asyncio.ensure_future(run_in_threadpool(next, pieces, None))
+            while (piece := await ahead) is not None:
+                ahead = asyncio.ensure_future(run_in_threadpool(next, pieces, None))
+                yield piece
+        finally:
+            # Also when the client left (the task is cancelled): the generator cannot be closed while a
+            # thread is running it, and closing it records what was sent.
+            with anyio.CancelScope(shield=True):
+                if ahead is not None and not ahead.done():
+                    await asyncio.wait([ahead])
+                await run_in_threadpool(pieces.close)
+
+    def _pieces(self, request: Request, instances: list[StoredInstance], first: bytes | PayloadReader,
+                boundary: str, completion: "_Completion") -> Iterator[bytes]:
+        # Small instances are gathered into pieces of about WRITE_BYTES, joined once.
         sent, outcome = 0, None
         pending: list[bytes] = []
         pending_bytes = 0
         current: bytes | PayloadReader | None = first
         try:
             for index, item in enumerate(instances):
-                if index == 0:
-                    payload = first
-                else:
-                    payload = self.payloads.local_verified_bytes(item) or await run_in_threadpool(self._payload, item)
+                payload = current if index == 0 else self._payload(item)
                 current = payload
                 size = len(payload) if isinstance(payload, bytes) else payload.size
                 pending.append(f"--{boundary}\r\nContent-Type: {DICOM}; transfer-syntax={item.transfer_syntax_uid}\r\n"
                                f"Content-Length: {size}\r\n\r\n".encode())
-                if isinstance(payload, bytes):
-                    pending.append(payload)
-                    pending_bytes += len(payload)
-                else:
-                    chunks = iter(payload)
-                    while (chunk := await run_in_threadpool(next, chunks, None)) is not None:
-                        pending.append(chunk)
-                        pending_bytes += len(chunk)
-                        if pending_bytes >= WRITE_BYTES:
-                            yield b"".join(pending)
-                            pending.clear()
-                            pending_bytes = 0
-                if pending_bytes >= WRITE_BYTES:
-                    yield b"".join(pending)
-                    pending.clear()
-                    pending_bytes = 0
+                chunks = (payload,) if isinstance(payload, bytes) else payload
+                for chunk in chunks:
+                    pending.append(chunk)
+                    pending_bytes += len(chunk)
+                    if pending_bytes >= WRITE_BYTES:
+                        yield b"".join(pending)
+                        pending.clear()
+                        pending_bytes = 0
                 current = None
                 pending.append(b"\r\n")
                 sent += 1
             pending.append(f"--{boundary}--\r\n".encode())
             yield b"".join(pending)
             outcome = SUCCESS, f"{sent} instance(s) sent"
-            # Starlette asked for more, so the last piece went out: audited by the response's background
-            # task, which runs once the end of the body has been written.
+            # Asked for more, so the last piece went out: audited by the response's background task,
+            # which runs once the end of the body has been written.
             completion.description = outcome[1]
         except Exception as exc:
             # The status line is gone: aborting the stream is the only way left to tell the client.
@@ -227,9 +235,8 @@ class Wado:
             if isinstance(first, PayloadReader):
                 first.close()
             if completion.description is None:
-                await run_in_threadpool(
-                    self._audit, request, "WADO-RS", instances,
-                    *(outcome or (MINOR_FAILURE, f"client left after {sent} of {len(instances)} instance(s)")))
+                self._audit(request, "WADO-RS", instances,
+                            *(outcome or (MINOR_FAILURE, f"client left after {sent} of {len(instances)} instance(s)")))
 
     async def metadata(self, request: Request) -> Response:
         uids = _path_uids(request)
