@@ -117,14 +117,6 @@ class Payloads:
         self.open(item, verify_first=True).close()
         return self.blobs.path(item.sha256)
 
-    def local_verified_bytes(self, item: StoredInstance, max_bytes: int = IN_MEMORY_MAX_BYTES) -> bytes | None:
-        """The local copy's bytes when it is present, intact and at most ``max_bytes``; None otherwise
-        (then :meth:`verified_bytes` or :meth:`open`, which repair). Never waits for a peer."""
-        data = _read_whole(self._blob_path(item.sha256), max_bytes)
-        if isinstance(data, bytes) and hashlib.sha256(data).digest() == bytes.fromhex(item.sha256):
-            return data
-        return None
-
     def verified_bytes(self, item: StoredInstance, max_bytes: int = IN_MEMORY_MAX_BYTES) -> bytes | None:
         """The whole intact payload, read once and hashed in memory; None when it is larger than
         ``max_bytes`` (then :meth:`local_path` or :meth:`open`).

@@ -204,12 +204,10 @@ def test_verified_bytes_reads_an_intact_copy_and_repairs_a_corrupt_one(sites: Tw
     sites.b.blobs.put_bytes(data)
     sites.ledger.copies[digest].append("B")
     payloads = Payloads(sites.a)
-    assert payloads.local_verified_bytes(instance(digest)) == data
     assert payloads.verified_bytes(instance(digest)) == data
     assert payloads.verified_bytes(instance(digest), max_bytes=len(data) - 1) is None  # then streamed from the file
 
     corrupt(sites.a.blobs.path(digest))
-    assert payloads.local_verified_bytes(instance(digest)) is None  # never the corrupt bytes
     assert payloads.verified_bytes(instance(digest)) == data  # quarantined, fetched from B, stored
     assert len(list((sites.a.blobs.root / "quarantine").iterdir())) == 1
     assert sites.a.blobs.verify(digest)
