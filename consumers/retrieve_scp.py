@@ -241,10 +241,10 @@ class _SubOperation(Dataset):
     def outcome(self) -> str:
         return self._outcome
 
-    def send(self, send_c_store: Callable[..., Dataset], payloads: Payloads, link: DirectLink | None,
-             msg_id: int = 1, priority: int = 2, originator_aet: str | None = None,
-             originator_id: int | None = None) -> Dataset:
+    def send(self, send_c_store: Callable[..., Dataset], payloads: Payloads, msg_id: int = 1, priority: int = 2,
+             originator_aet: str | None = None, originator_id: int | None = None) -> Dataset:
         item = self._instance
+        link: DirectLink | None = getattr(send_c_store, "link", None)
         if self._move_originator:
             # PS3.7 9.3.1.1: the AE that invoked the C-MOVE (pynetdicom would name the site's own AE).
             originator_aet = self._move_originator
@@ -294,6 +294,18 @@ def _responsive(assoc: Association) -> Iterator[None]:
         dul._run_loop_delay = idle_delay
 
 
+class _StoreSender:
+    """An association's own ``send_c_store`` (sub-operations that send a file of their own call it), and
+    the direct link the plain stored-payload sub-operations use instead when there is one."""
+
+    def __init__(self, send_c_store: Callable[..., Dataset], link: DirectLink | None) -> None:
+        self._send_c_store = send_c_store
+        self.link = link
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Dataset:
+        return self._send_c_store(*args, **kwargs)
+
+
 def _send_stored_payloads(assoc: Association, payloads: Payloads) -> bool:
     """Make ``assoc.send_c_store`` send a :class:`_SubOperation`'s payload as stored (once per association);
     True when it sends over a :class:`DirectLink`."""
@@ -302,10 +314,11 @@ def _send_stored_payloads(assoc: Association, payloads: Payloads) -> bool:
     assoc._sends_stored_payloads = True  # type: ignore[attr-defined]
     send_c_store = assoc.send_c_store
     link = DirectLink.of(assoc)
+    sender = _StoreSender(send_c_store, link)
 
     def send(dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
         if isinstance(dataset, _SubOperation):
-            return dataset.send(send_c_store, payloads, link, *args, **kwargs)
+            return dataset.send(sender, payloads, *args, **kwargs)
         return send_c_store(dataset, *args, **kwargs)
 
     assoc.send_c_store = send  # type: ignore[method-assign]
@@ -460,26 +473,29 @@ class RetrieveService:
         # only compete with them for the interpreter.
         direct = getattr(event.assoc, "_direct_link", None) is not None
         responsive = _responsive(event.assoc) if transfer.operation == "C-GET" and not direct else nullcontext()
-        # C-MOVE's destination association (and its link) opens after this starts: read ahead for it too.
-        read_ahead = _ReadAhead(self.payloads, transfer.instances) if direct or transfer.operation != "C-GET" else None
         try:
             with responsive:
-                yield from self._each_sub_operation(event, transfer, read_ahead)
+                yield from self._each_sub_operation(event, transfer)
+        finally:
+            transfer.finish("aborted")
+
+    def _each_sub_operation(self, event: evt.Event, transfer: _Transfer) -> Iterator[Any]:
+        # C-MOVE's destination association (and its link) opens after this starts: read ahead for it too.
+        direct = getattr(event.assoc, "_direct_link", None) is not None
+        read_ahead = _ReadAhead(self.payloads, transfer.instances) if direct or transfer.operation != "C-GET" else None
+        try:
+            for item in transfer.instances:
+                if event.is_cancelled:
+                    transfer.finish("cancelled")
+                    yield CANCEL, None
+                    return
+                sub = _SubOperation(item, transfer.move_originator, read_ahead)
+                yield PENDING, sub
+                transfer.tally[sub.outcome] += 1
+            transfer.finish("completed")
         finally:
             if read_ahead is not None:
                 read_ahead.close()
-            transfer.finish("aborted")
-
-    def _each_sub_operation(self, event: evt.Event, transfer: _Transfer, read_ahead: _ReadAhead | None) -> Iterator[Any]:
-        for item in transfer.instances:
-            if event.is_cancelled:
-                transfer.finish("cancelled")
-                yield CANCEL, None
-                return
-            sub = _SubOperation(item, transfer.move_originator, read_ahead)
-            yield PENDING, sub
-            transfer.tally[sub.outcome] += 1
-        transfer.finish("completed")
 
     def _refused(self, operation: str, reason: str, participants: list[Participant]) -> None:
         self.site.audit.record(
