@@ -6,11 +6,11 @@ payload transfer service (:mod:`dicomgrid.core.transfer`), stored into the local
 repairs the local replica), and served from there. Each repair is logged, audited and recorded in the replica ledger, as a replicated
 copy is.
 
-DIMSE senders read a payload up to :data:`IN_MEMORY_MAX_BYTES` once, into memory, and hash it there
-before its first byte goes out (:meth:`Payloads.verified_bytes`); a larger one is hashed whole before it
-is sent from its file (:meth:`Payloads.local_path`).
+Payloads up to :data:`IN_MEMORY_MAX_BYTES` (DIMSE sub-operations, WADO-RS) are read once, into memory,
+and hashed there before their first byte goes out (:meth:`Payloads.verified_bytes`). For larger ones a
+DIMSE sender gets a file hashed whole before it is sent (:meth:`Payloads.local_path`).
 
-For HTTP, verification costs a read of the payload. Payloads up to :data:`VERIFY_FIRST_MAX_BYTES` are hashed before
+Otherwise (HTTP), verification costs a read of the payload. Payloads up to :data:`VERIFY_FIRST_MAX_BYTES` are hashed before
 their first byte is served (then served from the same open file, from the page cache), so a corrupt local
 copy can still be replaced by a peer's before anything goes out. Larger ones are hashed while they stream:
 a mismatch then aborts the response (the receiver sees a truncated transfer, never a complete wrong one)
