@@ -6,7 +6,11 @@ payload transfer service (:mod:`dicomgrid.core.transfer`), stored into the local
 repairs the local replica), and served from there. Each repair is logged, audited and recorded in the replica ledger, as a replicated
 copy is.
 
-Verification costs a read of the payload. Payloads up to :data:`VERIFY_FIRST_MAX_BYTES` are hashed before
+Payloads up to :data:`IN_MEMORY_MAX_BYTES` (DIMSE sub-operations, WADO-RS) are read once, into memory,
+and hashed there before their first byte goes out (:meth:`Payloads.verified_bytes`). For larger ones a
+DIMSE sender gets a file hashed whole before it is sent (:meth:`Payloads.local_path`).
+
+Otherwise (HTTP), verification costs a read of the payload. Payloads up to :data:`VERIFY_FIRST_MAX_BYTES` are hashed before
 their first byte is served (then served from the same open file, from the page cache), so a corrupt local
 copy can still be replaced by a peer's before anything goes out. Larger ones are hashed while they stream:
 a mismatch then aborts the response (the receiver sees a truncated transfer, never a complete wrong one)
@@ -16,7 +20,9 @@ verified file (:meth:`Payloads.local_path`): what went out in a C-STORE cannot b
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +39,33 @@ from dicomgrid.core.transfer import PayloadTransfer, PayloadUnavailable, record_
 log = get_logger(__name__)
 
 VERIFY_FIRST_MAX_BYTES = 64 * 1024 * 1024
+# DIMSE sends payloads up to this size from memory: one read, hashed before the first byte goes out.
+IN_MEMORY_MAX_BYTES = 16 * 1024 * 1024
+
+
+_TOO_LARGE = object()
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def _read_whole(path: str, max_bytes: int) -> bytes | object | None:
+    """A file's bytes from one open and one read (None if absent, ``_TOO_LARGE`` above ``max_bytes``)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size > max_bytes:
+            return _TOO_LARGE
+        data = os.read(fd, size)
+        if len(data) < size:  # a short read (signals, very large files): read the rest
+            rest = [data]
+            while (got := sum(map(len, rest))) < size and (more := os.read(fd, size - got)):
+                rest.append(more)
+            data = b"".join(rest)
+        return data
+    finally:
+        os.close(fd)
 
 
 class _KeyedLocks:
@@ -67,6 +100,13 @@ class Payloads:
         self.blobs = site.blobs
         self.transfer = transfer or PayloadTransfer(site)
         self._locks = _KeyedLocks()
+        # BlobStore.path's layout as a string join: pathlib's parsing cost more than reading a small file.
+        self._sha256_dir = os.fspath(self.blobs.path("0" * 64).parent.parent.parent)
+
+    def _blob_path(self, digest: str) -> str:
+        if not _DIGEST.fullmatch(digest):
+            raise ValueError(f"not a SHA-256 hex digest: {digest!r}")
+        return f"{self._sha256_dir}/{digest[:2]}/{digest[2:4]}/{digest}"
 
     def local_path(self, item: StoredInstance) -> Path:
         """The path of an intact local copy (fully verified; repaired from a peer first if needed).
@@ -76,6 +116,28 @@ class Payloads:
         """
         self.open(item, verify_first=True).close()
         return self.blobs.path(item.sha256)
+
+    def verified_bytes(self, item: StoredInstance, max_bytes: int = IN_MEMORY_MAX_BYTES) -> bytes | None:
+        """The whole intact payload, read once and hashed in memory; None when it is larger than
+        ``max_bytes`` (then :meth:`local_path` or :meth:`open`).
+
+        A missing or corrupt local copy is repaired first, as :meth:`open` does (quarantined, fetched
+        from a peer); raises :class:`PayloadUnavailable` when no intact copy exists anywhere.
+        """
+        digest = item.sha256
+        data = _read_whole(self._blob_path(digest), max_bytes)
+        if data is _TOO_LARGE:
+            return None
+        if data is not None and hashlib.sha256(data).digest() == bytes.fromhex(digest):
+            return data  # type: ignore[return-value]
+        with self.open(item, verify_first=True) as reader:
+            if reader.size > max_bytes:
+                return None
+            reader.file.seek(0)
+            repaired = reader.file.read()
+        if hashlib.sha256(repaired).hexdigest() != digest:
+            raise PayloadUnavailable(f"payload {digest} changed while it was read after its repair")
+        return repaired
 
     def open(self, item: StoredInstance, *, verify_first: bool = False) -> PayloadReader:
         """The intact payload of an indexed instance, open for reading (see the module docstring for when

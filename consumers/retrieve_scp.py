@@ -5,11 +5,13 @@ its Failed SOP Instance UID List, and, for C-MOVE, the association to the destin
 decide what matches and which payload each sub-operation sends.
 
 Instances go out exactly as stored: the data set bytes of the stored file, in its stored transfer syntax,
-streamed from the file by pynetdicom (``STORE_SEND_CHUNKED_DATASET``), never decoded and re-encoded.
-pynetdicom's retrieve loop only accepts a ``Dataset`` per sub-operation and hands it to the association's
-``send_c_store``, so the handlers yield a :class:`_SubOperation` placeholder and each association used for
-sub-operations gets a ``send_c_store`` that sends the placeholder's verified payload file instead
-(:func:`_send_stored_payloads`).
+never decoded and re-encoded. pynetdicom's retrieve loop only accepts a ``Dataset`` per sub-operation and
+hands it to the association's ``send_c_store``, so the handlers yield a :class:`_SubOperation` placeholder
+and each association used for sub-operations gets a ``send_c_store`` that sends the placeholder's verified
+payload instead (:func:`_send_stored_payloads`): read once into memory, hashed, and written to the socket
+with pre-encoded command sets (:class:`~dicomgrid.core.sub_operations.DirectLink`); payloads too large
+for memory, or an association the link cannot drive, are streamed from the verified file by pynetdicom
+(``STORE_SEND_CHUNKED_DATASET``).
 
 Failure statuses for bad identifiers: C-GET answers 0xA900 (identifier does not match SOP class) or
 0xA701 (index unavailable) with an Error Comment (pynetdicom's loop wants a sub-operation count first, so
@@ -20,6 +22,8 @@ handler raises and pynetdicom answers 0xC514 (unable to process), leaving the de
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -41,6 +45,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from dicomgrid.consumers.payloads import Payloads
 from dicomgrid.core import metrics
+from dicomgrid.core.dicomfile import data_set_offset
 from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, Participant, audited_patients, transfer_objects
 from dicomgrid.core.index_reader import StoredInstance
 from dicomgrid.core.logging import get_logger
@@ -49,6 +54,7 @@ from dicomgrid.core.tls import remote_ae_tls
 from dicomgrid.core.transfer import PayloadUnavailable
 from dicomgrid.core.uids import is_valid_uid
 from dicomgrid.core.dimse import Context, peer_of, set_nodelay, storage_sop_classes
+from dicomgrid.core.sub_operations import DirectLink
 
 log = get_logger(__name__)
 
@@ -60,6 +66,8 @@ LEVELS = {
     StudyRootQueryRetrieveInformationModelMove: ("STUDY", "SERIES", "IMAGE"),
 }
 MAX_CONTEXTS = 128  # presentation context IDs are odd numbers 1..255
+# Verified payloads read ahead of their sub-operation (each at most IN_MEMORY_MAX_BYTES).
+READ_AHEAD = 4
 MAX_UIDS_PER_KEY = 4096
 _UID_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 _UID_DEPTH = {"PATIENT": 0, "STUDY": 1, "SERIES": 2, "IMAGE": 3}
@@ -164,6 +172,54 @@ def storage_contexts(instances: list[StoredInstance]) -> list[PresentationContex
     return [build_context(sop_class, ts) for (sop_class, ts), _ in pairs.most_common(MAX_CONTEXTS)]
 
 
+class _ReadAhead:
+    """The verified payloads of the coming sub-operations, read by a worker thread while the current
+    one waits for its response (reading and hashing release the interpreter).
+
+    At most :data:`READ_AHEAD` payloads wait in memory. Results come back in the order of the
+    instances, failures included (:meth:`Payloads.verified_bytes` raises where the sub-operation would).
+    """
+
+    def __init__(self, payloads: Payloads, instances: list[StoredInstance]) -> None:
+        self._payloads = payloads
+        self._ready: queue.Queue[tuple[StoredInstance, bytes | None, Exception | None]] = queue.Queue(READ_AHEAD)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(instances,), name="retrieve-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self, instances: list[StoredInstance]) -> None:
+        for item in instances:
+            if self._stopped.is_set():
+                return
+            try:
+                result = (item, self._payloads.verified_bytes(item), None)
+            except Exception as exc:  # handed to the sub-operation, which fails as it would have itself
+                result = (item, None, exc)
+            while not self._stopped.is_set():
+                try:
+                    self._ready.put(result, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+
+    def take(self, item: StoredInstance) -> bytes | None:
+        """The verified bytes of ``item`` (None: too large for memory); raises what reading it raised."""
+        while self._thread.is_alive() or not self._ready.empty():
+            try:
+                got, data, error = self._ready.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if got is not item:
+                continue  # a sub-operation pynetdicom did not send (the association ended)
+            if error is not None:
+                raise error
+            return data
+        return self._payloads.verified_bytes(item)
+
+    def close(self) -> None:
+        self._stopped.set()
+
+
 class _SubOperation(Dataset):
     """The placeholder yielded for one C-STORE sub-operation (see the module docstring).
 
@@ -171,29 +227,48 @@ class _SubOperation(Dataset):
     attributes, the stored instance, the C-MOVE requestor's AE title and the sub-operation's outcome.
     """
 
-    def __init__(self, instance: StoredInstance, move_originator: str | None) -> None:
+    def __init__(self, instance: StoredInstance, move_originator: str | None,
+                 read_ahead: "_ReadAhead | None" = None) -> None:
         super().__init__()
         self.SOPClassUID = instance.sop_class_uid
         self.SOPInstanceUID = instance.sop_instance_uid
         self._instance = instance
         self._move_originator = move_originator
+        self._read_ahead = read_ahead
         self._outcome = "failed"
 
     @property
     def outcome(self) -> str:
         return self._outcome
 
-    def send(self, send_c_store: Callable[..., Dataset], payloads: Payloads, *args: Any, **kwargs: Any) -> Dataset:
+    def send(self, send_c_store: Callable[..., Dataset], payloads: Payloads, msg_id: int = 1, priority: int = 2,
+             originator_aet: str | None = None, originator_id: int | None = None) -> Dataset:
         item = self._instance
+        link: DirectLink | None = getattr(send_c_store, "link", None)
+        if self._move_originator:
+            # PS3.7 9.3.1.1: the AE that invoked the C-MOVE (pynetdicom would name the site's own AE).
+            originator_aet = self._move_originator
         try:
-            path = payloads.local_path(item)
+            if self._read_ahead is not None:
+                data = self._read_ahead.take(item)
+            else:
+                data = payloads.verified_bytes(item) if link is not None else None
+            if link is None:
+                data = None
+            path = payloads.local_path(item) if data is None else None
         except PayloadUnavailable as exc:
             log.error("sub-operation has no payload to send", sop_instance_uid=item.sop_instance_uid, error=str(exc))
             raise
-        if self._move_originator:
-            # PS3.7 9.3.1.1: the AE that invoked the C-MOVE (pynetdicom would name the site's own AE).
-            kwargs["originator_aet"] = self._move_originator
-        status = send_c_store(path, *args, **kwargs)
+        status = None
+        if data is not None and link is not None:
+            status = link.send_c_store(
+                memoryview(data)[data_set_offset(data):], item.sop_class_uid, item.sop_instance_uid,
+                item.transfer_syntax_uid, msg_id, priority=priority, move_originator_aet=originator_aet,
+                move_originator_id=originator_id,
+            )
+        if status is None:
+            status = send_c_store(path or payloads.blobs.path(item.sha256), msg_id=msg_id, priority=priority,
+                                  originator_aet=originator_aet, originator_id=originator_id)
         code = status.get("Status")
         self._outcome = "completed" if code == 0 else "warning" if code in _WARNINGS else "failed"
         return status
@@ -219,19 +294,35 @@ def _responsive(assoc: Association) -> Iterator[None]:
         dul._run_loop_delay = idle_delay
 
 
-def _send_stored_payloads(assoc: Association, payloads: Payloads) -> None:
-    """Make ``assoc.send_c_store`` send a :class:`_SubOperation`'s payload file as stored (once per association)."""
+class _StoreSender:
+    """An association's own ``send_c_store`` (sub-operations that send a file of their own call it), and
+    the direct link the plain stored-payload sub-operations use instead when there is one."""
+
+    def __init__(self, send_c_store: Callable[..., Dataset], link: DirectLink | None) -> None:
+        self._send_c_store = send_c_store
+        self.link = link
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Dataset:
+        return self._send_c_store(*args, **kwargs)
+
+
+def _send_stored_payloads(assoc: Association, payloads: Payloads) -> bool:
+    """Make ``assoc.send_c_store`` send a :class:`_SubOperation`'s payload as stored (once per association);
+    True when it sends over a :class:`DirectLink`."""
     if getattr(assoc, "_sends_stored_payloads", False):
-        return
+        return getattr(assoc, "_direct_link", None) is not None
     assoc._sends_stored_payloads = True  # type: ignore[attr-defined]
     send_c_store = assoc.send_c_store
+    link = DirectLink.of(assoc)
+    sender = _StoreSender(send_c_store, link)
 
     def send(dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
         if isinstance(dataset, _SubOperation):
-            return dataset.send(send_c_store, payloads, *args, **kwargs)
+            return dataset.send(sender, payloads, *args, **kwargs)
         return send_c_store(dataset, *args, **kwargs)
 
     assoc.send_c_store = send  # type: ignore[method-assign]
+    return link is not None
 
 
 @dataclass
@@ -357,9 +448,9 @@ class RetrieveService:
 
     def _on_destination_open(self, event: evt.Event) -> None:
         set_nodelay(event)
-        _send_stored_payloads(event.assoc, self.payloads)
-        # This association exists only for the sub-operations.
-        event.assoc.dul._run_loop_delay = SUB_OPERATION_LOOP_DELAY_S
+        if not _send_stored_payloads(event.assoc, self.payloads):
+            # This association exists only for the sub-operations, and they go through the DUL thread.
+            event.assoc.dul._run_loop_delay = SUB_OPERATION_LOOP_DELAY_S
 
     # -- shared ---------------------------------------------------------------------------------
 
@@ -378,7 +469,10 @@ class RetrieveService:
     def _sub_operations(self, event: evt.Event, transfer: _Transfer) -> Iterator[Any]:
         transfer.begin()
         # C-GET sends on the requestor's own association; C-MOVE's destination is set in its open handler.
-        responsive = _responsive(event.assoc) if transfer.operation == "C-GET" else nullcontext()
+        # Sub-operations sent over a direct link do not go through the DUL thread: its polling would
+        # only compete with them for the interpreter.
+        direct = getattr(event.assoc, "_direct_link", None) is not None
+        responsive = _responsive(event.assoc) if transfer.operation == "C-GET" and not direct else nullcontext()
         try:
             with responsive:
                 yield from self._each_sub_operation(event, transfer)
@@ -386,15 +480,22 @@ class RetrieveService:
             transfer.finish("aborted")
 
     def _each_sub_operation(self, event: evt.Event, transfer: _Transfer) -> Iterator[Any]:
-        for item in transfer.instances:
-            if event.is_cancelled:
-                transfer.finish("cancelled")
-                yield CANCEL, None
-                return
-            sub = _SubOperation(item, transfer.move_originator)
-            yield PENDING, sub
-            transfer.tally[sub.outcome] += 1
-        transfer.finish("completed")
+        # C-MOVE's destination association (and its link) opens after this starts: read ahead for it too.
+        direct = getattr(event.assoc, "_direct_link", None) is not None
+        read_ahead = _ReadAhead(self.payloads, transfer.instances) if direct or transfer.operation != "C-GET" else None
+        try:
+            for item in transfer.instances:
+                if event.is_cancelled:
+                    transfer.finish("cancelled")
+                    yield CANCEL, None
+                    return
+                sub = _SubOperation(item, transfer.move_originator, read_ahead)
+                yield PENDING, sub
+                transfer.tally[sub.outcome] += 1
+            transfer.finish("completed")
+        finally:
+            if read_ahead is not None:
+                read_ahead.close()
 
     def _refused(self, operation: str, reason: str, participants: list[Participant]) -> None:
         self.site.audit.record(

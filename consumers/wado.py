@@ -10,7 +10,8 @@ so instances go out in their stored transfer syntax: an Accept without a ``trans
 left out. ``/wado?requestType=WADO&studyUID=..&seriesUID=..&objectUID=..&contentType=application/dicom``
 returns one stored file.
 
-Payloads come from :class:`~dicomgrid.consumers.payloads.Payloads` (local replica, else a peer's copy).
+Payloads come from :class:`~dicomgrid.consumers.payloads.Payloads` (local replica, else a peer's copy);
+those up to ``IN_MEMORY_MAX_BYTES`` are read once and verified in memory before any of their bytes goes out.
 The first one is resolved before the response starts, so a study that cannot be served at all gets a
 status code; a payload that turns out unavailable or corrupt later aborts the stream, so a client never
 mistakes a partial study for a complete one.
@@ -18,12 +19,15 @@ mistakes a partial study for a complete one.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import anyio
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -45,8 +49,9 @@ DICOM_JSON = "application/dicom+json"
 ANY_SYNTAX = "*"
 _BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 BULK_DATA_MIN_BYTES = 1024
-# Size of the pieces a WADO-RS response is written in (see Wado._multipart).
-WRITE_BYTES = 1024 * 1024
+# Size of the pieces a WADO-RS response is written in (see Wado._multipart): larger pieces made the
+# event loop's transport move more of its send buffer after every partial send.
+WRITE_BYTES = 256 * 1024
 
 
 def _media_ranges(accept: str | None) -> list[tuple[str, dict[str, str]]]:
@@ -146,46 +151,92 @@ class Wado:
             if not stored <= syntaxes:
                 return _error(406, f"instances are stored in {sorted(stored)}; the grid does not transcode")
         try:
-            first = await run_in_threadpool(self.payloads.open, found[0])
+            first = await run_in_threadpool(self._payload, found[0])
         except PayloadUnavailable as exc:
             self._audit(request, "WADO-RS", found, SERIOUS_FAILURE, f"not served: {exc}")
             return _error(503, "an instance is not available at any site right now")
         boundary = uuid.uuid4().hex
+        sent = _Completion()
         return StreamingResponse(
-            self._multipart(request, found, first, boundary),
+            self._multipart(request, found, first, boundary, sent),
             media_type=f'multipart/related; type="{DICOM}"; boundary={boundary}',
+            background=BackgroundTask(self._audit_completed, request, found, sent),
         )
 
-    def _multipart(self, request: Request, instances: list[StoredInstance], first: PayloadReader,
-                   boundary: str) -> Iterator[bytes]:
-        # Starlette runs this generator in its thread pool, one hop per item it yields: small instances
-        # are gathered into pieces of about WRITE_BYTES instead of yielding three items each.
+    async def _audit_completed(self, request: Request, instances: list[StoredInstance], sent: "_Completion") -> None:
+        # After the response's last byte: the audit record (and the index read for its patients) is
+        # no longer part of the time the client waits for the study.
+        if sent.description is not None:
+            await run_in_threadpool(self._audit, request, "WADO-RS", instances, SUCCESS, sent.description)
+
+    def _payload(self, item: StoredInstance) -> bytes | PayloadReader:
+        """A verified payload in memory (one read), or open for streaming when it is large."""
+        data = self.payloads.verified_bytes(item)
+        return data if data is not None else self.payloads.open(item)
+
+    async def _multipart(self, request: Request, instances: list[StoredInstance], first: bytes | PayloadReader,
+                         boundary: str, completion: "_Completion") -> AsyncIterator[bytes]:
+        # The pieces are read and verified in the thread pool, one piece ahead: the next one is being
+        # prepared while the event loop writes the current one.
+        pieces = self._pieces(request, instances, first, boundary, completion)
+        ahead: asyncio.Future[bytes | None] | None = None
+        try:
+            ahead = asyncio.ensure_future(run_in_threadpool(next, pieces, None))
+            while (piece := await ahead) is not None:
+                ahead = asyncio.ensure_future(run_in_threadpool(next, pieces, None))
+                yield piece
+        finally:
+            # Also when the client left (the task is cancelled): the generator cannot be closed while a
+            # thread is running it, and closing it records what was sent.
+            with anyio.CancelScope(shield=True):
+                if ahead is not None and not ahead.done():
+                    await asyncio.wait([ahead])
+                await run_in_threadpool(pieces.close)
+
+    def _pieces(self, request: Request, instances: list[StoredInstance], first: bytes | PayloadReader,
+                boundary: str, completion: "_Completion") -> Iterator[bytes]:
+        # Small instances are gathered into pieces of about WRITE_BYTES, joined once.
         sent, outcome = 0, None
-        pending = bytearray()
+        pending: list[bytes] = []
+        pending_bytes = 0
+        current: bytes | PayloadReader | None = first
         try:
             for index, item in enumerate(instances):
-                reader = first if index == 0 else self.payloads.open(item)
-                pending += (f"--{boundary}\r\nContent-Type: {DICOM}; transfer-syntax={item.transfer_syntax_uid}\r\n"
-                            f"Content-Length: {reader.size}\r\n\r\n").encode()
-                for chunk in reader:
-                    pending += chunk
-                    if len(pending) >= WRITE_BYTES:
-                        yield bytes(pending)
+                payload = current if index == 0 else self._payload(item)
+                current = payload
+                size = len(payload) if isinstance(payload, bytes) else payload.size
+                pending.append(f"--{boundary}\r\nContent-Type: {DICOM}; transfer-syntax={item.transfer_syntax_uid}\r\n"
+                               f"Content-Length: {size}\r\n\r\n".encode())
+                chunks = (payload,) if isinstance(payload, bytes) else payload
+                for chunk in chunks:
+                    pending.append(chunk)
+                    pending_bytes += len(chunk)
+                    if pending_bytes >= WRITE_BYTES:
+                        yield b"".join(pending)
                         pending.clear()
-                pending += b"\r\n"
+                        pending_bytes = 0
+                current = None
+                pending.append(b"\r\n")
                 sent += 1
-            pending += f"--{boundary}--\r\n".encode()
-            yield bytes(pending)
+            pending.append(f"--{boundary}--\r\n".encode())
+            yield b"".join(pending)
             outcome = SUCCESS, f"{sent} instance(s) sent"
+            # Asked for more, so the last piece went out: audited by the response's background task,
+            # which runs once the end of the body has been written.
+            completion.description = outcome[1]
         except Exception as exc:
             # The status line is gone: aborting the stream is the only way left to tell the client.
             log.error("wado-rs stream aborted", sent=sent, total=len(instances), error=str(exc))
             outcome = SERIOUS_FAILURE, f"aborted after {sent} of {len(instances)} instance(s): {exc}"
             raise
         finally:
-            first.close()
-            self._audit(request, "WADO-RS", instances,
-                        *(outcome or (MINOR_FAILURE, f"client left after {sent} of {len(instances)} instance(s)")))
+            if isinstance(current, PayloadReader):
+                current.close()
+            if isinstance(first, PayloadReader):
+                first.close()
+            if completion.description is None:
+                self._audit(request, "WADO-RS", instances,
+                            *(outcome or (MINOR_FAILURE, f"client left after {sent} of {len(instances)} instance(s)")))
 
     async def metadata(self, request: Request) -> Response:
         uids = _path_uids(request)
@@ -277,6 +328,12 @@ class Wado:
              Participant(me.name, False, me.ae_title, None, "Source")],
             transfer_objects(instances, audited_patients(self.site, instances)),
         )
+
+
+class _Completion:
+    """What a WADO-RS stream that sent everything reports to its response's background task."""
+
+    description: str | None = None
 
 
 def _path_uids(request: Request) -> tuple[str, str | None, str | None] | None:

@@ -8,6 +8,7 @@ whether it arrived by C-STORE, STOW-RS or replication, and whichever AE sent it.
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -108,6 +109,22 @@ def split_file_meta(fp: BinaryIO) -> tuple[Dataset, int]:
     except Exception as exc:  # pydicom raises many types on hostile input; all mean "cannot decode"
         raise MalformedDicom(f"unreadable file meta: {type(exc).__name__}: {exc}") from exc
     return meta, end
+
+
+_GROUP_LENGTH_HEAD = b"\x02\x00\x00\x00UL\x04\x00"
+
+
+def data_set_offset(data: bytes | memoryview) -> int:
+    """Where the data set of a whole Part 10 file in memory begins (after its file meta group).
+
+    Read from the group length when the file starts with it, as every file the grid writes does;
+    otherwise by decoding the meta group (:func:`split_file_meta`).
+    """
+    if bytes(data[128:132]) == b"DICM" and bytes(data[132:140]) == _GROUP_LENGTH_HEAD and len(data) >= 144:
+        offset = 144 + struct.unpack_from("<L", data, 140)[0]
+        if offset <= len(data):
+            return offset
+    return split_file_meta(io.BytesIO(bytes(data)))[1]
 
 
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}

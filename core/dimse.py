@@ -181,7 +181,14 @@ def prefer_requested_syntaxes(event: evt.Event) -> None:
             rank: dict[str, int] = {}
             for position, ts in enumerate(order):
                 rank.setdefault(ts, position)
-            context.transfer_syntax = sorted(context.transfer_syntax, key=lambda ts: rank.get(ts, len(order)))
+            reordered = sorted(context.transfer_syntax, key=lambda ts: rank.get(ts, len(order)))
+            if hasattr(context, "_transfer_syntax"):
+                # The same UIDs, validated when the site's contexts were built: pynetdicom's setter
+                # would validate each again (a regular expression per UID, ~190 contexts of ~45
+                # syntaxes for every association).
+                context._transfer_syntax = reordered
+            else:
+                context.transfer_syntax = reordered
     event.assoc.acceptor.supported_contexts = contexts
 
 

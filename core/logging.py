@@ -89,6 +89,13 @@ def configure_logging(
     for noisy in ("pynetdicom", "cassandra", "aiokafka", "faust", "mode", "uvicorn.access", "librdkafka", "httpx",
                   "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    if logging.getLogger("pynetdicom").getEffectiveLevel() > logging.INFO:
+        # pynetdicom's standard handlers format every PDU and DIMSE message they see (all presentation
+        # contexts of an A-ASSOCIATE-RQ, each command set) for debug and info lines that are dropped
+        # at this level: several ms per association. Servers and associations made after this skip them.
+        from pynetdicom import _config as pynetdicom_config
+
+        pynetdicom_config.LOG_HANDLER_LEVEL = "none"
     # pydicom both warns and logs about every lenient read of a sender's odd data; the grid reports
     # what it refuses itself, so its tolerance notes stay at debug.
     logging.getLogger("pydicom").setLevel(max(logging.ERROR, root.level))

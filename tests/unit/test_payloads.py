@@ -196,3 +196,28 @@ def test_accept_negotiation():
     assert accepted_syntaxes("image/jpeg, */*;q=0") == set()
     assert accepts_json("application/dicom+json") and accepts_json(None)
     assert not accepts_json('multipart/related; type="application/dicom+xml"')
+
+
+def test_verified_bytes_reads_an_intact_copy_and_repairs_a_corrupt_one(sites: TwoSites):
+    data = os.urandom(200_000)
+    digest = sites.put(sites.a, data)
+    sites.b.blobs.put_bytes(data)
+    sites.ledger.copies[digest].append("B")
+    payloads = Payloads(sites.a)
+    assert payloads.verified_bytes(instance(digest)) == data
+    assert payloads.verified_bytes(instance(digest), max_bytes=len(data) - 1) is None  # then streamed from the file
+
+    corrupt(sites.a.blobs.path(digest))
+    assert payloads.verified_bytes(instance(digest)) == data  # quarantined, fetched from B, stored
+    assert len(list((sites.a.blobs.root / "quarantine").iterdir())) == 1
+    assert sites.a.blobs.verify(digest)
+    assert "corrupt" in sites.a.audit.records[-1]["description"]
+
+
+def test_verified_bytes_of_a_payload_no_site_has_intact_raises(sites: TwoSites):
+    data = os.urandom(1000)
+    digest = sites.put(sites.a, data)
+    corrupt(sites.a.blobs.path(digest))
+    with pytest.raises(PayloadUnavailable):
+        Payloads(sites.a).verified_bytes(instance(digest))
+    assert not sites.a.blobs.exists(digest)  # moved aside, not served
