@@ -30,6 +30,7 @@ from dicomgrid.core.audit import AuditTrail
 from dicomgrid.core.blobstore import BlobStore
 from dicomgrid.core.dicomfile import split_file_meta
 from dicomgrid.core.dimse import SiteAE
+from dicomgrid.core.dimse_commands import parse_command
 from dicomgrid.core.tls import client_context
 from dicomgrid.deploy.local.dcmtk import dcmtk_tool
 from dicomgrid.producers.ingest import Ingestor
@@ -152,12 +153,6 @@ def test_pynetdicom_echo_and_stores_in_each_syntax_with_the_right_statuses(start
         # The same data set in each syntax: the context of that syntax carries it.
         sent[ds.SOPInstanceUID] = ds
         assert assoc.send_c_store(ds).Status == 0x0000
-    # Data set and request disagree: refused, and the association goes on.
-    ds = make_instance()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    mismatched = make_instance()
-    status = _store_raw(assoc, ds.SOPInstanceUID, encode(mismatched, False, True))
-    assert status.Status == 0xA900
     # Over the site's instance size limit: refused, nothing kept.
     big = make_instance(pixel_bytes=128 * 1024)
     big.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -176,23 +171,7 @@ def test_pynetdicom_echo_and_stores_in_each_syntax_with_the_right_statuses(start
         assert event["instance"]["transfer_syntax_uid"] == ds.file_meta.TransferSyntaxUID
         meta, _ = split_file_meta(io.BytesIO(site.blobs.path(event["payload"]["sha256"]).read_bytes()))
         assert meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
-    assert site.audited("0xA900") or site.audited("does not match")
     assert not list((site.blobs.root / "tmp").iterdir())
-
-
-def _store_raw(assoc, sop_instance_uid: str, data_set: bytes):
-    """A C-STORE whose request names ``sop_instance_uid`` whatever the data set says."""
-    request = C_STORE()
-    request.MessageID = 99
-    request.AffectedSOPClassUID = CTImageStorage
-    request.AffectedSOPInstanceUID = sop_instance_uid
-    request.Priority = 2
-    request.DataSet = io.BytesIO(data_set)
-    context = next(cx for cx in assoc.accepted_contexts if cx.abstract_syntax == CTImageStorage
-                   and cx.transfer_syntax[0] == ExplicitVRLittleEndian)
-    assoc.dimse.send_msg(request, context.context_id)
-    _, response = assoc.dimse.get_msg(block=True)
-    return response
 
 
 def test_associations_that_also_query_stay_with_pynetdicom(start, direct_serves):
@@ -225,9 +204,10 @@ def test_refusals_stay_with_pynetdicom_and_are_audited(start, direct_serves):
 
 
 def _raw_association(site: Site) -> tuple[socket.socket, int]:
-    """A hand-made association of one CT context; returns the socket and the accepted context's ID."""
+    """A hand-made association whose CT context (explicit VR little endian) is accepted; returns the
+    socket and that context's ID."""
     sock = socket.create_connection((site.site.dicom_host, site.site.dicom_port), timeout=5)
-    sock.sendall(_pynetdicom_request(roles=False))
+    sock.sendall(_pynetdicom_request(roles=False, ct_syntaxes=(ExplicitVRLittleEndian,)))
     kind, length = ul.pdu_header(_recv_exactly(sock, 6))
     assert kind == ul.ASSOCIATE_AC
     _recv_exactly(sock, length)
@@ -248,6 +228,33 @@ def _store_command(sop_instance_uid: str) -> bytes:
     return _encoded_by_pynetdicom(C_STORE_RQ, C_STORE, AffectedSOPClassUID=CTImageStorage, MessageID=1, Priority=0,
                                   AffectedSOPInstanceUID=sop_instance_uid,
                                   DataSet=io.BytesIO(b"\x08\x00\x16\x00\x00\x00\x00\x00"))
+
+
+def _response_status(sock: socket.socket) -> int:
+    kind, length = ul.pdu_header(_recv_exactly(sock, 6))
+    assert kind == ul.P_DATA_TF
+    ((_, control, fragment),) = list(ul.iter_pdvs(memoryview(_recv_exactly(sock, length))))
+    assert control & ul.PDV_COMMAND and control & ul.PDV_LAST
+    return parse_command(fragment).us(0x0900)
+
+
+def test_a_data_set_that_disagrees_with_its_request_is_refused_and_the_association_goes_on(start, direct_serves):
+    site = start()
+    sock, context_id = _raw_association(site)
+    named, sent = make_instance(), make_instance()
+    sock.sendall(ul.encode_p_data(context_id, _store_command(named.SOPInstanceUID), command=True, max_pdu=0))
+    sock.sendall(ul.encode_p_data(context_id, encode(sent, False, True), command=False, max_pdu=0))
+    assert _response_status(sock) == 0xA900
+    # The same association stores the next instance.
+    sock.sendall(ul.encode_p_data(context_id, _store_command(sent.SOPInstanceUID), command=True, max_pdu=0))
+    sock.sendall(ul.encode_p_data(context_id, encode(sent, False, True), command=False, max_pdu=0))
+    assert _response_status(sock) == 0x0000
+    sock.sendall(b"\x05\x00" + struct.pack(">L", 4) + b"\x00" * 4)  # A-RELEASE-RQ
+    assert ul.pdu_header(_recv_exactly(sock, 6))[0] == ul.RELEASE_RP
+    sock.close()
+    assert [e["instance"]["sop_instance_uid"] for e in site.stored()] == [sent.SOPInstanceUID]
+    assert site.audited("does not match")
+    assert not list((site.blobs.root / "tmp").iterdir())
 
 
 def test_data_on_a_context_never_accepted_aborts_and_is_audited(start, direct_serves):

@@ -36,14 +36,15 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
 
 
-def _pynetdicom_request(*, roles: bool = True, identity: bool = False, max_pdu: int = 16384) -> bytes:
+def _pynetdicom_request(*, roles: bool = True, identity: bool = False, max_pdu: int = 16384,
+                        ct_syntaxes: tuple[str, ...] = ("1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.1")) -> bytes:
     primitive = A_ASSOCIATE()
     primitive.application_context_name = ul.APPLICATION_CONTEXT
     primitive.calling_ae_title = "STORESCU"
     primitive.called_ae_title = "GRID_A"
     primitive.calling_presentation_address = AddressInformation("127.0.0.1", 1)
     primitive.called_presentation_address = AddressInformation("127.0.0.1", 2)
-    contexts = [build_context(CT, ["1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.1"]), build_context(MR)]
+    contexts = [build_context(CT, list(ct_syntaxes)), build_context(MR)]
     for number, context in enumerate(contexts):
         context.context_id = 2 * number + 1
     primitive.presentation_context_definition_list = contexts
