@@ -1,9 +1,10 @@
-"""DIMSE command sets (PS3.7 section 9 and annex E) of the storage path, decoded and encoded directly.
+"""DIMSE command sets (PS3.7 section 9 and annex E) the site sends and reads most, encoded directly.
 
 A command set is a handful of group 0000 elements in Implicit VR Little Endian. Building one through
-pydicom costs more than the rest of a small C-STORE's response, so the storage path reads requests
-with :func:`parse_command` and answers with bytes assembled here; unit tests hold them equal to
-pydicom's encoding.
+pydicom costs more than the rest of a small C-STORE: the storage path reads requests with
+:func:`parse_command` and answers with :func:`c_store_rsp`; C-GET and C-MOVE sub-operations send
+:func:`c_store_rq` and :func:`retrieve_pending_rsp`. The bytes are pynetdicom's (elements in tag order,
+UIDs padded with NUL and AE titles with a space to even length); unit tests hold them equal.
 """
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 C_ECHO_RQ = 0x0030
 C_ECHO_RSP = 0x8030
-# Command Data Set Type: no data set follows.
+C_GET_RSP = 0x8010
+C_MOVE_RSP = 0x8021
+C_CANCEL_RQ = 0x0FFF
+# Command Data Set Type: a data set follows (any value but 0x0101), or none does.
+DATA_SET_PRESENT = 0x0001
 NO_DATA_SET = 0x0101
+PENDING = 0xFF00
 
 AFFECTED_SOP_CLASS_UID = 0x00000002
 COMMAND_FIELD = 0x00000100
@@ -89,6 +95,15 @@ def _uid(uid: str) -> bytes:
     return raw + b"\x00" if len(raw) % 2 else raw
 
 
+def _us(tag: int, value: int) -> bytes:
+    return _element(tag, struct.pack("<H", value))
+
+
+def _ae(title: str) -> bytes:
+    raw = title.encode("ascii", "replace")
+    return raw + b" " if len(raw) % 2 else raw
+
+
 def _comment(text: str) -> bytes:
     # LO: at most 64 characters, no backslash, padded with a space to even length.
     raw = text.replace("\\", "/")[:64].encode("ascii", "replace")
@@ -116,6 +131,40 @@ def c_store_rsp(sop_class_uid: str, sop_instance_uid: str, message_id: int, stat
         elements.append(_element(ERROR_COMMENT, _comment(error_comment)))
     elements.append(_element(AFFECTED_SOP_INSTANCE_UID, _uid(sop_instance_uid)))
     return _command_set(elements)
+
+
+def c_store_rq(message_id: int, sop_class_uid: str, sop_instance_uid: str, *, priority: int = 2,
+               move_originator_aet: str | None = None, move_originator_id: int | None = None) -> bytes:
+    """A C-STORE-RQ command set with a data set (PS3.7 9.3.1.1)."""
+    elements = [
+        _element(AFFECTED_SOP_CLASS_UID, _uid(sop_class_uid)),
+        _us(COMMAND_FIELD, C_STORE_RQ),
+        _us(MESSAGE_ID, message_id),
+        _us(PRIORITY, priority),
+        _us(COMMAND_DATA_SET_TYPE, DATA_SET_PRESENT),
+        _element(AFFECTED_SOP_INSTANCE_UID, _uid(sop_instance_uid)),
+    ]
+    if move_originator_aet:
+        elements.append(_element(MOVE_ORIGINATOR_AE_TITLE, _ae(move_originator_aet)))
+    if move_originator_id is not None:
+        elements.append(_us(MOVE_ORIGINATOR_MESSAGE_ID, move_originator_id))
+    return _command_set(elements)
+
+
+def retrieve_pending_rsp(command_field: int, message_id_being_responded_to: int, sop_class_uid: str,
+                         remaining: int, completed: int, failed: int, warning: int) -> bytes:
+    """A pending C-GET-RSP or C-MOVE-RSP without an identifier (PS3.7 9.3.3.2, 9.3.4.2)."""
+    return _command_set([
+        _element(AFFECTED_SOP_CLASS_UID, _uid(sop_class_uid)),
+        _us(COMMAND_FIELD, command_field),
+        _us(MESSAGE_ID_BEING_RESPONDED_TO, message_id_being_responded_to),
+        _us(COMMAND_DATA_SET_TYPE, NO_DATA_SET),
+        _us(STATUS, PENDING),
+        _us(0x00001020, remaining),
+        _us(0x00001021, completed),
+        _us(0x00001022, failed),
+        _us(0x00001023, warning),
+    ])
 
 
 def c_echo_rsp(message_id: int, status: int = 0x0000) -> bytes:

@@ -5,7 +5,7 @@ thread (which polls, sleeping between polls) encodes and writes it; every receiv
 thread 4 KB at a time, goes through the state machine, and the DIMSE layer rebuilds its command set as
 a pydicom ``Dataset`` for the waiting thread. For a retrieve of small instances those hops cost more
 than the bytes. Here the thread running the sub-operations writes a C-STORE-RQ's PDUs itself (command
-set from :mod:`~dicomgrid.core.retrieve_encoding`, data set fragments sliced from the payload in
+set from :mod:`~dicomgrid.core.dimse_commands`, data set fragments sliced from the payload in
 memory) and reads the peer's C-STORE-RSP itself.
 
 While it does, it holds the link's lock; the DUL thread skips reading the socket while the lock is
@@ -33,19 +33,16 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 
 from dicomgrid.core.logging import get_logger
-from dicomgrid.core.retrieve_encoding import (
+from dicomgrid.core.dimse_commands import (
     C_GET_RSP,
     C_MOVE_RSP,
     C_STORE_RSP,
-    P_DATA_TF,
-    PDU_HEADER,
-    PDV_HEADER,
     PENDING,
     c_store_rq,
-    command_values,
-    p_data_pdus,
+    parse_command,
     retrieve_pending_rsp,
 )
+from dicomgrid.core.ul import P_DATA_TF, PDU_HEADER, PDV_HEADER, p_data_pdus
 
 log = get_logger(__name__)
 
@@ -303,11 +300,11 @@ class DirectLink:
             if not complete:
                 continue
             try:
-                values = command_values(command)
+                values = parse_command(command)
             except ValueError:
                 self._hand_over(received)
-            if (values.get(0x0100) == C_STORE_RSP and values.get(0x0120) == message_id
-                    and values.get(0x0900) == 0x0000 and values.get(0x0800) == 0x0101):
+            if (values.us(0x0100) == C_STORE_RSP and values.us(0x0120) == message_id
+                    and values.us(0x0900) == 0x0000 and values.us(0x0800) == 0x0101):
                 self._pass_on_the_rest()
                 status = Dataset()
                 status.Status = 0x0000

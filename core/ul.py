@@ -40,9 +40,10 @@ ABORT_REASON_INVALID_PARAMETER = 0x06
 PDV_COMMAND = 0x01
 PDV_LAST = 0x02
 
-_HEADER = struct.Struct(">BxL")
+# PDU header (type, reserved, length) and PDV header (item length, context ID, message control header).
+PDU_HEADER = struct.Struct(">BBL")
+PDV_HEADER = struct.Struct(">LBB")
 _ITEM = struct.Struct(">BxH")
-_PDV = struct.Struct(">LBB")
 
 
 class ULError(ValueError):
@@ -168,7 +169,7 @@ def _item(kind: int, body: bytes) -> bytes:
 
 
 def _pdu(kind: int, body: bytes) -> bytes:
-    return _HEADER.pack(kind, len(body)) + body
+    return PDU_HEADER.pack(kind, 0, len(body)) + body
 
 
 def encode_associate_ac(
@@ -206,18 +207,35 @@ def encode_abort(source: int = ABORT_SOURCE_PROVIDER, reason: int = ABORT_REASON
     return _pdu(ABORT, bytes((0, 0, source, reason)))
 
 
+def pdv_pdus(context_id: int, payload: bytes | memoryview, max_pdu: int, *, command: bool) -> Iterator[bytes | memoryview]:
+    """One message part (command set or data set) as P-DATA-TF PDUs of one PDV each, as buffers to
+    write in order: header, then the fragment (a slice of ``payload``, not a copy).
+
+    Fragments are at most ``max_pdu`` - 6 bytes, as pynetdicom cuts them (``max_pdu`` is the peer's
+    maximum PDU length, 0 for none). An empty payload still gets its one (empty) last fragment.
+    """
+    size = max(len(payload), 1) if max_pdu == 0 else max_pdu - 6
+    if size <= 0:
+        raise ValueError(f"maximum PDU length {max_pdu} leaves no room for a fragment")
+    control = PDV_COMMAND if command else 0
+    for start in range(0, max(len(payload), 1), size):
+        fragment = payload[start : start + size]
+        last = PDV_LAST if start + size >= len(payload) else 0
+        yield PDU_HEADER.pack(P_DATA_TF, 0, len(fragment) + 6) + PDV_HEADER.pack(len(fragment) + 2, context_id, control | last)
+        yield fragment
+
+
+def p_data_pdus(context_id: int, command: bytes, data: bytes | memoryview | None, max_pdu: int) -> list[bytes | memoryview]:
+    """A DIMSE message (command set, then the data set if any) as buffers to write in order."""
+    out: list[bytes | memoryview] = list(pdv_pdus(context_id, command, max_pdu, command=True))
+    if data is not None:
+        out.extend(pdv_pdus(context_id, memoryview(data), max_pdu, command=False))
+    return out
+
+
 def encode_p_data(context_id: int, data: bytes, *, command: bool, max_pdu: int) -> bytes:
     """``data`` as P-DATA-TF PDUs of at most ``max_pdu`` bytes each (the peer's limit, 0 for none)."""
-    control = PDV_COMMAND if command else 0
-    room = len(data) if max_pdu == 0 else max(max_pdu - 6, 1)  # PDV header: length, context, control
-    if len(data) <= room:
-        return _pdu(P_DATA_TF, _PDV.pack(len(data) + 2, context_id, control | PDV_LAST) + data)
-    out = []
-    for start in range(0, len(data), room):
-        chunk = data[start : start + room]
-        last = PDV_LAST if start + room >= len(data) else 0
-        out.append(_pdu(P_DATA_TF, _PDV.pack(len(chunk) + 2, context_id, control | last) + chunk))
-    return b"".join(out)
+    return b"".join(pdv_pdus(context_id, data, max_pdu, command=command))
 
 
 def iter_pdvs(body: memoryview) -> Iterator[tuple[int, int, memoryview]]:
@@ -226,7 +244,7 @@ def iter_pdvs(body: memoryview) -> Iterator[tuple[int, int, memoryview]]:
     while offset < end:
         if end - offset < 6:
             raise ULError("truncated presentation data value")
-        length, context_id, control = _PDV.unpack_from(body, offset)
+        length, context_id, control = PDV_HEADER.unpack_from(body, offset)
         if length < 2 or offset + 4 + length > end:
             raise ULError("presentation data value length does not fit its PDU")
         yield context_id, control, body[offset + 6 : offset + 4 + length]
@@ -235,4 +253,5 @@ def iter_pdvs(body: memoryview) -> Iterator[tuple[int, int, memoryview]]:
 
 def pdu_header(data: bytes | bytearray | memoryview, offset: int = 0) -> tuple[int, int]:
     """(PDU type, length of what follows the 6-byte header)."""
-    return _HEADER.unpack_from(data, offset)  # type: ignore[return-value]
+    kind, _, length = PDU_HEADER.unpack_from(data, offset)
+    return kind, length

@@ -1,4 +1,4 @@
-"""Retrieve sub-operation command sets and PDUs encoded with struct are byte for byte pynetdicom's."""
+"""Retrieve sub-operation command sets and PDUs, encoded directly, are byte for byte pynetdicom's."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 
-from dicomgrid.core import retrieve_encoding as enc
+from dicomgrid.core import dimse_commands as commands
+from dicomgrid.core import ul
 from dicomgrid.core.dicomfile import canonical_file_meta, data_set_offset, split_file_meta
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -45,13 +46,13 @@ def test_c_store_rq_command_set_matches_pynetdicom(message_id, sop_class, sop_in
     primitive.MoveOriginatorMessageID = originator_id
     primitive.DataSet = io.BytesIO(b"\x08\x00\x16\x00")
     expected = _command_set(C_STORE_RQ, primitive)
-    assert enc.c_store_rq(message_id, sop_class, sop_instance, move_originator_aet=aet,
+    assert commands.c_store_rq(message_id, sop_class, sop_instance, move_originator_aet=aet,
                           move_originator_id=originator_id) == expected
 
 
 @pytest.mark.parametrize("primitive_class, message_class, command_field, model", [
-    (C_GET, C_GET_RSP, enc.C_GET_RSP, GET_STUDY),
-    (C_MOVE, C_MOVE_RSP, enc.C_MOVE_RSP, MOVE_PATIENT),
+    (C_GET, C_GET_RSP, commands.C_GET_RSP, GET_STUDY),
+    (C_MOVE, C_MOVE_RSP, commands.C_MOVE_RSP, MOVE_PATIENT),
 ])
 @pytest.mark.parametrize("counts", [(199, 1, 0, 0), (0, 65535, 3, 2), (10, 0, 0, 0)])
 def test_pending_retrieve_response_matches_pynetdicom(primitive_class, message_class, command_field, model, counts):
@@ -61,7 +62,7 @@ def test_pending_retrieve_response_matches_pynetdicom(primitive_class, message_c
     primitive.Status = 0xFF00
     (primitive.NumberOfRemainingSuboperations, primitive.NumberOfCompletedSuboperations,
      primitive.NumberOfFailedSuboperations, primitive.NumberOfWarningSuboperations) = counts
-    assert enc.retrieve_pending_rsp(command_field, 9, model, *counts) == _command_set(message_class, primitive)
+    assert commands.retrieve_pending_rsp(command_field, 9, model, *counts) == _command_set(message_class, primitive)
 
 
 def _pynetdicom_pdus(tmp_path: Path, data: bytes, max_pdu: int) -> list[bytes]:
@@ -84,17 +85,17 @@ def _pynetdicom_pdus(tmp_path: Path, data: bytes, max_pdu: int) -> list[bytes]:
 @pytest.mark.parametrize("max_pdu", [16_384, 131_072, 0])
 def test_c_store_pdus_match_pynetdicom(tmp_path, size, max_pdu):
     data = os.urandom(size)
-    mine = enc.p_data_pdus(3, enc.c_store_rq(5, CT, "1.2.3.4"), memoryview(data), max_pdu)
+    mine = ul.p_data_pdus(3, commands.c_store_rq(5, CT, "1.2.3.4"), memoryview(data), max_pdu)
     assert b"".join(mine) == b"".join(_pynetdicom_pdus(tmp_path, data, max_pdu))
 
 
 def test_a_command_set_larger_than_a_pdu_is_fragmented():
-    command = enc.c_store_rq(1, CT, "1.2.3." + "4" * 58, move_originator_aet="MOVESCU", move_originator_id=1)
-    pdus = b"".join(enc.p_data_pdus(1, command, None, 64))
+    command = commands.c_store_rq(1, CT, "1.2.3." + "4" * 58, move_originator_aet="MOVESCU", move_originator_id=1)
+    pdus = b"".join(ul.p_data_pdus(1, command, None, 64))
     fragments, offset = [], 0
     while offset < len(pdus):
-        _, _, length = enc.PDU_HEADER.unpack_from(pdus, offset)
-        item_length, context_id, control = enc.PDV_HEADER.unpack_from(pdus, offset + 6)
+        _, _, length = ul.PDU_HEADER.unpack_from(pdus, offset)
+        item_length, context_id, control = ul.PDV_HEADER.unpack_from(pdus, offset + 6)
         assert length == item_length + 4 <= 64 and context_id == 1 and control & 0x01
         fragments.append((control, pdus[offset + 12:offset + 6 + length]))
         offset += 6 + length
@@ -108,11 +109,11 @@ def test_received_command_values_are_read_from_a_c_store_response():
     primitive.AffectedSOPClassUID = CT
     primitive.AffectedSOPInstanceUID = "1.2.3.4"
     primitive.Status = 0xB000
-    values = enc.command_values(_command_set(C_STORE_RSP, primitive))
-    assert values[0x0100] == enc.C_STORE_RSP and values[0x0120] == 77 and values[0x0900] == 0xB000
-    assert values[0x0800] == enc.NO_DATA_SET
+    values = commands.parse_command(_command_set(C_STORE_RSP, primitive))
+    assert values.us(0x0100) == commands.C_STORE_RSP and values.us(0x0120) == 77 and values.us(0x0900) == 0xB000
+    assert values.us(0x0800) == commands.NO_DATA_SET
     with pytest.raises(ValueError):
-        enc.command_values(_command_set(C_STORE_RSP, primitive)[:-3])
+        commands.parse_command(_command_set(C_STORE_RSP, primitive)[:-3])
 
 
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
