@@ -9,15 +9,27 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import pytest
 from confluent_kafka import Consumer, Producer
+from pynetdicom import _config as pynetdicom_config
 
 from dicomgrid.core.config import GridConfig, load_config
 
 pytest_plugins = ["tests.grid_fixtures"]
+
+
+@pytest.fixture
+def pynetdicom_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For a test that serves a site AE in its own process: the AE sets pynetdicom's process-wide
+    storage and logging settings and the temporary folder (for the receiver's needs); they are put
+    back afterwards, or this process's later DIMSE clients would receive their data sets as files."""
+    for name in ("STORE_RECV_CHUNKED_DATASET", "STORE_SEND_CHUNKED_DATASET", "LOG_HANDLER_LEVEL"):
+        monkeypatch.setattr(pynetdicom_config, name, getattr(pynetdicom_config, name))
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
 
 
 @pytest.fixture(scope="session")

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from pynetdicom import _config
 
 from dicomgrid import schemas
 from dicomgrid.core.audit import AuditTrail
@@ -85,16 +83,12 @@ def tiny_volume(tmp_path: Path):
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
-def test_disk_full_fails_the_store_and_keeps_what_was_stored(grid, taps, publishers, tiny_volume, monkeypatch):
+def test_disk_full_fails_the_store_and_keeps_what_was_stored(grid, taps, publishers, tiny_volume, pynetdicom_settings):
     """A receiver whose blob store fills up answers 0xA700; earlier instances stay intact.
 
     The volume has room for a small instance but not for the next one, which runs out of space while
     its fragments are being written into the blob store: the moment a nearly full disk runs out.
     """
-    # serve() points these process-wide settings at the receiver's needs; restore them afterwards.
-    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
-    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", _config.STORE_RECV_CHUNKED_DATASET)
-    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", _config.STORE_SEND_CHUNKED_DATASET)
     site = grid.site("A").model_copy(update={"dicom_port": free_port(), "dicom_tls_port": free_port()})
     config = grid.config.model_copy(update={"sites": [site, grid.site("B")]})
     publisher = publishers(config.kafka, "test-disk-full")

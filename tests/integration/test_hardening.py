@@ -11,7 +11,6 @@ import select
 import socket
 import struct
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -180,12 +179,9 @@ def test_idle_and_slow_sockets_cannot_starve_the_http_port(grid):
     assert dribbler.closed_after is not None and dribbler.closed_after < limits.request_timeout_s + 2
 
 
-def test_the_association_limit_counts_negotiated_associations_only(grid, taps, publishers, monkeypatch):
+def test_the_association_limit_counts_negotiated_associations_only(grid, taps, publishers, pynetdicom_settings):
     """A receiver allowing 2 associations: 50 idle sockets do not use them up; a third association is
     rejected (transient, local limit exceeded) and audited, and admitted once one is released."""
-    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
-    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", _config.STORE_RECV_CHUNKED_DATASET)
-    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", _config.STORE_SEND_CHUNKED_DATASET)
     site = grid.site("A").model_copy(update={"dicom_port": free_port(), "dicom_tls_port": free_port()})
     limits = grid.config.connections.model_copy(update={"max_associations": 2, "max_pending_per_peer": 64})
     config = grid.config.model_copy(update={"sites": [site, grid.site("B")], "connections": limits})

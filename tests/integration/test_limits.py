@@ -11,16 +11,13 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import tempfile
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 import uvicorn
 from pydicom.uid import generate_uid
-from pynetdicom import _config
 
 from dicomgrid import schemas
 from dicomgrid.consumers import dimse_services
@@ -80,11 +77,8 @@ def test_a_c_find_and_a_qido_rs_with_a_patient_name_leave_no_name_in_the_logs(gr
 
 
 @pytest.fixture
-def limited_site(grid, monkeypatch: pytest.MonkeyPatch) -> Iterator:
+def limited_site(grid, pynetdicom_settings) -> Iterator:
     """Site A's HTTP service and DICOM listener, in this process on free ports, with small limits."""
-    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
-    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", _config.STORE_RECV_CHUNKED_DATASET)
-    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", _config.STORE_SEND_CHUNKED_DATASET)
     limits = grid.config.limits.model_copy(update={
         "stow_max_request_bytes": 256 * 1024, "stow_max_parts": 2, "qido_max_results": 3, "qido_max_offset": 10,
         "query_scan_budget_rows": 3})

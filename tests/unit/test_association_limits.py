@@ -6,11 +6,10 @@ A site AE on a free port, its audit records to an in-memory broker: no cluster n
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import pytest
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomgrid import schemas
@@ -22,11 +21,7 @@ from tests.unit.test_ingest import FakePublisher
 
 
 @pytest.fixture
-def site_ae(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    # serve() sets these process-wide; put them back afterwards.
-    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
-    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", _config.STORE_RECV_CHUNKED_DATASET)
-    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", _config.STORE_SEND_CHUNKED_DATASET)
+def site_ae(tmp_path: Path, pynetdicom_settings):
     base = load_config()
     # The plain DICOM port only: no DICOM TLS listener (and so no certificates) in this unit test.
     site = base.site("A").model_copy(update={"dicom_port": free_port(), "dicom_tls_port": None})

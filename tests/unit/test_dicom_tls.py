@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import ssl
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pynetdicom import AE
-from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
@@ -48,12 +46,7 @@ def _config(tmp_path: Path, extra: str = "") -> GridConfig:
 
 
 @pytest.fixture
-def serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator:
-    # A site AE sets pynetdicom's process-wide storage settings and the temporary folder when it
-    # serves: put them back afterwards, or this process's later DIMSE clients receive data sets to files.
-    monkeypatch.setattr(pynetdicom_config, "STORE_RECV_CHUNKED_DATASET", pynetdicom_config.STORE_RECV_CHUNKED_DATASET)
-    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", pynetdicom_config.STORE_SEND_CHUNKED_DATASET)
-    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
+def serve(tmp_path: Path, pynetdicom_settings) -> Iterator:
     started = []
 
     def start(extra: str = "") -> tuple[GridConfig, RecordingAudit]:

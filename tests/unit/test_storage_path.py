@@ -9,7 +9,6 @@ import os
 import socket
 import struct
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,6 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
@@ -75,11 +73,7 @@ def direct_serves(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 @pytest.fixture
-def start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator:
-    # The site AE sets pynetdicom's process-wide storage settings and the temporary folder: put them back.
-    monkeypatch.setattr(pynetdicom_config, "STORE_RECV_CHUNKED_DATASET", pynetdicom_config.STORE_RECV_CHUNKED_DATASET)
-    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", pynetdicom_config.STORE_SEND_CHUNKED_DATASET)
-    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
+def start(tmp_path: Path, pynetdicom_settings) -> Iterator:
     running = []
 
     def run(extra: str = "", max_instance_bytes: int = 1 << 20) -> Site:

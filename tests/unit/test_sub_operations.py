@@ -8,7 +8,6 @@ failures, cancels) run too. Byte identity, counts, and the corrupt-copy contract
 from __future__ import annotations
 
 import os
-import tempfile
 from io import BytesIO
 import threading
 from collections.abc import Iterator
@@ -74,12 +73,7 @@ def _data_set(sop_instance: str, size: int) -> bytes:
 
 
 @pytest.fixture
-def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
-    # The site AE sets these process-wide; the requestor in this process must get them back.
-    monkeypatch.setattr(pynetdicom_config, "STORE_RECV_CHUNKED_DATASET", pynetdicom_config.STORE_RECV_CHUNKED_DATASET)
-    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", pynetdicom_config.STORE_SEND_CHUNKED_DATASET)
-    monkeypatch.setattr(pynetdicom_config, "LOG_HANDLER_LEVEL", pynetdicom_config.LOG_HANDLER_LEVEL)
-    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
+def site(tmp_path: Path, pynetdicom_settings) -> Iterator[Site]:
     config = site_config(tmp_path, {"A": free_port()})
     context = site_context(config, "A", FakeLedger())
     index = FakeIndex()
