@@ -107,6 +107,8 @@ class BlobWriter:
         self.resumable = resume is not None
         # After commit: whether the same bytes were already stored under their digest.
         self.existed = False
+        # The temp file is gone (renamed into place or removed): nothing left for abort to remove.
+        self._done = False
         if resume is None:
             # Named by the writing process, so a crashed writer's leftovers can go at once (clear_tmp).
             self._tmp = store.root / "tmp" / f"{own_tag()}.{uuid.uuid4().hex}.part"
@@ -187,6 +189,7 @@ class BlobWriter:
                 _fsync_path(final)
                 self._close()
                 self._tmp.unlink()
+                self._done = True
                 self.existed = True
             else:
                 if final.exists():
@@ -195,7 +198,7 @@ class BlobWriter:
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.chmod(self._tmp, 0o444)
                 os.replace(self._tmp, final)
-                renamed = True
+                renamed = self._done = True
                 assert self._fh is not None
                 os.fsync(self._fh.fileno())
                 self._close()
@@ -203,6 +206,7 @@ class BlobWriter:
                 for directory in created:
                     _fsync_dir(directory.parent)
         except OSError as exc:
+            self._done = False
             self.abort()
             if renamed:
                 final.unlink(missing_ok=True)
@@ -217,7 +221,7 @@ class BlobWriter:
     def abort(self) -> None:
         """Give up; a resumable writer keeps what it wrote for the next attempt."""
         self._close()
-        if not self.resumable:
+        if not self.resumable and not self._done:
             self._tmp.unlink(missing_ok=True)
 
     def discard(self) -> None:

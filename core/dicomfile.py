@@ -331,27 +331,32 @@ def read_index_attributes(fp: BinaryIO) -> IndexAttributes:
 class Inspection:
     """What ingest needs from a received Part 10 file, from one pass over it."""
 
-    meta: Dataset
     offset: int  # where the data set begins, after the file meta
     transfer_syntax_uid: str
     attributes: IndexAttributes
 
 
-def inspect(fp: BinaryIO) -> Inspection:
+def inspect(fp: BinaryIO, data_set_at: tuple[int, str] | None = None) -> Inspection:
     """Read the file meta, check the data set is whole and decode its indexed attributes.
 
     One walk over the element headers does both the completeness check and the collection of the
     indexed elements' raw values, which pydicom then decodes (character sets included); a second
     parse by ``dcmread`` is needed only for deflated data sets. Raises :class:`MalformedDicom`.
+
+    ``data_set_at`` (offset, transfer syntax UID): given by a caller that wrote the file meta itself
+    (the storage path writes the canonical one), so it is not decoded again.
     """
-    meta, offset = split_file_meta(fp)
-    syntax = str(meta.get("TransferSyntaxUID", "") or "")
+    if data_set_at is None:
+        meta, offset = split_file_meta(fp)
+        syntax = str(meta.get("TransferSyntaxUID", "") or "")
+    else:
+        offset, syntax = data_set_at
     walker = _walk(fp, offset, syntax, _INDEX_TAGS)
     if walker is None:
-        return Inspection(meta, offset, syntax, read_index_attributes(fp))
+        return Inspection(offset, syntax, read_index_attributes(fp))
     try:
         ds = Dataset(walker.captured)
         ds.set_original_encoding(walker.implicit, walker.little)
-        return Inspection(meta, offset, syntax, _attributes(ds, walker.oversized))
+        return Inspection(offset, syntax, _attributes(ds, walker.oversized))
     except Exception as exc:  # pydicom raises many types on hostile input; all mean "cannot decode"
         raise MalformedDicom(f"cannot decode data set: {type(exc).__name__}: {exc}") from exc

@@ -207,10 +207,11 @@ class Ingestor:
             return IngestResult(Outcome.NO_STORAGE, str(exc), **ids)
         return self._announce(found, ids, blob, existed, source)
 
-    def _check(self, fp: BinaryIO, expected: Expected) -> IngestResult | tuple[Inspection, dict[str, Any]]:
+    def _check(self, fp: BinaryIO, expected: Expected, data_set_at: tuple[int, str] | None = None,
+               ) -> IngestResult | tuple[Inspection, dict[str, Any]]:
         """1. Validate: nothing is written or announced before this passes."""
         try:
-            found = inspect(fp)
+            found = inspect(fp, data_set_at)
         except MalformedDicom as exc:
             return IngestResult(Outcome.MALFORMED, str(exc), expected.sop_class_uid, expected.sop_instance_uid)
         transfer_syntax, attrs = found.transfer_syntax_uid, found.attributes
@@ -306,10 +307,13 @@ class Reception:
                 self._refused = IngestResult(Outcome.BAD_UID, f"{name} of the request {shown}", **ids,
                                              offending_element=tag)
                 return
+        meta = canonical_file_meta(expected.sop_class_uid, expected.sop_instance_uid,  # type: ignore[arg-type]
+                                   transfer_syntax_uid)
+        # Written here, so known: the check reads the data set only.
+        self._data_set_at = (len(meta), transfer_syntax_uid)
         try:
             self._writer = BlobWriter(ingestor.blobs, ingestor.max_instance_bytes)
-            self._writer.write(canonical_file_meta(expected.sop_class_uid, expected.sop_instance_uid,  # type: ignore[arg-type]
-                                                   transfer_syntax_uid))
+            self._writer.write(meta)
         except BlobStoreError as exc:
             self._fail(IngestResult(Outcome.NO_STORAGE, str(exc), **ids))
 
@@ -350,7 +354,7 @@ class Reception:
             try:
                 # The data set is checked as it lies in the temp file, in the page cache still.
                 with writer.reopen() as fp:
-                    checked = self._ingestor._check(fp, self._expected)
+                    checked = self._ingestor._check(fp, self._expected, self._data_set_at)
             except OSError as exc:
                 return IngestResult(Outcome.NO_STORAGE, f"cannot read back the payload: {exc.strerror}",
                                     self._expected.sop_class_uid, self._expected.sop_instance_uid)
