@@ -19,7 +19,8 @@ import base64
 import datetime as dt
 import json
 import threading
-from collections.abc import Iterable
+import weakref
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -358,6 +359,11 @@ class AuditTrail:
         self._publisher = publisher
         self._spool = spool
         self._stop = threading.Event()
+        # Spool tokens of held records that an undelivered record stands for (see record(supersedes=)).
+        self._superseded: dict[str, Sequence[str]] = {}
+        self._superseded_lock = threading.Lock()
+        # Open collections of held records (producers.store_audit), sent by the resend loop once due.
+        self._batches: weakref.WeakSet[Any] = weakref.WeakSet()
         if spool is not None and publisher is not None:
             self._resender = threading.Thread(target=self._resend_loop, name="audit-resend", daemon=True)
             self._resender.start()
@@ -370,7 +376,14 @@ class AuditTrail:
         description: str,
         participants: list[Participant],
         objects: list[AuditObject] = (),  # type: ignore[assignment]
+        *,
+        supersedes: Sequence[str] = (),
     ) -> dict[str, Any]:
+        """Record an event: spooled, then published.
+
+        ``supersedes``: spool tokens of :meth:`hold` records that this one covers; they are forgotten
+        with it once Kafka confirms it.
+        """
         record = audit_record(self.site, action, event, outcome, description, participants, list(objects),
                               source=self.source)
         # The log line says that something was audited, never about whom: identities stay in the trail.
@@ -380,9 +393,35 @@ class AuditTrail:
             "audit", audit_event=event, action=action, outcome=outcome, audit_id=record["event_id"],
             objects=sorted({o.type for o in objects}))
         token = self._spool.append(record) if self._spool is not None else None
+        if token is not None and supersedes:
+            with self._superseded_lock:
+                self._superseded[token] = supersedes
         if self._publisher is not None:
             self._send(record, token)
         return record
+
+    def hold(
+        self,
+        action: Action,
+        event: str,
+        outcome: int,
+        description: str,
+        participants: list[Participant],
+        objects: list[AuditObject] = (),  # type: ignore[assignment]
+    ) -> str | None:
+        """Spool a record without publishing it; its token, for the record that will cover it
+        (:meth:`record` with ``supersedes``). Should this process die first, the next one of the site
+        adopts the spool and sends the held record itself, so what it says is never lost. None without
+        a spool."""
+        if self._spool is None:
+            return None
+        return self._spool.append(audit_record(self.site, action, event, outcome, description, participants,
+                                               list(objects), source=self.source))
+
+    def watch(self, batch: Any) -> None:
+        """Have the resend loop call ``batch.flush(due_only=True)`` while ``batch`` lives (a collection of
+        held records that must not wait on an idle association)."""
+        self._batches.add(batch)
 
     def _send(self, record: dict[str, Any], token: Any) -> None:
         assert self._publisher is not None
@@ -397,6 +436,10 @@ class AuditTrail:
         if future.exception() is None:
             if self._spool is not None and token is not None:
                 self._spool.delivered(token)
+                with self._superseded_lock:
+                    covered = self._superseded.pop(token, ())
+                for held in covered:
+                    self._spool.delivered(held)
         elif self._spool is None:
             log.error("audit record not delivered to Kafka and no spool to keep it", error=str(future.exception()))
         else:
@@ -407,6 +450,11 @@ class AuditTrail:
     def _resend_loop(self) -> None:
         assert self._spool is not None and self._publisher is not None
         while not self._stop.wait(RESEND_INTERVAL_S):
+            for batch in list(self._batches):
+                try:
+                    batch.flush(due_only=True)
+                except Exception as exc:  # one batch's trouble must not stop the others or the resends
+                    log.error("held audit records not sent", error=str(exc))
             try:
                 self._spool.sync()
                 for token, record in self._spool.undelivered():

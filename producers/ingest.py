@@ -30,7 +30,6 @@ from dicomgrid.core.audit import (
     SUCCESS,
     AuditObject,
     AuditTrail,
-    Participant,
     patient_object,
 )
 from dicomgrid.core.blobstore import BlobRef, BlobStore, BlobStoreError, BlobWriter, PayloadTooLarge
@@ -40,6 +39,7 @@ from dicomgrid.core.kafka import EventPublisher, PublishError
 from dicomgrid.core import metrics
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.uids import is_valid_uid
+from dicomgrid.producers.store_audit import StoreAudit, store_participants
 
 log = get_logger(__name__)
 
@@ -151,13 +151,18 @@ class Ingestor:
         self.publisher.flush(timeout)
         self.audit.flush(timeout)
 
-    def ingest(self, fp: BinaryIO, source: Source, expected: Expected = Expected()) -> IngestResult:
-        """Ingest one Part 10 file (any file meta; it is replaced by the grid's canonical one)."""
-        return self.report(self._ingest(fp, source, expected), source)
+    def ingest(self, fp: BinaryIO, source: Source, expected: Expected = Expected(),
+               batch: StoreAudit | None = None) -> IngestResult:
+        """Ingest one Part 10 file (any file meta; it is replaced by the grid's canonical one).
 
-    def report(self, result: IngestResult, source: Source) -> IngestResult:
+        ``batch``: the audit of the association or request the file came with; a success is audited
+        in its record (:mod:`dicomgrid.producers.store_audit`), anything else at once on its own.
+        """
+        return self.report(self._ingest(fp, source, expected), source, batch)
+
+    def report(self, result: IngestResult, source: Source, batch: StoreAudit | None = None) -> IngestResult:
         """Log and audit an outcome (also for input refused before it reached :meth:`ingest`)."""
-        self._audit(result, source)
+        self._audit(result, source, batch)
         metrics.INSTANCES_RECEIVED.labels(self.site, source.protocol, f"0x{result.outcome.status:04X}").inc()
         if result.event is not None:
             metrics.BYTES_RECEIVED.labels(self.site, source.protocol).inc(result.event["payload"]["size"])
@@ -174,7 +179,8 @@ class Ingestor:
             )
         return result
 
-    def receive(self, source: Source, expected: Expected, transfer_syntax_uid: str) -> "Reception":
+    def receive(self, source: Source, expected: Expected, transfer_syntax_uid: str,
+                batch: StoreAudit | None = None) -> "Reception":
         """Ingest one data set as it arrives (a C-STORE's fragments), straight into the blob store.
 
         The canonical file meta is known before the first byte (the request names the SOP Class and
@@ -182,7 +188,7 @@ class Ingestor:
         in one pass, with no spool copy. :meth:`Reception.finish` then checks it as :meth:`ingest`
         does before anything is made durable or announced.
         """
-        return Reception(self, source, expected, transfer_syntax_uid)
+        return Reception(self, source, expected, transfer_syntax_uid, batch)
 
     def _ingest(self, fp: BinaryIO, source: Source, expected: Expected) -> IngestResult:
         checked = self._check(fp, expected)
@@ -264,25 +270,21 @@ class Ingestor:
         self.blobs.mark_announced(blob.sha256)
         return IngestResult(Outcome.STORED, f"payload {blob.sha256[:12]}", event=event, **ids)
 
-    def _audit(self, result: IngestResult, source: Source) -> None:
-        outcome = _AUDIT_OUTCOME[result.outcome]
+    def _audit(self, result: IngestResult, source: Source, batch: StoreAudit | None) -> None:
         # A refused over-long attribute may be the patient's name or ID: such values stay out of the trail.
         objects = patient_object(*result.patient) if result.outcome is not Outcome.TEXT_TOO_LONG else []
         if result.study_uid and is_valid_uid(result.study_uid):
             objects.append(AuditObject("study", result.study_uid))
         if result.sop_instance_uid and is_valid_uid(result.sop_instance_uid):
             objects.append(AuditObject("instance", result.sop_instance_uid, {"sop_class_uid": result.sop_class_uid}))
-        self.audit.record(
-            "C",
-            "DICOM Instances Transferred",
-            outcome,
-            f"{source.protocol} {result.outcome.text}: {result.detail}",
-            [
-                Participant(source.calling_ae or "unknown", True, source.calling_ae, source.peer_address, "Source"),
-                Participant(self.site, False, source.called_ae, None, "Destination"),
-            ],
-            objects,
-        )
+        description = f"{source.protocol} {result.outcome.text}: {result.detail}"
+        if batch is not None and result.ok:
+            batch.add(study_uid=result.study_uid, sop_instance_uid=result.sop_instance_uid,  # type: ignore[arg-type]
+                      sop_class_uid=result.sop_class_uid, patient=result.patient,  # type: ignore[arg-type]
+                      duplicate=result.outcome is Outcome.DUPLICATE, description=description, objects=objects)
+            return
+        self.audit.record("C", "DICOM Instances Transferred", _AUDIT_OUTCOME[result.outcome], description,
+                          store_participants(self.site, source), objects)
 
 
 
@@ -293,9 +295,11 @@ class Reception:
     (audit, metrics, log) once; :meth:`abort` drops what was written (the sender went away).
     """
 
-    def __init__(self, ingestor: Ingestor, source: Source, expected: Expected, transfer_syntax_uid: str) -> None:
+    def __init__(self, ingestor: Ingestor, source: Source, expected: Expected, transfer_syntax_uid: str,
+                 batch: StoreAudit | None = None) -> None:
         self._ingestor = ingestor
         self._source = source
+        self._batch = batch
         self._expected = expected
         self._refused: IngestResult | None = None
         self._writer: BlobWriter | None = None
@@ -342,7 +346,7 @@ class Reception:
 
     def finish(self) -> IngestResult:
         ingestor = self._ingestor
-        return ingestor.report(self._finish(), self._source)
+        return ingestor.report(self._finish(), self._source, self._batch)
 
     def _finish(self) -> IngestResult:
         writer = self._writer

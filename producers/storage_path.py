@@ -43,6 +43,7 @@ from dicomgrid.core.events import Source
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core import ul
 from dicomgrid.producers.ingest import Expected, Ingestor, Reception
+from dicomgrid.producers.store_audit import StoreAudit
 
 log = get_logger(__name__)
 
@@ -143,6 +144,8 @@ class _Association:
         self.peer = peer
         self.site = path.ingestor.site
         self.source = Source("DIMSE", request.calling_ae, request.called_ae, peer)
+        # What the association stores is audited in one record when it ends (producers.store_audit).
+        self.stores = StoreAudit(path.ingestor.audit, self.site, self.source)
         self.contexts = self._negotiate()
         self.command = bytearray()
         self.store: _Store | None = None
@@ -203,6 +206,7 @@ class _Association:
             if self.store is not None:
                 self.store.reception.abort()
                 self.store = None
+            self.stores.flush()
 
     # -- DIMSE ---------------------------------------------------------------------------------------
 
@@ -242,7 +246,8 @@ class _Association:
                 raise CommandError("C-STORE request without a data set")
             sop_class = command.text(AFFECTED_SOP_CLASS_UID) or ""
             sop_instance = command.text(AFFECTED_SOP_INSTANCE_UID) or ""
-            reception = self.path.ingestor.receive(self.source, Expected(sop_class, sop_instance), context.transfer_syntax)
+            reception = self.path.ingestor.receive(self.source, Expected(sop_class, sop_instance), context.transfer_syntax,
+                                                   self.stores)
             self.store = _Store(context.context_id, message_id, sop_class, sop_instance, reception, time.perf_counter())
         else:
             name = f"0x{field:04X}" if field is not None else "missing"

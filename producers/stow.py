@@ -32,6 +32,7 @@ from dicomgrid.core.events import Source
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.uids import is_valid_uid
 from dicomgrid.producers.ingest import Expected, IngestResult, Ingestor, Outcome
+from dicomgrid.producers.store_audit import StoreAudit
 
 log = get_logger(__name__)
 
@@ -198,8 +199,13 @@ async def stow(request: Request, ingestor: Ingestor, spool_dir: Path, max_part_b
         if not collector.parts:
             return _error(400, "multipart body has no parts")
         results = []
-        for part in collector.parts:
-            results.append(await run_in_threadpool(_ingest_part, ingestor, part, source, study_uid))
+        # What the request stores is audited in one record (producers.store_audit).
+        batch = StoreAudit(ingestor.audit, ingestor.site, source)
+        try:
+            for part in collector.parts:
+                results.append(await run_in_threadpool(_ingest_part, ingestor, part, source, study_uid, batch))
+        finally:
+            batch.flush()
     except Exception as exc:  # malformed multipart framing, client gone mid-body
         log.warning("stow-rs request rejected", error=str(exc), peer=peer)
         return _error(400, f"malformed multipart body: {exc}")
@@ -246,7 +252,8 @@ def _refuse(ingestor: Ingestor, source: Source, refusal: Refused, drain: Any) ->
     return _Drained(refusal.status, refusal.message, drain)
 
 
-def _ingest_part(ingestor: Ingestor, part: _Part, source: Source, study_uid: str | None) -> IngestResult:
+def _ingest_part(ingestor: Ingestor, part: _Part, source: Source, study_uid: str | None,
+                 batch: StoreAudit) -> IngestResult:
     media_type, _ = _media_type(part.headers.get("content-type", "application/dicom"))
     if media_type != "application/dicom":
         return ingestor.report(
@@ -256,4 +263,4 @@ def _ingest_part(ingestor: Ingestor, part: _Part, source: Source, study_uid: str
         return ingestor.report(IngestResult(Outcome.TOO_LARGE, f"part exceeds {ingestor.max_instance_bytes} bytes"), source)
     assert part.file is not None
     part.file.flush()
-    return ingestor.ingest(part.file, source, Expected(study_uid=study_uid))
+    return ingestor.ingest(part.file, source, Expected(study_uid=study_uid), batch)

@@ -19,10 +19,11 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
+from dicomgrid import schemas
 from dicomgrid.deploy.local.dcmtk import require_dcmtk_tool
 from tests.dicom_samples import make_instance, to_part10
 from tests.grid import bearer, wait_for
@@ -147,6 +148,43 @@ def test_a_receiver_killed_mid_transfer_is_restarted_and_its_partial_data_remove
     wait_for(lambda: not partial_files(store), timeout=10, interval=0.1)
     print(f"receiver back {up_s:.1f}s after kill -9, what it held of the transfer removed")
     assert after.restarts == before.restarts + 1
+
+
+def test_stores_a_killed_receiver_acknowledged_are_audited_by_the_next_one(grid, taps):
+    """An association's stores are audited in one record when it ends; the receiver is killed before
+    that, so the next receiver of the site publishes the records it held in the spool."""
+    audit_tap = taps(schemas.TOPIC_AUDIT)
+    site = grid.site("A")
+    before = service_status(grid, "A/receiver-1")
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate(site.dicom_host, site.dicom_port, ae_title=site.ae_title)
+    assert assoc.is_established
+    sent = []
+    try:
+        for _ in range(3):
+            ds = make_instance(patient_id="CRASH-AUDIT-1")
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            assert assoc.send_c_store(ds).Status == 0x0000
+            sent.append(ds.SOPInstanceUID)
+        os.kill(before.pid, signal.SIGKILL)
+    finally:
+        assoc.abort()
+    wait_for(lambda: (s := service_status(grid, "A/receiver-1")).healthy and s.pid != before.pid, timeout=60,
+             interval=0.2)
+
+    def covered(seen: list[dict]) -> set[str]:
+        return {o["id"] for r in seen if r["event"] == "DICOM Instances Transferred" and r["action"] == "C"
+                and r["outcome"] == 0 and r["site"] == "A" and r["outcome_description"].startswith("DIMSE")
+                for o in r["objects"] if o["type"] == "instance"}
+
+    records = audit_tap.collect(lambda seen: set(sent) <= covered(seen), timeout=60)
+    assert set(sent) <= covered(records)
+    mine = [r for r in records if set(sent) & covered([r])]
+    # Each instance's own held record, sent by the restarted receiver (the killed one sent nothing).
+    assert sorted(r["outcome_description"].split(": ")[1].split()[0] for r in mine) == ["payload"] * 3
+    for record in mine:
+        schemas.validate_event(schemas.TOPIC_AUDIT, record)
 
 
 def test_a_service_restarted_after_kill_9_appends_to_its_log(grid):

@@ -37,6 +37,9 @@ class FakePublisher:
     def publish_and_wait(self, topic, key, event, timeout=None):
         return self.publish(topic, key, event).result()
 
+    def flush(self, timeout: float = 0) -> int:
+        return 0
+
     def of(self, topic: str) -> list[dict[str, Any]]:
         return [e for t, _, e in self.events if t == topic]
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from lxml import etree
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
@@ -24,7 +25,7 @@ from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformati
 
 from dicomgrid import schemas
 from dicomgrid.core import pki, ul
-from dicomgrid.core.audit import AuditTrail
+from dicomgrid.core.audit import MINOR_FAILURE, SUCCESS, AuditTrail, to_xml
 from dicomgrid.core.blobstore import BlobStore
 from dicomgrid.core.dicomfile import split_file_meta
 from dicomgrid.core.dimse import SiteAE
@@ -168,6 +169,36 @@ def test_pynetdicom_echo_and_stores_in_each_syntax_with_the_right_statuses(start
     assert not list((site.blobs.root / "tmp").iterdir())
 
 
+def test_an_associations_stores_are_audited_in_one_record_and_a_refusal_on_its_own(start, direct_serves):
+    site = start(max_instance_bytes=64 * 1024)
+    assoc = _associate(site, "STORESCU", (CTImageStorage, [ExplicitVRLittleEndian]))
+    sent = []
+    for n in range(4):
+        ds = make_instance(patient_id=f"PAT-{n % 2}")  # two patients, a study each
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        assert assoc.send_c_store(ds).Status == 0x0000
+        sent.append(ds)
+    big = make_instance(pixel_bytes=128 * 1024)
+    big.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    assert assoc.send_c_store(big).Status == 0xA702
+    # The refusal is audited at once; the stores when the association ends.
+    (refused,) = [r for r in site.publisher.of(schemas.TOPIC_AUDIT) if r["event"] == "DICOM Instances Transferred"]
+    assert refused["outcome"] == MINOR_FAILURE and big.SOPInstanceUID in str(refused["objects"])
+    assoc.release()
+    deadline = time.monotonic() + 5
+    while len(site.audited("DICOM Instances Transferred")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert direct_serves == ["STORESCU"]
+    (stored,) = [r for r in site.audited("DICOM Instances Transferred") if r["outcome"] == SUCCESS]
+    assert stored["outcome_description"] == "DIMSE stored: 4 instances"
+    assert [o["id"] for o in stored["objects"] if o["type"] == "instance"] == [ds.SOPInstanceUID for ds in sent]
+    assert {o["id"] for o in stored["objects"] if o["type"] == "study"} == {ds.StudyInstanceUID for ds in sent}
+    assert {o["id"] for o in stored["objects"] if o["type"] == "patient"} == {"PAT-0", "PAT-1"}
+    assert [t["code"] for t in stored["event_type_codes"]] == ["RAD-8"]  # Modality Images Stored
+    validator = schemas.audit_message_schema()
+    assert validator.validate(etree.fromstring(to_xml(stored))), validator.error_log
+
+
 def test_associations_that_also_query_stay_with_pynetdicom(start, direct_serves):
     site = start()
     assoc = _associate(site, "STORESCU", (CTImageStorage, [ExplicitVRLittleEndian]),
@@ -179,6 +210,12 @@ def test_associations_that_also_query_stay_with_pynetdicom(start, direct_serves)
     assoc.release()
     assert direct_serves == []
     assert [e["instance"]["sop_instance_uid"] for e in site.stored()] == [ds.SOPInstanceUID]
+    # Audited as on the storage path: in one record, once the connection has closed.
+    deadline = time.monotonic() + 5
+    while not site.audited("DIMSE stored: 1 instance") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (stored,) = site.audited("DIMSE stored: 1 instance")
+    assert [o["id"] for o in stored["objects"] if o["type"] == "instance"] == [ds.SOPInstanceUID]
 
 
 def test_refusals_stay_with_pynetdicom_and_are_audited(start, direct_serves):
