@@ -39,6 +39,7 @@ from dicomgrid.core.index_writer import IndexWriter
 from dicomgrid.core.kafka import EventPublisher
 from dicomgrid.core.logging import get_logger
 from dicomgrid.processors.audit_chain import ChainBuilder
+from dicomgrid.processors import fetching
 from dicomgrid.processors.dead_letters import DeadLetters, Rejected, decode, is_transient
 from dicomgrid.processors.indexer import Indexer
 from dicomgrid.processors.replication_policy import replication_requests
@@ -93,7 +94,7 @@ def consumer_group(config: GridConfig, site: str | None = None) -> str:
 def faust_app(config: GridConfig, group: str, datadir: Path) -> faust.App:
     """A faust app of the grid: consumer group ``group``, topics declared by `dicomgrid schema apply`."""
     datadir.mkdir(parents=True, exist_ok=True)
-    return faust.App(
+    return fetching.App(
         group,
         broker=faust_broker(config),
         broker_credentials=_credentials(config),
