@@ -174,3 +174,55 @@ def test_a_deflate_bomb_is_refused_before_it_is_inflated_whole(monkeypatch):
     meta = dicomfile.canonical_file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.840.10008.1.2.1.99")
     with pytest.raises(dicomfile.MalformedDicom, match="inflates to more than"):
         dicomfile.inspect(io.BytesIO(meta + bomb))
+
+
+def _both_readings(data: bytes):
+    """The direct decoding of the indexed elements and pydicom's, of one Part 10 file."""
+    from pydicom.dataset import Dataset
+
+    fp = io.BytesIO(data)
+    _, offset = dicomfile.split_file_meta(fp)
+    syntax = str(dicomfile.split_file_meta(fp)[0].TransferSyntaxUID)
+    walker = dicomfile._walk(fp, offset, syntax, dicomfile._INDEX_TAGS)
+    ds = Dataset(walker.captured)
+    ds.set_original_encoding(walker.implicit, walker.little)
+    return (dicomfile._direct_attributes(walker.captured, walker.little, walker.oversized),
+            dicomfile._attributes(ds, walker.oversized))
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"])
+@pytest.mark.parametrize("charset, name, description", [
+    (None, "Doe^Jane", "CT HEAD"),
+    ("ISO_IR 100", "Müller^Jürgen", "Schädel nativ"),
+    ("ISO_IR 192", "山田^太郎=やまだ^たろう", "頭部 CT"),
+    ("ISO_IR 6", "Doe^John  ", "padded  "),
+    ("ISO 2022 IR 87", "Yamada^Tarou", "plain"),  # left to pydicom
+    ("\\ISO 2022 IR 87", "Yamada^Tarou", "two charsets"),  # left to pydicom
+])
+@pytest.mark.parametrize("oddity", ["none", "nul padding", "two values", "integer strings", "empty", "utf8 invalid"])
+def test_the_direct_decoding_gives_what_pydicom_gives(syntax, charset, name, description, oddity):
+    from tests.dicom_samples import make_instance, to_part10
+
+    ds = make_instance(patient_name=name)
+    if charset is not None:
+        ds.SpecificCharacterSet = charset.split("\\") if "\\" in charset else charset
+    ds.StudyDescription = description
+    ds.InstanceNumber, ds.SeriesNumber = "7", "-2"
+    if oddity == "two values":
+        ds.StudyDescription = ["A", "B"]
+    elif oddity == "integer strings":
+        ds.InstanceNumber, ds.SeriesNumber = " +12 ", "3.0"
+    elif oddity == "empty":
+        ds.StudyDescription, ds.InstanceNumber, ds.PatientName = "", None, ""
+    ds.file_meta.TransferSyntaxUID = syntax
+    data = to_part10(ds, syntax)
+    if oddity == "nul padding":
+        data = data.replace(b"CT HEAD", b"CT HEA\x00")
+    if oddity == "utf8 invalid" and charset == "ISO_IR 192":
+        data = data.replace("頭部".encode(), b"\xff\xfe\xfd\xfc\xfb\xfa")
+    direct, by_pydicom = _both_readings(data)
+    if direct is not None:
+        assert direct == by_pydicom
+    plain = charset in (None, "ISO_IR 100", "ISO_IR 192", "ISO_IR 6") and oddity in ("none", "nul padding", "empty")
+    if plain:
+        assert direct is not None, "the common case is decoded directly"
