@@ -112,7 +112,10 @@ class BlobWriter:
         if resume is None:
             # Named by the writing process, so a crashed writer's leftovers can go at once (clear_tmp).
             self._tmp = store.root / "tmp" / f"{own_tag()}.{uuid.uuid4().hex}.part"
-            self._fh: BinaryIO | None = self._tmp.open("xb")
+            # Created read-only (the descriptor still writes): a stored payload is never changed, and
+            # no chmod is needed before it is renamed into place.
+            self._fh: BinaryIO | None = os.fdopen(
+                os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444), "wb")
         else:
             self._tmp = store.root / "tmp" / f"{store.path(resume).name}.resume"
             self._fh = self._tmp.open("ab+")
@@ -194,10 +197,15 @@ class BlobWriter:
             else:
                 if final.exists():
                     self._store.quarantine(digest)
-                created = [d for d in (final.parent.parent, final.parent) if not d.exists()]
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.chmod(self._tmp, 0o444)
-                os.replace(self._tmp, final)
+                created = self._store.shard_dirs(final)
+                if self.resumable:
+                    os.chmod(self._tmp, 0o444)
+                try:
+                    os.replace(self._tmp, final)
+                except FileNotFoundError:
+                    # A remembered directory is gone (a wiped store being rebuilt): made again.
+                    created = self._store.shard_dirs(final, remembered=False)
+                    os.replace(self._tmp, final)
                 renamed = self._done = True
                 assert self._fh is not None
                 os.fsync(self._fh.fileno())
@@ -307,11 +315,26 @@ class BlobStore:
         self.site = site
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
         (self.root / "sha256").mkdir(parents=True, exist_ok=True)
+        self._known_dirs: set[Path] = set()
 
     def path(self, digest: str) -> Path:
         if not _DIGEST.fullmatch(digest):
             raise ValueError(f"not a SHA-256 hex digest: {digest!r}")
         return self.root / "sha256" / digest[:2] / digest[2:4] / digest
+
+    def shard_dirs(self, final: Path, *, remembered: bool = True) -> list[Path]:
+        """Make the directories ``final`` goes in; those created now (their parents need an fsync).
+
+        Directories seen once are remembered (unless ``remembered`` is false), so a commit to a known
+        one makes no system call here.
+        """
+        parent = final.parent
+        if remembered and parent in self._known_dirs:
+            return []
+        created = [d for d in (parent.parent, parent) if not d.exists()]
+        parent.mkdir(parents=True, exist_ok=True)
+        self._known_dirs.add(parent)
+        return created
 
     @contextmanager
     def writer(self, max_bytes: int | None = None, *, resume: str | None = None) -> Iterator[BlobWriter]:

@@ -1,6 +1,7 @@
 import errno
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,14 @@ def test_a_dead_writers_partial_payload_goes_at_once_and_a_live_ones_stays(tmp_p
         # This process's own write in progress is left alone.
         assert len(list((tmp_path / "tmp").glob("*.part"))) == 1
         mine.commit()
+
+
+def test_a_payload_is_stored_after_its_directories_were_removed_under_the_writer(tmp_path: Path):
+    # The store remembers directories it made; a wiped store (a lost disk being rebuilt) makes them again.
+    store = BlobStore(tmp_path / "blobs", "A")
+    first = store.put_bytes(b"one")
+    shutil.rmtree(tmp_path / "blobs" / "sha256")
+    (tmp_path / "blobs" / "sha256").mkdir()
+    again = store.put_bytes(b"one")
+    assert again.sha256 == first.sha256 and store.verify(first.sha256)
+    assert store.path(first.sha256).stat().st_mode & 0o777 == 0o444
