@@ -400,19 +400,12 @@ class AuditTrail:
             self._send(record, token)
         return record
 
-    def hold(
-        self,
-        action: Action,
-        event: str,
-        outcome: int,
-        description: str,
-        participants: list[Participant],
-        objects: list[AuditObject] = (),  # type: ignore[assignment]
-    ) -> str | None:
-        """Spool a record without publishing it; its token, for the record that will cover it
-        (:meth:`record` with ``supersedes``). Should this process die first, the next one of the site
-        adopts the spool and sends the held record itself, so what it says is never lost. None without
-        a spool."""
+    def hold(self, action: Action, event: str, outcome: int, description: str, participants: list[Participant],
+             objects: Iterable[AuditObject] = ()) -> str | None:
+        """Spool the record :meth:`record` makes of the same arguments without publishing it; its token,
+        for the record that will cover it (:meth:`record` with ``supersedes``). Should this process die
+        first, the next one of the site adopts the spool and sends the held record itself, so what it
+        says is never lost. None without a spool."""
         if self._spool is None:
             return None
         return self._spool.append(audit_record(self.site, action, event, outcome, description, participants,
