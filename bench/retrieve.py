@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import tenacity
+
 from bench import report, wado
 from bench.clients import probe, run_client
 from bench.grid import AE_TITLE
@@ -107,13 +109,23 @@ METHODS = [
 ]
 
 
+@tenacity.retry(retry=tenacity.retry_if_exception_type(RuntimeError), stop=tenacity.stop_after_delay(60),
+                wait=tenacity.wait_fixed(2), reraise=True,
+                before_sleep=lambda state: print(f"retrieve warm-up retried: {state.outcome.exception()}", flush=True))
+def _warm_up(retriever: Callable[[Session, str, ReferenceStudy], Retrieval], session: Session, target_key: str,
+             study: ReferenceStudy) -> None:
+    """One unmeasured retrieval. A refusal the archive says is passing (a 503 while an index connection
+    comes back after the scale sets' load, say) is tried again for a minute; the measured runs are not."""
+    retriever(session, target_key, study)
+
+
 def _measure(session: Session, study: ReferenceStudy,
              retrievers: dict[str, Callable[[Session, str, ReferenceStudy], Retrieval]]) -> list[dict[str, Any]]:
     """Every method against every archive, one warm-up each, repetitions interleaving the archives."""
     runs: dict[tuple[str, str], list[Retrieval]] = {}
     for method in METHODS:
         for target_key in ARCHIVES:
-            retrievers[method.key](session, target_key, study)  # warm-up, not measured
+            _warm_up(retrievers[method.key], session, target_key, study)
     for repetition in range(session.options.repetitions):
         for method in METHODS:
             order = ARCHIVES if repetition % 2 == 0 else ARCHIVES[::-1]
