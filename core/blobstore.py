@@ -187,7 +187,8 @@ class BlobWriter:
         renamed = False
         try:
             self._fh.flush()
-            if self._store.verify(digest):
+            stored = self._store.stored_digest(digest)
+            if stored == digest:
                 # The same bytes are already stored; make sure they are on disk, not just cached.
                 _fsync_path(final)
                 self._close()
@@ -195,7 +196,7 @@ class BlobWriter:
                 self._done = True
                 self.existed = True
             else:
-                if final.exists():
+                if stored is not None:  # a corrupt copy under the name: kept aside, replaced
                     self._store.quarantine(digest)
                 created = self._store.shard_dirs(final)
                 if self.resumable:
@@ -397,14 +398,18 @@ class BlobStore:
 
     def verify(self, digest: str) -> bool:
         """Re-hash a stored payload; False if it is missing or its bytes no longer match its name."""
+        return self.stored_digest(digest) == digest
+
+    def stored_digest(self, digest: str) -> str | None:
+        """The SHA-256 of the bytes stored under ``digest`` (re-hashed), None if there are none."""
         hasher = hashlib.sha256()
         try:
             with self.open(digest) as fh:
                 while chunk := fh.read(_CHUNK):
                     hasher.update(chunk)
         except FileNotFoundError:
-            return False
-        return hasher.hexdigest() == digest
+            return None
+        return hasher.hexdigest()
 
     def digests(self) -> Iterator[str]:
         """Every stored digest (for scrubbing and rebuilds)."""
