@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -439,8 +438,9 @@ def _serving(ctx: Context, site: str) -> None:
 
 def _in_background(ctx: Context) -> None:
     """A service that works from Kafka rather than for a waiting sender yields the CPU ([scheduling])."""
-    if ctx.config.scheduling.background_nice:
-        os.nice(ctx.config.scheduling.background_nice)
+    from dicomgrid.core.scheduling import lower_priority
+
+    lower_priority(ctx.config.scheduling.background_nice)
 
 
 def _run_faust(ctx: Context, create: Callable[[GridConfig, str], Any], site: str) -> None:

@@ -36,3 +36,31 @@ def test_a_background_service_applies_the_configured_nice_increment(tmp_path: Pa
 def test_a_nice_increment_out_of_range_is_refused(nice: int):
     with pytest.raises(ValidationError):
         SchedulingConfig(background_nice=nice)
+
+
+_AUTOGROUP_PROBE = """
+import sys
+from pathlib import Path
+from dicomgrid.core.scheduling import lower_priority
+lower_priority(int(sys.argv[1]))
+print(Path("/proc/self/autogroup").read_text().split("nice")[1].strip())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/autogroup").exists(), reason="no autogroup scheduling here")
+def test_a_background_service_leading_its_session_lowers_its_autogroup():
+    """Under autogroup scheduling a nice value only weighs against the same session's processes, and
+    every service runs in a session of its own: the session's group must yield, or nothing does."""
+    done = subprocess.run([sys.executable, "-c", _AUTOGROUP_PROBE, "7"], capture_output=True, text=True,
+                          timeout=60, start_new_session=True)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) >= 7
+
+
+@pytest.mark.skipif(not Path("/proc/self/autogroup").exists(), reason="no autogroup scheduling here")
+def test_a_background_service_started_from_a_shell_leaves_the_shell_s_autogroup_alone():
+    before = Path("/proc/self/autogroup").read_text()
+    done = subprocess.run([sys.executable, "-c", _AUTOGROUP_PROBE, "7"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert Path("/proc/self/autogroup").read_text() == before
