@@ -362,7 +362,7 @@ class AuditTrail:
         # Spool tokens of held records that an undelivered record stands for (see record(supersedes=)).
         self._superseded: dict[str, Sequence[str]] = {}
         self._superseded_lock = threading.Lock()
-        # Open collections of held records (producers.store_audit), sent by the resend loop once due.
+        # Open collections of held records (core.transfer_audit), sent by the resend loop once due.
         self._batches: weakref.WeakSet[Any] = weakref.WeakSet()
         if spool is not None and publisher is not None:
             self._resender = threading.Thread(target=self._resend_loop, name="audit-resend", daemon=True)

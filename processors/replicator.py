@@ -6,6 +6,10 @@ transfer service (:mod:`dicomgrid.core.transfer`) from the site that received it
 holding a copy, verifies the SHA-256 end to end before the copy is named, commits it with ingest's
 durability, announces ``dicom.replica.stored`` and records the copy in the ledger.
 
+The copies fetched from one peer are audited together, one DICOM Instances Transferred record for up
+to 1,000 of them (:mod:`dicomgrid.core.transfer_audit`: each copy's own record is held in the spool until
+the collected one is confirmed); a failure is audited at once, on its own.
+
 Redelivery is idempotent: a payload already held and verified here, with its ledger row, is skipped; the
 blob store is content-addressed and ledger rows are keyed by (digest, site), so nothing is ever stored
 or recorded twice. A transfer cut by a crash resumes from the bytes already written. Failures retry
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import enum
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,13 +31,14 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from dicomgrid import schemas
 from dicomgrid.core import metrics
-from dicomgrid.core.audit import SERIOUS_FAILURE, SUCCESS, AuditObject, Participant
+from dicomgrid.core.audit import SERIOUS_FAILURE, AuditObject, Participant
 from dicomgrid.core.blobstore import BlobBusy
 from dicomgrid.core.config import GridConfig
 from dicomgrid.core.events import InstanceRef, replication_failed
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.site import SiteContext, open_site
 from dicomgrid.core.transfer import PayloadTransfer, PayloadUnavailable, record_copy
+from dicomgrid.core.transfer_audit import TransferAudit
 from dicomgrid.processors.app import RETRY_S, connect_cassandra, faust_app, raw_topic
 from dicomgrid.processors.dead_letters import DeadLetters, Rejected, decode
 from dicomgrid.processors.healing_schedule import Schedule
@@ -66,6 +72,8 @@ class Replicator:
             retry=retry_if_exception_type((PayloadUnavailable, BlobBusy)),
             reraise=True,
         )
+        self._copies: dict[str, TransferAudit] = {}  # by the site copied from
+        self._copies_lock = threading.Lock()
 
     def handle(self, request: dict[str, Any]) -> Done:
         digest = request["source"]["sha256"]
@@ -86,7 +94,7 @@ class Replicator:
             return Done.FAILED
         record_copy(self.site, blob, peer.name, instance, cause="replication", request_event_id=request["event_id"])
         log.info("replica stored", sha256=digest, from_site=peer.name, size=blob.size, attempts=attempts)
-        self._audit(SUCCESS, f"replica fetched from site {peer.name} and verified", request, peer.name)
+        self._audit_copy(request, peer.name)
         return Done.COPIED
 
     def _held(self, digest: str, request: dict[str, Any]) -> bool:
@@ -111,20 +119,41 @@ class Replicator:
         self._audit(SERIOUS_FAILURE, f"replication failed after {attempts} attempt(s): {reason}", request,
                     request["source"]["site"])
 
-    def _audit(self, outcome: int, description: str, request: dict[str, Any], source_site: str) -> None:
+    def _participants(self, source_site: str) -> list[Participant]:
         me = self.site.site
+        return [Participant(source_site, False, None, None, "Source"),
+                Participant(me.name, True, me.ae_title, None, "Destination")]
+
+    @staticmethod
+    def _objects(request: dict[str, Any]) -> list[AuditObject]:
         instance = InstanceRef.of_event(request)
-        self.site.audit.record(
-            "C",
-            "DICOM Instances Transferred",
-            outcome,
-            description,
-            [Participant(source_site, False, None, None, "Source"),
-             Participant(me.name, True, me.ae_title, None, "Destination")],
-            [AuditObject("study", instance.study_uid),
-             AuditObject("instance", instance.sop_instance_uid, {"sop_class_uid": instance.sop_class_uid}),
-             AuditObject("payload", request["source"]["sha256"])],
-        )
+        return [AuditObject("study", instance.study_uid),
+                AuditObject("instance", instance.sop_instance_uid, {"sop_class_uid": instance.sop_class_uid}),
+                AuditObject("payload", request["source"]["sha256"])]
+
+    def _audit(self, outcome: int, description: str, request: dict[str, Any], source_site: str) -> None:
+        self.site.audit.record("C", "DICOM Instances Transferred", outcome, description,
+                               self._participants(source_site), self._objects(request))
+
+    def _audit_copy(self, request: dict[str, Any], source_site: str) -> None:
+        with self._copies_lock:
+            copies = self._copies.get(source_site)
+            if copies is None:
+                copies = self._copies[source_site] = TransferAudit(
+                    self.site.audit, self._participants(source_site),
+                    f"replicas fetched from site {source_site} and verified")
+        instance = InstanceRef.of_event(request)
+        copies.add(study_uid=instance.study_uid, sop_instance_uid=instance.sop_instance_uid,
+                   sop_class_uid=instance.sop_class_uid,
+                   description=f"replica fetched from site {source_site} and verified",
+                   objects=self._objects(request))
+
+    def flush_audit(self) -> None:
+        """Publish the records of the copies collected so far (at shutdown)."""
+        with self._copies_lock:
+            collected = list(self._copies.values())
+        for copies in collected:
+            copies.flush()
 
 
 def _observe(site: str, request: dict[str, Any], done: Done) -> None:
@@ -270,6 +299,7 @@ def create_replicator_app(config: GridConfig, site: str) -> faust.App:
         if "worker" in state:
             worker, _ = state["worker"]
             worker.site.application_activity("replicator", started=False)
+            worker.flush_audit()
             worker.site.publisher.flush()
             worker.site.audit.flush()
 

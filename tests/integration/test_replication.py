@@ -90,6 +90,35 @@ def test_instances_stored_at_a_site_reach_the_other_verified(grid, ledger, taps,
     assert {e["replica"]["sha256"] for e in made} == set(by_site)
 
 
+def test_the_copies_a_site_fetched_together_are_audited_in_one_record_each_instance_once(grid, taps):
+    """B audits the replicas it fetched from A as transfers from A, collected (one record for up to 1,000
+    copies, published at the latest 5 s after the first), not one record per copy."""
+    stored_tap, copy_tap, audit_tap = taps(), taps(schemas.TOPIC_REPLICA_STORED), taps(schemas.TOPIC_AUDIT)
+    study = generate_uid()
+    datasets = [make_instance(study_uid=study) for _ in range(6)]
+    assert c_store(grid.site("A"), datasets) == [0] * len(datasets)
+    events = events_for(stored_tap, [ds.SOPInstanceUID for ds in datasets])
+    copies(copy_tap, {e["payload"]["sha256"] for e in events})
+    wanted = {ds.SOPInstanceUID for ds in datasets}
+
+    def fetched(seen):
+        return [r for r in seen if r["site"] == "B" and r["action"] == "C" and r["outcome"] == 0
+                and any(o["type"] == "study" and o["id"] == study for o in r["objects"])]
+
+    def named(records):  # a record may also name another study's copies fetched at the same time
+        return [o["id"] for r in records for o in r["objects"]
+                if o["type"] == "instance" and o["detail"]["study_uid"] == study]
+
+    records = fetched(audit_tap.collect(lambda seen: set(named(fetched(seen))) >= wanted, timeout=60))
+    assert sorted(named(records)) == sorted(wanted)
+    assert len(records) < len(datasets)
+    for record in records:
+        schemas.validate_event(schemas.TOPIC_AUDIT, record)
+        roles = {(p["user_id"], p["role"]) for p in record["participants"]}
+        assert roles == {("A", "Source"), ("B", "Destination")}
+        assert record["outcome_description"].startswith("replicas fetched from site A and verified")
+
+
 def test_a_redelivered_request_makes_no_second_copy_or_row(grid, ledger, taps, publishers):
     copy_tap, stored_tap = taps(schemas.TOPIC_REPLICA_STORED), taps()
     ds = make_instance()

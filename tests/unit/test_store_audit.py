@@ -20,7 +20,7 @@ from dicomgrid.core.audit import SUCCESS, AuditObject, AuditTrail, patient_objec
 from dicomgrid.core.audit_codes import EVENT_TYPES
 from dicomgrid.core.audit_spool import AuditSpool
 from dicomgrid.core.events import Source
-from dicomgrid.producers import store_audit
+from dicomgrid.core import transfer_audit
 from dicomgrid.producers.store_audit import StoreAudit
 from dicomgrid.core.config import LimitsConfig
 from tests.dicom_samples import make_instance, to_part10
@@ -139,7 +139,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_stores_waiting_on_an_idle_association_are_sent_by_the_resend_loop(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(store_audit, "MAX_HOLD_S", 0.05)
+    monkeypatch.setattr(transfer_audit, "MAX_HOLD_S", 0.05)
     monkeypatch.setattr(audit, "RESEND_INTERVAL_S", 0.05)
     publisher = FakePublisher()
     spool = AuditSpool(tmp_path)
@@ -156,7 +156,7 @@ def test_stores_waiting_on_an_idle_association_are_sent_by_the_resend_loop(tmp_p
 
 
 def test_a_long_association_is_audited_every_max_instances(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(store_audit, "AUDIT_MAX_INSTANCES", 3)
+    monkeypatch.setattr(transfer_audit, "AUDIT_MAX_INSTANCES", 3)
     publisher = FakePublisher()
     trail = AuditTrail("A", publisher, spool=AuditSpool(tmp_path))  # type: ignore[arg-type]
     batch = StoreAudit(trail, "A", SOURCE)
