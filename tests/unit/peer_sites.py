@@ -57,13 +57,29 @@ class FakeLedger:
 
 @dataclass
 class RecordingAudit:
-    records: list[dict[str, Any]] = field(default_factory=list)
+    """What the site audited. Collected transfers (core.transfer_audit) are published whenever the
+    records are looked at, as the resend loop and the end of a process do."""
 
-    def record(self, action, event, outcome, description, participants, objects=()) -> dict[str, Any]:
+    recorded: list[dict[str, Any]] = field(default_factory=list)
+    collectors: list[Any] = field(default_factory=list)
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        for collector in self.collectors:
+            collector.flush()
+        return self.recorded
+
+    def record(self, action, event, outcome, description, participants, objects=(), supersedes=()) -> dict[str, Any]:
         entry = {"action": action, "event": event, "outcome": outcome, "description": description,
                  "objects": [(o.type, o.id) for o in objects]}
-        self.records.append(entry)
+        self.recorded.append(entry)
         return entry
+
+    def hold(self, *args: Any, **kwargs: Any) -> None:
+        return None  # no spool
+
+    def watch(self, collector: Any) -> None:
+        self.collectors.append(collector)
 
 
 def site_config(tmp_path: Path, ports: dict[str, int]) -> GridConfig:

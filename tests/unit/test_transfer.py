@@ -167,3 +167,18 @@ def test_throttle_spaces_transfers_to_the_configured_rate(monkeypatch: pytest.Mo
         throttle.take(1_000_000)
     # The first second's budget is there at once; each further megabyte waits its second.
     assert slept == pytest.approx([1.0, 1.0, 1.0, 1.0])
+
+
+def test_the_payloads_a_peer_fetched_whole_are_audited_in_one_record_and_a_resumed_one_at_once(sites: TwoSites):
+    digests = [sites.put(sites.b, os.urandom(50_000 + n)) for n in range(3)]
+    for digest in digests:
+        assert sites.http.get(sites.url(digest), headers=sites.auth).status_code == 200
+    ranged = sites.http.get(sites.url(digests[0]), headers={**sites.auth, "Range": "bytes=100-"})
+    assert ranged.status_code == 206
+    # The resumed transfer is in the trail already; the whole ones wait for their collected record.
+    (resumed,) = sites.b.audit.recorded
+    assert resumed["action"] == "R" and resumed["objects"] == [("payload", digests[0])]
+    (collected,) = [r for r in sites.b.audit.records if r is not resumed]
+    assert collected["action"] == "R" and collected["outcome"] == 0
+    assert collected["description"] == "payloads sent to peer site A: 3 payloads"
+    assert collected["objects"] == [("payload", digest) for digest in digests]
