@@ -21,7 +21,8 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import httpx
 from starlette.concurrency import run_in_threadpool
@@ -47,6 +48,8 @@ DIGEST = re.compile(r"[0-9a-f]{64}")
 PEER_PATH = "/internal/payloads/{sha256}"
 # Resumes of one cut transfer before the peer counts as failed.
 MAX_RESUMES = 3
+# Payloads up to this size are read and checked whole before any byte goes out (see TransferEndpoint).
+WHOLE_BODY_BYTES = 1 << 20
 # What a cut connection looks like to the client: the response ended early or the peer went quiet.
 _CUT_OFF = (httpx.RemoteProtocolError, httpx.ReadError, httpx.ReadTimeout)
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
@@ -223,6 +226,28 @@ def record_copy(
     site.ledger.record(blob)
 
 
+def _peer_site(request: Request) -> str:
+    """The site (or, for a user's token, the subject) a payload request came from."""
+    principal: Principal | None = request.state.principal if hasattr(request.state, "principal") else None
+    return (principal.site or principal.subject) if principal is not None else "unknown"
+
+
+class _AuditedBody(Response):
+    """A response whose transfer is audited once its bytes have gone, or the peer left first."""
+
+    def __init__(self, body: bytes, status: int, headers: dict[str, str], done: Callable[[bool], None]) -> None:
+        super().__init__(body, status_code=status, headers=headers, media_type="application/octet-stream")
+        self._done = done
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        sent = False
+        try:
+            await super().__call__(scope, receive, send)
+            sent = True
+        finally:
+            self._done(sent)
+
+
 class TransferEndpoint:
     """Serves this site's local copies to peer sites."""
 
@@ -272,48 +297,72 @@ class TransferEndpoint:
         headers = {"Content-Length": str(end - start), "Accept-Ranges": "bytes"}
         if status == 206:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{reader.size}"
+        if reader.size <= WHOLE_BODY_BYTES:
+            return await self._whole(request, reader, start, end, status, headers)
         return StreamingResponse(
             self._sent(request, reader, start, end), status_code=status,
             media_type="application/octet-stream", headers=headers,
         )
 
+    async def _whole(self, request: Request, reader: PayloadReader, start: int, end: int, status: int,
+                     headers: dict[str, str]) -> Response:
+        """A small payload, read and checked in one worker-thread call before any byte goes out.
+
+        Streamed, a 40 KB CT slice cost a task of its own and a thread hand-off per chunk, most of
+        what serving it took. Checked first, a corrupt copy is moved aside and answered 404, as the
+        next request would be, instead of a cut transfer.
+        """
+        try:
+            body = await run_in_threadpool(lambda: b"".join(reader.chunks(start, end)))
+        except PayloadCorrupt:
+            self._audit_sent(request, reader, start, 0, SERIOUS_FAILURE,
+                             "local copy corrupt; transfer to peer site refused")
+            return JSONResponse({"error": "local copy corrupt; moved aside"}, status_code=404)
+        return _AuditedBody(body, status, headers, lambda sent: self._audit_sent(
+            request, reader, start, len(body) if sent else 0, *(
+                (SUCCESS, f"payload sent to peer site {_peer_site(request)}") if sent
+                else (MINOR_FAILURE, "peer left before the payload was sent"))))
+
     def _sent(self, request: Request, reader: PayloadReader, start: int, end: int) -> Iterator[bytes]:
         """The bytes of the response; the transfer is audited once they have all gone (or failed)."""
-        principal: Principal | None = request.state.principal if hasattr(request.state, "principal") else None
-        peer_site = principal.site or principal.subject if principal is not None else "unknown"
-        address = f"{request.client.host}:{request.client.port}" if request.client else None
         sent, outcome, description = 0, MINOR_FAILURE, "peer left before the payload was sent"
         try:
             for chunk in reader.chunks(start, end):
                 yield chunk
                 sent += len(chunk)
-            outcome, description = SUCCESS, f"payload sent to peer site {peer_site}"
+            outcome, description = SUCCESS, f"payload sent to peer site {_peer_site(request)}"
         except PayloadCorrupt:
             outcome, description = SERIOUS_FAILURE, "local copy corrupt; transfer to peer site aborted"
             raise
         finally:
-            me = self.site.site
-            payload = AuditObject("payload", reader.digest, {"size": reader.size, "bytes_sent": sent, "offset": start})
-            if outcome == SUCCESS and start == 0:
-                # A whole payload sent: audited with the others this peer fetched (a resumed or failed
-                # transfer is audited at once, on its own).
-                host = request.client.host if request.client else None
-                with self._sent_lock:
-                    collected = self._sent_to.get((peer_site, host))
-                    if collected is None:
-                        collected = self._sent_to[(peer_site, host)] = TransferAudit(
-                            self.site.audit,
-                            [Participant(peer_site, True, None, host, "Destination"),
-                             Participant(me.name, False, me.ae_title, None, "Source")],
-                            f"payloads sent to peer site {peer_site}", action="R")
-                collected.add_payload(payload, description=description)
-            else:
-                self.site.audit.record(
-                    "R",
-                    "DICOM Instances Transferred",
-                    outcome,
-                    description,
-                    [Participant(peer_site, True, None, address, "Destination"),
-                     Participant(me.name, False, me.ae_title, None, "Source")],
-                    [payload],
-                )
+            self._audit_sent(request, reader, start, sent, outcome, description)
+
+    def _audit_sent(self, request: Request, reader: PayloadReader, start: int, sent: int, outcome: int,
+                    description: str) -> None:
+        peer_site = _peer_site(request)
+        address = f"{request.client.host}:{request.client.port}" if request.client else None
+        me = self.site.site
+        payload = AuditObject("payload", reader.digest, {"size": reader.size, "bytes_sent": sent, "offset": start})
+        if outcome == SUCCESS and start == 0:
+            # A whole payload sent: audited with the others this peer fetched (a resumed or failed
+            # transfer is audited at once, on its own).
+            host = request.client.host if request.client else None
+            with self._sent_lock:
+                collected = self._sent_to.get((peer_site, host))
+                if collected is None:
+                    collected = self._sent_to[(peer_site, host)] = TransferAudit(
+                        self.site.audit,
+                        [Participant(peer_site, True, None, host, "Destination"),
+                         Participant(me.name, False, me.ae_title, None, "Source")],
+                        f"payloads sent to peer site {peer_site}", action="R")
+            collected.add_payload(payload, description=description)
+        else:
+            self.site.audit.record(
+                "R",
+                "DICOM Instances Transferred",
+                outcome,
+                description,
+                [Participant(peer_site, True, None, address, "Destination"),
+                 Participant(me.name, False, me.ae_title, None, "Source")],
+                [payload],
+            )

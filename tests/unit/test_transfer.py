@@ -17,7 +17,8 @@ from starlette.routing import Route
 
 from dicomgrid.core import transfer as transfer_module
 from dicomgrid.core.blobstore import BlobBusy, PayloadCorrupt
-from dicomgrid.core.transfer import PayloadTransfer, Throttle
+from dicomgrid.core.audit import SERIOUS_FAILURE
+from dicomgrid.core.transfer import PayloadTransfer, PayloadUnavailable, Throttle
 from tests.unit.peer_sites import FakeLedger, PeerServer, TwoSites, corrupt, site_config, site_context
 from tests.grid import free_port
 
@@ -182,3 +183,34 @@ def test_the_payloads_a_peer_fetched_whole_are_audited_in_one_record_and_a_resum
     assert collected["action"] == "R" and collected["outcome"] == 0
     assert collected["description"] == "payloads sent to peer site A: 3 payloads"
     assert collected["objects"] == [("payload", digest) for digest in digests]
+
+
+def test_a_small_corrupt_copy_is_refused_whole_moved_aside_and_audited(sites: TwoSites):
+    """Up to WHOLE_BODY_BYTES a payload is checked before any byte goes out: a corrupt one is answered
+    404 (no intact copy here), not a cut transfer, and the fetching site looks elsewhere."""
+    data = os.urandom(40_000)
+    digest = sites.put(sites.b, data)
+    path = sites.b.blobs.path(digest)
+    os.chmod(path, 0o644)
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    response = sites.http.get(sites.url(digest), headers=sites.auth)
+    assert response.status_code == 404 and "corrupt" in response.json()["error"]
+    assert not sites.b.blobs.exists(digest)
+    assert sites.b.audit.records[-1]["outcome"] == SERIOUS_FAILURE
+    assert sites.b.audit.records[-1]["objects"] == [("payload", digest)]
+    with pytest.raises(PayloadUnavailable):
+        PayloadTransfer(sites.a).fetch_from_any(digest, prefer=["B"])
+    assert not sites.a.blobs.exists(digest)
+
+
+def test_a_small_payload_is_served_whole_and_by_range(sites: TwoSites):
+    data = os.urandom(40_000)
+    digest = sites.put(sites.b, data)
+    whole = sites.http.get(sites.url(digest), headers=sites.auth)
+    assert whole.status_code == 200 and whole.content == data
+    assert whole.headers["content-length"] == str(len(data))
+    part = sites.http.get(sites.url(digest), headers={**sites.auth, "Range": "bytes=30000-"})
+    assert part.status_code == 206 and part.content == data[30_000:]
+    assert part.headers["content-range"] == f"bytes 30000-{len(data) - 1}/{len(data)}"
+    assert PayloadTransfer(sites.a).fetch(sites.b.site, digest).sha256 == digest
+    assert sites.a.blobs.path(digest).read_bytes() == data
