@@ -55,8 +55,9 @@ class _Transferred:
 class TransferAudit:
     """Successful transfers between the same participants, audited together; thread-safe.
 
-    ``action`` is the records' EventActionCode. ``what`` starts the collected record's description (``"DIMSE stored"``: "DIMSE stored: 12
-    instances"); ``duplicate`` transfers are counted in it as "already stored, identical bytes".
+    ``action`` is the records' EventActionCode. ``what`` starts the collected record's description
+    (``"DIMSE stored"``: "DIMSE stored: 12 instances"); ``duplicate`` transfers are counted in it as
+    "already stored, identical bytes".
     """
 
     def __init__(self, trail: AuditTrail, participants: list[Participant], what: str, action: Action = "C") -> None:

@@ -15,6 +15,7 @@ every version of every instance, and which sites should hold its payload.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import Counter
@@ -32,6 +33,9 @@ from dicomgrid.core.transfer import PayloadTransfer, PayloadUnavailable, record_
 from dicomgrid.processors.replication_policy import Holding, holdings
 
 log = get_logger(__name__)
+
+# Holdings whose ledger rows a sweep looks up together (ReplicaLedger.verified_sites_of).
+SWEEP_CHUNK = 1000
 
 
 @dataclass
@@ -151,20 +155,23 @@ def sweep(site: SiteContext, *, requested_by: str = "anti-entropy") -> SweepRepo
     report = SweepReport(me)
     seen: set[str] = set()
     batch: list[tuple[str, dict[str, object]]] = []
-    for holding in _distinct(holdings(site.config, site.index, me), seen):
-        report.checked += 1
-        verified = site.ledger.verified_sites(holding.sha256)
-        if me in verified:
-            continue
-        sources = [holding.origin, *sorted(verified)]
-        source = next((s for s in sources if s in verified), None)
-        if source is None:
-            report.unavailable += 1
-            log.error("no verified copy anywhere to copy from", site=me, sha256=holding.sha256)
-            continue
-        payload = BlobRef(source, holding.sha256, holding.size or 1).as_payload()
-        batch.append((holding.sha256, replication_requested(payload, me, holding.instance)))
-        report.requested += 1
+    pending = iter(_distinct(holdings(site.config, site.index, me), seen))
+    while chunk := list(itertools.islice(pending, SWEEP_CHUNK)):
+        ledger = site.ledger.verified_sites_of([holding.sha256 for holding in chunk])
+        for holding in chunk:
+            report.checked += 1
+            verified = ledger[holding.sha256]
+            if me in verified:
+                continue
+            sources = [holding.origin, *sorted(verified)]
+            source = next((s for s in sources if s in verified), None)
+            if source is None:
+                report.unavailable += 1
+                log.error("no verified copy anywhere to copy from", site=me, sha256=holding.sha256)
+                continue
+            payload = BlobRef(source, holding.sha256, holding.size or 1).as_payload()
+            batch.append((holding.sha256, replication_requested(payload, me, holding.instance)))
+            report.requested += 1
     assert site.publisher is not None
     futures = [site.publisher.publish(schemas.TOPIC_REPLICATION_REQUESTED, key, event) for key, event in batch]
     for future in futures:

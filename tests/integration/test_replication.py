@@ -24,7 +24,7 @@ from dicomgrid.core.blobstore import BlobStore
 from dicomgrid.core.cassandra import Cassandra
 from dicomgrid.core.events import InstanceRef, Source, replication_requested
 from dicomgrid.core.kafka import delete_topics, ensure_topics
-from dicomgrid.core.ledger import ReplicaLedger
+from dicomgrid.core.ledger import LOOKUP_SLICE, ReplicaLedger
 from dicomgrid.deploy.local.dcmtk import require_dcmtk_tool
 from dicomgrid.producers.ingest import Ingestor
 from tests.dicom_samples import make_instance, to_part10
@@ -117,6 +117,21 @@ def test_the_copies_a_site_fetched_together_are_audited_in_one_record_each_insta
         roles = {(p["user_id"], p["role"]) for p in record["participants"]}
         assert roles == {("A", "Source"), ("B", "Destination")}
         assert record["outcome_description"].startswith("replicas fetched from site A and verified")
+
+
+def test_the_ledger_answers_for_many_payloads_at_once_as_for_each(grid, ledger, taps):
+    """What anti-entropy asks the ledger for a thousand holdings at a time: every digest gets an answer
+    (an empty set for one it does not know), across more than one look-up query."""
+    stored_tap, copy_tap = taps(), taps(schemas.TOPIC_REPLICA_STORED)
+    ds = make_instance()
+    assert c_store(grid.site("A"), [ds]) == [0]
+    (event,) = events_for(stored_tap, [ds.SOPInstanceUID])
+    digest = event["payload"]["sha256"]
+    copies(copy_tap, {digest})
+    assert wait_for(lambda: ledger.verified_sites(digest) == {"A", "B"}, timeout=10)
+    unknown = [f"{n:064x}" for n in range(2 * LOOKUP_SLICE)]
+    answer = ledger.verified_sites_of([*unknown[:LOOKUP_SLICE], digest, *unknown[LOOKUP_SLICE:], digest])
+    assert answer == {digest: {"A", "B"}, **{u: set() for u in unknown}}
 
 
 def test_a_redelivered_request_makes_no_second_copy_or_row(grid, ledger, taps, publishers):
