@@ -268,10 +268,11 @@ class TransferEndpoint:
             sent.flush()
 
     async def _serve(self, request: Request) -> Response:
-        """A peer fetches this site's local copy (never anyone else's), checked as it streams.
+        """A peer fetches this site's local copy (never anyone else's), checked as it goes out.
 
         ``Range: bytes=N-`` (or ``N-M``) resumes a cut transfer: 206 with those bytes. The whole copy
-        is hashed either way, and the last bytes are held back until it matches its digest.
+        is hashed either way: up to :data:`WHOLE_BODY_BYTES` before the response, beyond it as it
+        streams, the last bytes held back until it matches its digest.
         """
         digest = request.path_params["sha256"]
         if not DIGEST.fullmatch(digest):
@@ -318,10 +319,15 @@ class TransferEndpoint:
             self._audit_sent(request, reader, start, 0, SERIOUS_FAILURE,
                              "local copy corrupt; transfer to peer site refused")
             return JSONResponse({"error": "local copy corrupt; moved aside"}, status_code=404)
-        return _AuditedBody(body, status, headers, lambda sent: self._audit_sent(
-            request, reader, start, len(body) if sent else 0, *(
-                (SUCCESS, f"payload sent to peer site {_peer_site(request)}") if sent
-                else (MINOR_FAILURE, "peer left before the payload was sent"))))
+
+        def done(sent: bool) -> None:
+            if sent:
+                self._audit_sent(request, reader, start, len(body), SUCCESS,
+                                 f"payload sent to peer site {_peer_site(request)}")
+            else:
+                self._audit_sent(request, reader, start, 0, MINOR_FAILURE, "peer left before the payload was sent")
+
+        return _AuditedBody(body, status, headers, done)
 
     def _sent(self, request: Request, reader: PayloadReader, start: int, end: int) -> Iterator[bytes]:
         """The bytes of the response; the transfer is audited once they have all gone (or failed)."""
@@ -343,9 +349,9 @@ class TransferEndpoint:
         address = f"{request.client.host}:{request.client.port}" if request.client else None
         me = self.site.site
         payload = AuditObject("payload", reader.digest, {"size": reader.size, "bytes_sent": sent, "offset": start})
-        if outcome == SUCCESS and start == 0:
-            # A whole payload sent: audited with the others this peer fetched (a resumed or failed
-            # transfer is audited at once, on its own).
+        if outcome == SUCCESS and start == 0 and sent == reader.size:
+            # A whole payload sent: audited with the others this peer fetched (a resumed, partial or
+            # failed transfer is audited at once, on its own).
             host = request.client.host if request.client else None
             with self._sent_lock:
                 collected = self._sent_to.get((peer_site, host))
