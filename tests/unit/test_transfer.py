@@ -20,7 +20,7 @@ from dicomgrid.core.blobstore import BlobBusy, PayloadCorrupt
 from dicomgrid.core.audit import SERIOUS_FAILURE
 from dicomgrid.core.transfer import PayloadTransfer, PayloadUnavailable, Throttle
 from tests.unit.peer_sites import FakeLedger, PeerServer, TwoSites, corrupt, site_config, site_context
-from tests.grid import free_port
+from tests.grid import free_port, wait_for
 
 
 def test_byte_ranges_are_served_as_206_and_bad_ones_as_416(sites: TwoSites):
@@ -176,7 +176,9 @@ def test_the_payloads_a_peer_fetched_whole_are_audited_in_one_record_and_a_resum
         assert sites.http.get(sites.url(digest), headers=sites.auth).status_code == 200
     ranged = sites.http.get(sites.url(digests[0]), headers={**sites.auth, "Range": "bytes=100-"})
     assert ranged.status_code == 206
-    # The resumed transfer is in the trail already; the whole ones wait for their collected record.
+    # The resumed transfer is audited on its own once its bytes have gone (just after the client has
+    # them); the whole ones wait for their collected record.
+    assert wait_for(lambda: sites.b.audit.recorded, timeout=10, interval=0.02)
     (resumed,) = sites.b.audit.recorded
     assert resumed["action"] == "R" and resumed["objects"] == [("payload", digests[0])]
     (collected,) = [r for r in sites.b.audit.records if r is not resumed]
