@@ -457,7 +457,13 @@ class AuditTrail:
                 log.error("audit spool resend failed", error=str(exc))
 
     def flush(self, timeout: float = 5.0) -> None:
-        """Wait for queued records to be delivered (at shutdown); what is not stays in the spool."""
+        """Publish the open collections (:meth:`watch`), then wait for queued records to be delivered (at
+        shutdown); what is not delivered stays in the spool."""
+        for batch in list(self._batches):
+            try:
+                batch.flush()
+            except Exception as exc:  # the others, and what is queued, still go
+                log.error("held audit records not sent", error=str(exc))
         if self._publisher is not None:
             self._publisher.flush(timeout)
         if self._spool is not None:

@@ -40,7 +40,7 @@ from dicomgrid.core.logging import get_logger
 from dicomgrid.core.site import SiteContext
 from dicomgrid.core.tls import http_verify
 from dicomgrid.core.tokens import PeerTokens, Principal
-from dicomgrid.core.transfer_audit import TransferAudit
+from dicomgrid.core.transfer_audit import TransferAudit, TransferAudits
 
 log = get_logger(__name__)
 
@@ -254,18 +254,18 @@ class TransferEndpoint:
     def __init__(self, site: SiteContext) -> None:
         self.site = site
         # What each peer fetched in full, audited together (core.transfer_audit); by (site, host).
-        self._sent_to: dict[tuple[str, str | None], TransferAudit] = {}
-        self._sent_lock = threading.Lock()
+        self._sent_to = TransferAudits(self._collector)
 
     def routes(self) -> list[BaseRoute]:
         return [Route(PEER_PATH, self._serve, methods=["GET"])]
 
-    def flush_audit(self) -> None:
-        """Publish the records of the payloads sent so far (at shutdown)."""
-        with self._sent_lock:
-            collected = list(self._sent_to.values())
-        for sent in collected:
-            sent.flush()
+    def _collector(self, peer: Any) -> TransferAudit:
+        peer_site, host = peer
+        me = self.site.site
+        return TransferAudit(self.site.audit,
+                             [Participant(peer_site, True, None, host, "Destination"),
+                              Participant(me.name, False, me.ae_title, None, "Source")],
+                             f"payloads sent to peer site {peer_site}", action="R")
 
     async def _serve(self, request: Request) -> Response:
         """A peer fetches this site's local copy (never anyone else's), checked as it goes out.
@@ -353,15 +353,7 @@ class TransferEndpoint:
             # A whole payload sent: audited with the others this peer fetched (a resumed, partial or
             # failed transfer is audited at once, on its own).
             host = request.client.host if request.client else None
-            with self._sent_lock:
-                collected = self._sent_to.get((peer_site, host))
-                if collected is None:
-                    collected = self._sent_to[(peer_site, host)] = TransferAudit(
-                        self.site.audit,
-                        [Participant(peer_site, True, None, host, "Destination"),
-                         Participant(me.name, False, me.ae_title, None, "Source")],
-                        f"payloads sent to peer site {peer_site}", action="R")
-            collected.add_payload(payload, description=description)
+            self._sent_to[(peer_site, host)].add_payload(payload, description=description)
         else:
             self.site.audit.record(
                 "R",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from dicomgrid.core.audit import (
@@ -123,3 +124,21 @@ class TransferAudit:
     def __len__(self) -> int:
         with self._lock:
             return len(self._pending)
+
+
+class TransferAudits:
+    """One :class:`TransferAudit` per peer (any hashable key), made by ``make`` on first use; thread-safe.
+    What they collected is published with the trail's other open collections
+    (:meth:`~dicomgrid.core.audit.AuditTrail.flush`)."""
+
+    def __init__(self, make: Callable[[Hashable], TransferAudit]) -> None:
+        self._make = make
+        self._by_key: dict[Hashable, TransferAudit] = {}
+        self._lock = threading.Lock()
+
+    def __getitem__(self, key: Hashable) -> TransferAudit:
+        with self._lock:
+            collected = self._by_key.get(key)
+            if collected is None:
+                collected = self._by_key[key] = self._make(key)
+            return collected

@@ -158,7 +158,6 @@ def create_http_app(context: SiteContext) -> ASGIApp:
         body, content_type = await run_in_threadpool(metrics.exposition)
         return Response(body, media_type=content_type)
 
-    transfers = TransferEndpoint(context)
     app = Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
@@ -169,9 +168,9 @@ def create_http_app(context: SiteContext) -> ASGIApp:
             Route("/dicomweb/studies", store, methods=["POST"]),
             Route("/dicomweb/studies/{study}", store, methods=["POST"]),
             *http_routes(context),
-            *transfers.routes(),
+            *TransferEndpoint(context).routes(),
         ],
-        lifespan=_lifespan(context, transfers),
+        lifespan=_lifespan(context),
     )
     app.add_middleware(RequestTimer, site=site_config.name)
     return protect(app, context)
@@ -212,7 +211,7 @@ class RequestTimer:
             await self.app(scope, receive, send)
 
 
-def _lifespan(context: SiteContext, transfers: TransferEndpoint):  # noqa: ANN202 - Starlette's lifespan protocol
+def _lifespan(context: SiteContext):  # noqa: ANN202 - Starlette's lifespan protocol
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):  # noqa: ANN202
         context.application_activity("http", started=True)
@@ -220,7 +219,6 @@ def _lifespan(context: SiteContext, transfers: TransferEndpoint):  # noqa: ANN20
             yield
         finally:
             context.application_activity("http", started=False)
-            transfers.flush_audit()
             context.audit.flush()
 
     return lifespan

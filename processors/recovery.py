@@ -19,7 +19,7 @@ import itertools
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -155,7 +155,7 @@ def sweep(site: SiteContext, *, requested_by: str = "anti-entropy") -> SweepRepo
     report = SweepReport(me)
     seen: set[str] = set()
     batch: list[tuple[str, dict[str, object]]] = []
-    pending = iter(_distinct(holdings(site.config, site.index, me), seen))
+    pending = _distinct(holdings(site.config, site.index, me), seen)
     while chunk := list(itertools.islice(pending, SWEEP_CHUNK)):
         ledger = site.ledger.verified_sites_of([holding.sha256 for holding in chunk])
         for holding in chunk:
@@ -181,7 +181,7 @@ def sweep(site: SiteContext, *, requested_by: str = "anti-entropy") -> SweepRepo
     return report
 
 
-def _distinct(items: Iterable[Holding], seen: set[str]) -> Iterable[Holding]:
+def _distinct(items: Iterable[Holding], seen: set[str]) -> Iterator[Holding]:
     for item in items:
         if item.sha256 not in seen:
             seen.add(item.sha256)

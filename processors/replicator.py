@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import enum
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -38,7 +37,7 @@ from dicomgrid.core.events import InstanceRef, replication_failed
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.site import SiteContext, open_site
 from dicomgrid.core.transfer import PayloadTransfer, PayloadUnavailable, record_copy
-from dicomgrid.core.transfer_audit import TransferAudit
+from dicomgrid.core.transfer_audit import TransferAudit, TransferAudits
 from dicomgrid.processors.app import RETRY_S, connect_cassandra, faust_app, raw_topic
 from dicomgrid.processors.dead_letters import DeadLetters, Rejected, decode
 from dicomgrid.processors.healing_schedule import Schedule
@@ -72,8 +71,9 @@ class Replicator:
             retry=retry_if_exception_type((PayloadUnavailable, BlobBusy)),
             reraise=True,
         )
-        self._copies: dict[str, TransferAudit] = {}  # by the site copied from
-        self._copies_lock = threading.Lock()
+        # By the site copied from.
+        self._copies = TransferAudits(lambda source_site: TransferAudit(
+            site.audit, self._participants(source_site), f"replicas fetched from site {source_site} and verified"))
 
     def handle(self, request: dict[str, Any]) -> Done:
         digest = request["source"]["sha256"]
@@ -136,24 +136,11 @@ class Replicator:
                                self._participants(source_site), self._objects(request))
 
     def _audit_copy(self, request: dict[str, Any], source_site: str) -> None:
-        with self._copies_lock:
-            copies = self._copies.get(source_site)
-            if copies is None:
-                copies = self._copies[source_site] = TransferAudit(
-                    self.site.audit, self._participants(source_site),
-                    f"replicas fetched from site {source_site} and verified")
         instance = InstanceRef.of_event(request)
-        copies.add(study_uid=instance.study_uid, sop_instance_uid=instance.sop_instance_uid,
-                   sop_class_uid=instance.sop_class_uid,
-                   description=f"replica fetched from site {source_site} and verified",
-                   objects=self._objects(request))
-
-    def flush_audit(self) -> None:
-        """Publish the records of the copies collected so far (at shutdown)."""
-        with self._copies_lock:
-            collected = list(self._copies.values())
-        for copies in collected:
-            copies.flush()
+        self._copies[source_site].add(
+            study_uid=instance.study_uid, sop_instance_uid=instance.sop_instance_uid,
+            sop_class_uid=instance.sop_class_uid, description=f"replica fetched from site {source_site} and verified",
+            objects=self._objects(request))
 
 
 def _observe(site: str, request: dict[str, Any], done: Done) -> None:
@@ -299,7 +286,6 @@ def create_replicator_app(config: GridConfig, site: str) -> faust.App:
         if "worker" in state:
             worker, _ = state["worker"]
             worker.site.application_activity("replicator", started=False)
-            worker.flush_audit()
             worker.site.publisher.flush()
             worker.site.audit.flush()
 

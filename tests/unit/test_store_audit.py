@@ -16,11 +16,12 @@ from lxml import etree
 
 from dicomgrid import schemas
 from dicomgrid.core import audit
-from dicomgrid.core.audit import SUCCESS, AuditObject, AuditTrail, patient_object, to_xml
+from dicomgrid.core.audit import SUCCESS, AuditObject, AuditTrail, Participant, patient_object, to_xml
 from dicomgrid.core.audit_codes import EVENT_TYPES
 from dicomgrid.core.audit_spool import AuditSpool
 from dicomgrid.core.events import Source
 from dicomgrid.core import transfer_audit
+from dicomgrid.core.transfer_audit import TransferAudit, TransferAudits
 from dicomgrid.producers.store_audit import StoreAudit
 from dicomgrid.core.config import LimitsConfig
 from tests.dicom_samples import make_instance, to_part10
@@ -179,3 +180,30 @@ def test_a_stow_request_is_audited_in_one_record(stow_site):
     assert record["outcome_description"] == "STOW-RS stored: 3 instances"
     assert [o["id"] for o in record["objects"] if o["type"] == "instance"] == [i.SOPInstanceUID for i in instances]
     assert [t["code"] for t in record["event_type_codes"]] == [EVENT_TYPES["Store Instances over the Web"].code]
+
+
+def test_the_trail_publishes_open_collections_when_it_is_flushed_at_shutdown(tmp_path: Path):
+    """A service that stops publishes what its collectors hold (the replication worker's and the payload
+    endpoint's peers, a still open association) rather than leaving it to the next process's adoption."""
+    spool = AuditSpool(tmp_path)
+    publisher = HeldPublisher()
+    trail = AuditTrail("A", publisher, spool=spool)  # type: ignore[arg-type]
+    trail._stop.set()  # no resend loop: only flush() may publish
+    open_association = StoreAudit(trail, "A", SOURCE)
+    uids = [_add(open_association, n) for n in range(2)]
+    replicas = TransferAudits(lambda peer: TransferAudit(
+        trail, [Participant(peer, False, None, None, "Source"), Participant("A", True, "GRID_A", None, "Destination")],
+        f"replicas fetched from site {peer} and verified"))
+    replicas["B"].add(study_uid="1.2.5", sop_instance_uid="1.2.5.1", sop_class_uid=CT, description="replica fetched",
+                      objects=[AuditObject("instance", "1.2.5.1")])
+    assert replicas["B"] is replicas["B"] and publisher.sent == []
+
+    trail.flush()
+    records = {r["outcome_description"]: r for r, _ in publisher.sent}
+    assert set(records) == {"DIMSE stored: 2 instances", "replicas fetched from site B and verified: 1 instance"}
+    for record in records.values():
+        _valid(record)
+    assert [o["id"] for o in records["DIMSE stored: 2 instances"]["objects"] if o["type"] == "instance"] == uids
+    for _, future in publisher.sent:
+        future.set_result(None)
+    assert spool.pending() == 0
