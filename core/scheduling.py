@@ -32,7 +32,12 @@ def lower_priority(increment: int) -> None:
     if os.getsid(0) != os.getpid():
         return
     try:
-        current = int(_AUTOGROUP.read_text().split("nice")[1])
+        group = _AUTOGROUP.read_text()
+        if not group.strip():
+            # The kernel shows nothing for a process outside any autogroup, as when its session is
+            # init's or its cgroup has its own CPU weight: the nice value is all there is to set.
+            return
+        current = int(group.split("nice")[1])
         if current < nice:
             _AUTOGROUP.write_text(str(nice))
     except FileNotFoundError:
