@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import io
 import os
 import re
 import time
@@ -99,11 +100,15 @@ def _fsync_path(path: Path) -> None:
 class BlobWriter:
     """Streams one payload into the store; :meth:`commit` makes it durable and returns its ref."""
 
-    def __init__(self, store: "BlobStore", max_bytes: int | None, resume: str | None = None) -> None:
+    def __init__(self, store: "BlobStore", max_bytes: int | None, resume: str | None = None, *,
+                 keep: int = 0) -> None:
         self._store = store
         self._max = max_bytes
         self._hash = hashlib.sha256()
         self._size = 0
+        # A copy of up to ``keep`` bytes for :meth:`reopen`, which then reads memory, not the file.
+        self._keep = keep
+        self._kept: bytearray | None = bytearray() if keep > 0 and resume is None else None
         self.resumable = resume is not None
         # After commit: whether the same bytes were already stored under their digest.
         self.existed = False
@@ -147,6 +152,7 @@ class BlobWriter:
         self._fh.truncate()
         self._hash = hashlib.sha256()
         self._size = 0
+        self._kept = bytearray() if self._keep > 0 else None
 
     def write(self, data: bytes | memoryview) -> None:
         assert self._fh is not None, "writer already closed"
@@ -158,6 +164,11 @@ class BlobWriter:
             self._fh.write(data)
         except OSError as exc:
             raise BlobStoreError(exc.errno, f"cannot write payload: {exc.strerror}") from exc
+        if self._kept is not None:
+            if self._size <= self._keep:
+                self._kept += data
+            else:
+                self._kept = None
 
     def copy_from(self, src: BinaryIO, offset: int = 0) -> None:
         """Append the rest of ``src`` from ``offset``."""
@@ -166,8 +177,14 @@ class BlobWriter:
             self.write(chunk)
 
     def reopen(self) -> BinaryIO:
-        """What was written so far, for reading (before :meth:`commit`)."""
+        """What was written so far, for reading (before :meth:`commit`).
+
+        From the kept copy when the payload fits in it: reading a small payload back through the file
+        costs an open and a system call per seek, each of which hands the GIL to another thread.
+        """
         assert self._fh is not None, "writer already closed"
+        if self._kept is not None:
+            return io.BytesIO(self._kept)
         self._fh.flush()
         return self._tmp.open("rb")
 

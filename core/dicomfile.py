@@ -142,11 +142,15 @@ MAX_INFLATED_BYTES = 512 * 1024**2
 
 
 class _Walker:
-    """Walks element headers to the end of a data set without reading values (O(elements) I/O)."""
+    """Walks element headers to the end of a data set without reading values (O(elements) I/O).
 
-    def __init__(self, fp: BinaryIO, end: int, implicit: bool, little: bool,
+    The position is counted here rather than asked of the file: a buffered file's ``tell()`` is a
+    system call each time, two per element, and each one hands the GIL to another association's thread.
+    """
+
+    def __init__(self, fp: BinaryIO, start: int, end: int, implicit: bool, little: bool,
                  capture: frozenset[int] = frozenset()) -> None:
-        self.fp, self.end, self.implicit, self.little = fp, end, implicit, little
+        self.fp, self.pos, self.end, self.implicit, self.little = fp, start, end, implicit, little
         self.order = "<" if little else ">"
         # Top-level elements whose raw values are kept while walking (the indexed attributes), and those
         # of them too long to keep.
@@ -158,6 +162,7 @@ class _Walker:
         data = self.fp.read(n)
         if len(data) != n:
             raise MalformedDicom("data set is truncated")
+        self.pos += n
         return data
 
     def _header(self, implicit: bool) -> tuple[int, bytes | None, int]:
@@ -172,21 +177,22 @@ class _Walker:
         return tag, vr, struct.unpack(self.order + "H", self._read(2))[0]
 
     def _skip(self, length: int) -> None:
-        target = self.fp.tell() + length
+        target = self.pos + length
         if target > self.end:
             raise MalformedDicom("an element runs past the end of the data")
         self.fp.seek(target)
+        self.pos = target
 
     def dataset(self, implicit: bool, until_item_end: bool = False, depth: int = 0) -> None:
         top_level = not until_item_end
-        while self.fp.tell() < self.end:
+        while self.pos < self.end:
             tag, vr, length = self._header(implicit)
             if tag == _ITEM_END:
                 if until_item_end:
                     return
                 raise MalformedDicom("unexpected item delimiter")
             if top_level and tag in self.capture and length != _UNDEFINED and length <= _MAX_CAPTURE:
-                at = self.fp.tell()
+                at = self.pos
                 value = self._read(length)
                 self.captured[tag] = RawDataElement(
                     BaseTag(tag), vr.decode("ascii", "replace") if vr else None, length, value, at, implicit, self.little
@@ -251,7 +257,7 @@ def _walk(fp: BinaryIO, offset: int, transfer_syntax_uid: str, capture: frozense
         first = fp.read(6)
         fp.seek(offset)
         implicit = len(first) == 6 and not first[4:6].isalpha()
-    walker = _Walker(fp, end, implicit, little, capture)
+    walker = _Walker(fp, offset, end, implicit, little, capture)
     try:
         walker.dataset(implicit)
     except struct.error as exc:

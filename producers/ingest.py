@@ -43,6 +43,10 @@ from dicomgrid.producers.store_audit import StoreAudit, store_participants
 
 log = get_logger(__name__)
 
+# A received data set up to this size is also kept in memory while it is written, and checked there
+# (most images of a CT or MR series are far smaller); a larger one is read back from its temp file.
+CHECKED_IN_MEMORY_BYTES = 1024 * 1024
+
 
 class Outcome(enum.Enum):
     """What happened to one instance, with the DICOM status (PS3.4 B.2.3) a sender is given."""
@@ -316,7 +320,7 @@ class Reception:
         # Written here, so known: the check reads the data set only.
         self._data_set_at = (len(meta), transfer_syntax_uid)
         try:
-            self._writer = BlobWriter(ingestor.blobs, ingestor.max_instance_bytes)
+            self._writer = BlobWriter(ingestor.blobs, ingestor.max_instance_bytes, keep=CHECKED_IN_MEMORY_BYTES)
             self._writer.write(meta)
         except BlobStoreError as exc:
             self._fail(IngestResult(Outcome.NO_STORAGE, str(exc), **ids))

@@ -146,3 +146,32 @@ def test_a_payload_is_stored_after_its_directories_were_removed_under_the_writer
     again = store.put_bytes(b"one")
     assert again.sha256 == first.sha256 and store.verify(first.sha256)
     assert store.path(first.sha256).stat().st_mode & 0o777 == 0o444
+
+
+@pytest.mark.parametrize("keep", [0, 64, 1024])
+def test_what_a_writer_gives_back_before_commit_is_what_was_written_kept_in_memory_or_not(tmp_path: Path, keep: int):
+    """A received data set is checked as it was written; a writer keeps a copy up to ``keep`` bytes,
+    beyond which it reads the temp file back: either way the reader sees exactly the bytes written."""
+    from dicomgrid.core.blobstore import BlobWriter
+
+    store = BlobStore(tmp_path, "A")
+    writer = BlobWriter(store, None, keep=keep)
+    parts = [os.urandom(100), os.urandom(150), os.urandom(200)]
+    for part in parts:
+        writer.write(memoryview(part))
+    with writer.reopen() as fp:
+        assert fp.read() == b"".join(parts)
+    ref = writer.commit()
+    assert store.path(ref.sha256).read_bytes() == b"".join(parts)
+
+
+def test_a_writer_that_restarts_gives_back_only_what_was_written_since(tmp_path: Path):
+    from dicomgrid.core.blobstore import BlobWriter
+
+    writer = BlobWriter(BlobStore(tmp_path, "A"), None, keep=1024)
+    writer.write(b"wrong bytes")
+    writer.restart()
+    writer.write(b"right")
+    with writer.reopen() as fp:
+        assert fp.read() == b"right"
+    writer.abort()
