@@ -242,8 +242,11 @@ class _AuditedBody(Response):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         sent = False
         try:
-            await super().__call__(scope, receive, send)
-            sent = True
+            # A server of ASGI HTTP spec < 2.4 (uvicorn) drops what is sent to a connection that is gone
+            # without raising: only receive() tells that the peer left while the payload was read.
+            if not await Request(scope, receive).is_disconnected():
+                await super().__call__(scope, receive, send)
+                sent = True
         finally:
             self._done(sent)
 

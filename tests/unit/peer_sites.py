@@ -143,6 +143,7 @@ class TwoSites:
     b: SiteContext
     ledger: FakeLedger
     http: httpx.Client
+    server: PeerServer | None = None  # site B's
 
     @property
     def auth(self) -> dict[str, str]:
@@ -163,8 +164,8 @@ def sites(tmp_path: Path) -> Iterator[TwoSites]:
     ledger = FakeLedger()
     config = site_config(tmp_path, {"A": free_port(), "B": free_port()})
     a, b = site_context(config, "A", ledger), site_context(config, "B", ledger)
-    with PeerServer(b), https(config) as client:
-        yield TwoSites(a, b, ledger, client)
+    with PeerServer(b) as server, https(config) as client:
+        yield TwoSites(a, b, ledger, client, server)
 
 
 def corrupt(path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from typing import Any
 
 import httpx
@@ -17,7 +18,8 @@ from starlette.routing import Route
 
 from dicomgrid.core import transfer as transfer_module
 from dicomgrid.core.blobstore import BlobBusy, PayloadCorrupt
-from dicomgrid.core.audit import SERIOUS_FAILURE
+from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS
+from dicomgrid.core.tls import http_verify
 from dicomgrid.core.transfer import PayloadTransfer, PayloadUnavailable, Throttle
 from tests.unit.peer_sites import FakeLedger, PeerServer, TwoSites, corrupt, site_config, site_context
 from tests.grid import free_port, wait_for
@@ -216,3 +218,48 @@ def test_a_small_payload_is_served_whole_and_by_range(sites: TwoSites):
     assert part.headers["content-range"] == f"bytes 30000-{len(data) - 1}/{len(data)}"
     assert PayloadTransfer(sites.a).fetch(sites.b.site, digest).sha256 == digest
     assert sites.a.blobs.path(digest).read_bytes() == data
+
+
+def test_a_peer_that_leaves_before_a_small_payload_is_sent_is_audited_and_the_next_is_served(
+        sites: TwoSites, monkeypatch: pytest.MonkeyPatch):
+    """A fetching site that gives up (its read timeout) while B is still reading the payload from its
+    disk: nothing reaches it, so B must not audit a payload sent to it, and goes on serving the copy."""
+    data = os.urandom(40_000)
+    digest = sites.put(sites.b, data)
+    reading, slow_disk = threading.Event(), threading.Event()
+    open_if_present = sites.b.blobs.open_if_present
+
+    def slow_open(wanted: str) -> Any:
+        reading.set()
+        assert slow_disk.wait(10), "the peer never left"
+        return open_if_present(wanted)
+
+    monkeypatch.setattr(sites.b.blobs, "open_if_present", slow_open)
+    assert sites.server is not None
+    connections = sites.server.server.server_state.connections
+    with httpx.Client(verify=http_verify(sites.b.config), timeout=httpx.Timeout(10, read=0.5)) as leaving:
+        with pytest.raises(httpx.ReadTimeout):
+            leaving.get(sites.url(digest), headers=sites.auth)
+    assert reading.is_set()
+    # The body goes out only once B's event loop has seen the connection go.
+    wait_for(lambda: not connections, timeout=10, interval=0.02)
+    slow_disk.set()
+
+    def failures() -> list[dict[str, Any]]:
+        return [r for r in sites.b.audit.recorded if r["outcome"] != SUCCESS]
+
+    (left,) = wait_for(failures, timeout=10, interval=0.02)
+    assert left["outcome"] == MINOR_FAILURE and left["action"] == "R"
+    assert left["description"] == "peer left before the payload was sent"
+    assert left["objects"] == [("payload", digest)]
+
+    again = sites.http.get(sites.url(digest), headers=sites.auth)
+    assert again.status_code == 200 and again.content == data
+    assert sites.b.blobs.verify(digest) and sites.b.blobs.path(digest).read_bytes() == data
+    # Only the second request counts as a payload sent; it is audited once its bytes have gone, just
+    # after the client has them.
+    (sent,) = wait_for(lambda: [r for r in sites.b.audit.records if r["outcome"] == SUCCESS], timeout=10,
+                       interval=0.02)
+    assert sent["description"] == "payloads sent to peer site A: 1 payload"
+    assert sent["objects"] == [("payload", digest)]
+    assert failures() == [left]
