@@ -51,7 +51,7 @@ class Daemon:
             pid = int(self.pid_file.read_text().strip())
             written = self.pid_file.stat().st_mtime
             proc = psutil.Process(pid)
-            if proc.status() == psutil.STATUS_ZOMBIE:
+            if _gone(proc):
                 return None
             return pid if proc.create_time() <= written + _CLOCK_SLACK_S else None
         except (FileNotFoundError, ValueError, psutil.Error):
@@ -114,11 +114,12 @@ class Daemon:
 
 def _wait_gone(proc: psutil.Process, timeout: float) -> bool:
     """Wait for ``proc`` to exit. A zombie counts as gone: when its parent is init (the starting
-    CLI has exited), it may be reaped only a while later."""
+    CLI has exited), it may be reaped only a while later; one whose other threads still run is not
+    gone (:func:`_gone`)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if proc.status() == psutil.STATUS_ZOMBIE:
+            if _gone(proc):
                 with suppress(psutil.TimeoutExpired):
                     proc.wait(timeout=0)  # reaps it when it is our own child
                 return True
@@ -126,3 +127,13 @@ def _wait_gone(proc: psutil.Process, timeout: float) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def _gone(proc: psutil.Process) -> bool:
+    """A zombie whose threads have all exited. The kernel shows a process as a zombie as soon as its
+    main thread has exited, and a JVM's launcher thread exits before the threads that run its shutdown
+    hooks and still hold its ports."""
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE and proc.num_threads() <= 1
+    except psutil.NoSuchProcess:
+        return True
