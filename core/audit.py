@@ -428,9 +428,11 @@ class AuditTrail:
     def _settled(self, future: Any, token: Any) -> None:
         if future.exception() is None:
             if self._spool is not None and token is not None:
-                self._spool.delivered(token)
                 with self._superseded_lock:
                     covered = self._superseded.pop(token, ())
+                if covered:
+                    self._spool.confirmed(token, covered)
+                self._spool.delivered(token)
                 for held in covered:
                     self._spool.delivered(held)
         elif self._spool is None:
@@ -470,5 +472,9 @@ class AuditTrail:
             self._spool.sync()
 
     def close(self, timeout: float = 5.0) -> None:
+        """Flush, then release the trail's publisher: it is the trail's own (:func:`~dicomgrid.core.site.open_site`),
+        and one left open keeps a poll thread and reconnects to the brokers for as long as the process lives."""
         self._stop.set()
         self.flush(timeout)
+        if self._publisher is not None:
+            self._publisher.close(timeout)

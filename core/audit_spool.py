@@ -6,6 +6,11 @@ have all been confirmed is removed. What Kafka refused is sent again; what a pro
 behind is adopted by the next process of the site to start, and sent. Appends are written at once and
 fsynced every second: a killed process loses nothing, a machine that loses power at most the last
 second. A record may so reach Kafka twice; the audit chain keeps it once (by its event ID).
+
+The file of a live process keeps the lines of what was confirmed until it is rotated. When a record that
+covers held records (:meth:`~dicomgrid.core.audit.AuditTrail.hold`) is confirmed, a line says so
+(:meth:`AuditSpool.confirmed`), and adoption sends neither it nor them again: sent again under their own
+event IDs, the held records would name every instance a second time.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import json
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -58,12 +63,18 @@ class AuditSpool:
                     fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # a live process's own spool
-                records = []
+                records, confirmed = [], set()
                 for line in fh:
                     try:
-                        records.append(json.loads(line))
+                        entry = json.loads(line)
                     except ValueError:
                         log.error("unreadable line in an audit spool file skipped", file=path.name)
+                        continue
+                    if "event_id" in entry:
+                        records.append(entry)
+                    else:
+                        confirmed.update(entry.get("confirmed", ()))
+            records = [record for record in records if record["event_id"] not in confirmed]
             if not records:
                 path.unlink(missing_ok=True)
                 continue
@@ -85,6 +96,18 @@ class AuditSpool:
             self._records[token] = (self._path, record)
             self._per_file[self._path].add(token)
         return token
+
+    def confirmed(self, token: str, covered: Iterable[str]) -> None:
+        """Kafka has ``token``'s record, which covers the held records ``covered``: noted in its file (call
+        before :meth:`delivered`), so that a process adopting the file sends none of them again."""
+        line = json.dumps({"confirmed": [token, *covered]}, separators=(",", ":")).encode() + b"\n"
+        with self._lock:
+            entry = self._records.get(token)
+            if entry is None or entry[0] != self._path:
+                return  # an adopted file: its records were sent as they were, covering nothing
+            self._fh.write(line)
+            self._fh.flush()
+            self._dirty = True
 
     def delivered(self, token: str) -> None:
         with self._lock:

@@ -1,4 +1,5 @@
-"""Replication when a part of the grid fails: a worker killed mid-transfer, a source site gone dark.
+"""Replication when a part of the grid fails: a worker killed mid-transfer or while it holds the audit
+records of its copies, a source site gone dark, the ledger's datacenter down during an anti-entropy sweep.
 
 The session grid's own replication worker of site B is stopped for these tests and a worker of the
 test's own (same grid, same consumer group) runs in its place, so it can be throttled and killed.
@@ -6,24 +7,35 @@ test's own (same grid, same consumer group) runs in its place, so it can be thro
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cassandra import DriverException
+from cassandra.cluster import NoHostAvailable
+from pydicom.uid import generate_uid
+from structlog.testing import capture_logs
 
 from dicomgrid import schemas
 from dicomgrid.core.blobstore import BlobStore
 from dicomgrid.core.cassandra import Cassandra
 from dicomgrid.core.ledger import ReplicaLedger
+from dicomgrid.core.site import open_site
+from dicomgrid.core.transfer_audit import MAX_HOLD_S
+from dicomgrid.deploy.local import LocalCluster
+from dicomgrid.deploy.local.cassandra import CassandraNode
+from dicomgrid.deploy.local.processes import listener_pid
 from tests.dicom_samples import make_instance
-from dicomgrid.processors.replicator import replication_group
+from dicomgrid.processors.replicator import Replicator, _Healing, replication_group, site_transfer
 from tests.fault.whole import assert_whole
-from tests.grid import committed_lag, wait_for
+from tests.grid import committed_lag, dc_serves, wait_for
 from tests.integration.test_ingest_grid import c_store, events_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.fault]
@@ -167,4 +179,151 @@ def test_a_source_site_gone_dark_ends_in_replication_failed_after_the_retries(gr
     repaired = _cli(grid, "repair", "--site", "B", "--json")
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr
     assert json.loads(repaired.stdout)[0]["requested"] >= 1
+    assert_whole(grid, [ds])
+
+
+def _spooled(path: Path) -> list[dict]:
+    """The records in a replication worker's audit spool file (a line cut by the kill is left out)."""
+    records = []
+    for line in path.read_bytes().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass
+    return records
+
+
+def _instances(record: dict) -> list[str]:
+    return [o["id"] for o in record.get("objects", ()) if o["type"] == "instance"]
+
+
+def test_a_worker_killed_while_it_holds_copies_audit_records_leaves_each_copy_audited_once(grid, own_b_worker, taps):
+    """B's worker audits a first batch of copies (collected record confirmed), holds the records of a
+    second batch, and is killed (SIGKILL) before it publishes theirs. The next worker adopts its spool:
+    every copy is named in B's replication audit records once, the confirmed ones not again."""
+    # The first worker is the throttled one: the payloads are a few KB, the cap changes nothing.
+    first, second = own_b_worker
+    stored_tap, audit_tap = taps(), taps(schemas.TOPIC_AUDIT)
+    spool = grid.config.site_storage("B") / "audit-spool"
+    studies = [generate_uid(), generate_uid()]
+    batches = [[make_instance(study_uid=study) for _ in range(3)] for study in studies]
+    wanted = {ds.SOPInstanceUID for batch in batches for ds in batch}
+
+    def fetched(records: list[dict]) -> list[dict]:
+        return [r for r in records if r["site"] == "B" and r["event"] == "DICOM Instances Transferred"
+                and r["action"] == "C" and set(_instances(r)) & wanted]
+
+    first.start()
+    assert first.process is not None
+    (own,) = wait_for(lambda: list(spool.glob(f"{first.process.pid}-*.jsonl")), timeout=60)
+    assert c_store(grid.site("A"), batches[0]) == [0] * 3
+    events_for(stored_tap, [ds.SOPInstanceUID for ds in batches[0]])
+    audit_tap.collect(lambda seen: {ds.SOPInstanceUID for ds in batches[0]} <= set(
+        uid for r in fetched(seen) for uid in _instances(r)), timeout=120)
+
+    held = {ds.SOPInstanceUID for ds in batches[1]}
+    assert c_store(grid.site("A"), batches[1]) == [0] * 3
+
+    def holding() -> bool:
+        named = [uid for r in _spooled(own) for uid in _instances(r)]
+        return held <= set(named)
+
+    wait_for(holding, timeout=60, interval=0.05)
+    first.kill()
+    # Killed within the hold window: each of the second batch's copies is in the spool on its own
+    # record, and no record covering them was written.
+    left = [r for r in _spooled(own) if set(_instances(r)) & held]
+    assert sorted(uid for r in left for uid in _instances(r)) == sorted(held), \
+        f"killed later than {MAX_HOLD_S}s after the first copy: a collected record was already written"
+    assert not [r for r in fetched(audit_tap.catch_up()) if set(_instances(r)) & held]
+
+    second.start()
+    # Adopted and sent: a spool file whose records are all confirmed is removed.
+    wait_for(lambda: not own.exists(), timeout=120, interval=0.5)
+    audit_tap.collect(lambda seen: wanted <= {uid for r in fetched(seen) for uid in _instances(r)}, timeout=30)
+    # A stopping worker publishes whatever it still collects: after that nothing more can come.
+    second.stop()
+    # A record may reach Kafka twice (at-least-once); the audit chain keeps it once, by its event ID.
+    records = {r["event_id"]: r for r in fetched(audit_tap.catch_up())}.values()
+    named = Counter(uid for r in records for uid in _instances(r) if uid in wanted)
+    assert [{ds.SOPInstanceUID: named[ds.SOPInstanceUID] for ds in batch} for batch in batches] == [
+        {ds.SOPInstanceUID: 1 for ds in batch} for batch in batches], "[confirmed before the kill, held at the kill]"
+    for record in records:
+        schemas.validate_event(schemas.TOPIC_AUDIT, record)
+        assert record["outcome"] == 0
+        assert {(p["user_id"], p["role"]) for p in record["participants"]} == {("A", "Source"), ("B", "Destination")}
+    assert_whole(grid, [ds for batch in batches for ds in batch])
+
+
+def test_an_anti_entropy_sweep_while_cassandra_cannot_answer_changes_nothing_and_the_next_one_heals(
+        grid, own_b_worker, taps, tmp_path: Path):
+    """Site B lacks a copy (its worker is stopped) when its datacenter goes down: the worker's background
+    sweep fails with a warning, requests nothing and stays due; once dc2 answers, the next one requests
+    the copy and the worker makes it."""
+    _, plain = own_b_worker
+    stored_tap, request_tap = taps(), taps(schemas.TOPIC_REPLICATION_REQUESTED)
+    ds = make_instance()
+    assert c_store(grid.site("A"), [ds]) == [0]
+    (event,) = events_for(stored_tap, [ds.SOPInstanceUID])
+    digest = event["payload"]["sha256"]
+
+    def requested(seen: list[dict]) -> list[dict]:
+        return [r for r in seen if r["source"]["sha256"] == digest and r["target_site"] == "B"]
+
+    (fan_out,) = requested(request_tap.collect(lambda seen: bool(requested(seen)), timeout=60))
+    # With the shipped remote_dc_failover_hosts, B would read through dc1 and the sweep not notice dc2
+    # going: here B stays in its datacenter, so its ledger cannot answer without dc2.
+    cassandra = grid.config.cassandra.model_copy(update={"remote_dc_failover_hosts": 0})
+    site = open_site(grid.config.model_copy(update={"cassandra": cassandra}), "B", "test-sweep")
+    worker = Replicator(site, site_transfer(site))
+    # The schedule state of the test's own: the session's B worker keeps its own.
+    healing = _Healing(grid.config.model_copy(update={"data_dir": tmp_path}), "B")
+    healing.sweep.done(now=0.0)  # a sweep is due
+    b_blobs = BlobStore(grid.config.site_storage("B"), "B")
+    local = LocalCluster(grid.config)
+    try:
+        wait_for(lambda: site.ledger.verified_sites(digest) == {"A"}, timeout=60)
+        held = set(b_blobs.digests())
+        assert digest not in held
+        local.stop_node("cassandra-dc2")
+        try:
+            # The JVM can hold its sockets a moment after its pid is gone: up() would take them for
+            # another process's and refuse to start the node.
+            ports = CassandraNode(grid.config, 2).listen_addresses()
+            wait_for(lambda: all(listener_pid(host, port) is None for host, port in ports), timeout=60)
+            with capture_logs() as logged:
+                asyncio.run(healing.maybe_run(worker))
+            (warning,) = [e for e in logged if e["event"].startswith("background healing stopped")]
+            assert warning["log_level"] == "warning" and warning["error"]
+            assert healing.sweep.due() and healing.sweep.last_done() == 0.0
+            assert not [e for e in logged if e["event"] == "anti-entropy sweep"]
+            assert requested(request_tap.catch_up()) == [fan_out]
+            assert set(b_blobs.digests()) == held
+        finally:
+            local.up()
+            wait_for(lambda: dc_serves(grid.config, "dc2"), timeout=120, interval=0.5)
+
+        def answers() -> bool:
+            try:
+                return site.ledger.verified_sites(digest) == {"A"}
+            except (DriverException, NoHostAvailable, OSError):
+                return False
+
+        # The ledger is as it was: the failed sweep marked no copy, and none was made meanwhile.
+        wait_for(answers, timeout=120, interval=1)
+        assert set(b_blobs.digests()) == held
+        with capture_logs() as logged:
+            asyncio.run(healing.maybe_run(worker))
+        assert not [e for e in logged if e["log_level"] in ("warning", "error") and "healing" in e["event"]]
+        (report,) = [e for e in logged if e["event"] == "anti-entropy sweep"]
+        assert report["site"] == "B" and report["requested"] >= 1
+        assert not healing.sweep.due()
+        (_, again) = requested(request_tap.collect(lambda seen: len(requested(seen)) == 2, timeout=30))
+        schemas.validate_event(schemas.TOPIC_REPLICATION_REQUESTED, again)
+        assert again["source"]["site"] == "A" and again["event_id"] != fan_out["event_id"]
+    finally:
+        healing._thread.shutdown()
+        worker.transfer.close()
+        site.close()
+    plain.start()
     assert_whole(grid, [ds])

@@ -40,6 +40,9 @@ class FakePublisher:
     def flush(self, timeout: float = 0) -> int:
         return 0
 
+    def close(self, timeout: float = 0) -> None:
+        pass
+
     def of(self, topic: str) -> list[dict[str, Any]]:
         return [e for t, _, e in self.events if t == topic]
 

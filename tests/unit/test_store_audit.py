@@ -48,6 +48,9 @@ class HeldPublisher:
     def flush(self, timeout: float = 0) -> int:
         return sum(not f.done() for _, f in self.sent)
 
+    def close(self, timeout: float = 0) -> None:
+        pass
+
 
 def _add(batch: StoreAudit, n: int, study: str = "1.2.3", duplicate: bool = False) -> str:
     uid = f"{study}.{n}"
@@ -137,6 +140,40 @@ os.kill(os.getpid(), signal.SIGKILL)
     for record in due:
         _valid(record)
         assert record["event"] == "DICOM Instances Transferred" and record["outcome"] == SUCCESS
+
+
+def test_a_killed_receiver_leaves_only_what_was_not_confirmed_to_the_next(tmp_path: Path):
+    """A real process has the record of three stores confirmed, holds two more, and is killed (SIGKILL):
+    its spool file still has every line, but the next process sends only the two held records. Sent
+    again, the three would name those instances twice (under event IDs of their own) in the trail."""
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(Path(__file__).parents[2])!r})
+from pathlib import Path
+from dicomgrid.core.audit import AuditTrail
+from dicomgrid.core.audit_spool import AuditSpool
+from dicomgrid.producers.store_audit import StoreAudit
+from tests.unit.test_ingest import FakePublisher
+from tests.unit.test_store_audit import SOURCE, _add
+spool = AuditSpool(Path({str(tmp_path)!r}))
+trail = AuditTrail("A", FakePublisher(), spool=spool)
+trail._stop.set()
+batch = StoreAudit(trail, "A", SOURCE)
+for n in range(3):
+    _add(batch, n)
+batch.flush()
+assert spool.pending() == 0, spool.pending()
+for n in range(3, 5):
+    _add(batch, n)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -9, done.stderr
+    (left,) = tmp_path.glob("*.jsonl")
+    assert sum('"event_id"' in line for line in left.read_text().splitlines()) == 6
+    due = [record for _, record in AuditSpool(tmp_path).undelivered()]
+    assert sorted(o["id"] for r in due for o in r["objects"] if o["type"] == "instance") == ["1.2.3.3", "1.2.3.4"]
+    assert sorted(r["outcome_description"] for r in due) == ["DIMSE stored: payload 3", "DIMSE stored: payload 4"]
 
 
 def test_stores_waiting_on_an_idle_association_are_sent_by_the_resend_loop(tmp_path: Path, monkeypatch):
