@@ -23,7 +23,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -81,7 +81,7 @@ def parse_blob_uri(uri: str) -> tuple[str, str]:
     return parts[0], parts[2]
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -89,7 +89,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_path(path: Path) -> None:
+def _fsync_path(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -116,7 +116,7 @@ class BlobWriter:
         self._done = False
         if resume is None:
             # Named by the writing process, so a crashed writer's leftovers can go at once (clear_tmp).
-            self._tmp = store.root / "tmp" / f"{own_tag()}.{uuid.uuid4().hex}.part"
+            self._tmp = Path(f"{store.tmp_dir}/{own_tag()}.{uuid.uuid4().hex}.part")
             # Created read-only (the descriptor still writes): a stored payload is never changed, and
             # no chmod is needed before it is renamed into place.
             self._fh: BinaryIO | None = os.fdopen(
@@ -200,7 +200,7 @@ class BlobWriter:
         """
         assert self._fh is not None, "writer already closed"
         digest = self._hash.hexdigest()
-        final = self._store.path(digest)
+        final = self._store.path_name(digest)
         renamed = False
         try:
             self._fh.flush()
@@ -228,14 +228,15 @@ class BlobWriter:
                 assert self._fh is not None
                 os.fsync(self._fh.fileno())
                 self._close()
-                _fsync_dir(final.parent)
+                _fsync_dir(os.path.dirname(final))
                 for directory in created:
-                    _fsync_dir(directory.parent)
+                    _fsync_dir(os.path.dirname(directory))
         except OSError as exc:
             self._done = False
             self.abort()
             if renamed:
-                final.unlink(missing_ok=True)
+                with suppress(FileNotFoundError):
+                    os.unlink(final)
             raise BlobStoreError(exc.errno, f"cannot make payload durable: {exc.strerror}") from exc
         return BlobRef(self._store.site, digest, self._size)
 
@@ -333,24 +334,32 @@ class BlobStore:
         self.site = site
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
         (self.root / "sha256").mkdir(parents=True, exist_ok=True)
-        self._known_dirs: set[Path] = set()
+        # As strings: the receive path names a few files per instance, and pathlib's joins and
+        # conversions had cost more than the rest of the blob store's Python work for a small one.
+        self.tmp_dir = os.fspath(self.root / "tmp")
+        self._objects = os.fspath(self.root / "sha256")
+        self._known_dirs: set[str] = set()
 
     def path(self, digest: str) -> Path:
+        return Path(self.path_name(digest))
+
+    def path_name(self, digest: str) -> str:
+        """:meth:`path` as a string."""
         if not _DIGEST.fullmatch(digest):
             raise ValueError(f"not a SHA-256 hex digest: {digest!r}")
-        return self.root / "sha256" / digest[:2] / digest[2:4] / digest
+        return f"{self._objects}/{digest[:2]}/{digest[2:4]}/{digest}"
 
-    def shard_dirs(self, final: Path, *, remembered: bool = True) -> list[Path]:
+    def shard_dirs(self, final: str | Path, *, remembered: bool = True) -> list[str]:
         """Make the directories ``final`` goes in; those created now (their parents need an fsync).
 
         Directories seen once are remembered (unless ``remembered`` is false), so a commit to a known
         one makes no system call here.
         """
-        parent = final.parent
+        parent = os.path.dirname(final)
         if remembered and parent in self._known_dirs:
             return []
-        created = [d for d in (parent.parent, parent) if not d.exists()]
-        parent.mkdir(parents=True, exist_ok=True)
+        created = [d for d in (os.path.dirname(parent), parent) if not os.path.exists(d)]
+        os.makedirs(parent, exist_ok=True)
         self._known_dirs.add(parent)
         return created
 
@@ -383,7 +392,7 @@ class BlobStore:
         return self.path(digest).stat().st_size
 
     def open(self, digest: str) -> BinaryIO:
-        return self.path(digest).open("rb")
+        return open(self.path_name(digest), "rb")
 
     def open_if_present(self, digest: str) -> BinaryIO | None:
         try:
@@ -402,14 +411,14 @@ class BlobStore:
         It is set only after the acknowledgement, so a marked payload always has its event in Kafka.
         """
         try:
-            os.setxattr(self.path(digest), _ANNOUNCED, b"1")
+            os.setxattr(self.path_name(digest), _ANNOUNCED, b"1")
         except OSError as exc:  # no xattr support, or the file went (quarantined): resends are re-announced
             log.debug("announced mark not set", sha256=digest, error=str(exc))
 
     def is_announced(self, digest: str) -> bool:
         """Whether :meth:`mark_announced` was called for the stored payload (False if unknown)."""
         try:
-            return os.getxattr(self.path(digest), _ANNOUNCED) == b"1"
+            return os.getxattr(self.path_name(digest), _ANNOUNCED) == b"1"
         except OSError:
             return False
 
