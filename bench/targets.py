@@ -20,6 +20,7 @@ from typing import Protocol
 
 import httpx
 import psutil
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from bench.corpus import RunCorpus
 from bench.paths import LOGS, scratch_dir
@@ -258,8 +259,14 @@ class Orthanc(_ReferenceTarget):
         wait_listening(self.http_port, self._process.proc, self._process.log)
         self._check_dicomweb()
 
+    @retry(retry=retry_if_exception_type(httpx.TransportError), stop=stop_after_delay(20), wait=wait_fixed(0.5),
+           reraise=True)
     def _check_dicomweb(self) -> None:
-        """The plugin loads silently or not at all: ask Orthanc which plugins it runs."""
+        """The plugin loads silently or not at all: ask Orthanc which plugins it runs.
+
+        Asked again for a while if the connection fails: Orthanc listens on its HTTP port a moment
+        before it serves it, and a request in that moment is reset.
+        """
         plugins = httpx.get(f"{self.url}/plugins", timeout=30).json()
         if "dicom-web" not in plugins:
             raise RuntimeError(f"Orthanc did not load {DICOMWEB_PLUGIN} (plugins: {plugins}); see {self._process.log}")
