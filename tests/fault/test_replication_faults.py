@@ -287,10 +287,10 @@ def test_an_anti_entropy_sweep_while_cassandra_cannot_answer_changes_nothing_and
         assert digest not in held
         local.stop_node("cassandra-dc2")
         try:
-            # The JVM can hold its sockets a moment after its pid is gone: up() would take them for
-            # another process's and refuse to start the node.
+            # Stopped means every thread of the JVM is gone, its ports too: up() would otherwise take
+            # them for another process's and refuse to start the node.
             ports = CassandraNode(grid.config, 2).listen_addresses()
-            wait_for(lambda: all(listener_pid(host, port) is None for host, port in ports), timeout=60)
+            assert all(listener_pid(host, port) is None for host, port in ports)
             with capture_logs() as logged:
                 asyncio.run(healing.maybe_run(worker))
             (warning,) = [e for e in logged if e["event"].startswith("background healing stopped")]
