@@ -18,6 +18,7 @@ import errno
 import fcntl
 import hashlib
 import io
+import itertools
 import os
 import re
 import time
@@ -97,6 +98,33 @@ def _fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+# Temp files of this process are numbered, not named at random: a random name costs a system call
+# (getrandom) that releases the GIL on every payload.
+_temp_numbers = itertools.count()
+
+
+def _new_temp_file(tmp_dir: str) -> tuple[Path, int]:
+    """A new temp file for a payload, and its descriptor.
+
+    Named by the writing process (its pid and start time), so a crashed writer's leftovers can go at
+    once (clear_tmp). Created read-only (the descriptor still writes): a stored payload is never
+    changed, and no chmod is needed before it is renamed into place.
+    """
+    while True:
+        path = f"{tmp_dir}/{own_tag()}.{next(_temp_numbers)}.part"
+        try:
+            return Path(path), os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+        except FileExistsError:
+            continue  # left by an earlier process that had the same pid in the same second
+
+
+def _write_all(fh: BinaryIO, data: bytes | memoryview) -> None:
+    # An unbuffered file may take less than it is given.
+    view = memoryview(data)
+    while view:
+        view = view[fh.write(view):]
+
+
 class BlobWriter:
     """Streams one payload into the store; :meth:`commit` makes it durable and returns its ref."""
 
@@ -115,12 +143,10 @@ class BlobWriter:
         # The temp file is gone (renamed into place or removed): nothing left for abort to remove.
         self._done = False
         if resume is None:
-            # Named by the writing process, so a crashed writer's leftovers can go at once (clear_tmp).
-            self._tmp = Path(f"{store.tmp_dir}/{own_tag()}.{uuid.uuid4().hex}.part")
-            # Created read-only (the descriptor still writes): a stored payload is never changed, and
-            # no chmod is needed before it is renamed into place.
-            self._fh: BinaryIO | None = os.fdopen(
-                os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444), "wb")
+            self._tmp, fd = _new_temp_file(store.tmp_dir)
+            # Unbuffered: the data set arrives in fragments of tens of KB, which a buffer would only
+            # copy, and opening a buffered file costs two more system calls (isatty, tell).
+            self._fh: BinaryIO | None = open(fd, "wb", buffering=0)  # noqa: SIM115 (closed by _close)
         else:
             self._tmp = store.root / "tmp" / f"{store.path(resume).name}.resume"
             self._fh = self._tmp.open("ab+")
@@ -161,7 +187,7 @@ class BlobWriter:
             raise PayloadTooLarge(errno.EFBIG, f"payload exceeds {self._max} bytes")
         self._hash.update(data)
         try:
-            self._fh.write(data)
+            _write_all(self._fh, data)
         except OSError as exc:
             raise BlobStoreError(exc.errno, f"cannot write payload: {exc.strerror}") from exc
         if self._kept is not None:
@@ -215,14 +241,16 @@ class BlobWriter:
             else:
                 if stored is not None:  # a corrupt copy under the name: kept aside, replaced
                     self._store.quarantine(digest)
-                created = self._store.shard_dirs(final)
                 if self.resumable:
                     os.chmod(self._tmp, 0o444)
+                created: list[str] = []
                 try:
                     os.replace(self._tmp, final)
                 except FileNotFoundError:
-                    # A remembered directory is gone (a wiped store being rebuilt): made again.
-                    created = self._store.shard_dirs(final, remembered=False)
+                    # The payload's directory does not exist yet (the first payload of its shard, or
+                    # a wiped store being rebuilt). Asked of the rename rather than beforehand: most
+                    # payloads go to a directory that exists, and then cost no other system call.
+                    created = self._store.shard_dirs(final)
                     os.replace(self._tmp, final)
                 renamed = self._done = True
                 assert self._fh is not None
@@ -338,7 +366,6 @@ class BlobStore:
         # conversions had cost more than the rest of the blob store's Python work for a small one.
         self.tmp_dir = os.fspath(self.root / "tmp")
         self._objects = os.fspath(self.root / "sha256")
-        self._known_dirs: set[str] = set()
 
     def path(self, digest: str) -> Path:
         return Path(self.path_name(digest))
@@ -349,18 +376,11 @@ class BlobStore:
             raise ValueError(f"not a SHA-256 hex digest: {digest!r}")
         return f"{self._objects}/{digest[:2]}/{digest[2:4]}/{digest}"
 
-    def shard_dirs(self, final: str | Path, *, remembered: bool = True) -> list[str]:
-        """Make the directories ``final`` goes in; those created now (their parents need an fsync).
-
-        Directories seen once are remembered (unless ``remembered`` is false), so a commit to a known
-        one makes no system call here.
-        """
+    def shard_dirs(self, final: str | Path) -> list[str]:
+        """Make the directories ``final`` goes in; those created now (their parents need an fsync)."""
         parent = os.path.dirname(final)
-        if remembered and parent in self._known_dirs:
-            return []
         created = [d for d in (os.path.dirname(parent), parent) if not os.path.exists(d)]
         os.makedirs(parent, exist_ok=True)
-        self._known_dirs.add(parent)
         return created
 
     @contextmanager

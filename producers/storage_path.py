@@ -18,6 +18,8 @@ Commitment services, which keeps one implementation of each refusal and its audi
 from __future__ import annotations
 
 import socket
+import ssl
+import struct
 import time
 from dataclasses import dataclass
 
@@ -56,6 +58,37 @@ class _Closed(Exception):
     """The peer closed the connection."""
 
 
+# What a blocking socket raises when a kernel timeout (SO_RCVTIMEO, SO_SNDTIMEO) expires.
+_TIMED_OUT = BlockingIOError
+
+
+def _set_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Bound every receive and send by ``seconds``.
+
+    A Python socket timeout polls the socket before each call, which doubles the system calls of the
+    association's thread (and each one hands the GIL to another thread); the kernel's own timeouts
+    (SO_RCVTIMEO, SO_SNDTIMEO) cost nothing per call. The socket stays blocking, so a call that times
+    out raises :data:`_TIMED_OUT`, which the association turns into :class:`TimeoutError`. A TLS
+    socket keeps Python's timeout: its blocking reads retry OpenSSL's want-read without end, so a
+    kernel timeout would never reach the association.
+    """
+    if isinstance(sock, ssl.SSLSocket):
+        sock.settimeout(seconds)
+        return
+    sock.settimeout(None)
+    whole = int(seconds)
+    timeval = struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+def _sendall(sock: socket.socket, data: bytes | memoryview) -> None:
+    try:
+        sock.sendall(data)
+    except _TIMED_OUT as exc:
+        raise TimeoutError("send timed out") from exc
+
+
 class _PDUReader:
     """Reads whole PDUs from a socket into one buffer, reused for the association's life.
 
@@ -73,7 +106,10 @@ class _PDUReader:
         while self._end - self._start < need:
             if len(self._buf) - self._start < need:
                 self._make_room(need)
-            got = self._sock.recv_into(self._view[self._end:])
+            try:
+                got = self._sock.recv_into(self._view[self._end:])
+            except _TIMED_OUT as exc:
+                raise TimeoutError("receive timed out") from exc
             if got == 0:
                 raise _Closed()
             self._end += got
@@ -164,7 +200,7 @@ class _Association:
         # A storage SOP class's proposed roles are accepted as proposed (the site is SCU and SCP of
         # storage, as pynetdicom's contexts of the site AE say); others keep the default roles.
         roles = {uid: role for uid, role in self.request.roles.items() if uid in self.path.storage_classes}
-        self.sock.sendall(ul.encode_associate_ac(
+        _sendall(self.sock, ul.encode_associate_ac(
             self.request, self.contexts.values(), max_pdu=self.path.max_pdu,
             implementation_class_uid=IMPLEMENTATION_CLASS_UID,
             implementation_version_name=IMPLEMENTATION_VERSION_NAME, roles=roles,
@@ -173,7 +209,7 @@ class _Association:
     def run(self) -> None:
         # Without TCP_NODELAY every response waits on the peer's delayed ACK.
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.settimeout(self.path.network_timeout_s)
+        _set_timeouts(self.sock, self.path.network_timeout_s)
         reader = _PDUReader(self.sock, 2 * (self.path.max_pdu + 6))
         try:
             self._accept()
@@ -186,7 +222,7 @@ class _Association:
                 elif kind == ul.RELEASE_RQ:
                     if self.store is not None:
                         raise ul.ULError("A-RELEASE-RQ in the middle of a data set")
-                    self.sock.sendall(ul.encode_release_rp())
+                    _sendall(self.sock, ul.encode_release_rp())
                     return
                 elif kind == ul.ABORT:
                     self._ended("aborted by the peer")
@@ -261,13 +297,13 @@ class _Association:
         metrics.REQUEST_SECONDS.labels(self.site, "C-STORE").observe(time.perf_counter() - store.started)
 
     def _send(self, context_id: int, command_set: bytes) -> None:
-        self.sock.sendall(ul.encode_p_data(context_id, command_set, command=True, max_pdu=self.request.max_pdu))
+        _sendall(self.sock, ul.encode_p_data(context_id, command_set, command=True, max_pdu=self.request.max_pdu))
 
     # -- endings ----------------------------------------------------------------------------------
 
     def _send_abort(self, reason: int) -> None:
         try:
-            self.sock.sendall(ul.encode_abort(ul.ABORT_SOURCE_PROVIDER, reason))
+            _sendall(self.sock, ul.encode_abort(ul.ABORT_SOURCE_PROVIDER, reason))
         except OSError:
             pass
 

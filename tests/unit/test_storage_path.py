@@ -352,3 +352,79 @@ def test_dicom_tls_storage_on_the_storage_path_and_refusals_replayed_to_pynetdic
     assert direct_serves == ["STORESCU"]
     assert [e["instance"]["sop_instance_uid"] for e in site.stored()] == [ds.SOPInstanceUID]
     assert "does not speak for calling AE 'OTHER'" in site.audit.records[-1]["description"]
+
+
+@pytest.fixture
+def short_network_timeout(monkeypatch: pytest.MonkeyPatch) -> float:
+    """The storage path's network timeout, shortened for the test (the site's default is 60 s)."""
+    seconds = 0.5
+    original = StoragePath.serve
+
+    def serve(self, sock, request, peer):
+        self.network_timeout_s = seconds
+        return original(self, sock, request, peer)
+
+    monkeypatch.setattr(StoragePath, "serve", serve)
+    return seconds
+
+
+def _silent_in_a_data_set(site: Site, sock: socket.socket, context_id: int, timeout_s: float) -> float:
+    """Store one instance, then send half of the next data set and nothing more. Returns how long the
+    site took to abort the association (after the half was sent)."""
+    stored = make_instance()
+    sock.sendall(ul.encode_p_data(context_id, _store_command(stored.SOPInstanceUID), command=True, max_pdu=0))
+    sock.sendall(ul.encode_p_data(context_id, encode(stored, False, True), command=False, max_pdu=0))
+    assert _response_status(sock) == 0x0000
+    ds = make_instance(pixel_bytes=4096)
+    data_set = encode(ds, False, True)
+    half = data_set[: len(data_set) // 2]
+    sock.sendall(ul.encode_p_data(context_id, _store_command(ds.SOPInstanceUID), command=True, max_pdu=0))
+    sock.sendall(struct.pack(">BxL", ul.P_DATA_TF, len(half) + 6) + struct.pack(">LBB", len(half) + 2, context_id, 0) + half)
+    silent_since = time.monotonic()
+    sock.settimeout(timeout_s + 10)
+    kind, length = ul.pdu_header(_recv_exactly(sock, 6))
+    waited = time.monotonic() - silent_since
+    assert kind == ul.ABORT
+    _recv_exactly(sock, length)
+    assert sock.recv(1) == b"", "the site closed the connection after its A-ABORT"
+    sock.close()
+    # Nothing of the silent data set is kept; the instance stored before it is intact.
+    deadline = time.monotonic() + 5
+    while list((site.blobs.root / "tmp").iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not list((site.blobs.root / "tmp").iterdir())
+    assert [e["instance"]["sop_instance_uid"] for e in site.stored()] == [stored.SOPInstanceUID]
+    (event,) = site.stored()
+    blob = site.blobs.path(event["payload"]["sha256"])
+    assert _dataset_bytes(blob.read_bytes()) == encode(stored, False, True)
+    return waited
+
+
+def test_a_sender_silent_in_the_middle_of_a_data_set_is_aborted_after_the_network_timeout(
+        start, direct_serves, short_network_timeout):
+    site = start()
+    sock, context_id = _raw_association(site)
+    waited = _silent_in_a_data_set(site, sock, context_id, short_network_timeout)
+    assert short_network_timeout * 0.9 <= waited < short_network_timeout + 3
+    assert direct_serves == ["STORESCU"]
+
+
+def test_a_tls_sender_silent_in_the_middle_of_a_data_set_is_aborted_after_the_network_timeout(
+        start, direct_serves, short_network_timeout, tmp_path):
+    import ssl
+
+    site = start()
+    cert, key = tmp_path / "storescu.pem", tmp_path / "storescu-key.pem"
+    pki.issue_certificate(site.config.tls_ca_file, cert, key, "STORESCU")
+    context = client_context(site.config)
+    context.load_cert_chain(cert, key)
+    raw = socket.create_connection((site.site.dicom_host, site.site.dicom_tls_port), timeout=5)
+    sock = context.wrap_socket(raw, server_hostname=site.site.dicom_host)
+    assert isinstance(sock, ssl.SSLSocket)
+    sock.sendall(_pynetdicom_request(roles=False, ct_syntaxes=(ExplicitVRLittleEndian,)))
+    kind, length = ul.pdu_header(_recv_exactly(sock, 6))
+    assert kind == ul.ASSOCIATE_AC
+    _recv_exactly(sock, length)
+    waited = _silent_in_a_data_set(site, sock, 1, short_network_timeout)
+    assert short_network_timeout * 0.9 <= waited < short_network_timeout + 3
+    assert direct_serves == ["STORESCU"]
