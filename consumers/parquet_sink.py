@@ -35,6 +35,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from dicomgrid import schemas
 from dicomgrid.core.config import GridConfig
+from dicomgrid.core.kafka import FETCH_MAX_WAIT_MS, FETCH_MIN_BYTES
 from dicomgrid.core.logging import get_logger
 
 log = get_logger(__name__)
@@ -199,6 +200,10 @@ class ParquetSink:
         self._consumer = Consumer({
             **config.kafka.client_config(), "group.id": sink_group(config), "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
+            # Rows are buffered for flush_s anyway: the broker may hold a fetch until a batch is there,
+            # instead of answering one for nearly every event while the receivers wait on it.
+            "fetch.min.bytes": FETCH_MIN_BYTES,
+            "fetch.wait.max.ms": FETCH_MAX_WAIT_MS,
         })
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

@@ -23,6 +23,14 @@ from dicomgrid.core.logging import get_logger
 log = get_logger(__name__)
 
 
+# How the grid's stream consumers fetch: the broker answers a fetch once this much is waiting on its
+# partitions, or after this long. With Kafka's default (one byte) a consumer gets a fetch response, and
+# wakes, for nearly every event, on the same cores as the receive path, whose acks=all round trip
+# they stretch; a throughput-tuned stream application batches instead, for a bounded delay.
+FETCH_MIN_BYTES = 64 * 1024
+FETCH_MAX_WAIT_MS = 100
+
+
 class PublishError(RuntimeError):
     """An event was not confirmed by the brokers (not written, or not known to be written)."""
 

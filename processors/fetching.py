@@ -6,7 +6,8 @@ for nearly every instance, for each of the grid's consumers, on the same cores a
 whose ``acks=all`` round trip they stretch. Here the broker holds a fetch until
 :data:`FETCH_MIN_BYTES` are there or :data:`FETCH_MAX_WAIT_MS` have passed, as a Kafka Streams
 application tuned for throughput does: a bounded delay (the index lag grows by at most that wait)
-for a fraction of the requests. faust exposes neither setting, so its consumer thread is given them.
+for a fraction of the requests. faust exposes neither setting, so its consumer thread is given them
+(the Parquet sink's librdkafka consumer takes the same two directly).
 """
 
 from __future__ import annotations
@@ -16,10 +17,7 @@ from typing import Any
 import faust
 from faust.transport.drivers import aiokafka as driver
 
-# A fetch is answered once this much is waiting on its partitions ...
-FETCH_MIN_BYTES = 64 * 1024
-# ... or after this long, whichever comes first.
-FETCH_MAX_WAIT_MS = 100
+from dicomgrid.core.kafka import FETCH_MAX_WAIT_MS, FETCH_MIN_BYTES
 
 
 class _ConsumerThread(driver.AIOKafkaConsumerThread):
