@@ -190,6 +190,13 @@ class Cassandra:
             yield from future.result()
 
 
+# Partitions of one request at most: below Cassandra's unlogged_batch_across_partitions_warn_threshold
+# (10), and with small groups a few KiB, below its batch_size_warn_threshold (5 KiB).
+MAX_PARTITIONS_PER_REQUEST = 8
+# Statements per partition of a group that may share a request with others.
+SMALL_GROUP = 2
+
+
 def unlogged(writes: Iterable[Write]) -> BatchStatement:
     batch = BatchStatement(batch_type=BatchType.UNLOGGED)
     for stmt, params in writes:
@@ -209,8 +216,12 @@ class PartitionWrites:
 
     A group added ``beside`` another travels in the same request when the same replicas hold both
     (``replicas_of``): their coordinator then forwards nothing, and one request costs Cassandra less
-    than two. Any other multi-partition batch would make its coordinator split it and forward the
-    parts, so there is none.
+    than two. Small groups (at most :data:`SMALL_GROUP` statements a partition, such as one instance's
+    version, location and replica rows) whose partitions the same replicas hold are sent together, up to
+    :data:`MAX_PARTITIONS_PER_REQUEST` partitions a request: each request costs the driver and the
+    coordinator about as much as the rows it carries, and a small cluster (one node per datacenter,
+    as every local grid) holds every partition on the same replicas. Any other multi-partition batch
+    would make its coordinator split it and forward the parts, so there is none.
     """
 
     def __init__(self) -> None:
@@ -228,15 +239,31 @@ class PartitionWrites:
     def statements(self, replicas_of: ReplicasOf | None = None,
                    batch: Callable[[list[Write]], Any] = unlogged) -> list[tuple[Any, Any]]:
         requests: list[list[Write]] = []
+        # Small requests by the replicas of their partitions: (statements, partitions) being filled.
+        filling: dict[frozenset[Any], tuple[list[Write], int]] = {}
         joined: set[Hashable] = set()
         for key, group in self._groups.items():
             if key in joined:
                 continue
+            joined.add(key)
+            if replicas_of is None:
+                requests.append(group)
+                continue
+            replicas = replicas_of(group[0])
+            partitions = 1
             other = self._beside.get(key)
-            if (replicas_of is not None and other is not None and other in self._groups and other not in joined
-                    and other != key and replicas_of(group[0]) == replicas_of(self._groups[other][0])):
+            if (replicas and other is not None and other in self._groups and other not in joined and other != key
+                    and replicas_of(self._groups[other][0]) == replicas):
                 joined.add(other)
                 group = group + self._groups[other]
-            joined.add(key)
-            requests.append(group)
+                partitions = 2
+            if not replicas or len(group) > SMALL_GROUP * partitions:
+                requests.append(group)
+                continue
+            held, count = filling.get(replicas, ([], 0))
+            if count + partitions > MAX_PARTITIONS_PER_REQUEST:
+                requests.append(held)
+                held, count = [], 0
+            filling[replicas] = (held + group, count + partitions)
+        requests.extend(held for held, _ in filling.values())
         return [group[0] if len(group) == 1 else (batch(group), None) for group in requests]
