@@ -71,6 +71,7 @@ def main(quick: bool, repetitions: int | None, small: int | None, large: int | N
         small=small or (40 if quick else 500),
         large=large or (8 if quick else 100),
         warmup=5 if quick else 10,
+        jvm_warmup=0 if quick else 500,
         queries=20 if quick else 200,
         profile=profile,
         scales=scales or ((1000,) if quick else (10_000, 100_000)),

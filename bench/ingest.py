@@ -53,6 +53,7 @@ class RunResult:
     failures: list[str] = field(default_factory=list)
     note: str = ""
     replication_lag_s: float | None = None
+    jit_seconds: dict[str, float] = field(default_factory=dict)  # of cpu_seconds: the JVMs' JIT compilers
 
     @property
     def ok(self) -> bool:
@@ -92,6 +93,7 @@ def run_once(
             round(load, 2), others, usage.cpu_machine_pct, usage.peak_rss,
             {k: round(v, 2) for k, v in usage.cpu_seconds.items()}, check.stored, _rounded(check.index_lag_s),
             _rounded(check.location_lag_s), sent.failures, check.note, _rounded(check.replication_lag_s),
+            {k: round(v, 2) for k, v in usage.jit_seconds.items()},
         )
     finally:
         run.remove()
@@ -107,6 +109,46 @@ def warm_up(session: Session, target: Target) -> None:
     result = run_once(session, target, session.corpora[0], 1, 0, limit=session.options.warmup)
     if not result.ok:
         raise RuntimeError(f"warm-up of {target.label} failed: {result.failures or result.note or result.stored}")
+
+
+# JVM warm-up (warm_jvms): batches of Options.jvm_warmup small instances, at the most associations measured,
+# until the JIT compilers take less than JIT_SETTLED of the JVMs' CPU in a batch (or MAX batches).
+JVM_WARMUP_MAX_BATCHES = 5
+JIT_SETTLED = 0.10
+
+
+def warm_jvms(session: Session) -> list[dict[str, Any]]:
+    """Load each grid target until its Kafka and Cassandra JVMs have JIT-compiled their hot paths.
+
+    A JVM that has just started spends most of its first few thousand requests compiling them (measured
+    here: Cassandra's C2 compiler took 7-12 ms per small instance in the first 500 after a restart,
+    0.2-0.8 ms a few thousand later), and would bill that to whichever rows run first. A grid runs for
+    months, so it is measured warm; what compilation is left shows in the JIT table. Each reference
+    target is sent one batch of the same size, so every target's first measured run follows the same
+    load. Returns one entry per batch, for the report.
+    """
+    batch = session.options.jvm_warmup
+    if not batch:
+        return []
+    associations = max(session.options.associations)
+    corpus = session.corpora[0]
+    done = []
+    for target in session.targets:
+        target.activate()
+        for number in range(1, JVM_WARMUP_MAX_BATCHES + 1):
+            result = run_once(session, target, corpus, associations, 0, limit=batch)
+            if not result.ok:
+                raise RuntimeError(f"JVM warm-up of {target.label} failed: {result.failures or result.note}")
+            jvm_cpu = sum(result.cpu_seconds.get(g, 0.0) for g in result.jit_seconds)
+            jit = sum(result.jit_seconds.values())
+            share = jit / jvm_cpu if jvm_cpu else 0.0
+            done.append({"target": target.key, "batch": number, "instances": result.instances,
+                         "instances_per_s": round(result.instances_per_s, 1),
+                         "jit_ms_per_instance": round(1000 * jit / result.instances, 2),
+                         "jit_share": round(share, 3)})
+            if not result.jit_seconds or share < JIT_SETTLED:
+                break
+    return done
 
 
 def measure(session: Session) -> list[RunResult]:
@@ -151,6 +193,7 @@ class Row:
     location_lag_s: float | None
     replication_lag_s: float | None = None
     ratios: dict[str, float] = field(default_factory=dict)  # instances/s over each reference's
+    jit_ms_per_instance: dict[str, float] = field(default_factory=dict)  # of cpu_ms_per_instance (JVMs)
 
 
 def _median(values: list[float]) -> float:
@@ -186,6 +229,10 @@ def _row(target: Target, mine: list[RunResult]) -> Row:
         index_lag_s=round(_median(lags), 3) if lags else None,
         location_lag_s=round(_median(locations), 3) if locations else None,
         replication_lag_s=round(_median(replications), 3) if replications else None,
+        jit_ms_per_instance={
+            g: round(_median([1000 * r.jit_seconds.get(g, 0.0) / r.instances for r in mine]), 2)
+            for g in sorted({g for r in mine for g in r.jit_seconds})
+        },
     )
 
 
@@ -227,7 +274,8 @@ def goals(rows: list[Row]) -> list[dict[str, Any]]:
     return out
 
 
-def _render(session: Session, rows: list[Row], goal_rows: list[dict[str, Any]]) -> str:
+def _render(session: Session, rows: list[Row], goal_rows: list[dict[str, Any]],
+            warm_up_batches: list[dict[str, Any]]) -> str:
     corpora = ", ".join(
         f"**{c.spec.name}**: {c.spec.count} CT images {c.spec.rows}x{c.spec.columns} 16-bit "
         f"(~{c.total_bytes / c.spec.count / 1e3:.0f} KB each) in {c.spec.studies} "
@@ -252,6 +300,21 @@ def _render(session: Session, rows: list[Row], goal_rows: list[dict[str, Any]]) 
           *[f"{r.peak_rss_mib.get(g, 0):.0f} / {r.cpu_ms_per_instance.get(g, 0):.2f}" for g in groups]]
          for r in grid_rows],
     )
+    jvm_groups = [g for g in groups if any(g in r.jit_ms_per_instance for r in grid_rows)]
+    jit = report.table(
+        ["corpus", "assoc.", "grid", *[f"{g} JIT ms per inst." for g in jvm_groups]],
+        [[r.corpus, r.associations, r.label, *[report.number(r.jit_ms_per_instance.get(g), 2) for g in jvm_groups]]
+         for r in grid_rows],
+    ) if jvm_groups else ""
+    grid_batches = [b for b in warm_up_batches if b["target"].startswith("grid")]
+    warmed = (
+        f"Before the measured runs, each grid was sent batches of {grid_batches[0]['instances']} small instances "
+        f"until its JVMs' JIT compilers took under {JIT_SETTLED:.0%} of their CPU (each reference: one batch); "
+        "JIT ms per instance by batch: "
+        + "; ".join(f"{t}: " + ", ".join(f"{b['jit_ms_per_instance']:.2f}" for b in grid_batches if b["target"] == t)
+                    for t in dict.fromkeys(b["target"] for b in grid_batches))
+        + ".\n"
+    ) if grid_batches else ""
     others = report.table(
         ["corpus", "assoc.", "target", "CPU ms per instance (target processes)"],
         [[r.corpus, r.associations, r.label, f"{r.cpu_ms_per_instance.get(r.primary, 0):.2f}"]
@@ -278,6 +341,9 @@ def _render(session: Session, rows: list[Row], goal_rows: list[dict[str, Any]]) 
         "CPU time counts from the first C-STORE until the run's last instance is indexed. The Cassandra "
         "nodes and Kafka are shared with any other grid running on the machine.\n\n"
         f"{pipeline}\n"
+        + (f"Of the JVMs' CPU above, what their JIT compilers took (HotSpot's C1/C2 threads):\n\n{jit}\n"
+           if jit else "")
+        + f"{warmed}\n"
         f"### Reference targets: CPU per instance\n\n{others}\n"
         "### Settings\n\n"
         f"- Client: DCMTK `storescu {' '.join(STORESCU_OPTIONS)} -aet STORESCU -aec <AE> 127.0.0.1 <port> FILES...`, "
@@ -296,6 +362,7 @@ class IngestScenario:
     title = "Ingest (C-STORE), everything durable"
 
     def run(self, session: Session) -> Section:
+        warm_up_batches = warm_jvms(session)
         runs = measure(session)
         rows = summarize(session, runs)
         goal_rows = goals(rows)
@@ -306,6 +373,7 @@ class IngestScenario:
             "corpora": [{**asdict(c.spec), "bytes": c.total_bytes} for c in session.corpora],
             "rows": [asdict(r) for r in rows],
             "goals": goal_rows,
+            "jvm_warm_up": warm_up_batches,
             "runs": [r.as_dict() for r in runs],
         }
-        return Section(self.key, self.title, True, _render(session, rows, goal_rows), data)
+        return Section(self.key, self.title, True, _render(session, rows, goal_rows, warm_up_batches), data)

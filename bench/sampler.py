@@ -14,10 +14,13 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from bench.jit import compiler_seconds
+
 # Called at every sample: a group's processes can change during a run.
 Groups = Callable[[], dict[str, list[psutil.Process]]]
 
 INTERVAL_S = 0.1
+_JIT_RESCAN = 10  # samples
 
 
 @dataclass
@@ -25,6 +28,8 @@ class Usage:
     cpu_machine_pct: float = 0.0  # mean while sending, 100 = every core busy
     peak_rss: dict[str, int] = field(default_factory=dict)  # bytes, by group
     cpu_seconds: dict[str, float] = field(default_factory=dict)  # user + system, by group
+    # Of cpu_seconds, what the JVMs' JIT compilers took (groups of JVMs only; bench.jit).
+    jit_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def _rss(proc: psutil.Process) -> int:
@@ -59,11 +64,17 @@ class Sampler:
         self._first: dict[int, float] = {}
         self._last: dict[int, float] = {}
         self._members: dict[str, set[int]] = {}
+        # JIT compiler threads' CPU by (pid, tid): first and last seen, for the JVMs only.
+        self._jit_first: dict[tuple[int, int], float] = {}
+        self._jit_last: dict[tuple[int, int], float] = {}
+        self._jit_members: dict[str, set[int]] = {}
+        self._samples = 0
 
     def __enter__(self) -> "Sampler":
         psutil.cpu_percent(interval=None)
         self._sample()
         self._first = dict(self._last)
+        self._jit_first = dict(self._jit_last)
         self._thread.start()
         return self
 
@@ -81,6 +92,10 @@ class Sampler:
         self._thread.join()
         self._sample()
         self.usage.cpu_seconds = self._cpu_seconds()
+        self.usage.jit_seconds = {
+            group: sum(v - self._jit_first.get(key, 0.0) for key, v in self._jit_last.items() if key[0] in pids)
+            for group, pids in self._jit_members.items()
+        }
 
     def _cpu_seconds(self) -> dict[str, float]:
         return {
@@ -93,6 +108,10 @@ class Sampler:
             self._sample()
 
     def _sample(self) -> None:
+        # A JVM's threads are listed again once a second (compiler threads come and go); in between,
+        # only the compiler threads already found are read.
+        full = self._samples % _JIT_RESCAN == 0
+        self._samples += 1
         for group, procs in self._groups().items():
             self.usage.peak_rss[group] = max(sum(_rss(p) for p in procs), self.usage.peak_rss.get(group, 0))
             members = self._members.setdefault(group, set())
@@ -101,3 +120,15 @@ class Sampler:
                 if value is not None:
                     members.add(proc.pid)
                     self._last[proc.pid] = value
+                if _is_jvm(proc):
+                    self._jit_members.setdefault(group, set()).add(proc.pid)
+                    known = None if full else [tid for pid, tid in self._jit_last if pid == proc.pid]
+                    for tid, seconds in compiler_seconds(proc.pid, known).items():
+                        self._jit_last[(proc.pid, tid)] = seconds
+
+
+def _is_jvm(proc: psutil.Process) -> bool:
+    try:
+        return proc.name() == "java"
+    except psutil.Error:
+        return False

@@ -36,6 +36,7 @@ class Options:
     associations: tuple[int, ...] = (1, 4)
     grid_receivers: tuple[int, ...] = (1, 2)
     warmup: int = 10
+    jvm_warmup: int = 500  # small instances per batch of the ingest section's JVM warm-up (0: none)
     queries: int = 200  # C-FINDs per association for a one-match query (a tenth for many matches)
     profile: bool = True
     scales: tuple[int, ...] = (10_000, 100_000)  # studies in the metadata-scale sets (C-FIND latency)

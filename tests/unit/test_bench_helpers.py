@@ -179,3 +179,43 @@ def test_healing_rows_are_medians_and_cpu_is_per_instance_and_per_gb(tmp_path) -
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "a" / "b" / "blob").write_bytes(b"x" * 10)
     assert drop_cached(tmp_path) == 1
+
+
+def test_compiler_seconds_counts_only_threads_named_as_hotspot_compilers() -> None:
+    import os
+    import threading
+    import time
+
+    from bench.jit import compiler_seconds
+
+    ready, stop = threading.Event(), threading.Event()
+    tids: dict[str, int] = {}
+
+    def spin(name: str) -> None:
+        tid = threading.get_native_id()
+        with open(f"/proc/self/task/{tid}/comm", "w") as fh:  # what HotSpot names its compiler threads
+            fh.write(name)
+        tids[name] = tid
+        if len(tids) == 2:
+            ready.set()
+        while time.thread_time() < 0.3:  # this thread's own CPU time
+            pass
+        stop.wait(10)
+
+    threads = [threading.Thread(target=spin, args=(n,)) for n in ("C2 CompilerThread0", "MutationStage-1")]
+    for t in threads:
+        t.start()
+    try:
+        assert ready.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and compiler_seconds(os.getpid()).get(tids["C2 CompilerThread0"], 0) < 0.2:
+            time.sleep(0.05)
+        found = compiler_seconds(os.getpid())
+        assert set(found) == {tids["C2 CompilerThread0"]}
+        assert found[tids["C2 CompilerThread0"]] >= 0.2
+        assert compiler_seconds(os.getpid(), [tids["MutationStage-1"]]) == {}
+        assert compiler_seconds(os.getpid(), [tids["C2 CompilerThread0"]]).keys() == found.keys()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
