@@ -9,12 +9,13 @@ by (digest, site), so recording a copy twice leaves one row.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dicomgrid.core.blobstore import BlobRef
-from dicomgrid.core.cassandra import Cassandra, Write
+from dicomgrid.core.cassandra import Cassandra, PartitionWrites, Write
 
 # Digests per look-up query of verified_sites_of (partition keys in one IN).
 LOOKUP_SLICE = 100
@@ -44,15 +45,74 @@ def replica_write(db: Cassandra, blob: BlobRef, stored_at: dt.datetime, verified
     return db.write(_INSERT, (blob.sha256, blob.site, blob.size, blob.uri, stored_at, verified_at))
 
 
+@dataclass
+class _Queued:
+    """A row waiting in :meth:`ReplicaLedger.record`'s queue."""
+
+    write: Write
+    sha256: str
+    settled: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    # Set instead of settled: the caller is to send the queue (the one sending it has finished a round).
+    lead: bool = False
+
+
 class ReplicaLedger:
     def __init__(self, db: Cassandra) -> None:
         self.db = db
+        self._lock = threading.Lock()
+        self._queue: list[_Queued] = []
+        self._sending = False
 
     def record(self, blob: BlobRef, verified_at: dt.datetime | None = None) -> None:
-        """Record ``blob.site``'s copy, verified now unless told otherwise."""
+        """Record ``blob.site``'s copy, verified now unless told otherwise; return once Cassandra has it.
+
+        Concurrent callers (the replication worker's threads) share requests, as a group commit: a row
+        recorded while another caller's request is in flight waits for that request, then goes with
+        every row queued meanwhile, in one unlogged batch per replica set (:class:`PartitionWrites`).
+        A caller alone sends its row at once, so nobody waits for company. The caller whose request
+        returns hands the next one to a caller still waiting, so none sends more than one round for
+        the others. If a request fails, every caller whose row it carried gets the error.
+        """
         now = dt.datetime.now(dt.timezone.utc)
-        stmt, params = replica_write(self.db, blob, now, verified_at or now)
-        self.db.session.execute(stmt, params)
+        queued = _Queued(replica_write(self.db, blob, now, verified_at or now), blob.sha256)
+        with self._lock:
+            self._queue.append(queued)
+            lead = not self._sending
+            self._sending = True
+        while True:
+            if lead:
+                self._send_round()
+            queued.settled.wait()
+            if not queued.lead:
+                break
+            queued.lead, lead = False, True
+            queued.settled.clear()
+        if queued.error is not None:
+            raise queued.error
+
+    def _send_round(self) -> None:
+        with self._lock:
+            rows, self._queue = self._queue, []
+        error: BaseException | None = None
+        try:
+            writes = PartitionWrites()
+            for row in rows:
+                writes.add(row.sha256, row.write)
+            for stmt, params in writes.statements(self.db.replicas):
+                self.db.session.execute(stmt, params)
+        except BaseException as exc:  # handed to every caller whose row this round carried
+            error = exc
+        for row in rows:
+            row.error = error
+            row.settled.set()
+        with self._lock:
+            if self._queue:
+                nxt = self._queue[0]
+                nxt.lead = True
+                nxt.settled.set()
+            else:
+                self._sending = False
 
     def replicas(self, sha256: str) -> list[Replica]:
         return [Replica.from_row(row) for row in self.db.execute(
