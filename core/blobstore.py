@@ -118,7 +118,37 @@ def _new_temp_file(tmp_dir: str) -> tuple[Path, int]:
             continue  # left by an earlier process that had the same pid in the same second
 
 
-def _write_all(fh: BinaryIO, data: bytes | memoryview) -> None:
+class _TempFile:
+    """An unbuffered file on a descriptor: what ``open(fd, "wb", buffering=0)`` gives, without the
+    ``fstat`` that opening it makes (once per payload, and each system call hands the GIL over)."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def write(self, data: bytes | memoryview) -> int:
+        return os.write(self._fd, data)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def flush(self) -> None:
+        pass  # nothing buffered
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return os.lseek(self._fd, offset, whence)
+
+    def truncate(self) -> None:
+        os.ftruncate(self._fd, os.lseek(self._fd, 0, os.SEEK_CUR))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+
+def _write_all(fh: BinaryIO | _TempFile, data: bytes | memoryview) -> None:
     # An unbuffered file may take less than it is given.
     view = memoryview(data)
     while view:
@@ -142,11 +172,14 @@ class BlobWriter:
         self.existed = False
         # The temp file is gone (renamed into place or removed): nothing left for abort to remove.
         self._done = False
+        # Bytes accounted for (hashed, counted, kept) but written with the next write (:meth:`hold`).
+        self._held = b""
+        self._fh: BinaryIO | _TempFile | None
         if resume is None:
             self._tmp, fd = _new_temp_file(store.tmp_dir)
             # Unbuffered: the data set arrives in fragments of tens of KB, which a buffer would only
             # copy, and opening a buffered file costs two more system calls (isatty, tell).
-            self._fh: BinaryIO | None = open(fd, "wb", buffering=0)  # noqa: SIM115 (closed by _close)
+            self._fh = _TempFile(fd)
         else:
             self._tmp = store.root / "tmp" / f"{store.path(resume).name}.resume"
             self._fh = self._tmp.open("ab+")
@@ -178,23 +211,47 @@ class BlobWriter:
         self._fh.truncate()
         self._hash = hashlib.sha256()
         self._size = 0
+        self._held = b""
         self._kept = bytearray() if self._keep > 0 else None
 
     def write(self, data: bytes | memoryview) -> None:
         assert self._fh is not None, "writer already closed"
+        self._account(data)
+        if self._held:
+            data, self._held = self._held + data, b""
+        self._write(data)
+
+    def hold(self, data: bytes) -> None:
+        """:meth:`write` ``data`` (a small head: the file meta), in one system call with the next write.
+
+        The payload is the same; what is held is written at the latest by :meth:`commit` or :meth:`reopen`.
+        """
+        assert self._fh is not None, "writer already closed"
+        self._account(data)
+        self._held += data
+
+    def _account(self, data: bytes | memoryview) -> None:
         self._size += len(data)
         if self._max is not None and self._size > self._max:
             raise PayloadTooLarge(errno.EFBIG, f"payload exceeds {self._max} bytes")
         self._hash.update(data)
-        try:
-            _write_all(self._fh, data)
-        except OSError as exc:
-            raise BlobStoreError(exc.errno, f"cannot write payload: {exc.strerror}") from exc
         if self._kept is not None:
             if self._size <= self._keep:
                 self._kept += data
             else:
                 self._kept = None
+
+    def _write(self, data: bytes | memoryview) -> None:
+        assert self._fh is not None
+        try:
+            _write_all(self._fh, data)
+        except OSError as exc:
+            raise BlobStoreError(exc.errno, f"cannot write payload: {exc.strerror}") from exc
+
+    def _write_held(self) -> None:
+        if self._held:
+            held, self._held = self._held, b""
+            self._write(held)
 
     def copy_from(self, src: BinaryIO, offset: int = 0) -> None:
         """Append the rest of ``src`` from ``offset``."""
@@ -211,6 +268,7 @@ class BlobWriter:
         assert self._fh is not None, "writer already closed"
         if self._kept is not None:
             return io.BytesIO(self._kept)
+        self._write_held()
         self._fh.flush()
         return self._tmp.open("rb")
 
@@ -229,6 +287,7 @@ class BlobWriter:
         final = self._store.path_name(digest)
         renamed = False
         try:
+            self._write_held()
             self._fh.flush()
             stored = self._store.stored_digest(digest)
             if stored == digest:

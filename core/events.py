@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import random
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -29,9 +30,20 @@ SCHEMA_VERSIONS = {
 }
 
 
+def new_event_id() -> str:
+    """A random (version 4) UUID, drawn from the ``random`` module's generator.
+
+    ``uuid.uuid4`` asks the OS for each one (``getrandom``), a system call that hands the GIL to another
+    association's thread, twice per stored instance (its event and its audit record). The generator is
+    seeded by the OS when the process starts, and again in a forked child; event ids must be unique,
+    not secret.
+    """
+    return str(uuid.UUID(int=random.getrandbits(128), version=4))
+
+
 def envelope(event_type: str) -> dict[str, Any]:
     return {
-        "event_id": str(uuid.uuid4()),
+        "event_id": new_event_id(),
         "event_type": event_type,
         "schema_version": SCHEMA_VERSIONS.get(event_type, 1),
         "occurred_at": utc_now(),

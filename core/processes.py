@@ -19,9 +19,24 @@ def tag_of(pid: int, started: float) -> str:
     return f"{pid}-{int(started)}"
 
 
+_own: str | None = None
+
+
 def own_tag() -> str:
-    """This process's tag."""
-    return _tag(os.getpid())  # keyed by pid: a forked child gets its own
+    """This process's tag (asked of the OS once: ``getpid`` is a system call, made per payload)."""
+    global _own
+    if _own is None:
+        _own = _tag(os.getpid())
+    return _own
+
+
+def _forget_own_tag() -> None:
+    global _own
+    _own = None
+
+
+# A forked child is another process: it gets its own tag.
+os.register_at_fork(after_in_child=_forget_own_tag)
 
 
 @cache

@@ -207,7 +207,7 @@ class Ingestor:
         attrs = found.attributes
         try:
             with self.blobs.writer(max_bytes=self.max_instance_bytes) as writer:
-                writer.write(canonical_file_meta(attrs.get("SOPClassUID"), attrs.get("SOPInstanceUID"), found.transfer_syntax_uid))
+                writer.hold(canonical_file_meta(attrs.get("SOPClassUID"), attrs.get("SOPInstanceUID"), found.transfer_syntax_uid))
                 writer.copy_from(fp, found.offset)
                 blob = writer.commit()
                 existed = writer.existed
@@ -321,7 +321,7 @@ class Reception:
         self._data_set_at = (len(meta), transfer_syntax_uid)
         try:
             self._writer = BlobWriter(ingestor.blobs, ingestor.max_instance_bytes, keep=CHECKED_IN_MEMORY_BYTES)
-            self._writer.write(meta)
+            self._writer.hold(meta)
         except BlobStoreError as exc:
             self._fail(IngestResult(Outcome.NO_STORAGE, str(exc), **ids))
 

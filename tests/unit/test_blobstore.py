@@ -175,3 +175,57 @@ def test_a_writer_that_restarts_gives_back_only_what_was_written_since(tmp_path:
     with writer.reopen() as fp:
         assert fp.read() == b"right"
     writer.abort()
+
+
+@pytest.mark.parametrize("keep", [0, 1024])
+@pytest.mark.parametrize("fragments", [0, 1, 3])
+def test_a_held_head_is_part_of_the_payload_whether_or_not_anything_follows(tmp_path: Path, keep: int,
+                                                                            fragments: int):
+    """The file meta is held and written with the first fragment (one system call for both); with no
+    fragment after it, commit and reopen still find it."""
+    from dicomgrid.core.blobstore import BlobWriter
+
+    store = BlobStore(tmp_path, "A")
+    writer = BlobWriter(store, None, keep=keep)
+    head, parts = os.urandom(40), [os.urandom(300) for _ in range(fragments)]
+    writer.hold(head)
+    for part in parts:
+        writer.write(memoryview(part))
+    expected = head + b"".join(parts)
+    assert writer.size == len(expected)
+    with writer.reopen() as fp:
+        assert fp.read() == expected
+    ref = writer.commit()
+    assert ref.sha256 == hashlib.sha256(expected).hexdigest()
+    assert store.path(ref.sha256).read_bytes() == expected
+
+
+def test_a_held_head_goes_to_the_file_in_the_same_write_as_the_first_fragment(tmp_path: Path, monkeypatch):
+    from dicomgrid.core import blobstore
+
+    store = BlobStore(tmp_path, "A")
+    writer = blobstore.BlobWriter(store, None)
+    calls: list[bytes] = []
+    real_write = os.write
+
+    def recording_write(fd: int, data) -> int:
+        calls.append(bytes(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(blobstore.os, "write", recording_write)
+    writer.hold(b"head")
+    writer.write(b"first")
+    writer.write(b"second")
+    writer.commit()
+    assert calls == [b"headfirst", b"second"]
+
+
+def test_a_held_head_counts_against_the_size_limit(tmp_path: Path):
+    from dicomgrid.core.blobstore import BlobWriter
+
+    writer = BlobWriter(BlobStore(tmp_path, "A"), 10)
+    writer.hold(b"12345678")
+    with pytest.raises(PayloadTooLarge):
+        writer.write(b"abc")
+    writer.abort()
+    assert not any((tmp_path / "tmp").iterdir())
