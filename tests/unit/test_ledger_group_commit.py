@@ -74,19 +74,30 @@ def test_a_lone_row_goes_at_once_in_a_request_of_its_own() -> None:
     assert stmt.startswith("INSERT INTO replicas") and params[:3] == (f"{1:064x}", "B", 101)
 
 
+def _queued_behind_a_request(db: _Db, ledger: ReplicaLedger, waiting: int,
+                             errors: dict[int, BaseException]) -> list[threading.Thread]:
+    """One caller whose request is held in flight, and ``waiting`` more queued behind it."""
+    db.session.gate.clear()
+    first = _record_in_thread(ledger, _blob(0), errors)
+    assert db.session.in_flight.wait(10)
+    others = [_record_in_thread(ledger, _blob(i), errors) for i in range(1, waiting + 1)]
+    _wait_queued(ledger, waiting)
+    return [first, *others]
+
+
+def _join(threads: list[threading.Thread]) -> None:
+    for thread in threads:
+        thread.join(10)
+        assert not thread.is_alive()
+
+
 def test_rows_recorded_while_a_request_is_in_flight_share_the_next_request() -> None:
     db = _Db()
     ledger = ReplicaLedger(db)  # type: ignore[arg-type]
     errors: dict[int, BaseException] = {}
-    db.session.gate.clear()
-    first = _record_in_thread(ledger, _blob(0), errors)
-    assert db.session.in_flight.wait(10)
-    others = [_record_in_thread(ledger, _blob(i), errors) for i in range(1, 5)]
-    _wait_queued(ledger, 4)
+    threads = _queued_behind_a_request(db, ledger, 4, errors)
     db.session.gate.set()
-    for thread in [first, *others]:
-        thread.join(10)
-        assert not thread.is_alive()
+    _join(threads)
     assert not errors
     assert [len(r) for r in db.session.requests] == [1, 4], "the four queued rows went in one request"
 
@@ -95,16 +106,10 @@ def test_a_failed_request_fails_every_caller_whose_row_it_carried_and_the_next_o
     db = _Db()
     ledger = ReplicaLedger(db)  # type: ignore[arg-type]
     errors: dict[int, BaseException] = {}
-    db.session.gate.clear()
-    first = _record_in_thread(ledger, _blob(0), errors)
-    assert db.session.in_flight.wait(10)
-    others = [_record_in_thread(ledger, _blob(i), errors) for i in range(1, 4)]
-    _wait_queued(ledger, 3)
+    threads = _queued_behind_a_request(db, ledger, 3, errors)
     db.session.fail = RuntimeError("coordinator timed out")
     db.session.gate.set()
-    for thread in [first, *others]:
-        thread.join(10)
-        assert not thread.is_alive()
+    _join(threads)
     assert sorted(errors) == [100, 101, 102, 103]
     assert all(str(e) == "coordinator timed out" for e in errors.values())
 
@@ -118,10 +123,7 @@ def test_many_concurrent_callers_all_return_and_every_row_is_sent_once(callers: 
     db = _Db()
     ledger = ReplicaLedger(db)  # type: ignore[arg-type]
     errors: dict[int, BaseException] = {}
-    threads = [_record_in_thread(ledger, _blob(i), errors) for i in range(callers)]
-    for thread in threads:
-        thread.join(10)
-        assert not thread.is_alive()
+    _join([_record_in_thread(ledger, _blob(i), errors) for i in range(callers)])
     assert not errors
     assert sum(len(r) for r in db.session.requests) == callers
     assert not ledger._sending and not ledger._queue
