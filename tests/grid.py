@@ -309,3 +309,25 @@ class GridWeb:
 
 
 web = GridWeb()
+
+
+def settle_reactor(assoc: Any, settle_s: float = 0.005) -> None:
+    """Stop a requestor association's reactor for good before its next DIMSE request.
+
+    pynetdicom pauses the reactor at each ``send_*`` by clearing a checkpoint and waiting for the
+    reactor's ``_is_paused``, which the reactor sets *before* it waits on that checkpoint. Right after
+    the previous operation ended (the checkpoint set again), the flag can therefore read true while the
+    reactor is in fact running on: it then takes the next operation's first response off the queue as an
+    unexpected request, logs "Received unexpected C-FIND service message" and drops it (pynetdicom issue
+    #875; a fast SCP on localhost answers within that window). Here the checkpoint is cleared first and
+    the flag must stay true for ``settle_s``, which outlasts one turn of the reactor's loop.
+    """
+    assoc._reactor_checkpoint.clear()
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        if assoc._is_paused:
+            time.sleep(settle_s)
+            if assoc._is_paused:
+                return
+        time.sleep(0.0005)
+

@@ -39,7 +39,7 @@ from dicomgrid.core.config import SiteConfig
 from dicomgrid.core.dimse import set_nodelay
 from dicomgrid.deploy.local.dcmtk import require_dcmtk_tool
 from tests.dicom_samples import make_instance, to_part10
-from tests.grid import bearer, wait_for
+from tests.grid import bearer, settle_reactor, wait_for
 
 # Hostile identifiers are built on purpose; pydicom warns about each invalid value.
 pytestmark = [pytest.mark.cluster, pytest.mark.filterwarnings(
@@ -169,7 +169,7 @@ class FindSCU:
         for keyword, value in keys.items():
             setattr(ds, keyword, value)
         matches, final = [], None
-        for status, identifier in self.assoc.send_c_find(ds, model):
+        for status, identifier in self.send_c_find(ds, model):
             assert status is not None, "no response from the SCP"
             if status.Status in PENDING:
                 matches.append(identifier)
@@ -177,6 +177,16 @@ class FindSCU:
                 final = status
         assert final is not None
         return matches, final
+
+    def send_c_find(self, ds: Dataset, model: Any, **kwargs: Any) -> Iterator[tuple[Dataset, Dataset | None]]:
+        """pynetdicom's ``send_c_find`` on this association, once its reactor is really paused (the
+        association serves many operations in a row: :func:`tests.grid.settle_reactor`)."""
+        settle_reactor(self.assoc)
+        return self.assoc.send_c_find(ds, model, **kwargs)
+
+    def echo(self) -> int:
+        settle_reactor(self.assoc)
+        return self.assoc.send_c_echo().Status
 
     def close(self) -> None:
         self.assoc.release()
@@ -332,12 +342,12 @@ def test_bad_identifiers_get_a_clear_failure(scu, name, level, model, keys, stat
         ds.QueryRetrieveLevel = level
     for keyword, value in keys.items():
         setattr(ds, keyword, value)
-    responses = list(client.assoc.send_c_find(ds, model))
+    responses = list(client.send_c_find(ds, model))
     assert len(responses) == 1, "a refused query has no pending responses"
     final, identifier = responses[0]
     assert final.Status == status and identifier is None
     assert final.ErrorComment
-    assert client.assoc.is_established and client.assoc.send_c_echo().Status == 0x0000
+    assert client.assoc.is_established and client.echo() == 0x0000
 
 
 INJECTIONS = ["' OR 1=1 --", "*'; DROP TABLE studies; --", "X\\' OR ''='", "Y" * 5000, "a\x00b\r\nc",
@@ -406,7 +416,7 @@ def test_c_cancel_stops_the_query(grid):
         ds = Dataset()
         ds.QueryRetrieveLevel = "IMAGE"
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, ""
-        responses = client.assoc.send_c_find(ds, STUDY_ROOT, msg_id=7)
+        responses = client.send_c_find(ds, STUDY_ROOT, msg_id=7)
         statuses = []
         for status, _ in responses:
             statuses.append(status.Status)
