@@ -318,8 +318,8 @@ def settle_reactor(assoc: Any, settle_s: float = 0.005) -> None:
     reactor's ``_is_paused``, which the reactor sets *before* it waits on that checkpoint. Right after
     the previous operation ended (the checkpoint set again), the flag can therefore read true while the
     reactor is in fact running on: it then takes the next operation's first response off the queue as an
-    unexpected request, logs "Received unexpected C-FIND service message" and drops it (pynetdicom issue
-    #875; a fast SCP on localhost answers within that window). Here the checkpoint is cleared first and
+    unexpected request, logs "Received unexpected C-FIND service message" and drops it (the symptom of
+    pynetdicom issue #875; an SCP on localhost can answer within that window). Here the checkpoint is cleared first and
     the flag must stay true for ``settle_s``, which outlasts one turn of the reactor's loop.
     """
     assoc._reactor_checkpoint.clear()
