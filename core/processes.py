@@ -7,7 +7,6 @@ its recycled pid.
 from __future__ import annotations
 
 import os
-from functools import cache
 
 import psutil
 
@@ -26,7 +25,8 @@ def own_tag() -> str:
     """This process's tag (asked of the OS once: ``getpid`` is a system call, made per payload)."""
     global _own
     if _own is None:
-        _own = _tag(os.getpid())
+        pid = os.getpid()
+        _own = tag_of(pid, psutil.Process(pid).create_time())
     return _own
 
 
@@ -37,11 +37,6 @@ def _forget_own_tag() -> None:
 
 # A forked child is another process: it gets its own tag.
 os.register_at_fork(after_in_child=_forget_own_tag)
-
-
-@cache
-def _tag(pid: int) -> str:
-    return tag_of(pid, psutil.Process(pid).create_time())
 
 
 def tag_alive(tag: str) -> bool:
