@@ -189,7 +189,7 @@ class Ingestor:
 
         The canonical file meta is known before the first byte (the request names the SOP Class and
         Instance, the presentation context the transfer syntax), so the payload is written and hashed
-        in one pass, with no spool copy. :meth:`Reception.finish` then checks it as :meth:`ingest`
+        in one pass, with no spool copy. :meth:`Reception.complete` then checks it as :meth:`ingest`
         does before anything is made durable or announced.
         """
         return Reception(self, source, expected, transfer_syntax_uid, batch)
@@ -295,8 +295,8 @@ class Ingestor:
 class Reception:
     """One data set being received into the blob store; see :meth:`Ingestor.receive`.
 
-    :meth:`write` takes the fragments in order; :meth:`finish` checks, commits, announces and reports
-    (audit, metrics, log) once; :meth:`abort` drops what was written (the sender went away).
+    :meth:`write` takes the fragments in order; :meth:`complete` checks, commits and announces, :meth:`report`
+    audits, counts and logs the outcome once; :meth:`abort` drops what was written (the sender went away).
     """
 
     def __init__(self, ingestor: Ingestor, source: Source, expected: Expected, transfer_syntax_uid: str,
@@ -348,11 +348,16 @@ class Reception:
             self._writer.abort()
             self._writer = None
 
-    def finish(self) -> IngestResult:
-        ingestor = self._ingestor
-        return ingestor.report(self._finish(), self._source, self._batch)
+    def report(self, result: IngestResult) -> IngestResult:
+        """Audit, count and log ``result`` (what :meth:`complete` returned)."""
+        return self._ingestor.report(result, self._source, self._batch)
 
-    def _finish(self) -> IngestResult:
+    def complete(self) -> IngestResult:
+        """Check, commit and announce the data set, without reporting the outcome yet.
+
+        A C-STORE's response waits on this only: the audit, metrics and log of the outcome follow
+        the response (:meth:`report`), while the sender is already on its next instance.
+        """
         writer = self._writer
         if writer is None:
             assert self._refused is not None

@@ -290,10 +290,15 @@ class _Association:
             raise CommandError(f"command field {name} is not served on a storage association")
 
     def _stored(self, store: _Store) -> None:
-        result = store.reception.finish()
+        result = store.reception.complete()
         comment = None if result.ok else result.error_comment
-        self._send(store.context_id, c_store_rsp(store.sop_class_uid, store.sop_instance_uid, store.message_id,
-                                                 result.outcome.status, comment, result.offending_element))
+        try:
+            self._send(store.context_id, c_store_rsp(store.sop_class_uid, store.sop_instance_uid, store.message_id,
+                                                     result.outcome.status, comment, result.offending_element))
+        finally:
+            # After the response: at one association the sender waits on nothing else. Reported even
+            # when the response cannot be sent, as the outcome (stored or refused) stands.
+            store.reception.report(result)
         metrics.REQUEST_SECONDS.labels(self.site, "C-STORE").observe(time.perf_counter() - store.started)
 
     def _send(self, context_id: int, command_set: bytes) -> None:

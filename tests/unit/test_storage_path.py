@@ -33,6 +33,7 @@ from dicomgrid.core.dimse_commands import parse_command
 from dicomgrid.core.tls import client_context
 from dicomgrid.deploy.local.dcmtk import dcmtk_tool
 from dicomgrid.producers.ingest import Ingestor
+from dicomgrid.producers import storage_path
 from dicomgrid.producers.storage_path import StoragePath
 from dicomgrid.producers.storage_scp import StorageService
 from tests.dicom_samples import make_instance, to_part10
@@ -428,3 +429,27 @@ def test_a_tls_sender_silent_in_the_middle_of_a_data_set_is_aborted_after_the_ne
     waited = _silent_in_a_data_set(site, sock, 1, short_network_timeout)
     assert short_network_timeout * 0.9 <= waited < short_network_timeout + 3
     assert direct_serves == ["STORESCU"]
+
+
+def test_a_refusal_is_audited_even_when_its_response_cannot_be_sent(start, direct_serves, monkeypatch):
+    # The outcome is reported after the response goes out; a connection lost on the response must
+    # not lose the refusal's audit record.
+    site = start()
+    sent_ok = storage_path._sendall
+
+    def fail_on_responses(sock, data):
+        if bytes(data[:1]) == bytes([ul.P_DATA_TF]):
+            raise ConnectionResetError("peer gone")
+        sent_ok(sock, data)
+
+    monkeypatch.setattr(storage_path, "_sendall", fail_on_responses)
+    sock, context_id = _raw_association(site)
+    named, sent = make_instance(), make_instance()
+    sock.sendall(ul.encode_p_data(context_id, _store_command(named.SOPInstanceUID), command=True, max_pdu=0))
+    sock.sendall(ul.encode_p_data(context_id, encode(sent, False, True), command=False, max_pdu=0))
+    deadline = time.monotonic() + 10
+    while not site.audited("does not match") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sock.close()
+    assert site.audited("does not match")
+    assert site.stored() == []
