@@ -122,10 +122,11 @@ class _TempFile:
     """An unbuffered file on a descriptor: what ``open(fd, "wb", buffering=0)`` gives, without the
     ``fstat`` that opening it makes (once per payload, and each system call hands the GIL over)."""
 
-    __slots__ = ("_fd",)
+    __slots__ = ("_fd", "path")
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, path: Path) -> None:
         self._fd = fd
+        self.path = path
 
     def write(self, data: bytes | memoryview) -> int:
         return os.write(self._fd, data)
@@ -148,6 +149,33 @@ class _TempFile:
             os.close(fd)
 
 
+class SpareTemp:
+    """An empty temp file created ahead of the payload that will fill it (:meth:`BlobStore.spare`).
+
+    Creating a file is the costliest step of a small payload's write on some disks, and a storage
+    association knows it will want one for its next C-STORE: made while the sender prepares that
+    instance, it costs the instance nothing. Hand it to one :class:`BlobWriter`, or :meth:`discard` it.
+    """
+
+    __slots__ = ("_file",)
+
+    def __init__(self, tmp_dir: str) -> None:
+        path, fd = _new_temp_file(tmp_dir)
+        self._file: _TempFile | None = _TempFile(fd, path)
+
+    def take(self) -> _TempFile:
+        file, self._file = self._file, None
+        if file is None:
+            raise RuntimeError("spare temp file already taken")
+        return file
+
+    def discard(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            file.close()
+            file.path.unlink(missing_ok=True)
+
+
 def _write_all(fh: BinaryIO | _TempFile, data: bytes | memoryview) -> None:
     # An unbuffered file may take less than it is given.
     view = memoryview(data)
@@ -159,7 +187,7 @@ class BlobWriter:
     """Streams one payload into the store; :meth:`commit` makes it durable and returns its ref."""
 
     def __init__(self, store: "BlobStore", max_bytes: int | None, resume: str | None = None, *,
-                 keep: int = 0) -> None:
+                 keep: int = 0, spare: SpareTemp | None = None) -> None:
         self._store = store
         self._max = max_bytes
         self._hash = hashlib.sha256()
@@ -176,10 +204,14 @@ class BlobWriter:
         self._held = b""
         self._fh: BinaryIO | _TempFile | None
         if resume is None:
-            self._tmp, fd = _new_temp_file(store.tmp_dir)
             # Unbuffered: the data set arrives in fragments of tens of KB, which a buffer would only
             # copy, and opening a buffered file costs two more system calls (isatty, tell).
-            self._fh = _TempFile(fd)
+            if spare is not None:
+                temp = spare.take()
+            else:
+                path, fd = _new_temp_file(store.tmp_dir)
+                temp = _TempFile(fd, path)
+            self._tmp, self._fh = temp.path, temp
         else:
             self._tmp = store.root / "tmp" / f"{store.path(resume).name}.resume"
             self._fh = self._tmp.open("ab+")
@@ -441,6 +473,13 @@ class BlobStore:
         created = [d for d in (os.path.dirname(parent), parent) if not os.path.exists(d)]
         os.makedirs(parent, exist_ok=True)
         return created
+
+    def spare(self) -> SpareTemp:
+        """An empty temp file for a later :class:`BlobWriter` (``spare=``); raises :class:`BlobStoreError`."""
+        try:
+            return SpareTemp(self.tmp_dir)
+        except OSError as exc:
+            raise BlobStoreError(exc.errno, f"cannot create a temp file: {exc.strerror}") from exc
 
     @contextmanager
     def writer(self, max_bytes: int | None = None, *, resume: str | None = None) -> Iterator[BlobWriter]:

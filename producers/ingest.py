@@ -32,7 +32,7 @@ from dicomgrid.core.audit import (
     AuditTrail,
     patient_object,
 )
-from dicomgrid.core.blobstore import BlobRef, BlobStore, BlobStoreError, BlobWriter, PayloadTooLarge
+from dicomgrid.core.blobstore import BlobRef, BlobStore, BlobStoreError, BlobWriter, PayloadTooLarge, SpareTemp
 from dicomgrid.core.dicomfile import MAX_TEXT, Inspection, MalformedDicom, canonical_file_meta, inspect
 from dicomgrid.core.events import Source, instance_stored
 from dicomgrid.core.kafka import EventPublisher, PublishError
@@ -184,15 +184,16 @@ class Ingestor:
         return result
 
     def receive(self, source: Source, expected: Expected, transfer_syntax_uid: str,
-                batch: StoreAudit | None = None) -> "Reception":
+                batch: StoreAudit | None = None, spare: SpareTemp | None = None) -> "Reception":
         """Ingest one data set as it arrives (a C-STORE's fragments), straight into the blob store.
 
         The canonical file meta is known before the first byte (the request names the SOP Class and
         Instance, the presentation context the transfer syntax), so the payload is written and hashed
         in one pass, with no spool copy. :meth:`Reception.complete` then checks it as :meth:`ingest`
-        does before anything is made durable or announced.
+        does before anything is made durable or announced. ``spare``: a temp file made ahead for it
+        (:meth:`BlobStore.spare`), used or discarded.
         """
-        return Reception(self, source, expected, transfer_syntax_uid, batch)
+        return Reception(self, source, expected, transfer_syntax_uid, batch, spare)
 
     def _ingest(self, fp: BinaryIO, source: Source, expected: Expected) -> IngestResult:
         checked = self._check(fp, expected)
@@ -300,7 +301,7 @@ class Reception:
     """
 
     def __init__(self, ingestor: Ingestor, source: Source, expected: Expected, transfer_syntax_uid: str,
-                 batch: StoreAudit | None = None) -> None:
+                 batch: StoreAudit | None = None, spare: SpareTemp | None = None) -> None:
         self._ingestor = ingestor
         self._source = source
         self._batch = batch
@@ -314,13 +315,16 @@ class Reception:
                 shown = "missing" if not value else f"invalid ({_shorten(value)})"
                 self._refused = IngestResult(Outcome.BAD_UID, f"{name} of the request {shown}", **ids,
                                              offending_element=tag)
+                if spare is not None:
+                    spare.discard()
                 return
         meta = canonical_file_meta(expected.sop_class_uid, expected.sop_instance_uid,  # type: ignore[arg-type]
                                    transfer_syntax_uid)
         # Written here, so known: the check reads the data set only.
         self._data_set_at = (len(meta), transfer_syntax_uid)
         try:
-            self._writer = BlobWriter(ingestor.blobs, ingestor.max_instance_bytes, keep=CHECKED_IN_MEMORY_BYTES)
+            self._writer = BlobWriter(ingestor.blobs, ingestor.max_instance_bytes, keep=CHECKED_IN_MEMORY_BYTES,
+                                      spare=spare)
             self._writer.hold(meta)
         except BlobStoreError as exc:
             self._fail(IngestResult(Outcome.NO_STORAGE, str(exc), **ids))

@@ -27,6 +27,7 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES
 
 from dicomgrid.core import metrics
 from dicomgrid.core.audit import MINOR_FAILURE, Participant
+from dicomgrid.core.blobstore import BlobStoreError, SpareTemp
 from dicomgrid.core.dicomfile import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicomgrid.core.dimse_commands import (
     AFFECTED_SOP_CLASS_UID,
@@ -185,6 +186,8 @@ class _Association:
         self.contexts = self._negotiate()
         self.command = bytearray()
         self.store: _Store | None = None
+        # The temp file of the next C-STORE, made while the sender prepares it (see _stored).
+        self.spare: SpareTemp | None = None
 
     def _negotiate(self) -> dict[int, ul.AcceptedContext]:
         """Each proposed context accepted with the first transfer syntax the requestor lists that the
@@ -222,6 +225,7 @@ class _Association:
                 elif kind == ul.RELEASE_RQ:
                     if self.store is not None:
                         raise ul.ULError("A-RELEASE-RQ in the middle of a data set")
+                    self._drop_spare()  # before the reply: a released association leaves no file behind
                     _sendall(self.sock, ul.encode_release_rp())
                     return
                 elif kind == ul.ABORT:
@@ -242,6 +246,7 @@ class _Association:
             if self.store is not None:
                 self.store.reception.abort()
                 self.store = None
+            self._drop_spare()
             self.stores.flush()
 
     # -- DIMSE ---------------------------------------------------------------------------------------
@@ -282,8 +287,9 @@ class _Association:
                 raise CommandError("C-STORE request without a data set")
             sop_class = command.text(AFFECTED_SOP_CLASS_UID) or ""
             sop_instance = command.text(AFFECTED_SOP_INSTANCE_UID) or ""
+            spare, self.spare = self.spare, None
             reception = self.path.ingestor.receive(self.source, Expected(sop_class, sop_instance), context.transfer_syntax,
-                                                   self.stores)
+                                                   self.stores, spare)
             self.store = _Store(context.context_id, message_id, sop_class, sop_instance, reception, time.perf_counter())
         else:
             name = f"0x{field:04X}" if field is not None else "missing"
@@ -295,11 +301,25 @@ class _Association:
         try:
             self._send(store.context_id, c_store_rsp(store.sop_class_uid, store.sop_instance_uid, store.message_id,
                                                      result.outcome.status, comment, result.offending_element))
+            metrics.REQUEST_SECONDS.labels(self.site, "C-STORE").observe(time.perf_counter() - store.started)
         finally:
             # After the response: at one association the sender waits on nothing else. Reported even
             # when the response cannot be sent, as the outcome (stored or refused) stands.
             store.reception.report(result)
-        metrics.REQUEST_SECONDS.labels(self.site, "C-STORE").observe(time.perf_counter() - store.started)
+        self.spare = self._spare()
+
+    def _drop_spare(self) -> None:
+        if self.spare is not None:
+            self.spare.discard()
+            self.spare = None
+
+    def _spare(self) -> SpareTemp | None:
+        """A temp file for the association's next C-STORE, or None: a store that cannot create one now
+        is left to refuse that C-STORE itself, with its own status and audit record."""
+        try:
+            return self.path.ingestor.blobs.spare()
+        except BlobStoreError:
+            return None
 
     def _send(self, context_id: int, command_set: bytes) -> None:
         _sendall(self.sock, ul.encode_p_data(context_id, command_set, command=True, max_pdu=self.request.max_pdu))

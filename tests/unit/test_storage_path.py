@@ -26,14 +26,14 @@ from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformati
 from dicomgrid import schemas
 from dicomgrid.core import pki, ul
 from dicomgrid.core.audit import MINOR_FAILURE, SUCCESS, AuditTrail, to_xml
-from dicomgrid.core.blobstore import BlobStore
+from dicomgrid.core.blobstore import BlobStore, BlobStoreError
 from dicomgrid.core.dicomfile import split_file_meta
 from dicomgrid.core.dimse import SiteAE
 from dicomgrid.core.dimse_commands import parse_command
 from dicomgrid.core.tls import client_context
 from dicomgrid.deploy.local.dcmtk import dcmtk_tool
-from dicomgrid.producers.ingest import Ingestor
 from dicomgrid.producers import storage_path
+from dicomgrid.producers.ingest import Ingestor
 from dicomgrid.producers.storage_path import StoragePath
 from dicomgrid.producers.storage_scp import StorageService
 from tests.dicom_samples import make_instance, to_part10
@@ -453,3 +453,55 @@ def test_a_refusal_is_audited_even_when_its_response_cannot_be_sent(start, direc
     sock.close()
     assert site.audited("does not match")
     assert site.stored() == []
+
+
+def _temp_files(site: Site) -> list[Path]:
+    return sorted((site.blobs.root / "tmp").iterdir())
+
+
+def _wait_for(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_the_next_stores_temp_file_is_made_after_a_response_and_none_outlives_the_association(start, direct_serves):
+    site = start()
+    sock, context_id = _raw_association(site)
+    first, second = make_instance(), make_instance()
+    for ds in (first, second):
+        sock.sendall(ul.encode_p_data(context_id, _store_command(ds.SOPInstanceUID), command=True, max_pdu=0))
+        sock.sendall(ul.encode_p_data(context_id, encode(ds, False, True), command=False, max_pdu=0))
+        assert _response_status(sock) == 0x0000
+        # Made for the C-STORE to come, empty until that one's data set arrives.
+        assert _wait_for(lambda: len(_temp_files(site)) == 1)
+        (spare,) = _temp_files(site)
+        assert spare.stat().st_size == 0
+        if ds is first:
+            made_after_first = spare
+    # The second C-STORE was written into the temp file made after the first response.
+    assert not made_after_first.exists()
+    assert sorted(e["instance"]["sop_instance_uid"] for e in site.stored()) == sorted(
+        [first.SOPInstanceUID, second.SOPInstanceUID])
+    sock.close()  # gone without a release: the spare goes with the association
+    assert _wait_for(lambda: not _temp_files(site))
+
+
+def test_a_store_that_cannot_make_a_temp_file_ahead_still_stores(start, direct_serves, monkeypatch):
+    site = start()
+
+    def full(self):
+        raise BlobStoreError(28, "cannot create a temp file: No space left on device")
+
+    monkeypatch.setattr(BlobStore, "spare", full)
+    sock, context_id = _raw_association(site)
+    for ds in (make_instance(), make_instance()):
+        sock.sendall(ul.encode_p_data(context_id, _store_command(ds.SOPInstanceUID), command=True, max_pdu=0))
+        sock.sendall(ul.encode_p_data(context_id, encode(ds, False, True), command=False, max_pdu=0))
+        assert _response_status(sock) == 0x0000
+    sock.sendall(b"\x05\x00" + struct.pack(">L", 4) + b"\x00" * 4)  # A-RELEASE-RQ
+    assert ul.pdu_header(_recv_exactly(sock, 6))[0] == ul.RELEASE_RP
+    sock.close()
+    assert len(site.stored()) == 2
+    assert not _temp_files(site)
