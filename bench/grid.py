@@ -36,6 +36,7 @@ from bench.corpus import InstanceKey, RunCorpus
 from bench.paths import BENCH_ROOT
 from bench.storescu import CALLING_AE, SendResult, dcmtk_env
 from bench.targets import RunCheck, free_port
+from dicomgrid.core.blobstore import entry_durable_with_file, filesystem_type
 from dicomgrid.core.config import GridConfig, load_config
 from confluent_kafka.admin import AdminClient
 
@@ -378,6 +379,14 @@ def _delete_orphaned_topics(config: GridConfig) -> None:
             delete_topics(config.kafka.model_copy(update={"topic_prefix": f"{prefix}."}))
 
 
+def _directory_fsync(path: Path) -> str:
+    """What the blob store adds to a payload's fsync on the filesystem of ``path``."""
+    kind = filesystem_type(path)
+    if entry_durable_with_file(path):
+        return f" (on {kind}, whose fsync of a new file also commits its directory entry)"
+    return f" + directory fsync (on {kind or 'an unknown filesystem'})"
+
+
 class GridTarget:
     """The bench grid seen as one target: with 1 receiver process (the default) or with several."""
 
@@ -413,8 +422,8 @@ class GridTarget:
         return {
             "version": importlib.metadata.version("dicomgrid"),
             "receiver_processes": self.receivers,
-            "durability": "blob fsync + atomic rename + directory fsync; Kafka acks=all, idempotent producer, "
-            f"min.insync.replicas={config.kafka.min_insync_replicas}",
+            "durability": f"blob atomic rename + fsync{_directory_fsync(self.grid.dir)}; Kafka acks=all, "
+            f"idempotent producer, min.insync.replicas={config.kafka.min_insync_replicas}",
             "kafka": f"{config.infra.kafka_version} (one KRaft broker)",
             "cassandra": f"{config.infra.cassandra_version}, keyspace {self.grid.layout.keyspace} (dc1 RF 1)",
             "pynetdicom": importlib.metadata.version("pynetdicom"),

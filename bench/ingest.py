@@ -352,7 +352,8 @@ def _render(session: Session, rows: list[Row], goal_rows: list[dict[str, Any]],
         f"- storescp: `{session.target('storescp').describe()['argv']}`; no fsync, no index.\n"
         f"- Orthanc: SQLite index, file storage, `SyncStorageArea: true` (fsync), `MaximumPduLength: {MAX_PDU}`, "
         "Debian's DICOMweb plugin loaded (for the WADO-RS rows), `TCP_NODELAY=1`.\n"
-        "- dicomgrid: one site; before each C-STORE response: blob atomic rename + fsync + directory fsync, "
+        "- dicomgrid: one site; before each C-STORE response: blob atomic rename + fsync (and a directory fsync "
+        "where the filesystem needs one: not on ext4 or XFS), "
         "Kafka `acks=all` (idempotent producer); no Cassandra round trip on the receive path; the faust indexer "
         "numbers versions and writes the index (LOCAL_QUORUM, RF 1). Max PDU 256 KiB.\n"
     )

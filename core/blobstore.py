@@ -8,8 +8,9 @@ Layout under the store's root::
     quarantine/            copies found corrupt, moved aside for inspection
 
 A payload becomes visible only after its bytes and its directory entry are on stable storage (write to
-``tmp/``, fsync, atomic rename, fsync the directory). Paths derive from the digest alone, never from
-UIDs or any other text a sender controls. Identical bytes are stored once.
+``tmp/``, atomic rename, fsync; then an fsync of the directory, except on a filesystem whose fsync of a
+new file already commits its entry, see :func:`entry_durable_with_file`). Paths derive from the digest
+alone, never from UIDs or any other text a sender controls. Identical bytes are stored once.
 """
 
 from __future__ import annotations
@@ -88,6 +89,46 @@ def _fsync_dir(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Filesystems on which fsync(2) of a file created and renamed into place also makes its directory
+# entry durable, so that an fsync of the directory after it would only issue one more cache flush to
+# the device (each payload's second). ext4 with a journal commits the transaction that holds the
+# rename (the renamed inode's change time is in it); ext4 without one syncs the new file's parent
+# directory itself (ext4_sync_parent, for inodes created since their last fsync); XFS forces its log
+# up to the inode's last change, the rename included. Anywhere else (NFS, overlay, FUSE, ext2's own
+# driver, unknown) the directory is fsynced as POSIX asks.
+_ENTRY_DURABLE_WITH_FILE = frozenset({"ext4", "xfs"})
+
+
+def filesystem_type(path: str | Path) -> str | None:
+    """The type of the filesystem mounted where ``path`` lies (as /proc/self/mountinfo names it)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as fh:
+            return mount_type(os.path.realpath(path), fh)
+    except OSError:
+        return None
+
+
+def mount_type(target: str, mountinfo: Iterable[str]) -> str | None:
+    """The filesystem type of the innermost mount holding the absolute path ``target``."""
+    best, kind = "", None
+    for line in mountinfo:
+        fields, _, rest = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) < 5 or not rest.strip():
+            continue
+        # The kernel writes a space, tab, newline or backslash of a mount point as an octal escape.
+        mount_point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[4])
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):
+            best, kind = mount_point, rest.split()[0]
+    return kind
+
+
+def entry_durable_with_file(path: str | Path) -> bool:
+    """Whether, under ``path``, a new file's fsync also commits its directory entry (see above)."""
+    return filesystem_type(path) in _ENTRY_DURABLE_WITH_FILE
 
 
 def _fsync_path(path: str | Path) -> None:
@@ -308,11 +349,12 @@ class BlobWriter:
         """Make the payload durable under its digest and return its ref.
 
         The temp file is renamed into place *before* it is fsynced: the one fsync then commits the
-        data, the new directory entries and the rename in a single journal transaction, and the
-        directory fsyncs that follow find nothing left to write (each of them used to cost a journal
-        commit of its own). A crash in between can leave a name whose bytes are not all on disk, so an
-        existing file is trusted only after its bytes hash to its name, and no event names a payload
-        before :meth:`commit` returns.
+        data, the new directory entries and the rename in a single journal transaction. Where that
+        fsync makes the entry durable by itself (:func:`entry_durable_with_file`), the directory is
+        not fsynced after it; elsewhere it is. Directories made for this payload are always fsynced.
+        A crash in between can leave a name whose bytes are not all on disk, so an existing file is
+        trusted only after its bytes hash to its name, and no event names a payload before
+        :meth:`commit` returns.
         """
         assert self._fh is not None, "writer already closed"
         digest = self._hash.hexdigest()
@@ -347,7 +389,8 @@ class BlobWriter:
                 assert self._fh is not None
                 os.fsync(self._fh.fileno())
                 self._close()
-                _fsync_dir(os.path.dirname(final))
+                if created or not self._store.entry_durable_with_file:
+                    _fsync_dir(os.path.dirname(final))
                 for directory in created:
                     _fsync_dir(os.path.dirname(directory))
         except OSError as exc:
@@ -457,6 +500,8 @@ class BlobStore:
         # conversions had cost more than the rest of the blob store's Python work for a small one.
         self.tmp_dir = os.fspath(self.root / "tmp")
         self._objects = os.fspath(self.root / "sha256")
+        # Read once: a store does not move to another filesystem while it is open.
+        self.entry_durable_with_file = entry_durable_with_file(self._objects)
 
     def path(self, digest: str) -> Path:
         return Path(self.path_name(digest))

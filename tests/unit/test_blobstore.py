@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dicomgrid.core.blobstore import BlobStore, BlobStoreError, PayloadTooLarge, parse_blob_uri
+from dicomgrid.core import blobstore
+from dicomgrid.core.blobstore import BlobStore, BlobStoreError, PayloadTooLarge, mount_type, parse_blob_uri
 
 
 def test_content_addressed_and_deduplicated(tmp_path: Path):
@@ -229,3 +230,58 @@ def test_a_held_head_counts_against_the_size_limit(tmp_path: Path):
         writer.write(b"abc")
     writer.abort()
     assert not any((tmp_path / "tmp").iterdir())
+
+
+MOUNTINFO = [
+    "22 27 0:21 / /proc rw,relatime - proc proc rw\n",
+    "27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n",
+    "40 27 254:16 / /srv/pacs\\040archive rw,relatime shared:2 - xfs /dev/vdb rw\n",
+    "41 40 0:50 / /srv/pacs\\040archive/nfs rw,relatime shared:3 - nfs4 server:/export rw\n",
+]
+
+
+@pytest.mark.parametrize("path, kind", [
+    ("/srv/pacs archive/site-A/blobs", "xfs"),  # the innermost mount, its escaped space read back
+    ("/srv/pacs archive/nfs/blobs", "nfs4"),
+    ("/srv/pacs archived", "ext4"),  # a longer name is not inside the mount point
+    ("/", "ext4"),
+])
+def test_the_filesystem_of_a_store_is_that_of_the_innermost_mount_holding_it(path: str, kind: str):
+    assert mount_type(path, MOUNTINFO) == kind
+
+
+def _directory_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    synced: list[str] = []
+    real = blobstore._fsync_dir
+
+    def record(path):
+        synced.append(os.fspath(path))
+        real(path)
+
+    monkeypatch.setattr(blobstore, "_fsync_dir", record)
+    return synced
+
+
+@pytest.mark.parametrize("durable_with_file", [True, False])
+def test_a_payloads_directory_is_fsynced_unless_the_files_fsync_commits_its_entry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable_with_file: bool):
+    store = BlobStore(tmp_path, "A")
+    store.entry_durable_with_file = durable_with_file
+    data = b"a payload whose shard directory exists"
+    final = store.path(hashlib.sha256(data).hexdigest())
+    final.parent.mkdir(parents=True)
+    synced = _directory_fsyncs(monkeypatch)
+    store.put_bytes(data)
+    assert final.read_bytes() == data
+    assert synced == ([] if durable_with_file else [os.fspath(final.parent)])
+
+
+def test_directories_made_for_a_payload_are_fsynced_on_every_filesystem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    store = BlobStore(tmp_path, "A")
+    store.entry_durable_with_file = True
+    synced = _directory_fsyncs(monkeypatch)
+    ref = store.put_bytes(b"the first payload of its shard")
+    final = store.path(ref.sha256)
+    # The new shard directories, and the directories their entries went in.
+    assert {os.fspath(final.parent), os.fspath(final.parent.parent), os.fspath(final.parent.parent.parent)} <= set(synced)
+
