@@ -284,4 +284,3 @@ def test_directories_made_for_a_payload_are_fsynced_on_every_filesystem(tmp_path
     final = store.path(ref.sha256)
     # The new shard directories, and the directories their entries went in.
     assert {os.fspath(final.parent), os.fspath(final.parent.parent), os.fspath(final.parent.parent.parent)} <= set(synced)
-

@@ -270,20 +270,32 @@ def _response_status(sock: socket.socket) -> int:
     return parse_command(fragment).us(0x0900)
 
 
+def _send_store(sock: socket.socket, context_id: int, ds, named_uid: str | None = None) -> None:
+    """Sends one C-STORE of ``ds``, its request naming ``named_uid`` if given."""
+    sock.sendall(ul.encode_p_data(context_id, _store_command(named_uid or ds.SOPInstanceUID), command=True, max_pdu=0))
+    sock.sendall(ul.encode_p_data(context_id, encode(ds, False, True), command=False, max_pdu=0))
+
+
+def _store(sock: socket.socket, context_id: int, ds, named_uid: str | None = None) -> int:
+    """One C-STORE of ``ds``; returns its response's status."""
+    _send_store(sock, context_id, ds, named_uid)
+    return _response_status(sock)
+
+
+def _release(sock: socket.socket) -> None:
+    sock.sendall(b"\x05\x00" + struct.pack(">L", 4) + b"\x00" * 4)  # A-RELEASE-RQ
+    assert ul.pdu_header(_recv_exactly(sock, 6))[0] == ul.RELEASE_RP
+    sock.close()
+
+
 def test_a_data_set_that_disagrees_with_its_request_is_refused_and_the_association_goes_on(start, direct_serves):
     site = start()
     sock, context_id = _raw_association(site)
     named, sent = make_instance(), make_instance()
-    sock.sendall(ul.encode_p_data(context_id, _store_command(named.SOPInstanceUID), command=True, max_pdu=0))
-    sock.sendall(ul.encode_p_data(context_id, encode(sent, False, True), command=False, max_pdu=0))
-    assert _response_status(sock) == 0xA900
+    assert _store(sock, context_id, sent, named_uid=named.SOPInstanceUID) == 0xA900
     # The same association stores the next instance.
-    sock.sendall(ul.encode_p_data(context_id, _store_command(sent.SOPInstanceUID), command=True, max_pdu=0))
-    sock.sendall(ul.encode_p_data(context_id, encode(sent, False, True), command=False, max_pdu=0))
-    assert _response_status(sock) == 0x0000
-    sock.sendall(b"\x05\x00" + struct.pack(">L", 4) + b"\x00" * 4)  # A-RELEASE-RQ
-    assert ul.pdu_header(_recv_exactly(sock, 6))[0] == ul.RELEASE_RP
-    sock.close()
+    assert _store(sock, context_id, sent) == 0x0000
+    _release(sock)
     assert [e["instance"]["sop_instance_uid"] for e in site.stored()] == [sent.SOPInstanceUID]
     assert site.audited("does not match")
     assert not list((site.blobs.root / "tmp").iterdir())
@@ -373,9 +385,7 @@ def _silent_in_a_data_set(site: Site, sock: socket.socket, context_id: int, time
     """Store one instance, then send half of the next data set and nothing more. Returns how long the
     site took to abort the association (after the half was sent)."""
     stored = make_instance()
-    sock.sendall(ul.encode_p_data(context_id, _store_command(stored.SOPInstanceUID), command=True, max_pdu=0))
-    sock.sendall(ul.encode_p_data(context_id, encode(stored, False, True), command=False, max_pdu=0))
-    assert _response_status(sock) == 0x0000
+    assert _store(sock, context_id, stored) == 0x0000
     ds = make_instance(pixel_bytes=4096)
     data_set = encode(ds, False, True)
     half = data_set[: len(data_set) // 2]
@@ -445,8 +455,7 @@ def test_a_refusal_is_audited_even_when_its_response_cannot_be_sent(start, direc
     monkeypatch.setattr(storage_path, "_sendall", fail_on_responses)
     sock, context_id = _raw_association(site)
     named, sent = make_instance(), make_instance()
-    sock.sendall(ul.encode_p_data(context_id, _store_command(named.SOPInstanceUID), command=True, max_pdu=0))
-    sock.sendall(ul.encode_p_data(context_id, encode(sent, False, True), command=False, max_pdu=0))
+    _send_store(sock, context_id, sent, named_uid=named.SOPInstanceUID)
     deadline = time.monotonic() + 10
     while not site.audited("does not match") and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -471,9 +480,7 @@ def test_the_next_stores_temp_file_is_made_after_a_response_and_none_outlives_th
     sock, context_id = _raw_association(site)
     first, second = make_instance(), make_instance()
     for ds in (first, second):
-        sock.sendall(ul.encode_p_data(context_id, _store_command(ds.SOPInstanceUID), command=True, max_pdu=0))
-        sock.sendall(ul.encode_p_data(context_id, encode(ds, False, True), command=False, max_pdu=0))
-        assert _response_status(sock) == 0x0000
+        assert _store(sock, context_id, ds) == 0x0000
         # Made for the C-STORE to come, empty until that one's data set arrives.
         assert _wait_for(lambda: len(_temp_files(site)) == 1)
         (spare,) = _temp_files(site)
@@ -497,11 +504,7 @@ def test_a_store_that_cannot_make_a_temp_file_ahead_still_stores(start, direct_s
     monkeypatch.setattr(BlobStore, "spare", full)
     sock, context_id = _raw_association(site)
     for ds in (make_instance(), make_instance()):
-        sock.sendall(ul.encode_p_data(context_id, _store_command(ds.SOPInstanceUID), command=True, max_pdu=0))
-        sock.sendall(ul.encode_p_data(context_id, encode(ds, False, True), command=False, max_pdu=0))
-        assert _response_status(sock) == 0x0000
-    sock.sendall(b"\x05\x00" + struct.pack(">L", 4) + b"\x00" * 4)  # A-RELEASE-RQ
-    assert ul.pdu_header(_recv_exactly(sock, 6))[0] == ul.RELEASE_RP
-    sock.close()
+        assert _store(sock, context_id, ds) == 0x0000
+    _release(sock)
     assert len(site.stored()) == 2
     assert not _temp_files(site)
