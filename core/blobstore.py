@@ -92,12 +92,14 @@ def _fsync_dir(path: str | Path) -> None:
 
 
 # Filesystems on which fsync(2) of a file created and renamed into place also makes its directory
-# entry durable, so that an fsync of the directory after it would only issue one more cache flush to
-# the device (each payload's second). ext4 with a journal commits the transaction that holds the
-# rename (the renamed inode's change time is in it); ext4 without one syncs the new file's parent
-# directory itself (ext4_sync_parent, for inodes created since their last fsync); XFS forces its log
-# up to the inode's last change, the rename included. Anywhere else (NFS, overlay, FUSE, ext2's own
-# driver, unknown) the directory is fsynced as POSIX asks.
+# entry durable, and those of directories just made for it, so that fsyncing them after it would only
+# issue more cache flushes to the device (one each). ext4 with a journal commits the transaction that
+# holds the rename (the renamed inode's change time is in it), and transactions commit in order, so the
+# earlier mkdirs with it; ext4 without one syncs the new file's parent directory itself
+# (ext4_sync_parent, for inodes added to a directory since their last fsync), then that directory's
+# parent if the directory is new too, and so on up; XFS forces its log up to the inode's last change,
+# which takes every earlier transaction with it. Anywhere else (NFS, overlay, FUSE, ext2's own driver,
+# unknown) each directory is fsynced as POSIX asks.
 _ENTRY_DURABLE_WITH_FILE = frozenset({"ext4", "xfs"})
 
 
@@ -350,8 +352,8 @@ class BlobWriter:
 
         The temp file is renamed into place *before* it is fsynced: the one fsync then commits the
         data, the new directory entries and the rename in a single journal transaction. Where that
-        fsync makes the entry durable by itself (:func:`entry_durable_with_file`), the directory is
-        not fsynced after it; elsewhere it is. Directories made for this payload are always fsynced.
+        fsync makes the entry durable by itself (:func:`entry_durable_with_file`), no directory is
+        fsynced after it, not even those made for this payload; elsewhere they all are.
         A crash in between can leave a name whose bytes are not all on disk, so an existing file is
         trusted only after its bytes hash to its name, and no event names a payload before
         :meth:`commit` returns.
@@ -389,10 +391,10 @@ class BlobWriter:
                 assert self._fh is not None
                 os.fsync(self._fh.fileno())
                 self._close()
-                if created or not self._store.entry_durable_with_file:
+                if not self._store.entry_durable_with_file:
                     _fsync_dir(os.path.dirname(final))
-                for directory in created:
-                    _fsync_dir(os.path.dirname(directory))
+                    for directory in created:
+                        _fsync_dir(os.path.dirname(directory))
         except OSError as exc:
             self._done = False
             self.abort()

@@ -276,11 +276,15 @@ def test_a_payloads_directory_is_fsynced_unless_the_files_fsync_commits_its_entr
     assert synced == ([] if durable_with_file else [os.fspath(final.parent)])
 
 
-def test_directories_made_for_a_payload_are_fsynced_on_every_filesystem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize("durable_with_file", [True, False])
+def test_directories_made_for_a_payload_are_fsynced_unless_the_files_fsync_commits_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable_with_file: bool):
     store = BlobStore(tmp_path, "A")
-    store.entry_durable_with_file = True
+    store.entry_durable_with_file = durable_with_file
     synced = _directory_fsyncs(monkeypatch)
     ref = store.put_bytes(b"the first payload of its shard")
     final = store.path(ref.sha256)
-    # The new shard directories, and the directories their entries went in.
-    assert {os.fspath(final.parent), os.fspath(final.parent.parent), os.fspath(final.parent.parent.parent)} <= set(synced)
+    assert final.read_bytes() == b"the first payload of its shard"
+    # The payload's new shard directory, and the directories the new shard directories went in.
+    made = [final.parent, final.parent.parent, final.parent.parent.parent]
+    assert sorted(synced) == ([] if durable_with_file else sorted(os.fspath(d) for d in made))
