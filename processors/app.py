@@ -3,8 +3,9 @@
 ``create_app``: the processors of the grid, one worker per site in one consumer group (with a Kafka
 cluster per site: a group per site on its own cluster, reading its own and the mirrored topics), on
 ``dicom.instance.stored`` (under the grid's ``kafka.topic_prefix``): the **indexer** (events -> Cassandra)
-and the **replication fan-out** (events -> ``dicom.replication.requested``, one per target site). The
-workers of every site share the partitions; when a site goes down its partitions move to the others.
+and the **replication fan-out** (events -> ``dicom.replication.requested``, one per target site; not run
+in a grid whose sites copy to no other site, where the healing sweep copies what a policy added later
+asks for). The workers of every site share the partitions; when a site goes down its partitions move to the others.
 
 Each message is validated against its topic's schema; one that fails, or whose processing fails for a
 reason retrying cannot fix, goes to ``dicom.deadletter`` and the partition moves on. Failures of the
@@ -42,7 +43,7 @@ from dicomgrid.processors.audit_chain import ChainBuilder
 from dicomgrid.processors import fetching
 from dicomgrid.processors.dead_letters import DeadLetters, Rejected, decode, is_transient
 from dicomgrid.processors.indexer import Indexer
-from dicomgrid.processors.replication_policy import replication_requests
+from dicomgrid.processors.replication_policy import replicates, replication_requests
 
 log = get_logger(__name__)
 
@@ -222,7 +223,6 @@ def create_app(config: GridConfig, site: str) -> faust.App:
         async for events in stream.take_events(BATCH_SIZE, within=BATCH_WITHIN_S):
             await agent.batch(events)
 
-    @app.agent(instance_stored, name="replication-fanout")
     async def fan_out(stream: faust.Stream) -> None:
         async for events in stream.take_events(BATCH_SIZE, within=BATCH_WITHIN_S):
             requests = []
@@ -234,6 +234,11 @@ def create_app(config: GridConfig, site: str) -> faust.App:
                 requests += [(r["source"]["sha256"], r) for r in replication_requests(config, stored)]
             if requests:
                 await publish_all(publisher, schemas.TOPIC_REPLICATION_REQUESTED, requests)
+
+    # A grid whose sites copy to no other site has nothing to fan out: every event would be decoded
+    # and dropped, at a second pass over the topic.
+    if replicates(config):
+        app.agent(instance_stored, name="replication-fanout")(fan_out)
 
     chain: dict[str, ChainBuilder] = {}
 

@@ -29,6 +29,11 @@ def targets(config: GridConfig, origin: str) -> list[str]:
     return [name for name in dict.fromkeys(site.replicate_to) if name != origin]
 
 
+def replicates(config: GridConfig) -> bool:
+    """Whether any site of the grid copies what it receives to another site."""
+    return any(targets(config, site.name) for site in config.sites)
+
+
 def replication_requests(config: GridConfig, event: dict[str, Any]) -> list[dict[str, Any]]:
     """One ``dicom.replication.requested`` per target site of a ``dicom.instance.stored`` event."""
     instance = InstanceRef.of_event(event)
