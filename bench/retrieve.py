@@ -1,8 +1,8 @@
 """Retrieve: how fast a 200-instance study comes back, grid against Orthanc, by C-GET and by WADO-RS.
 
 The study (small CT instances, :attr:`bench.session.Options.retrieve_study`) is sent once to both archives
-with the same storescu (:mod:`bench.refstudy`), so both hold the same bytes. Then, per repetition and in
-turn for each archive:
+with the same storescu (:mod:`bench.refstudy`), so both hold the same bytes. Then
+:data:`RETRIEVES_PER_REPETITION` retrieves per repetition, each in turn for each archive:
 
 * **C-GET**: DCMTK ``getscu`` retrieves the study at STUDY level over one association and writes each
   instance bit-preserved to a memory-backed directory; the files are counted every run.
@@ -36,6 +36,9 @@ from dicomgrid.core.tokens import issue
 
 MB = 1e6
 GRID_DICOMWEB = "/dicomweb"
+# A retrieve of the study takes 30-250 ms, and identical ones vary by 2x on this machine: a median of
+# three said more about the host than about the archives.
+RETRIEVES_PER_REPETITION = 5
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,11 @@ def _warm_up(retriever: Callable[[Session, str, ReferenceStudy], Retrieval], ses
     retriever(session, target_key, study)
 
 
+def retrieves(session: Session) -> int:
+    """Measured retrieves per method and archive."""
+    return session.options.repetitions * RETRIEVES_PER_REPETITION
+
+
 def _measure(session: Session, study: ReferenceStudy,
              retrievers: dict[str, Callable[[Session, str, ReferenceStudy], Retrieval]]) -> list[dict[str, Any]]:
     """Every method against every archive, one warm-up each, repetitions interleaving the archives."""
@@ -126,7 +134,7 @@ def _measure(session: Session, study: ReferenceStudy,
     for method in METHODS:
         for target_key in ARCHIVES:
             _warm_up(retrievers[method.key], session, target_key, study)
-    for repetition in range(session.options.repetitions):
+    for repetition in range(retrieves(session)):
         for method in METHODS:
             order = ARCHIVES if repetition % 2 == 0 else ARCHIVES[::-1]
             for target_key in order:
@@ -141,6 +149,7 @@ def _measure(session: Session, study: ReferenceStudy,
             "method": method_key, "target": target_key, "instances": study.instances,
             "bytes_received": int(received), "seconds": [round(s, 4) for s in seconds],
             "median_s": round(median, 4),
+            "spread": round((max(seconds) - min(seconds)) / median, 3),
             "instances_per_s": round(study.instances / median, 1),
             "mb_per_s": round(received / MB / median, 1),
         })
@@ -173,19 +182,22 @@ class RetrieveScenario:
         titles = {m.key: m.title for m in METHODS}
         rows = [
             [titles[r["method"]], session.target(r["target"]).label, r["instances"], f"{r['median_s']:.3f}",
-             f"{r['instances_per_s']:.0f}", f"{r['mb_per_s']:.1f}", report.ratio(r["vs_orthanc"])]
+             f"{100 * r['spread']:.0f}%", f"{r['instances_per_s']:.0f}", f"{r['mb_per_s']:.1f}",
+             report.ratio(r["vs_orthanc"])]
             for r in results
         ]
         methods = "".join(f"- **{m.title}**: {m.how}.\n" for m in METHODS)
         markdown = (
             f"One study of {study.instances} CT instances ({study.bytes / study.instances / 1e3:.0f} KB each, "
             f"{study.bytes / MB:.1f} MB), stored identically in both archives by storescu; median of "
-            f"{session.options.repetitions} repetition(s) after one unmeasured retrieve per method and archive. "
+            f"{retrieves(session)} retrieves per method and archive, alternating between the archives, after one "
+            "unmeasured retrieve each (*spread*: (max - min) / median of the times). "
             "The grid runs with 1 receiver process and its site HTTP service; Orthanc answers WADO-RS through "
             "Debian's DICOMweb plugin. *MB/s* counts the bytes received (files for C-GET, the multipart body "
             "for WADO-RS); *grid/Orthanc* is the ratio of instances/s.\n\n"
             f"{methods}\n"
-            + report.table(["method", "target", "instances", "median s", "inst/s", "MB/s", "grid/Orthanc"], rows)
+            + report.table(["method", "target", "instances", "median s", "spread", "inst/s", "MB/s", "grid/Orthanc"],
+                           rows)
             + "\n" + report.table(["measurement", "result"], [[row, "not measured yet"] for row in self.later])
         )
         summary = [f"{titles[r['method']]} {r['instances']} instances: grid {r['instances_per_s']:.0f} inst/s, "
