@@ -5,7 +5,8 @@ cluster per site: a group per site on its own cluster, reading its own and the m
 ``dicom.instance.stored`` (under the grid's ``kafka.topic_prefix``): the **indexer** (events -> Cassandra)
 and the **replication fan-out** (events -> ``dicom.replication.requested``, one per target site; not run
 in a grid whose sites copy to no other site, where the healing sweep copies what a policy added later
-asks for). The workers of every site share the partitions; when a site goes down its partitions move to the others.
+asks for). The workers of every site share the partitions; when a site goes down its partitions move to
+the others.
 
 Each message is validated against its topic's schema; one that fails, or whose processing fails for a
 reason retrying cannot fix, goes to ``dicom.deadletter`` and the partition moves on. Failures of the
