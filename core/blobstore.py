@@ -365,7 +365,9 @@ class BlobWriter:
         try:
             self._write_held()
             self._fh.flush()
-            stored = self._store.stored_digest(digest)
+            created = self._store.shard_dirs(digest)
+            # A directory made just now holds no payload yet.
+            stored = None if created else self._store.stored_digest(digest)
             if stored == digest:
                 # The same bytes are already stored; make sure they are on disk, not just cached.
                 _fsync_path(final)
@@ -378,14 +380,13 @@ class BlobWriter:
                     self._store.quarantine(digest)
                 if self.resumable:
                     os.chmod(self._tmp, 0o444)
-                created: list[str] = []
                 try:
                     os.replace(self._tmp, final)
                 except FileNotFoundError:
-                    # The payload's directory does not exist yet (the first payload of its shard, or
-                    # a wiped store being rebuilt). Asked of the rename rather than beforehand: most
-                    # payloads go to a directory that exists, and then cost no other system call.
-                    created = self._store.shard_dirs(final)
+                    # The shard directory was removed under the store since (a wiped disk being
+                    # rebuilt): made again.
+                    self._store.forget_shard(digest)
+                    created = self._store.shard_dirs(digest)
                     os.replace(self._tmp, final)
                 renamed = self._done = True
                 assert self._fh is not None
@@ -504,6 +505,9 @@ class BlobStore:
         self._objects = os.fspath(self.root / "sha256")
         # Read once: a store does not move to another filesystem while it is open.
         self.entry_durable_with_file = entry_durable_with_file(self._objects)
+        # The shard directories (by the digest's first four hex digits) this process made or found;
+        # a payload going to one of them costs no system call for its directory.
+        self._shards = bytearray(1 << 16)
 
     def path(self, digest: str) -> Path:
         return Path(self.path_name(digest))
@@ -514,12 +518,31 @@ class BlobStore:
             raise ValueError(f"not a SHA-256 hex digest: {digest!r}")
         return f"{self._objects}/{digest[:2]}/{digest[2:4]}/{digest}"
 
-    def shard_dirs(self, final: str | Path) -> list[str]:
-        """Make the directories ``final`` goes in; those created now (their parents need an fsync)."""
-        parent = os.path.dirname(final)
-        created = [d for d in (os.path.dirname(parent), parent) if not os.path.exists(d)]
-        os.makedirs(parent, exist_ok=True)
+    def shard_dirs(self, digest: str) -> list[str]:
+        """Make sure the directories of ``digest``'s payload exist; those created now, outermost first
+        (each one's parent needs an fsync where the file's does not commit it)."""
+        shard = int(digest[:4], 16)
+        if self._shards[shard]:
+            return []
+        top = f"{self._objects}/{digest[:2]}"
+        parent = f"{top}/{digest[2:4]}"
+        # mkdir is the test: in a store that is filling up most shards are new, and a shard that
+        # exists costs one refused mkdir per process.
+        try:
+            os.mkdir(parent)
+            created = [parent]
+        except FileExistsError:
+            created = []
+        except FileNotFoundError:
+            # The first shard under its top-level directory, or a store wiped under the process.
+            created = [d for d in (top, parent) if not os.path.exists(d)]
+            os.makedirs(parent, exist_ok=True)
+        self._shards[shard] = 1
         return created
+
+    def forget_shard(self, digest: str) -> None:
+        """``digest``'s shard directory is gone (removed under the store): made again when next needed."""
+        self._shards[int(digest[:4], 16)] = 0
 
     def spare(self) -> SpareTemp:
         """An empty temp file for a later :class:`BlobWriter` (``spare=``); raises :class:`BlobStoreError`."""

@@ -288,3 +288,40 @@ def test_directories_made_for_a_payload_are_fsynced_unless_the_files_fsync_commi
     # The payload's new shard directory, and the directories the new shard directories went in.
     made = [final.parent, final.parent.parent, final.parent.parent.parent]
     assert sorted(synced) == ([] if durable_with_file else sorted(os.fspath(d) for d in made))
+
+
+def _sharing(digest: str, prefix: int, not_prefix: int | None = None) -> bytes:
+    """Bytes whose digest starts as ``digest`` does for ``prefix`` hex digits (and not for ``not_prefix``)."""
+    for n in range(10_000_000):
+        got = hashlib.sha256(data := b"%d" % n).hexdigest()
+        if got[:prefix] == digest[:prefix] and (not_prefix is None or got[:not_prefix] != digest[:not_prefix]):
+            return data
+    raise AssertionError("no such bytes")
+
+
+def test_a_new_shard_costs_one_mkdir_and_a_shard_the_store_has_seen_none(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    store = BlobStore(tmp_path, "A")
+    first = store.put_bytes(b"the first payload of its top-level directory")
+    new_shard = _sharing(first.sha256, 2, not_prefix=4)  # same top-level directory, another shard
+    calls: list[str] = []
+    for name in ("mkdir", "makedirs", "stat", "lstat"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    second = store.put_bytes(new_shard)
+    assert calls == ["mkdir"]
+    calls.clear()
+    third = store.put_bytes(_sharing(second.sha256, 4))
+    assert calls == []
+    monkeypatch.undo()
+    assert store.path(third.sha256).parent == store.path(second.sha256).parent != store.path(first.sha256).parent
+    assert all(store.verify(ref.sha256) for ref in (first, second, third))
+
+
+def test_a_store_opened_again_recognises_what_its_existing_shards_hold(tmp_path: Path):
+    # A new process knows no shard yet: the one it finds existing is searched for the payload.
+    BlobStore(tmp_path, "A").put_bytes(b"stored by an earlier process")
+    with BlobStore(tmp_path, "A").writer() as writer:
+        writer.write(b"stored by an earlier process")
+        ref = writer.commit()
+    assert writer.existed and BlobStore(tmp_path, "A").verify(ref.sha256)
