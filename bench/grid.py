@@ -480,15 +480,16 @@ class SitesTarget(GridTarget):
         # (Asking the ledger for every copy not yet seen, four times a second, had the probe read
         # about ten rows in Cassandra dc2 per replicated instance: CPU billed to this row.)
         copied: set[str] = set()
-        read = [0]  # of the tap's events, those already looked at
+        looked_at = 0  # of the tap's events
         wanted = set(digests)
 
         def all_copied(seen: list[Any]) -> bool:
-            for event in (s.event for s in seen[read[0]:]):
+            nonlocal looked_at
+            for event in (s.event for s in seen[looked_at:]):
                 replica = event.get("replica") or {}
                 if replica.get("site") == self._ledger.site:
                     copied.add(replica.get("sha256"))
-            read[0] = len(seen)
+            looked_at = len(seen)
             return wanted <= copied
 
         self._tap.until(all_copied, max(0.0, sent.last_response + INDEX_TIMEOUT_S - time.time()))

@@ -325,3 +325,22 @@ def test_a_store_opened_again_recognises_what_its_existing_shards_hold(tmp_path:
         writer.write(b"stored by an earlier process")
         ref = writer.commit()
     assert writer.existed and BlobStore(tmp_path, "A").verify(ref.sha256)
+
+
+def test_a_shard_directory_that_cannot_be_made_refuses_the_payload_and_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    store = BlobStore(tmp_path, "A")
+    kept = store.put_bytes(b"stored before the disk filled up")
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "mkdir", full)
+    monkeypatch.setattr(os, "makedirs", full)
+    with pytest.raises(BlobStoreError, match="No space left"):
+        store.put_bytes(_sharing(kept.sha256, 0, not_prefix=2))  # a new top-level shard
+    monkeypatch.undo()
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert store.verify(kept.sha256)
+    # The shard was not remembered: once there is room, the payload is stored.
+    assert store.verify(store.put_bytes(_sharing(kept.sha256, 0, not_prefix=2)).sha256)
