@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 import tomllib
 import uuid
@@ -311,7 +312,41 @@ class GridWeb:
 web = GridWeb()
 
 
-def settle_reactor(assoc: Any, settle_s: float = 0.005) -> None:
+class _Checkpoint:
+    """pynetdicom's reactor checkpoint (an Event's set/clear/wait), telling when the reactor is blocked
+    in it (see settle_reactor)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._flag = True
+        self.blocked = threading.Event()
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        with self._cond:
+            self._flag = True
+            self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._cond:
+            self._flag = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        # Checked and blocked under the lock clear() takes: a reactor that saw the flag set before a
+        # clear() is not blocked, one that saw it cleared says so before it waits.
+        with self._cond:
+            try:
+                if not self._flag:
+                    self.blocked.set()
+                    self._cond.wait_for(lambda: self._flag, timeout)
+                return self._flag
+            finally:
+                self.blocked.clear()
+
+
+def settle_reactor(assoc: Any, timeout_s: float = 5.0) -> None:
     """Stop a requestor association's reactor for good before its next DIMSE request.
 
     pynetdicom pauses the reactor at each ``send_*`` by clearing a checkpoint and waiting for the
@@ -319,15 +354,22 @@ def settle_reactor(assoc: Any, settle_s: float = 0.005) -> None:
     the previous operation ended (the checkpoint set again), the flag can therefore read true while the
     reactor is in fact running on: it then takes the next operation's first response off the queue as an
     unexpected request, logs "Received unexpected C-FIND service message" and drops it (the symptom of
-    pynetdicom issue #875; an SCP on localhost can answer within that window). Here the checkpoint is cleared first and
-    the flag must stay true for ``settle_s``, which outlasts one turn of the reactor's loop.
+    pynetdicom issue #875; an SCP on localhost can answer within that window). No delay closes that
+    window on a loaded machine (a thread can wait longer than any of them for the GIL), so the
+    association's checkpoint is replaced by one that says when the reactor is blocked in it: cleared
+    here, the reactor is paused for good once it has entered it.
     """
-    assoc._reactor_checkpoint.clear()
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline:
-        if assoc._is_paused:
-            time.sleep(settle_s)
-            if assoc._is_paused:
-                return
-        time.sleep(0.0005)
+    checkpoint = assoc._reactor_checkpoint
+    if not isinstance(checkpoint, _Checkpoint):
+        # The reactor reads the attribute on each turn; a turn waiting on the old one is let go.
+        assoc._reactor_checkpoint = _Checkpoint()
+        checkpoint.set()
+        checkpoint = assoc._reactor_checkpoint
+    checkpoint.clear()
+    deadline = time.monotonic() + timeout_s
+    while not checkpoint.blocked.wait(0.05):
+        if not assoc.is_alive():
+            return  # no reactor to pause: the request fails on its own
+        if time.monotonic() > deadline:
+            raise TimeoutError("the association's reactor did not pause")
 

@@ -10,11 +10,9 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import statistics
 import string
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -454,28 +452,6 @@ def test_every_query_is_audited(grid, taps, corpus):
     refused = next(a for a in audits if a["outcome"] != 0)
     assert "0xC000" in refused["outcome_description"]
     assert refused["objects"][0]["detail"]["identifier"]["StudyDate"] == corpus.run
-
-
-def test_study_level_latency(grid, corpus):
-    """About 100 study-level C-FINDs over one association; prints p50/p99 (run with -s), asserts nothing on it."""
-    client = FindSCU(grid.site("A"))
-    try:
-        timings: dict[str, list[float]] = {"PatientID": [], "PatientName wildcard": []}
-        for i in range(100):
-            started = time.perf_counter()
-            client.find("STUDY", PatientID=corpus.pid(f"P{i % 3 + 1}"), StudyDate="", ModalitiesInStudy="")
-            timings["PatientID"].append((time.perf_counter() - started) * 1000)
-        for _ in range(20):
-            started = time.perf_counter()
-            client.find("STUDY", PatientName=f"Doe{corpus.run}*", StudyDate="")
-            timings["PatientName wildcard"].append((time.perf_counter() - started) * 1000)
-    finally:
-        client.close()
-    for name, values in timings.items():
-        values.sort()
-        p99 = values[min(len(values) - 1, int(len(values) * 0.99))]
-        print(f"\nC-FIND STUDY by {name}: n={len(values)} p50={statistics.median(values):.1f} ms "
-              f"p99={p99:.1f} ms max={values[-1]:.1f} ms")
 
 
 # -- QIDO-RS ---------------------------------------------------------------------------------------
