@@ -192,6 +192,13 @@ class EventPublisher:
         except FutureTimeout as exc:
             raise PublishError(f"{topic}: no delivery report within {timeout or self._timeout_s}s") from exc
 
+    def wait(self, future: Future[Message], timeout: float | None = None) -> Message:
+        """Block until the brokers confirm a :meth:`publish`; raise :class:`PublishError` otherwise."""
+        try:
+            return future.result(timeout=(timeout or self._timeout_s) + 1.0)
+        except FutureTimeout as exc:
+            raise PublishError(f"no delivery report within {timeout or self._timeout_s}s") from exc
+
     def flush(self, timeout: float = 10.0) -> int:
         return self._producer.flush(timeout) if self._producer is not None else 0
 

@@ -1,15 +1,17 @@
-"""Payload transfer between sites: the client that fetches a verified copy and the endpoint that serves one.
+"""Payload transfer between sites: the client that fetches verified copies from a peer's endpoint.
 
 Every movement of payload bytes from one site to another goes through here: a retrieve that repairs a
-missing or corrupt local copy (:mod:`dicomgrid.consumers.payloads`) and the replication worker
-(:mod:`dicomgrid.processors.replicator`).
+missing or corrupt local copy (:mod:`dicomgrid.consumers.payloads`), the replication worker
+(:mod:`dicomgrid.processors.replicator`) and the healing jobs.
 
-The endpoint is ``GET /internal/payloads/{sha256}`` on each site's HTTP port (HTTPS when ``tls.http``),
-behind the site's token check: a request carries a token the asking site signed with its own key,
-addressed to the site asked, scope ``replicate`` (:class:`~dicomgrid.core.tokens.PeerTokens`). A site
-only ever serves its own local copy, checked as it streams, so a fetch never
-cascades from site to site. The client writes what it receives straight into the local blob store while
-hashing it, and a copy is named (committed) only when its SHA-256 matches.
+The endpoint (:mod:`dicomgrid.core.transfer_endpoint`) is on each site's HTTP port (HTTPS when
+``tls.http``), behind the site's token check: a request carries a token the asking site signed with its
+own key, addressed to the site asked, scope ``replicate`` (:class:`~dicomgrid.core.tokens.PeerTokens`).
+``GET /internal/payloads/{sha256}`` serves one payload, ``POST /internal/payloads`` several small ones
+in one response (:meth:`PayloadTransfer.fetch_batch`). A site only ever serves its own local copy,
+checked as it goes out, so a fetch never cascades from site to site. The client writes what it receives
+into the local blob store while hashing it, and a copy is named (committed) only when its SHA-256
+matches.
 
 Peers are tried in this order: the sites the ``replicas`` ledger lists for the digest, then every other
 configured site, because a copy may exist that the ledger does not list yet (one fetched by an earlier
@@ -21,38 +23,35 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
 
 import httpx
-from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import BaseRoute, Route
 
 from dicomgrid import schemas
-from dicomgrid.core.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, AuditObject, Participant
-from dicomgrid.core.blobstore import BlobBusy, BlobRef, BlobStoreError, BlobWriter, PayloadCorrupt, PayloadReader
+from dicomgrid.core import payload_frames
+from dicomgrid.core.blobstore import BlobBusy, BlobRef, BlobStoreError, BlobWriter, PayloadCorrupt
 from dicomgrid.core.config import SiteConfig
 from dicomgrid.core.events import CopyCause, InstanceRef, replica_stored
 from dicomgrid.core.kafka import PublishError
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.site import SiteContext
 from dicomgrid.core.tls import http_verify
-from dicomgrid.core.tokens import PeerTokens, Principal
-from dicomgrid.core.transfer_audit import TransferAudit, TransferAudits
+from dicomgrid.core.tokens import PeerTokens
 
 log = get_logger(__name__)
 
 DIGEST = re.compile(r"[0-9a-f]{64}")
 PEER_PATH = "/internal/payloads/{sha256}"
+BATCH_PATH = "/internal/payloads"
+# Payloads asked for in one batch request.
+BATCH_MAX = 64
 # Resumes of one cut transfer before the peer counts as failed.
 MAX_RESUMES = 3
-# Payloads up to this size are read and checked whole before any byte goes out (see TransferEndpoint).
-WHOLE_BODY_BYTES = 1 << 20
+# Payloads up to this size are read and checked whole before any byte goes out, and may travel in a
+# batch (see the endpoint).
+WHOLE_BODY_BYTES = payload_frames.FRAME_MAX_BYTES
 # What a cut connection looks like to the client: the response ended early or the peer went quiet.
 _CUT_OFF = (httpx.RemoteProtocolError, httpx.ReadError, httpx.ReadTimeout)
-_RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 
 
 class Throttle:
@@ -197,6 +196,56 @@ class PayloadTransfer:
                 writer.write(chunk)
 
 
+    def fetch_batch(self, peer: SiteConfig, digests: Sequence[str]) -> dict[str, BlobRef | str]:
+        """Fetch up to :data:`BATCH_MAX` small payloads from one peer in one request.
+
+        Returns, for each digest, the verified local copy, or why it was not fetched (the peer has no
+        intact copy, it is too large for a batch, its bytes did not match, the response was cut or
+        refused): the caller fetches those on their own (:meth:`fetch_from_any`), with its retries.
+        Each copy is committed as its frame arrives, so a response cut half-way keeps what came whole.
+        """
+        digests = list(dict.fromkeys(digests))
+        if not 0 < len(digests) <= BATCH_MAX:
+            raise ValueError(f"a batch asks for 1 to {BATCH_MAX} payloads, not {len(digests)}")
+        out: dict[str, BlobRef | str] = {}
+        frames = payload_frames.FrameReader(digests)
+        url = self.site.config.http_url(peer.name) + BATCH_PATH
+        headers = {"Authorization": f"Bearer {self._tokens.for_site(peer.name)}"}
+        try:
+            with self._http.stream("POST", url, headers=headers, json={"sha256": digests}) as response:
+                if response.status_code != 200:
+                    raise PeerRefused(f"HTTP {response.status_code}")
+                if response.headers.get("content-type", "").split(";")[0].strip() != payload_frames.MEDIA_TYPE:
+                    raise PeerRefused("not a batch of payloads")
+                for chunk in response.iter_bytes():
+                    if self._throttle is not None:
+                        self._throttle.take(len(chunk))
+                    for frame in frames.feed(chunk):
+                        out[frame.sha256] = self._commit_frame(peer, frame)
+                frames.close()
+        except (httpx.HTTPError, PeerRefused, payload_frames.FrameError) as exc:
+            log.warning("batch payload fetch from peer failed", peer=peer.name, fetched=len(out),
+                        left=len(frames.pending), error=str(exc))
+            for digest in frames.pending:
+                out[digest] = f"{peer.name}: {exc}"
+        return out
+
+    def _commit_frame(self, peer: SiteConfig, frame: payload_frames.Frame) -> BlobRef | str:
+        if frame.status != 200:
+            return f"{peer.name}: HTTP {frame.status} ({frame.error})"
+        try:
+            with self.site.blobs.writer(max_bytes=self.site.site.max_instance_bytes) as writer:
+                writer.write(frame.body)
+                if writer.hexdigest() != frame.sha256:
+                    writer.discard()
+                    log.warning("payload fetch from peer failed", sha256=frame.sha256, peer=peer.name,
+                                error="bytes do not match the digest")
+                    return f"{peer.name} sent bytes that do not match {frame.sha256}"
+                return writer.commit()
+        except BlobStoreError as exc:
+            return f"local copy not stored: {exc}"
+
+
 def record_copy(
     site: SiteContext,
     blob: BlobRef,
@@ -226,144 +275,18 @@ def record_copy(
     site.ledger.record(blob)
 
 
-def _peer_site(request: Request) -> str:
-    """The site (or, for a user's token, the subject) a payload request came from."""
-    principal: Principal | None = request.state.principal if hasattr(request.state, "principal") else None
-    return (principal.site or principal.subject) if principal is not None else "unknown"
-
-
-class _AuditedBody(Response):
-    """A response whose transfer is audited once its bytes have gone, or the peer left first."""
-
-    def __init__(self, body: bytes, status: int, headers: dict[str, str], done: Callable[[bool], None]) -> None:
-        super().__init__(body, status_code=status, headers=headers, media_type="application/octet-stream")
-        self._done = done
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        sent = False
-        try:
-            # A server of ASGI HTTP spec < 2.4 (uvicorn) drops what is sent to a connection that is gone
-            # without raising: only receive() tells that the peer left while the payload was read.
-            if not await Request(scope, receive).is_disconnected():
-                await super().__call__(scope, receive, send)
-                sent = True
-        finally:
-            self._done(sent)
-
-
-class TransferEndpoint:
-    """Serves this site's local copies to peer sites."""
-
-    def __init__(self, site: SiteContext) -> None:
-        self.site = site
-        # What each peer fetched in full, audited together (core.transfer_audit); by (site, host).
-        self._sent_to = TransferAudits(self._collector)
-
-    def routes(self) -> list[BaseRoute]:
-        return [Route(PEER_PATH, self._serve, methods=["GET"])]
-
-    def _collector(self, peer: Any) -> TransferAudit:
-        peer_site, host = peer
-        me = self.site.site
-        return TransferAudit(self.site.audit,
-                             [Participant(peer_site, True, None, host, "Destination"),
-                              Participant(me.name, False, me.ae_title, None, "Source")],
-                             f"payloads sent to peer site {peer_site}", action="R")
-
-    async def _serve(self, request: Request) -> Response:
-        """A peer fetches this site's local copy (never anyone else's), checked as it goes out.
-
-        ``Range: bytes=N-`` (or ``N-M``) resumes a cut transfer: 206 with those bytes. The whole copy
-        is hashed either way: up to :data:`WHOLE_BODY_BYTES` before the response, beyond it as it
-        streams, the last bytes held back until it matches its digest.
-        """
-        digest = request.path_params["sha256"]
-        if not DIGEST.fullmatch(digest):
-            return JSONResponse({"error": "not a lowercase hex SHA-256 digest"}, status_code=400)
-        fh = await run_in_threadpool(self.site.blobs.open_if_present, digest)
-        if fh is None:
-            return JSONResponse({"error": "no local copy"}, status_code=404)
-        reader = PayloadReader(fh, digest, True, self.site.blobs.quarantine)
-        start, end, status = 0, reader.size, 200
-        if "range" in request.headers:
-            match = _RANGE.fullmatch(request.headers["range"].strip())
-            if match is None:
-                reader.close()
-                return JSONResponse({"error": "only one byte range (bytes=N- or bytes=N-M) is served"},
-                                    status_code=416, headers={"Content-Range": f"bytes */{reader.size}"})
-            start = int(match.group(1))
-            end = min(int(match.group(2)) + 1, reader.size) if match.group(2) else reader.size
-            if start >= end:
-                reader.close()
-                return JSONResponse({"error": "range not satisfiable"}, status_code=416,
-                                    headers={"Content-Range": f"bytes */{reader.size}"})
-            status = 206
-        headers = {"Content-Length": str(end - start), "Accept-Ranges": "bytes"}
-        if status == 206:
-            headers["Content-Range"] = f"bytes {start}-{end - 1}/{reader.size}"
-        if reader.size <= WHOLE_BODY_BYTES:
-            return await self._whole(request, reader, start, end, status, headers)
-        return StreamingResponse(
-            self._sent(request, reader, start, end), status_code=status,
-            media_type="application/octet-stream", headers=headers,
-        )
-
-    async def _whole(self, request: Request, reader: PayloadReader, start: int, end: int, status: int,
-                     headers: dict[str, str]) -> Response:
-        """A small payload, read and checked in one worker-thread call before any byte goes out.
-
-        Streamed, a 40 KB CT slice cost a task of its own and a thread hand-off per chunk, most of
-        what serving it took. Checked first, a corrupt copy is moved aside and answered 404, as the
-        next request would be, instead of a cut transfer.
-        """
-        try:
-            body = await run_in_threadpool(lambda: b"".join(reader.chunks(start, end)))
-        except PayloadCorrupt:
-            self._audit_sent(request, reader, start, 0, SERIOUS_FAILURE,
-                             "local copy corrupt; transfer to peer site refused")
-            return JSONResponse({"error": "local copy corrupt; moved aside"}, status_code=404)
-
-        def done(sent: bool) -> None:
-            if sent:
-                self._audit_sent(request, reader, start, len(body), SUCCESS,
-                                 f"payload sent to peer site {_peer_site(request)}")
-            else:
-                self._audit_sent(request, reader, start, 0, MINOR_FAILURE, "peer left before the payload was sent")
-
-        return _AuditedBody(body, status, headers, done)
-
-    def _sent(self, request: Request, reader: PayloadReader, start: int, end: int) -> Iterator[bytes]:
-        """The bytes of the response; the transfer is audited once they have all gone (or failed)."""
-        sent, outcome, description = 0, MINOR_FAILURE, "peer left before the payload was sent"
-        try:
-            for chunk in reader.chunks(start, end):
-                yield chunk
-                sent += len(chunk)
-            outcome, description = SUCCESS, f"payload sent to peer site {_peer_site(request)}"
-        except PayloadCorrupt:
-            outcome, description = SERIOUS_FAILURE, "local copy corrupt; transfer to peer site aborted"
-            raise
-        finally:
-            self._audit_sent(request, reader, start, sent, outcome, description)
-
-    def _audit_sent(self, request: Request, reader: PayloadReader, start: int, sent: int, outcome: int,
-                    description: str) -> None:
-        peer_site = _peer_site(request)
-        address = f"{request.client.host}:{request.client.port}" if request.client else None
-        me = self.site.site
-        payload = AuditObject("payload", reader.digest, {"size": reader.size, "bytes_sent": sent, "offset": start})
-        if outcome == SUCCESS and start == 0 and sent == reader.size:
-            # A whole payload sent: audited with the others this peer fetched (a resumed, partial or
-            # failed transfer is audited at once, on its own).
-            host = request.client.host if request.client else None
-            self._sent_to[(peer_site, host)].add_payload(payload, description=description)
-        else:
-            self.site.audit.record(
-                "R",
-                "DICOM Instances Transferred",
-                outcome,
-                description,
-                [Participant(peer_site, True, None, address, "Destination"),
-                 Participant(me.name, False, me.ae_title, None, "Source")],
-                [payload],
-            )
+def record_copies(site: SiteContext, copies: Sequence[tuple[BlobRef, InstanceRef, str | None]], source_site: str,
+                  *, cause: CopyCause) -> None:
+    """:func:`record_copy` of several copies fetched from ``source_site``: their events published together
+    and awaited, then their rows in one ledger round. Raises :class:`PublishError` if any event was not
+    confirmed, before any row is written (each copy is then recorded again by its redelivered request)."""
+    if not copies:
+        return
+    if site.publisher is not None:
+        futures = [site.publisher.publish(schemas.TOPIC_REPLICA_STORED, blob.sha256,
+                                          replica_stored(blob, source_site, instance, cause=cause,
+                                                         request_event_id=request_event_id))
+                   for blob, instance, request_event_id in copies]
+        for future in futures:
+            site.publisher.wait(future)
+    site.ledger.record_many([blob for blob, _, _ in copies])

@@ -7,7 +7,7 @@ message, a link of the chain and half a dozen look-up rows in Cassandra (in ever
 CT slice. The grid collects the stores of an association or a STOW-RS request
 (:mod:`dicomgrid.producers.store_audit`), the replicas a site's worker fetched from one peer
 (:mod:`dicomgrid.processors.replicator`) and the payloads a site sent to one peer
-(:class:`dicomgrid.core.transfer.TransferEndpoint`, which knows payloads by digest, not instances).
+(:class:`dicomgrid.core.transfer_endpoint.TransferEndpoint`, which knows payloads by digest, not instances).
 
 Nothing is given up for it. Each instance's own record is *held* in the site's audit spool when its
 transfer succeeds (:meth:`~dicomgrid.core.audit.AuditTrail.hold`): written, not published. The record

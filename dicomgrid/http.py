@@ -34,7 +34,7 @@ from dicomgrid.core.health import HealthChecks
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.site import SiteContext
 from dicomgrid.core.tokens import InvalidToken, TokenVerifier
-from dicomgrid.core.transfer import TransferEndpoint
+from dicomgrid.core.transfer_endpoint import TransferEndpoint
 from dicomgrid.producers.site import build_ingestor
 from dicomgrid.producers.stow import stow
 
@@ -50,7 +50,7 @@ def required_scope(method: str, path: str) -> str | None:
     """The token scope a request needs (None: none, for the health probe)."""
     if path in OPEN_PATHS:
         return None
-    if path.startswith("/internal/payloads/"):
+    if path == "/internal/payloads" or path.startswith("/internal/payloads/"):
         return "replicate"
     if path == "/audit" or path.startswith("/audit/"):
         return "audit"

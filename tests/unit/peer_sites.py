@@ -27,7 +27,7 @@ from dicomgrid.core.pki import ensure_material
 from dicomgrid.core.site import SiteContext
 from dicomgrid.core.tls import http_verify, uvicorn_ssl
 from dicomgrid.core.tokens import PeerTokens
-from dicomgrid.core.transfer import TransferEndpoint
+from dicomgrid.core.transfer_endpoint import TransferEndpoint
 from dicomgrid.http import guarded_protocol, protect
 from tests.grid import free_port
 

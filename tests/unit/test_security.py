@@ -115,6 +115,7 @@ def test_scopes_of_the_site_paths():
     assert required_scope("POST", "/dicomweb/studies") == "write"
     assert required_scope("POST", "/dicomweb/studies/1.2.3") == "write"
     assert required_scope("GET", "/internal/payloads/" + "0" * 64) == "replicate"
+    assert required_scope("POST", "/internal/payloads") == "replicate"  # a batch of payloads
 
 
 def test_401_and_403_are_answered_and_audited(grid):
