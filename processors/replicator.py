@@ -4,7 +4,10 @@ Each site runs one worker in a consumer group of its own (``<grid>-replication-<
 sees every request and serves those addressed to it. For each one it pulls the payload over the payload
 transfer service (:mod:`dicomgrid.core.transfer`) from the site that received it, else from any site
 holding a copy, verifies the SHA-256 end to end before the copy is named, commits it with ingest's
-durability, announces ``dicom.replica.stored`` and records the copy in the ledger.
+durability, announces ``dicom.replica.stored`` and records the copy in the ledger. Requests that arrive
+together share the work: their small payloads come from their source site in one batch transfer (up
+to 64 a request), their events are awaited together and their ledger rows written in one round; a
+large payload, and any the batch did not bring, is fetched on its own.
 
 The copies fetched from one peer are audited together, one DICOM Instances Transferred record for up
 to 1,000 of them (:mod:`dicomgrid.core.transfer_audit`: each copy's own record is held in the spool until
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import enum
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,12 +35,19 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from dicomgrid import schemas
 from dicomgrid.core import metrics
 from dicomgrid.core.audit import SERIOUS_FAILURE, AuditObject, Participant
-from dicomgrid.core.blobstore import BlobBusy
+from dicomgrid.core.blobstore import BlobBusy, BlobRef
 from dicomgrid.core.config import GridConfig
 from dicomgrid.core.events import InstanceRef, replication_failed
 from dicomgrid.core.logging import get_logger
 from dicomgrid.core.site import SiteContext, open_site
-from dicomgrid.core.transfer import PayloadTransfer, PayloadUnavailable, record_copy
+from dicomgrid.core.transfer import (
+    BATCH_MAX,
+    WHOLE_BODY_BYTES,
+    PayloadTransfer,
+    PayloadUnavailable,
+    record_copies,
+    record_copy,
+)
 from dicomgrid.core.transfer_audit import TransferAudit, TransferAudits
 from dicomgrid.processors.app import RETRY_S, connect_cassandra, faust_app, raw_topic
 from dicomgrid.processors.dead_letters import DeadLetters, Rejected, decode
@@ -98,6 +109,39 @@ class Replicator:
         log.debug("replica stored", sha256=digest, from_site=peer.name, size=blob.size, attempts=attempts)
         self._audit_copy(request, peer.name)
         return Done.COPIED
+
+    def handle_batch(self, requests: Sequence[dict[str, Any]]) -> list[tuple[dict[str, Any], Done]]:
+        """Serve several requests: small payloads from the same source site in batch transfers (one
+        request per :data:`~dicomgrid.core.transfer.BATCH_MAX` of them), the rest, and every payload a
+        batch did not bring, one at a time through :meth:`handle` with its retries."""
+        done: list[tuple[dict[str, Any], Done]] = []
+        alone: list[dict[str, Any]] = []
+        batches: dict[str, dict[str, dict[str, Any]]] = {}  # source site -> digest -> request
+        configured = {s.name for s in self.site.config.sites} - {self.site.site.name}
+        for request in requests:
+            source = request["source"]
+            digest, site = source["sha256"], source["site"]
+            if self._held(digest, request):
+                done.append((request, Done.ALREADY_HELD))
+            elif source["size"] > WHOLE_BODY_BYTES or site not in configured or digest in batches.get(site, {}):
+                alone.append(request)
+            else:
+                batches.setdefault(site, {})[digest] = request
+        for site, wanted in batches.items():
+            peer = self.site.config.site(site)
+            digests = list(wanted)
+            for start in range(0, len(digests), BATCH_MAX):
+                chunk = digests[start:start + BATCH_MAX]
+                fetched = self.transfer.fetch_batch(peer, chunk)
+                copies = [(wanted[d], blob) for d in chunk if isinstance(blob := fetched.get(d), BlobRef)]
+                alone += [wanted[d] for d in chunk if not isinstance(fetched.get(d), BlobRef)]
+                record_copies(self.site, [(blob, InstanceRef.of_event(r), r["event_id"]) for r, blob in copies],
+                              site, cause="replication")
+                for request, _ in copies:
+                    self._audit_copy(request, site)
+                    done.append((request, Done.COPIED))
+        done += [(request, self.handle(request)) for request in alone]
+        return done
 
     def _held(self, digest: str, request: dict[str, Any]) -> bool:
         """Whether this site already holds a verified copy; a copy the ledger misses is recorded now."""
@@ -178,6 +222,8 @@ def build_replicator(config: GridConfig, site_name: str, db: Any) -> Replicator:
     return Replicator(context, site_transfer(context))
 
 
+# How long an actor waits for more requests to come with the first one (they share a batch transfer).
+REQUESTS_WITHIN_S = 0.1
 HEALING_CHECK_S = 60.0
 BACKLOG_CHECK_S = 15.0
 
@@ -238,30 +284,33 @@ def create_replicator_app(config: GridConfig, site: str) -> faust.App:
                 state["worker"] = worker, DeadLetters(worker.site.publisher, f"replication-{site_config.name}")
         return state["worker"]
 
-    # Each of the `concurrency` actors takes one request at a time; faust commits an offset only once
-    # every request before it in its partition has been handled.
+    # Each of the `concurrency` actors takes the requests that arrived together, up to a batch transfer's
+    # worth (Replicator.handle_batch); faust commits an offset only once every request before it in its
+    # partition has been handled.
     @app.agent(requests, name="replicator", concurrency=concurrency)
     async def replicate(stream: faust.Stream) -> None:
         worker, dead = await replicator()
         loop = asyncio.get_running_loop()
-        async for event in stream.events():
-            try:
-                request = decode(event.message.value, schemas.TOPIC_REPLICATION_REQUESTED)
-            except Rejected as exc:
-                # Every site's worker sees every request; the first configured site records the bad ones.
-                if site_config.name == config.sites[0].name:
-                    await dead.send(event.message, str(exc))
-                continue
-            if request["target_site"] != site_config.name:
-                continue
-            while True:
+        async for events in stream.take_events(BATCH_MAX, within=REQUESTS_WITHIN_S):
+            mine = []
+            for event in events:
                 try:
-                    done = await loop.run_in_executor(threads, worker.handle, request)
-                    _observe(site_config.name, request, done)
+                    request = decode(event.message.value, schemas.TOPIC_REPLICATION_REQUESTED)
+                except Rejected as exc:
+                    # Every site's worker sees every request; the first configured site records the bad ones.
+                    if site_config.name == config.sites[0].name:
+                        await dead.send(event.message, str(exc))
+                    continue
+                if request["target_site"] == site_config.name:
+                    mine.append(request)
+            while mine:
+                try:
+                    # Settled again as a whole after a failure: what was copied is found held.
+                    for request, done in await loop.run_in_executor(threads, worker.handle_batch, mine):
+                        _observe(site_config.name, request, done)
                     break
-                except Exception as exc:  # Kafka or Cassandra unavailable: hold the offset and retry
-                    log.warning("replication request not settled; retrying", sha256=request["source"]["sha256"],
-                                error=str(exc))
+                except Exception as exc:  # Kafka or Cassandra unavailable: hold the offsets and retry
+                    log.warning("replication requests not settled; retrying", requests=len(mine), error=str(exc))
                     await asyncio.sleep(RETRY_S)
 
     healing = _Healing(config, site_config.name)
