@@ -1,5 +1,6 @@
 """Replication when a part of the grid fails: a worker killed mid-transfer or while it holds the audit
-records of its copies, a source site gone dark, the ledger's datacenter down during an anti-entropy sweep.
+records of its copies, the source site's endpoint killed in the middle of a batch transfer, a source site
+gone dark, the ledger's datacenter down during an anti-entropy sweep.
 
 The session grid's own replication worker of site B is stopped for these tests and a worker of the
 test's own (same grid, same consumer group) runs in its place, so it can be throttled and killed.
@@ -147,6 +148,54 @@ def test_a_worker_killed_mid_transfer_resumes_and_finishes_once_byte_identical(g
     finally:
         db.close()
     assert_whole(grid, [ds])
+
+
+def test_a_source_endpoint_killed_in_the_middle_of_a_batch_leaves_each_copy_made_once_and_whole(
+        grid, own_b_worker, taps):
+    """B's worker fetches a backlog of ~0.5 MB instances in batch transfers (throttled, so they last a
+    few seconds) when A's HTTP service is killed (SIGKILL, the supervisor restarts it): the copies that
+    came whole are kept, the cut ones leave nothing behind, and every payload reaches B exactly once,
+    byte-identical, fetched again on its own once A serves."""
+    throttled, _ = own_b_worker
+    stored_tap, copy_tap = taps(), taps(schemas.TOPIC_REPLICA_STORED)
+    instances = []
+    for _ in range(24):
+        ds = make_instance()
+        ds.Rows, ds.Columns = 500, 500
+        ds.PixelData = os.urandom(500 * 500 * 2)  # under a batch's 1 MiB a payload
+        instances.append(ds)
+    assert c_store(grid.site("A"), instances) == [0] * len(instances)
+    digests = {e["payload"]["sha256"] for e in events_for(stored_tap, [ds.SOPInstanceUID for ds in instances])}
+    b_blobs, a_blobs = BlobStore(grid.config.site_storage("B"), "B"), BlobStore(grid.config.site_storage("A"), "A")
+    http = next(s for s in grid.supervisor.status() if s.service.name == "A/http")
+
+    throttled.start()
+    wait_for(lambda: digests & set(b_blobs.digests()), timeout=90, interval=0.05)
+    os.kill(http.pid, signal.SIGKILL)
+    assert len(digests & set(b_blobs.digests())) < len(digests), "the batches ended before the kill"
+
+    def copied(seen: list[dict]) -> set[str]:
+        return {e["replica"]["sha256"] for e in seen if e["replica"]["site"] == "B"} & digests
+
+    copy_tap.collect(lambda seen: copied(seen) == digests, timeout=180)
+    wait_for(lambda: committed_lag(grid.config, schemas.TOPIC_REPLICATION_REQUESTED,
+                                   replication_group(grid.config, "B")) == 0, timeout=60, interval=0.5)
+    copy_tap.catch_up()
+    announced = Counter(e["replica"]["sha256"] for e in copy_tap.seen if e["replica"]["site"] == "B")
+    assert {announced[d] for d in digests} == {1}
+    for digest in digests:
+        assert b_blobs.verify(digest)
+        assert b_blobs.path(digest).read_bytes() == a_blobs.path(digest).read_bytes()
+    assert not [p for p in (b_blobs.root / "tmp").iterdir() if p.is_file() and p.name.startswith(tuple(digests))]
+    restarted = next(s for s in grid.supervisor.status() if s.service.name == "A/http")
+    assert restarted.pid != http.pid and restarted.healthy
+    db = Cassandra(grid.config, local_dc="dc2")
+    try:
+        ledger = ReplicaLedger(db)
+        assert all([r.site for r in ledger.replicas(d)].count("B") == 1 for d in digests)
+    finally:
+        db.close()
+    assert_whole(grid, instances)
 
 
 def test_a_source_site_gone_dark_ends_in_replication_failed_after_the_retries(grid, own_b_worker, taps):
