@@ -186,18 +186,14 @@ class EventPublisher:
 
     def publish_and_wait(self, topic: str, key: str, event: dict[str, Any], timeout: float | None = None) -> Message:
         """Publish and block until the brokers confirm; raise :class:`PublishError` otherwise."""
-        future = self.publish(topic, key, event)
-        try:
-            return future.result(timeout=(timeout or self._timeout_s) + 1.0)
-        except FutureTimeout as exc:
-            raise PublishError(f"{topic}: no delivery report within {timeout or self._timeout_s}s") from exc
+        return self.wait(self.publish(topic, key, event), timeout, self._topic(topic))
 
-    def wait(self, future: Future[Message], timeout: float | None = None) -> Message:
+    def wait(self, future: Future[Message], timeout: float | None = None, topic: str = "event") -> Message:
         """Block until the brokers confirm a :meth:`publish`; raise :class:`PublishError` otherwise."""
         try:
             return future.result(timeout=(timeout or self._timeout_s) + 1.0)
         except FutureTimeout as exc:
-            raise PublishError(f"no delivery report within {timeout or self._timeout_s}s") from exc
+            raise PublishError(f"{topic}: no delivery report within {timeout or self._timeout_s}s") from exc
 
     def flush(self, timeout: float = 10.0) -> int:
         return self._producer.flush(timeout) if self._producer is not None else 0

@@ -288,5 +288,5 @@ def record_copies(site: SiteContext, copies: Sequence[tuple[BlobRef, InstanceRef
                                                          request_event_id=request_event_id))
                    for blob, instance, request_event_id in copies]
         for future in futures:
-            site.publisher.wait(future)
+            site.publisher.wait(future, topic=schemas.TOPIC_REPLICA_STORED)
     site.ledger.record_many([blob for blob, _, _ in copies])
