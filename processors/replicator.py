@@ -148,9 +148,13 @@ class Replicator:
         if not self.site.blobs.verify(digest):
             return False
         if self.site.site.name not in self.site.ledger.verified_sites(digest):
-            # Made by an earlier delivery that stopped before recording it, or by a retrieve's repair.
-            record_copy(self.site, self.site.blobs.ref(digest), request["source"]["site"],
+            # Made by an earlier delivery that stopped before recording it (Kafka or Cassandra failed, or
+            # the worker died, after the payload was durable): its copy was never audited either, since
+            # a copy is audited once recorded.
+            source_site = request["source"]["site"]
+            record_copy(self.site, self.site.blobs.ref(digest), source_site,
                         InstanceRef.of_event(request), cause="replication", request_event_id=request["event_id"])
+            self._audit_copy(request, source_site)
         return True
 
     def _failed(self, request: dict[str, Any], attempts: int, reason: str) -> None:

@@ -1,6 +1,7 @@
 """Replication when a part of the grid fails: a worker killed mid-transfer or while it holds the audit
 records of its copies, the source site's endpoint killed in the middle of a batch transfer, a source site
-gone dark, the ledger's datacenter down during an anti-entropy sweep.
+gone dark, the ledger's datacenter down during an anti-entropy sweep or while a batch of copies is
+recorded.
 
 The session grid's own replication worker of site B is stopped for these tests and a worker of the
 test's own (same grid, same consumer group) runs in its place, so it can be throttled and killed.
@@ -377,3 +378,88 @@ def test_an_anti_entropy_sweep_while_cassandra_cannot_answer_changes_nothing_and
         site.close()
     plain.start()
     assert_whole(grid, [ds])
+
+
+def test_a_batch_whose_ledger_rows_cannot_be_written_is_settled_again_once_cassandra_answers(
+        grid, own_b_worker, taps):
+    """B's worker fetches a batch of copies from A and has their events confirmed when B's datacenter
+    stops (the ledger rows cannot be written): the batch fails as a whole (its actor holds the offsets),
+    the copies stay durable and whole, nothing is left in tmp. Once dc2 answers, the same requests are
+    settled again: each copy is found held, recorded in the ledger once and audited once."""
+    _, plain = own_b_worker
+    stored_tap, copy_tap, audit_tap = taps(), taps(schemas.TOPIC_REPLICA_STORED), taps(schemas.TOPIC_AUDIT)
+    request_tap = taps(schemas.TOPIC_REPLICATION_REQUESTED)
+    instances = [make_instance() for _ in range(6)]
+    assert c_store(grid.site("A"), instances) == [0] * len(instances)
+    digests = {e["payload"]["sha256"] for e in events_for(stored_tap, [ds.SOPInstanceUID for ds in instances])}
+
+    def for_b(seen: list[dict]) -> list[dict]:
+        return [r for r in seen if r["source"]["sha256"] in digests and r["target_site"] == "B"]
+
+    requests = for_b(request_tap.collect(lambda seen: len(for_b(seen)) == len(digests), timeout=60))
+    # B stays in its datacenter (see the anti-entropy test): through dc1 its ledger would still answer.
+    cassandra = grid.config.cassandra.model_copy(update={"remote_dc_failover_hosts": 0})
+    site = open_site(grid.config.model_copy(update={"cassandra": cassandra}), "B", "test-batch")
+    worker = Replicator(site, site_transfer(site))
+    b_blobs, a_blobs = BlobStore(grid.config.site_storage("B"), "B"), BlobStore(grid.config.site_storage("A"), "A")
+    local = LocalCluster(grid.config)
+
+    def copied_by_b(seen: list[dict]) -> Counter:
+        return Counter(e["replica"]["sha256"] for e in seen if e["replica"]["site"] == "B"
+                       and e["replica"]["sha256"] in digests)
+
+    def audited(seen: list[dict]) -> Counter:
+        uids = {ds.SOPInstanceUID for ds in instances}
+        records = {r["event_id"]: r for r in seen if r["site"] == "B"
+                   and r["event"] == "DICOM Instances Transferred" and r["action"] == "C"}.values()
+        return Counter(uid for r in records for uid in _instances(r) if uid in uids)
+
+    try:
+        # Connected and its statements prepared while dc2 answers, as a running worker's are.
+        assert site.ledger.verified_sites_of(sorted(digests)) == {d: {"A"} for d in digests}
+        local.stop_node("cassandra-dc2")
+        try:
+            with pytest.raises((DriverException, NoHostAvailable)):
+                worker.handle_batch(requests)
+            assert digests <= set(b_blobs.digests())
+            assert not [p for p in (b_blobs.root / "tmp").iterdir() if p.name.startswith(tuple(digests))]
+            # The events went out before the rows: a copy is announced, never recorded unannounced.
+            announced = copy_tap.collect(lambda seen: set(copied_by_b(seen)) == digests, timeout=30)
+            assert set(copied_by_b(announced)) == digests
+        finally:
+            local.up()
+            wait_for(lambda: dc_serves(grid.config, "dc2"), timeout=120, interval=0.5)
+
+        def answers() -> bool:
+            try:
+                return site.ledger.verified_sites_of(sorted(digests)) == {d: {"A"} for d in digests}
+            except (DriverException, NoHostAvailable, OSError):
+                return False
+
+        # The failed round wrote no row.
+        wait_for(answers, timeout=120, interval=1)
+        done = worker.handle_batch(requests)
+        assert sorted(d.value for _, d in done) == ["already held"] * len(digests)
+        site.audit.flush()
+        uids = {ds.SOPInstanceUID for ds in instances}
+        assert set(audited(audit_tap.collect(lambda seen: set(audited(seen)) == uids, timeout=60))) == uids
+    finally:
+        worker.transfer.close()
+        site.close()
+    for digest in digests:
+        assert b_blobs.path(digest).read_bytes() == a_blobs.path(digest).read_bytes()
+    db = Cassandra(grid.config, local_dc="dc2")
+    try:
+        ledger = ReplicaLedger(db)
+        assert all([r.site for r in ledger.replicas(d) if r.verified_at is not None].count("B") == 1 for d in digests)
+    finally:
+        db.close()
+    # The session's worker is started again: it finds every request held and changes nothing.
+    plain.start()
+    wait_for(lambda: committed_lag(grid.config, schemas.TOPIC_REPLICATION_REQUESTED,
+                                   replication_group(grid.config, "B")) == 0, timeout=90, interval=0.5)
+    assert set(audited(audit_tap.catch_up()).values()) == {1}
+    # Announced by the failed round, and again by the round that recorded it (at-least-once: the event
+    # always precedes the row), never by the worker that found it recorded.
+    assert set(copied_by_b(copy_tap.catch_up()).values()) == {2}
+    assert_whole(grid, instances)
