@@ -16,6 +16,7 @@ from bench import report
 from bench.machine import Machine, wait_until_quiet
 from bench.paths import BENCH_ROOT
 from bench.registry import SCENARIOS
+from bench.retired import RECENTLY_DELETED_S, since_purge, wait_since_purge
 from bench.session import Options, Session
 
 
@@ -89,6 +90,11 @@ def main(quick: bool, repetitions: int | None, small: int | None, large: int | N
     quiet = wait_until_quiet(max_load, 0 if quick else max_wait, own_marker=str(BENCH_ROOT))
     click.echo(f"load average {quiet.load_1m:.2f}, other grid services {quiet.other_grid_services}"
                + ("" if quiet.reached else f" (not quiet after {quiet.waited_s:.0f} s; measuring anyway)"))
+    # Files an earlier session deleted make every file creation on this disk costly for minutes.
+    aged = wait_since_purge(0 if quick else RECENTLY_DELETED_S)
+    if aged:
+        click.echo(f"waited {aged:.0f} s for the files an earlier session deleted to age out (bench.retired)")
+    deletion = {"since_purge_s": since_purge(), "waited_s": round(aged, 1)}
     scenarios = [s for s in SCENARIOS if not only or s.key in only]
     with Session(options) as session:
         # Asked first: a cluster restarted by someone else late in a long run must not cost its results.
@@ -101,6 +107,7 @@ def main(quick: bool, repetitions: int | None, small: int | None, large: int | N
         "machine": machine.as_dict(),
         "versions": versions,
         "quiet": asdict(quiet),
+        "deletion": deletion,
         "options": {**asdict(options), "quick": quick},
     }
     path = report.write(started, header, sections)

@@ -35,6 +35,7 @@ from cassandra.cluster import NoHostAvailable
 from bench.corpus import InstanceKey, RunCorpus
 from bench.events import Tap
 from bench.paths import BENCH_ROOT
+from bench.retired import retire
 from bench.storescu import CALLING_AE, SendResult, dcmtk_env
 from bench.targets import RunCheck, free_port
 from dicomgrid.core.blobstore import entry_durable_with_file, filesystem_type
@@ -169,7 +170,8 @@ class BenchGrid:
         return Supervisor(self.config(receivers), str(self.config_file(receivers)))
 
     def start(self) -> None:
-        """Cluster up (reused when healthy), schema and topics, clean blob stores, then the services."""
+        """Cluster up (reused when healthy), schema and topics, empty blob stores (an earlier session's are
+        retired, not deleted: :mod:`bench.retired`), then the services."""
         if self.metadata is not None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -182,7 +184,7 @@ class BenchGrid:
         # Services of an earlier, interrupted benchmark would hold stale ports and files.
         Supervisor.stop_pid_files(self.supervisor(1).run_dir)
         for site in self.layout.sites:
-            shutil.rmtree(self.storage_of(site.name), ignore_errors=True)
+            retire(self.storage_of(site.name))
         # Fresh stores, so fresh healing schedules: a fresh site's first scrub and sweep come a period
         # after its first start, not during a measurement because an earlier session ran an hour ago.
         shutil.rmtree(config.root / "run" / "healing" / self.layout.name, ignore_errors=True)
@@ -259,7 +261,7 @@ class BenchGrid:
         Supervisor.stop_pid_files(run_dir)
         shutil.rmtree(run_dir, ignore_errors=True)
         for site in self.layout.sites:
-            shutil.rmtree(self.storage_of(site.name), ignore_errors=True)
+            retire(self.storage_of(site.name))
         delete_topics(self.config().kafka)
         self.receivers = 0
 

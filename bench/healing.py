@@ -5,10 +5,10 @@ repetition stores the healing corpora (the ingest section's ~40 KB and ~0.5 MB C
 site A with storescu over 4 associations and waits until A has indexed every instance and B's ledger
 lists a verified copy of each, so replication is over and B's worker is idle.
 
-**Recover**: site B loses its disk. Its blob store directory is *moved aside* (renamed on the same file
-system to ``blobs.lost-<pid>-<repetition>``) and an empty directory takes its place; B's services keep running. It is
-not deleted: right after deleting many files this disk makes every file creation slow for minutes (see
-the notes), which would be measured instead of the recovery. Then :class:`~dicomgrid.processors.recovery.Recovery`
+**Recover**: site B loses its disk. Its blob store directory is *moved aside* (retired, see
+:mod:`bench.retired`) and an empty directory takes its place; B's services keep running. It is not
+deleted: right after deleting many files this disk makes every file creation slow for minutes, which
+would be measured instead of the recovery. Then :class:`~dicomgrid.processors.recovery.Recovery`
 rebuilds it exactly as ``dicomgrid recover --site B`` builds it (``open_site(config, "B", "recovery")``,
 ``site_transfer`` with no bandwidth cap, ``concurrency = replication.concurrency`` as shipped), run in the
 bench process, its plan (computed before the clock starts, as the CLI does before its progress bar)
@@ -26,14 +26,12 @@ re-hashed and its ledger ``verified_at`` moved; the pass is stopped there, befor
 copies: the bench keyspace outlives every session's blob stores, so the policy still lists the payloads
 of earlier sessions, and trying to repair those would be measured instead. CPU per GB re-hashed.
 
-Moved-aside stores are kept until the section has measured everything, then deleted (the two-site grid
-deletes its stores when the session ends anyway).
+Moved-aside stores are deleted when the session ends, with everything else retired.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import subprocess
 import time
@@ -53,6 +51,7 @@ from bench import report
 from bench.availability import Ledger
 from bench.corpus import Corpus, CorpusSpec, RunCorpus
 from bench.grid import TWO_SITES, BenchGrid
+from bench.retired import retire
 from bench.sampler import Sampler
 from bench.sections import Section
 from bench.session import Session
@@ -141,7 +140,6 @@ class Healing:
         self.grid = grid
         self.config = grid.config()
         self.ledger_b = Ledger(grid, TWO_SITES.sites[1])
-        self.aside: list[Path] = []
 
     def close(self) -> None:
         self.ledger_b.close()
@@ -179,22 +177,12 @@ class Healing:
                 raise RuntimeError(f"B verified {len(verified)}/{len(uids)} copies within {REPLICATED_TIMEOUT_S:.0f} s")
             time.sleep(0.5)
 
-    def empty_site_b(self, repetition: int) -> Path:
-        """B loses its disk: its store is renamed aside (not deleted) and an empty directory replaces it."""
+    def empty_site_b(self) -> None:
+        """B loses its disk: its store is retired (moved aside, deleted when the session ends, see
+        :mod:`bench.retired`) and an empty directory replaces it."""
         store = self.grid.storage_of("B")
-        # A name of this session's own: a leftover of an interrupted session is deleted at the end, not now.
-        aside = store.with_name(f"{store.name}.lost-{os.getpid()}-{repetition}")
-        store.rename(aside)
+        retire(store)
         store.mkdir()
-        self.aside.append(aside)
-        return aside
-
-    def remove_aside(self) -> None:
-        """Delete the moved-aside stores (and any an interrupted session left), once nothing is measured."""
-        store = self.grid.storage_of("B")
-        for path in {*self.aside, *store.parent.glob(f"{store.name}.lost-*")}:
-            shutil.rmtree(path, ignore_errors=True)
-        self.aside.clear()
 
     # -- measurements -----------------------------------------------------------------------------
 
@@ -359,7 +347,6 @@ class HealingScenario:
         recovers: list[RecoverRun] = []
         scrubs: list[ScrubRun] = []
         with ExitStack() as stack:
-            stack.callback(healing.remove_aside)  # after every measurement of the section
             stack.callback(healing.close)
             for repetition in range(1, session.options.repetitions + 1):
                 stored = []
@@ -367,7 +354,7 @@ class HealingScenario:
                     run, uids = healing.store_replicated(session.corpus(spec))
                     run.remove()
                     stored.append((spec.name, uids))
-                healing.empty_site_b(repetition)
+                healing.empty_site_b()
                 context_b = open_site(grid.config(), "B", "recovery")
                 try:
                     for name, uids in stored:
@@ -385,7 +372,7 @@ class HealingScenario:
         quick = session.options.healing_small < HEALING_SMALL or session.options.healing_large < HEALING_LARGE
         data = {"recover": recover_rows, "scrub": scrub_rows, "uptime": uptime,
                 "recover_runs": [asdict(r) for r in recovers], "scrub_runs": [asdict(r) for r in scrubs],
-                "empty_site": "B's blob store renamed aside, empty directory in its place; deleted after the section"}
+                "empty_site": "B's blob store renamed aside, empty directory in its place; deleted when the session ends"}
         summary = [f"recover {r['instances']} {r['corpus']}: {r['instances_per_s']:.0f} inst/s, {r['mb_per_s']:.1f} MB/s, "
                    f"CPU {r['cpu_s'].get(RECOVERY, 0):.2f} s in the recovery"
                    + ("" if r["ok"] else " (INCOMPLETE)") for r in recover_rows]

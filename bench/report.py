@@ -28,6 +28,16 @@ def ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _deletion(deletion: dict[str, Any] | None) -> str:
+    """When the bench last deleted files on this disk (see :mod:`bench.retired`)."""
+    since = (deletion or {}).get("since_purge_s")
+    if since is None:
+        return "- Files deleted by an earlier session: none recorded (no store deleted during the session)."
+    waited = deletion.get("waited_s") or 0  # type: ignore[union-attr]
+    return (f"- Files deleted by an earlier session: {since:.0f} s before the start, after waiting {waited:.0f} s "
+            "for them to age out (no store deleted during the session).")
+
+
 def render(started: str, header: dict[str, Any], sections: list["Section"]) -> str:
     machine = header["machine"]
     quiet = header["quiet"]
@@ -42,6 +52,7 @@ def render(started: str, header: dict[str, Any], sections: list["Section"]) -> s
         f"({'quiet' if quiet['reached'] else 'NOT quiet: limit reached'}; other grid services running: "
         f"{quiet['other_grid_services']}). Per-run loads (which include the benchmark's own processes) and "
         "counts of other grids' services are in the JSON.",
+        _deletion(header.get("deletion")),
         f"- Options: {header['options']}",
         "",
     ]

@@ -21,6 +21,7 @@ from typing import Any
 from bench.corpus import Corpus, CorpusSpec
 from bench.grid import TWO_SITES, BenchGrid, GridTarget, SitesTarget
 from bench.paths import BENCH_ROOT, LOGS
+from bench.retired import purge
 from bench.targets import Orthanc, StoreSCP, Target
 
 # Pause between runs, after flushing dirty pages: one target's unsynced writes (storescp does not
@@ -127,7 +128,10 @@ class Session:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stack.close()
+        try:
+            self._stack.close()
+        finally:
+            purge()  # nothing is measured any more
 
     def versions(self) -> dict[str, str]:
         """Versions of everything measured (the client's DCMTK is in the machine description)."""

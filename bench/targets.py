@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -24,6 +23,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_fixe
 
 from bench.corpus import RunCorpus
 from bench.paths import LOGS, scratch_dir
+from bench.retired import retire
 from bench.storescu import SendResult, dcmtk_env
 from dicomgrid.deploy.local.dcmtk import require_dcmtk_tool
 
@@ -147,7 +147,7 @@ class _ReferenceTarget:
     def stop(self) -> None:
         self._process.stop()
         if self._dir is not None and not self._keep_dir:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            retire(self._dir)
 
     def groups(self) -> dict[str, list[psutil.Process]]:
         return {self.primary: self._process.processes()}
@@ -185,7 +185,7 @@ class StoreSCP(_ReferenceTarget):
 
     def before_run(self) -> None:
         # Files of the previous run would be overwritten in place otherwise.
-        shutil.rmtree(self._out, ignore_errors=True)
+        retire(self._out)
         self._out.mkdir()
 
     def after_run(self, corpus: RunCorpus, sent: SendResult) -> RunCheck:

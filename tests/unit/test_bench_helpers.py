@@ -9,6 +9,7 @@ import json
 import pytest
 from pydicom import dcmread
 
+from bench import retired
 from bench.backlog import BacklogRun, median_row, summarize_replicator
 from bench.history import FALLBACK_RATES, full_runs, ingest_rates
 from bench.replication import answer_times, replica_lags
@@ -219,3 +220,29 @@ def test_compiler_seconds_counts_only_threads_named_as_hotspot_compilers() -> No
         stop.set()
         for t in threads:
             t.join()
+
+
+def test_retired_directories_are_renamed_aside_and_deleted_only_by_the_purge(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(retired, "RETIRED", tmp_path / "retired")
+    monkeypatch.setattr(retired, "PURGED", tmp_path / "retired.purged")
+    store = tmp_path / "blobs"
+    (store / "ab").mkdir(parents=True)
+    (store / "ab" / "payload").write_bytes(b"kept")
+    inode = (store / "ab" / "payload").stat().st_ino
+    retired.retire(store)
+    retired.retire(tmp_path / "missing")
+    assert not store.exists()
+    (moved,) = (tmp_path / "retired").iterdir()
+    # Renamed, not copied and deleted: the same inode, none freed.
+    assert (moved / "ab" / "payload").stat().st_ino == inode
+    assert retired.since_purge() is None and retired.wait_since_purge(60) == 0
+
+    retired.purge()
+    assert not (tmp_path / "retired").exists()
+    since = retired.since_purge()
+    assert since is not None and since < 60
+    slept: list[float] = []
+    monkeypatch.setattr(retired.time, "sleep", slept.append)
+    waited = retired.wait_since_purge(3600)
+    assert retired.RECENTLY_DELETED_S - 60 < waited <= retired.RECENTLY_DELETED_S and slept == [waited]
+    assert retired.wait_since_purge(7) == 7
