@@ -31,6 +31,8 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom import config
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pynetdicom import build_context, evt
@@ -220,6 +222,9 @@ class _ReadAhead:
         self._stopped.set()
 
 
+_SOP_CLASS_UID, _SOP_INSTANCE_UID = 0x00080016, 0x00080018
+
+
 class _SubOperation(Dataset):
     """The placeholder yielded for one C-STORE sub-operation (see the module docstring).
 
@@ -230,8 +235,11 @@ class _SubOperation(Dataset):
     def __init__(self, instance: StoredInstance, move_originator: str | None,
                  read_ahead: "_ReadAhead | None" = None) -> None:
         super().__init__()
-        self.SOPClassUID = instance.sop_class_uid
-        self.SOPInstanceUID = instance.sop_instance_uid
+        # Checked when they were stored: their elements are made without validating them again, which
+        # cost most of making the placeholder.
+        self[_SOP_CLASS_UID] = DataElement(_SOP_CLASS_UID, "UI", instance.sop_class_uid, validation_mode=config.IGNORE)
+        self[_SOP_INSTANCE_UID] = DataElement(_SOP_INSTANCE_UID, "UI", instance.sop_instance_uid,
+                                              validation_mode=config.IGNORE)
         self._instance = instance
         self._move_originator = move_originator
         self._read_ahead = read_ahead

@@ -29,7 +29,7 @@ from dicomgrid.consumers.retrieve_scp import RetrieveService
 from dicomgrid.core.dicomfile import canonical_file_meta
 from dicomgrid.core.dimse import SiteAE
 from dicomgrid.core.index_reader import StoredInstance
-from dicomgrid.core.sub_operations import DirectLink
+from dicomgrid.core.sub_operations import SUCCESS, DirectLink
 from tests.grid import free_port
 from tests.unit.peer_sites import FakeLedger, corrupt, site_config, site_context
 
@@ -216,3 +216,13 @@ def test_a_corrupt_copy_is_never_sent_and_is_moved_aside(site: Site):
 
 def test_an_association_without_pynetdicoms_dul_internals_gets_no_link():
     assert DirectLink.of(SimpleNamespace(dul=SimpleNamespace(socket=None))) is None  # type: ignore[arg-type]
+
+
+def test_the_status_shared_by_successful_sub_operations_cannot_be_changed():
+    assert SUCCESS.Status == 0x0000 and SUCCESS.get("Status") == 0x0000
+    for change in (lambda: setattr(SUCCESS, "Status", 0xA700), lambda: SUCCESS.__setitem__(0x00000900, None),
+                   lambda: delattr(SUCCESS, "Status"), lambda: SUCCESS.__delitem__(0x00000900),
+                   lambda: setattr(SUCCESS, "ErrorComment", "changed")):
+        with pytest.raises(TypeError):
+            change()
+    assert SUCCESS.Status == 0x0000 and list(SUCCESS.keys()) == [0x00000900]
