@@ -167,6 +167,10 @@ class Ingestor:
     def report(self, result: IngestResult, source: Source, batch: StoreAudit | None = None) -> IngestResult:
         """Log and audit an outcome (also for input refused before it reached :meth:`ingest`)."""
         self._audit(result, source, batch)
+        return self._count(result, source)
+
+    def _count(self, result: IngestResult, source: Source) -> IngestResult:
+        """Count and log an outcome already audited."""
         metrics.INSTANCES_RECEIVED.labels(self.site, source.protocol, f"0x{result.outcome.status:04X}").inc()
         if result.event is not None:
             metrics.BYTES_RECEIVED.labels(self.site, source.protocol).inc(result.event["payload"]["size"])
@@ -296,8 +300,9 @@ class Ingestor:
 class Reception:
     """One data set being received into the blob store; see :meth:`Ingestor.receive`.
 
-    :meth:`write` takes the fragments in order; :meth:`complete` checks, commits and announces, :meth:`report`
-    audits, counts and logs the outcome once; :meth:`abort` drops what was written (the sender went away).
+    :meth:`write` takes the fragments in order; :meth:`complete` checks, commits and announces, :meth:`audit`
+    audits the outcome and :meth:`report` counts and logs it, once each; :meth:`abort` drops what was
+    written (the sender went away).
     """
 
     def __init__(self, ingestor: Ingestor, source: Source, expected: Expected, transfer_syntax_uid: str,
@@ -352,15 +357,22 @@ class Reception:
             self._writer.abort()
             self._writer = None
 
+    def audit(self, result: IngestResult) -> None:
+        """Audit ``result`` (what :meth:`complete` returned): before the response, so that a store the
+        sender is told succeeded has its record held in the spool even if the process dies right after
+        answering."""
+        self._ingestor._audit(result, self._source, self._batch)
+
     def report(self, result: IngestResult) -> IngestResult:
-        """Audit, count and log ``result`` (what :meth:`complete` returned)."""
-        return self._ingestor.report(result, self._source, self._batch)
+        """Count and log ``result`` once :meth:`audit` has audited it."""
+        return self._ingestor._count(result, self._source)
 
     def complete(self) -> IngestResult:
         """Check, commit and announce the data set, without reporting the outcome yet.
 
-        A C-STORE's response waits on this only: the audit, metrics and log of the outcome follow
-        the response (:meth:`report`), while the sender is already on its next instance.
+        A C-STORE's response waits on this and on the outcome's audit record (:meth:`audit`); its
+        metrics and log follow the response (:meth:`report`), while the sender is already on its next
+        instance.
         """
         writer = self._writer
         if writer is None:

@@ -6,7 +6,8 @@ are served here, by the connection's own thread, as a storage SCP that speaks th
 directly: each P-DATA is read into one reused buffer, its data set fragments go straight into the
 payload's temp file in the blob store while they are hashed (:meth:`Ingestor.receive`), and the
 C-STORE-RSP is sent only after :class:`~dicomgrid.producers.ingest.Reception` has made the payload
-durable and the brokers have confirmed its event, as on every other ingest path.
+durable and the brokers have confirmed its event, as on every other ingest path, and its audit record
+is held in the site's audit spool.
 
 The site AE (:class:`~dicomgrid.core.dimse.SiteAE`) decides which associations come here: those it
 would accept as they are (called AE title, calling AE allowed to store, TLS identity, the association
@@ -297,13 +298,14 @@ class _Association:
 
     def _stored(self, store: _Store) -> None:
         result = store.reception.complete()
+        store.reception.audit(result)
         comment = None if result.ok else result.error_comment
         try:
             self._send(store.context_id, c_store_rsp(store.sop_class_uid, store.sop_instance_uid, store.message_id,
                                                      result.outcome.status, comment, result.offending_element))
             metrics.REQUEST_SECONDS.labels(self.site, "C-STORE").observe(time.perf_counter() - store.started)
         finally:
-            # After the response: at one association the sender waits on nothing else. Reported even
+            # After the response: at one association the sender waits on nothing else. Counted even
             # when the response cannot be sent, as the outcome (stored or refused) stands.
             store.reception.report(result)
         self.spare = self._spare()

@@ -508,3 +508,30 @@ def test_a_store_that_cannot_make_a_temp_file_ahead_still_stores(start, direct_s
     _release(sock)
     assert len(site.stored()) == 2
     assert not _temp_files(site)
+
+
+def test_a_stores_audit_record_is_held_before_its_response_is_sent(start, direct_serves, monkeypatch):
+    # A receiver killed right after answering must leave the acknowledged store's record in its spool.
+    site = start()
+    order: list[str] = []
+    hold, sent_ok = site.ingestor.audit.hold, storage_path._sendall
+
+    def held(*args, **kwargs):
+        order.append("held")
+        return hold(*args, **kwargs)
+
+    def send(sock, data):
+        if bytes(data[:1]) == bytes([ul.P_DATA_TF]):
+            order.append("response")
+        sent_ok(sock, data)
+
+    monkeypatch.setattr(site.ingestor.audit, "hold", held)
+    monkeypatch.setattr(storage_path, "_sendall", send)
+    sock, context_id = _raw_association(site)
+    _send_store(sock, context_id, make_instance())
+    deadline = time.monotonic() + 10
+    while "response" not in order and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sock.close()
+    assert len(site.stored()) == 1
+    assert order[:2] == ["held", "response"]
