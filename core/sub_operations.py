@@ -65,7 +65,7 @@ class _Status(Dataset):
         self.Status = status
         self._frozen = True
 
-    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+    def _refuse(self) -> None:
         if getattr(self, "_frozen", False):
             raise TypeError("a shared sub-operation status is read-only")
 

@@ -408,8 +408,9 @@ def test_a_batch_whose_ledger_rows_cannot_be_written_is_settled_again_once_cassa
         return Counter(e["replica"]["sha256"] for e in seen if e["replica"]["site"] == "B"
                        and e["replica"]["sha256"] in digests)
 
+    uids = {ds.SOPInstanceUID for ds in instances}
+
     def audited(seen: list[dict]) -> Counter:
-        uids = {ds.SOPInstanceUID for ds in instances}
         records = {r["event_id"]: r for r in seen if r["site"] == "B"
                    and r["event"] == "DICOM Instances Transferred" and r["action"] == "C"}.values()
         return Counter(uid for r in records for uid in _instances(r) if uid in uids)
@@ -441,7 +442,6 @@ def test_a_batch_whose_ledger_rows_cannot_be_written_is_settled_again_once_cassa
         done = worker.handle_batch(requests)
         assert sorted(d.value for _, d in done) == ["already held"] * len(digests)
         site.audit.flush()
-        uids = {ds.SOPInstanceUID for ds in instances}
         assert set(audited(audit_tap.collect(lambda seen: set(audited(seen)) == uids, timeout=60))) == uids
     finally:
         worker.transfer.close()
